@@ -1,0 +1,874 @@
+//! Loading profiles: TOML text to a checked [`Profile`], with every error naming file,
+//! line and key; the set of profiles an agent knows; and firmware selection.
+
+use crate::engine::{firmware_major, replies_from_frames, Profile, RuleState};
+use crate::locate::{line_of, line_of_path, KeyPath};
+use crate::modbus::RegisterImage;
+use crate::schema::{
+    ConditionDef, GoldenDef, PointDef, PointType, ProfileDoc, RuleDef, RuleKind, TransportKind,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A profile that cannot be used, and where it says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileError {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ProfileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}: key `{}`: {}",
+            self.file, self.line, self.key, self.message
+        )
+    }
+}
+
+impl std::error::Error for ProfileError {}
+
+/// Builds located errors for one file.
+struct Ctx<'a> {
+    file: &'a str,
+    src: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, path: &KeyPath, message: impl Into<String>) -> ProfileError {
+        ProfileError {
+            file: self.file.to_string(),
+            line: line_of_path(self.src, path),
+            key: path.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Turns a serde/TOML error into a located one: the key is the text under the span when
+/// the message is about a field, else the enclosing key.
+fn toml_error(file: &str, src: &str, e: &toml::de::Error) -> ProfileError {
+    let span = e.span();
+    let line = span.as_ref().map(|s| line_of(src, s.start)).unwrap_or(1);
+    let msg = e.message().to_string();
+    let key = if let Some(rest) = msg.strip_prefix("unknown field `") {
+        rest.split('`').next().unwrap_or("?").to_string()
+    } else if let Some(rest) = msg.strip_prefix("missing field `") {
+        rest.split('`').next().unwrap_or("?").to_string()
+    } else {
+        span.and_then(|s| src.get(s))
+            .map(|t| {
+                // The span of a value: take the key written before it on its line.
+                t.lines().next().unwrap_or("").trim().to_string()
+            })
+            .map(|t| key_on_line(src, line).unwrap_or(t))
+            .unwrap_or_else(|| "?".into())
+    };
+    ProfileError {
+        file: file.to_string(),
+        line,
+        key,
+        message: msg.trim().to_string(),
+    }
+}
+
+fn key_on_line(src: &str, line: usize) -> Option<String> {
+    let l = src.lines().nth(line.checked_sub(1)?)?.trim();
+    if l.starts_with('[') {
+        return Some(l.trim_matches(|c| c == '[' || c == ']').to_string());
+    }
+    let (k, _) = l.split_once('=')?;
+    Some(k.trim().to_string())
+}
+
+/// Parses and checks one profile. `file` names it in errors.
+pub fn parse_profile(file: &str, src: &str) -> Result<Profile, ProfileError> {
+    let doc: ProfileDoc = toml::from_str(src).map_err(|e| toml_error(file, src, &e))?;
+    let cx = Ctx { file, src };
+    let major = validate(&cx, &doc)?;
+    let profile = Profile {
+        doc,
+        source: file.to_string(),
+        firmware_major: major,
+    };
+    for (i, g) in profile.doc.golden.iter().enumerate() {
+        run_golden(&profile, g).map_err(|m| {
+            cx.err(
+                &KeyPath::root().key("golden").index(i).key("name"),
+                format!("golden vector {:?} fails: {m}", g.name),
+            )
+        })?;
+    }
+    Ok(profile)
+}
+
+fn validate(cx: &Ctx, d: &ProfileDoc) -> Result<u32, ProfileError> {
+    let root = KeyPath::root();
+    let dev = root.key("device");
+    let parts: Vec<&str> = d.device.id.split('/').collect();
+    if parts.len() != 2
+        || parts.iter().any(|p| {
+            p.is_empty()
+                || !p
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+    {
+        return Err(cx.err(
+            &dev.key("id"),
+            "must be `vendor/model` in lowercase, e.g. `aeris/av-500`",
+        ));
+    }
+    let major = d
+        .device
+        .firmware
+        .strip_suffix(".x")
+        .and_then(|m| m.parse::<u32>().ok())
+        .ok_or_else(|| {
+            cx.err(
+                &dev.key("firmware"),
+                "must name a firmware family as `<major>.x`, e.g. `5.x`",
+            )
+        })?;
+    if d.device.always_on && d.device.silence_fault_after.is_none() {
+        return Err(cx.err(
+            &dev.key("silence_fault_after"),
+            "an always-on device needs the silence that raises monitoring_lost",
+        ));
+    }
+
+    // Transport.
+    let tp = root.key("transport");
+    let t = &d.transport;
+    let need = |ok: bool, key: &str, what: &str| -> Result<(), ProfileError> {
+        if ok {
+            Ok(())
+        } else {
+            Err(cx.err(&tp.key(key), format!("a {what} transport needs `{key}`")))
+        }
+    };
+    if t.reply_timeout.is_none() && t.kind != TransportKind::Mqtt {
+        return Err(cx.err(
+            &tp.key("reply_timeout"),
+            "every request needs a timeout: set `reply_timeout`",
+        ));
+    }
+    match t.kind {
+        TransportKind::Serial => {
+            need(t.baud.is_some(), "baud", "serial")?;
+            need(t.checksum.is_some(), "checksum", "serial")?;
+            need(!t.poll.is_empty(), "poll", "serial")?;
+        }
+        TransportKind::Modbus => {
+            need(t.max_registers.is_some(), "max_registers", "modbus")?;
+            need(
+                t.baud.is_some() || t.tcp_port.is_some(),
+                "tcp_port",
+                "modbus",
+            )?;
+            if let Some(m) = t.max_registers {
+                if !(1..=125).contains(&m) {
+                    return Err(cx.err(
+                        &tp.key("max_registers"),
+                        "Modbus allows 1 to 125 registers per read",
+                    ));
+                }
+            }
+        }
+        TransportKind::Mqtt => {
+            need(t.status_topic.is_some(), "status_topic", "mqtt")?;
+            if let Some(topic) = &t.status_topic {
+                if !topic.contains("{serial}") {
+                    return Err(cx.err(&tp.key("status_topic"), "must contain `{serial}`"));
+                }
+            }
+            need(
+                t.schema_pointer.is_some() == t.schema.is_some(),
+                "schema",
+                "mqtt",
+            )?;
+            need(t.max_payload.is_some(), "max_payload", "mqtt")?;
+        }
+    }
+
+    // Identification.
+    let idp = root.key("identify");
+    let id = &d.identify;
+    match t.kind {
+        TransportKind::Serial => {
+            if id.request.is_none() || id.firmware_key.is_none() {
+                return Err(cx.err(
+                    &idp.key("firmware_key"),
+                    "a serial device is identified by `request` and `firmware_key`",
+                ));
+            }
+        }
+        TransportKind::Modbus => {
+            if id.firmware_table.is_none() || id.firmware_address.is_none() {
+                return Err(cx.err(
+                    &idp.key("firmware_address"),
+                    "a Modbus device is identified by `firmware_table` and `firmware_address`",
+                ));
+            }
+        }
+        TransportKind::Mqtt => {
+            if id.firmware_pointer.is_none() {
+                return Err(cx.err(
+                    &idp.key("firmware_pointer"),
+                    "an MQTT device is identified by `firmware_pointer`",
+                ));
+            }
+        }
+    }
+
+    // Points.
+    let mut names = BTreeSet::new();
+    let phi: BTreeSet<&str> = d.device.phi.iter().map(String::as_str).collect();
+    for (i, p) in d.points.iter().enumerate() {
+        let pp = root.key("point").index(i);
+        if !names.insert(p.name.as_str()) {
+            return Err(cx.err(
+                &pp.key("name"),
+                format!("point `{}` is listed twice", p.name),
+            ));
+        }
+        check_point(cx, &pp, p, t.kind, d)?;
+        let field = p
+            .key
+            .as_deref()
+            .or(p.pointer.as_deref().and_then(|ptr| ptr.split('/').nth(1)));
+        if let Some(f) = field {
+            if phi.contains(f) {
+                return Err(cx.err(
+                    &pp.key(if p.key.is_some() { "key" } else { "pointer" }),
+                    format!(
+                        "`{f}` is personal health information (device.phi): it must never be read"
+                    ),
+                ));
+            }
+        }
+    }
+    for (i, e) in d.device.evidence.iter().enumerate() {
+        if !names.contains(e.as_str()) {
+            return Err(cx.err(
+                &dev.key("evidence").index(i),
+                format!("no point named `{e}`"),
+            ));
+        }
+    }
+
+    // Rules.
+    for (i, r) in d.rules.iter().enumerate() {
+        check_rule(cx, &root.key("rule").index(i), r, &names)?;
+    }
+    let conds = [
+        ("down_when", &d.availability.down_when),
+        ("maintenance_when", &d.availability.maintenance_when),
+    ];
+    for (key, list) in conds {
+        for (i, c) in list.iter().enumerate() {
+            check_condition(cx, &root.key("availability").key(key).index(i), c, &names)?;
+        }
+    }
+
+    // Diagnostics.
+    let mut dnames = BTreeSet::new();
+    for (i, g) in d.diagnostics.iter().enumerate() {
+        let gp = root.key("diagnostic").index(i);
+        if ["readings", "transport", "episodes", "outbox"].contains(&g.name.as_str()) {
+            return Err(cx.err(
+                &gp.key("name"),
+                format!("`{}` is a built-in diagnostic of the agent", g.name),
+            ));
+        }
+        if !dnames.insert(g.name.as_str()) {
+            return Err(cx.err(
+                &gp.key("name"),
+                format!("diagnostic `{}` is listed twice", g.name),
+            ));
+        }
+        let ok = match t.kind {
+            TransportKind::Serial => g.request.as_deref().is_some_and(|r| r.starts_with("Q|")),
+            TransportKind::Mqtt => g.command.is_some(),
+            TransportKind::Modbus => {
+                g.table.is_some()
+                    && g.start.is_some()
+                    && g.count
+                        .is_some_and(|c| c >= 1 && c <= t.max_registers.unwrap_or(125))
+            }
+        };
+        if !ok {
+            let key = match t.kind {
+                TransportKind::Serial => "request",
+                TransportKind::Mqtt => "command",
+                TransportKind::Modbus => "count",
+            };
+            return Err(cx.err(&gp.key(key), "a read-only request needs `request = \"Q|...\"` (serial), `command` (mqtt) or `table`, `start` and `count` within the device's limit (modbus)"));
+        }
+    }
+    Ok(major)
+}
+
+fn check_point(
+    cx: &Ctx,
+    pp: &KeyPath,
+    p: &PointDef,
+    kind: TransportKind,
+    d: &ProfileDoc,
+) -> Result<(), ProfileError> {
+    match kind {
+        TransportKind::Modbus => {
+            let Some(rt) = p.ty.reg_type() else {
+                return Err(cx.err(
+                    &pp.key("type"),
+                    "a Modbus point is one of u16, i16, u32, i32, f32, ascii",
+                ));
+            };
+            let (Some(table), Some(addr)) = (p.table, p.address) else {
+                return Err(cx.err(
+                    &pp.key("address"),
+                    "a Modbus point needs `table` and `address`",
+                ));
+            };
+            if p.ty == PointType::Ascii && p.registers.is_none() {
+                return Err(cx.err(
+                    &pp.key("registers"),
+                    "an ascii point needs its register count",
+                ));
+            }
+            let width = rt.width(p.registers.unwrap_or(1));
+            let end = addr as u32 + width as u32 - 1;
+            let mapped = &d.transport.mapped;
+            if !mapped.is_empty()
+                && !mapped
+                    .iter()
+                    .any(|m| m.table == table && m.from <= addr && end <= m.to as u32)
+            {
+                return Err(cx.err(
+                    &pp.key("address"),
+                    format!("{table:?} {addr}..={end} is outside the device's mapped registers"),
+                ));
+            }
+        }
+        TransportKind::Serial => {
+            if !matches!(
+                p.ty,
+                PointType::Number | PointType::Hex | PointType::Text | PointType::Date
+            ) {
+                return Err(cx.err(
+                    &pp.key("type"),
+                    "a serial field is number, hex, text or date",
+                ));
+            }
+            let (Some(req), Some(_)) = (&p.request, &p.key) else {
+                return Err(cx.err(&pp.key("key"), "a serial point needs `request` and `key`"));
+            };
+            if !d.transport.poll.contains(req) {
+                return Err(cx.err(
+                    &pp.key("request"),
+                    format!("`{req}` is not in transport.poll, so it is never read"),
+                ));
+            }
+        }
+        TransportKind::Mqtt => {
+            if p.ty.reg_type().is_some() || p.ty == PointType::Hex {
+                return Err(cx.err(
+                    &pp.key("type"),
+                    "a JSON point is number, text, date, bool or codes",
+                ));
+            }
+            match &p.pointer {
+                Some(ptr) if ptr.starts_with('/') => {}
+                _ => {
+                    return Err(cx.err(
+                        &pp.key("pointer"),
+                        "a JSON point needs a `pointer` like `/power/battery_pct`",
+                    ))
+                }
+            }
+            if p.where_pointer.is_some() != p.where_equals.is_some() {
+                return Err(cx.err(
+                    &pp.key("where_equals"),
+                    "`where_pointer` and `where_equals` go together",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_rule(
+    cx: &Ctx,
+    rp: &KeyPath,
+    r: &RuleDef,
+    names: &BTreeSet<&str>,
+) -> Result<(), ProfileError> {
+    if !names.contains(r.point.as_str()) {
+        return Err(cx.err(&rp.key("point"), format!("no point named `{}`", r.point)));
+    }
+    let is_fault = r.signal == crate::model::SignalKind::Fault;
+    let need = |ok: bool, key: &str, what: &str| -> Result<(), ProfileError> {
+        if ok {
+            Ok(())
+        } else {
+            Err(cx.err(&rp.key(key), what.to_string()))
+        }
+    };
+    match r.kind {
+        RuleKind::Bits => {
+            need(
+                r.unlisted_class.is_some(),
+                "unlisted_class",
+                "a bit field rule needs `unlisted_class` for bits the manual does not list",
+            )?;
+            let mut seen = BTreeSet::new();
+            for (i, b) in r.bits.iter().enumerate() {
+                let bp = rp.key("bits").index(i);
+                if b.bit >= 64 || !seen.insert(b.bit) {
+                    return Err(cx.err(
+                        &bp.key("bit"),
+                        format!("bit {} is out of range or listed twice", b.bit),
+                    ));
+                }
+                if b.class.is_none() && !b.not_a_fault {
+                    return Err(cx.err(
+                        &bp.key("class"),
+                        "a listed bit needs its service class, or `not_a_fault = true`",
+                    ));
+                }
+            }
+        }
+        RuleKind::Codes => {
+            need(
+                r.otherwise_class.is_some(),
+                "otherwise_class",
+                "a code table needs `otherwise_class`: an unknown code is never dropped",
+            )?;
+            for (i, rg) in r.ranges.iter().enumerate() {
+                if rg.from > rg.to {
+                    return Err(cx.err(
+                        &rp.key("ranges").index(i).key("from"),
+                        "range `from` is after `to`",
+                    ));
+                }
+            }
+        }
+        RuleKind::Threshold => {
+            let limits = [
+                r.above.is_some(),
+                r.below.is_some(),
+                r.at_least.is_some(),
+                r.at_least_point.is_some(),
+            ];
+            need(
+                limits.iter().filter(|b| **b).count() == 1,
+                "above",
+                "a threshold needs exactly one of `above`, `below`, `at_least`, `at_least_point`",
+            )?;
+            if let Some(p) = &r.at_least_point {
+                need(
+                    names.contains(p.as_str()),
+                    "at_least_point",
+                    &format!("no point named `{p}`"),
+                )?;
+            }
+            need(
+                r.code.is_some(),
+                "code",
+                "a threshold rule needs the `code` of its signal",
+            )?;
+            need(
+                r.hysteresis.is_none_or(|h| h >= 0.0),
+                "hysteresis",
+                "hysteresis cannot be negative",
+            )?;
+        }
+        RuleKind::Rate => {
+            need(
+                r.falls_by.is_some_and(|f| f > 0.0),
+                "falls_by",
+                "a rate rule needs a positive `falls_by`",
+            )?;
+            need(
+                r.window.is_some_and(|w| w.0.as_secs() > 0),
+                "window",
+                "a rate rule needs a `window`",
+            )?;
+            need(
+                r.code.is_some(),
+                "code",
+                "a rate rule needs the `code` of its signal",
+            )?;
+        }
+        RuleKind::Equals => {
+            need(
+                matches!(
+                    r.equals,
+                    Some(toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::String(_))
+                ),
+                "equals",
+                "an equals rule needs a number or text in `equals`",
+            )?;
+            need(
+                r.code.is_some(),
+                "code",
+                "an equals rule needs the `code` of its signal",
+            )?;
+        }
+        RuleKind::DateDue => {
+            need(
+                r.every.is_some(),
+                "every",
+                "a date rule needs the interval `every`",
+            )?;
+            need(
+                r.code.is_some(),
+                "code",
+                "a date rule needs the `code` of its signal",
+            )?;
+        }
+    }
+    if matches!(
+        r.kind,
+        RuleKind::Threshold | RuleKind::Rate | RuleKind::Equals
+    ) && is_fault
+    {
+        need(
+            r.class.is_some(),
+            "class",
+            "a fault rule needs its service `class`",
+        )?;
+    }
+    Ok(())
+}
+
+fn check_condition(
+    cx: &Ctx,
+    cp: &KeyPath,
+    c: &ConditionDef,
+    names: &BTreeSet<&str>,
+) -> Result<(), ProfileError> {
+    let n = [c.point.is_some(), c.signal.is_some(), c.class.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if n != 1 {
+        return Err(cx.err(
+            cp,
+            "a condition names exactly one of `point` (with `equals`), `signal` or `class`",
+        ));
+    }
+    if let Some(p) = &c.point {
+        if !names.contains(p.as_str()) {
+            return Err(cx.err(&cp.key("point"), format!("no point named `{p}`")));
+        }
+        if c.equals.is_none() {
+            return Err(cx.err(&cp.key("equals"), "a point condition needs `equals`"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs one golden vector; `Err` says what differs.
+pub fn run_golden(p: &Profile, g: &GoldenDef) -> Result<(), String> {
+    let now: jiff::Timestamp = g
+        .now
+        .as_deref()
+        .unwrap_or("2026-11-28T10:15:00Z")
+        .parse()
+        .map_err(|e| format!("`now` is not an RFC 3339 time: {e}"))?;
+    let (snap, identity) = match p.doc.transport.kind {
+        TransportKind::Serial => {
+            let frames: Vec<Vec<u8>> = g.frames.iter().map(|f| f.as_bytes().to_vec()).collect();
+            let replies = replies_from_frames(&frames)?;
+            let req = p.doc.identify.request.clone().unwrap_or_default();
+            let identity = replies.get(&req).map(|info| p.identify_serial(info));
+            (p.decode_serial(&replies), identity)
+        }
+        TransportKind::Modbus => {
+            let mut image = RegisterImage::new();
+            for r in &g.registers {
+                image.insert(r.table, r.start, &r.words);
+            }
+            let identity =
+                Some(p.identify_registers(&image)).filter(|i| i.is_ok() || g.firmware.is_some());
+            (p.decode_registers(&image), identity)
+        }
+        TransportKind::Mqtt => {
+            let json = g
+                .json
+                .as_deref()
+                .ok_or("an MQTT golden vector needs `json`")?;
+            let identity = Some(p.identify_json(json.as_bytes()));
+            (
+                p.decode_json(json.as_bytes()).map_err(|e| e.to_string())?,
+                identity,
+            )
+        }
+    };
+    if let Some(want) = &g.firmware {
+        let got = identity
+            .ok_or("no identity reply in the vector")?
+            .map_err(|e| e.to_string())?;
+        if &got.firmware != want {
+            return Err(format!("firmware {:?}, expected {want:?}", got.firmware));
+        }
+        if firmware_major(&got.firmware) != Some(p.firmware_major) {
+            return Err(format!(
+                "firmware {} is not covered by this profile ({})",
+                got.firmware, p.doc.device.firmware
+            ));
+        }
+        if let Some(sn) = &g.serial {
+            if got.serial.as_ref() != Some(sn) {
+                return Err(format!("serial {:?}, expected {sn:?}", got.serial));
+            }
+        }
+    }
+    if !snap.issues.is_empty() {
+        return Err(format!("decoding problems: {}", snap.issues.join("; ")));
+    }
+    let ev = p.evaluate(&snap, now, &mut RuleState::default());
+    for (name, want) in &g.readings {
+        let got = ev
+            .readings
+            .iter()
+            .find(|r| &r.name == name)
+            .map(|r| &r.value)
+            .ok_or_else(|| format!("reading `{name}` missing"))?;
+        let ok = match (got, want) {
+            (crate::model::Value::Num(n), toml::Value::Integer(i)) => (n - *i as f64).abs() < 1e-6,
+            (crate::model::Value::Num(n), toml::Value::Float(f)) => {
+                (n - f).abs() < 1e-4 || (n.is_nan() && f.is_nan())
+            }
+            (crate::model::Value::Text(t), toml::Value::String(s)) => t == s,
+            (crate::model::Value::Codes(c), toml::Value::Array(a)) => {
+                c.len() == a.len() && c.iter().zip(a).all(|(x, y)| y.as_str() == Some(x.as_str()))
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(format!("reading `{name}` is {got}, expected {want}"));
+        }
+    }
+    if let Some(want) = &g.signals {
+        let mut want = want.clone();
+        want.sort();
+        let got: Vec<String> = ev.signals.iter().map(|s| s.code.clone()).collect();
+        if got != want {
+            return Err(format!("signals {got:?}, expected {want:?}"));
+        }
+    }
+    for (code, class) in &g.classes {
+        let s = ev
+            .signals
+            .iter()
+            .find(|s| &s.code == code)
+            .ok_or_else(|| format!("signal {code} missing"))?;
+        if s.class != Some(*class) {
+            return Err(format!(
+                "signal {code} has class {:?}, expected {class}",
+                s.class
+            ));
+        }
+    }
+    if let Some(want) = g.state {
+        if ev.state != want {
+            return Err(format!("state {}, expected {want}", ev.state));
+        }
+    }
+    let out = serde_json::to_string(&(&snap, &ev)).unwrap_or_default();
+    for a in &g.absent {
+        if out.contains(a.as_str()) {
+            return Err(format!("{a:?} appears in the decoded output"));
+        }
+    }
+    Ok(())
+}
+
+/// The profiles shipped with tend, compiled in so an agent needs no files to start.
+pub const BUILTIN: &[(&str, &str)] = &[
+    (
+        "lumen/lip-300-2.x.toml",
+        include_str!("../profiles/lumen/lip-300-2.x.toml"),
+    ),
+    (
+        "lumen/lip-300-3.x.toml",
+        include_str!("../profiles/lumen/lip-300-3.x.toml"),
+    ),
+    (
+        "aeris/av-500-4.x.toml",
+        include_str!("../profiles/aeris/av-500-4.x.toml"),
+    ),
+    (
+        "aeris/av-500-5.x.toml",
+        include_str!("../profiles/aeris/av-500-5.x.toml"),
+    ),
+    (
+        "vistara/vm-12-6.x.toml",
+        include_str!("../profiles/vistara/vm-12-6.x.toml"),
+    ),
+    (
+        "vistara/vm-12-7.x.toml",
+        include_str!("../profiles/vistara/vm-12-7.x.toml"),
+    ),
+    (
+        "cryosense/hm-2-2.x.toml",
+        include_str!("../profiles/cryosense/hm-2-2.x.toml"),
+    ),
+    (
+        "cryosense/hm-2-3.x.toml",
+        include_str!("../profiles/cryosense/hm-2-3.x.toml"),
+    ),
+];
+
+/// Why no profile could be chosen for a device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    #[error("no profile for model `{0}` (known: {1})")]
+    UnknownModel(String, String),
+    #[error("model `{model}` reports firmware {firmware}, which no profile covers (profiles exist for {covered}); add a profile for it rather than guess")]
+    UnsupportedFirmware {
+        model: String,
+        firmware: String,
+        covered: String,
+    },
+}
+
+/// Every profile an agent knows, by model.
+#[derive(Debug, Clone, Default)]
+pub struct ProfileSet {
+    by_model: BTreeMap<String, Vec<Arc<Profile>>>,
+}
+
+impl ProfileSet {
+    /// The profiles shipped with tend.
+    pub fn builtin() -> Result<Self, ProfileError> {
+        let mut set = Self::default();
+        for (name, src) in BUILTIN {
+            set.add(parse_profile(&format!("builtin:{name}"), src)?)?;
+        }
+        Ok(set)
+    }
+
+    /// Adds a profile; a second profile for the same model and firmware family, or one whose
+    /// identification differs from its siblings', is an error.
+    pub fn add(&mut self, p: Profile) -> Result<(), ProfileError> {
+        let list = self.by_model.entry(p.doc.device.id.clone()).or_default();
+        if let Some(other) = list.iter().find(|o| o.firmware_major == p.firmware_major) {
+            return Err(ProfileError {
+                file: p.source.clone(),
+                line: 1,
+                key: "device.firmware".into(),
+                message: format!(
+                    "{} {} is already covered by {}",
+                    p.doc.device.id, p.doc.device.firmware, other.source
+                ),
+            });
+        }
+        if let Some(other) = list.first() {
+            if other.doc.identify != p.doc.identify
+                || other.doc.transport.kind != p.doc.transport.kind
+            {
+                return Err(ProfileError {
+                    file: p.source.clone(),
+                    line: 1,
+                    key: "identify".into(),
+                    message: format!("identification must match {} (the firmware is read before the profile is known)", other.source),
+                });
+            }
+        }
+        list.push(Arc::new(p));
+        list.sort_by_key(|p| p.firmware_major);
+        Ok(())
+    }
+
+    /// Loads every `*.toml` under `dir` (recursively), replacing built-ins of the same
+    /// model and firmware family.
+    pub fn load_dir(&mut self, dir: &Path) -> Result<usize, ProfileError> {
+        let mut files = Vec::new();
+        collect_toml(dir, &mut files).map_err(|e| ProfileError {
+            file: dir.display().to_string(),
+            line: 0,
+            key: "-".into(),
+            message: e.to_string(),
+        })?;
+        files.sort();
+        for f in &files {
+            let p = load_file(f)?;
+            if let Some(list) = self.by_model.get_mut(&p.doc.device.id) {
+                list.retain(|o| o.firmware_major != p.firmware_major);
+            }
+            self.add(p)?;
+        }
+        Ok(files.len())
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        self.by_model.keys().map(String::as_str)
+    }
+
+    /// All profiles of a model, lowest firmware first. Any of them can identify the device.
+    pub fn family(&self, model: &str) -> Result<&[Arc<Profile>], SelectError> {
+        self.by_model.get(model).map(Vec::as_slice).ok_or_else(|| {
+            SelectError::UnknownModel(model.into(), self.models().collect::<Vec<_>>().join(", "))
+        })
+    }
+
+    /// The profile for the firmware a device reports.
+    pub fn select(&self, model: &str, firmware: &str) -> Result<Arc<Profile>, SelectError> {
+        let fam = self.family(model)?;
+        let major = firmware_major(firmware);
+        fam.iter()
+            .find(|p| Some(p.firmware_major) == major)
+            .cloned()
+            .ok_or_else(|| SelectError::UnsupportedFirmware {
+                model: model.into(),
+                firmware: firmware.chars().take(32).collect(),
+                covered: fam
+                    .iter()
+                    .map(|p| p.doc.device.firmware.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Profile>> {
+        self.by_model.values().flatten()
+    }
+}
+
+fn collect_toml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            collect_toml(&p, out)?;
+        } else if p.extension().is_some_and(|x| x == "toml") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Reads and checks one profile file.
+pub fn load_file(path: &Path) -> Result<Profile, ProfileError> {
+    let file = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| ProfileError {
+        file: file.clone(),
+        line: 0,
+        key: "-".into(),
+        message: format!("cannot read: {e}"),
+    })?;
+    let src = String::from_utf8(bytes).map_err(|e| ProfileError {
+        file: file.clone(),
+        line: 0,
+        key: "-".into(),
+        message: format!("not UTF-8 text: {e}"),
+    })?;
+    parse_profile(&file, &src)
+}
