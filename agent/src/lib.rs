@@ -1,1 +1,6 @@
+//! The tend agent: transports that read devices, the profile engine's output turned into
+//! records, and the tools a field engineer runs (`probe`, `profile check`).
 #![forbid(unsafe_code)]
+
+pub mod probe;
+pub mod profile_cmd;
