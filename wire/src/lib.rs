@@ -1,1 +1,421 @@
+//! The agent↔gateway wire format, version 1: topic names, the records an agent sends,
+//! the acknowledgements a gateway returns and the diagnostic exchange. JSON on MQTT.
+//!
+//! Acks name exactly the sequence ranges a gateway stored, never "everything up to N":
+//! with a shared subscription any batch may land on any gateway.
 #![forbid(unsafe_code)]
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tend_profiles::{DeviceState, FaultClass, SignalKind, Value};
+
+/// Wire format version carried in every message.
+pub const VERSION: u32 = 1;
+/// Largest message either side accepts; larger ones are refused before parsing.
+pub const MAX_MESSAGE: usize = 4 << 20;
+
+/// Topic names of DESIGN §3.
+pub mod topic {
+    pub const PREFIX: &str = "tend/v1";
+
+    pub fn up(agent: &str) -> String {
+        format!("{PREFIX}/{agent}/up")
+    }
+    pub fn ack(agent: &str) -> String {
+        format!("{PREFIX}/{agent}/ack")
+    }
+    pub fn status(agent: &str) -> String {
+        format!("{PREFIX}/{agent}/status")
+    }
+    pub fn diag_req(agent: &str) -> String {
+        format!("{PREFIX}/{agent}/diag/req")
+    }
+    pub fn diag_resp(agent: &str) -> String {
+        format!("{PREFIX}/{agent}/diag/resp")
+    }
+
+    /// What a topic is, for a subscriber of `tend/v1/+/...`.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Parsed<'a> {
+        Up(&'a str),
+        Ack(&'a str),
+        Status(&'a str),
+        DiagReq(&'a str),
+        DiagResp(&'a str),
+    }
+
+    pub fn parse(topic: &str) -> Option<Parsed<'_>> {
+        let rest = topic.strip_prefix(PREFIX)?.strip_prefix('/')?;
+        let (agent, kind) = rest.split_once('/')?;
+        if !valid_agent_id(agent) {
+            return None;
+        }
+        Some(match kind {
+            "up" => Parsed::Up(agent),
+            "ack" => Parsed::Ack(agent),
+            "status" => Parsed::Status(agent),
+            "diag/req" => Parsed::DiagReq(agent),
+            "diag/resp" => Parsed::DiagResp(agent),
+            _ => return None,
+        })
+    }
+
+    /// Agent ids are topic levels: no wildcards, no separators, bounded.
+    pub fn valid_agent_id(id: &str) -> bool {
+        !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    }
+}
+
+/// `online` / `offline`, retained on the status topic (offline is the last will).
+pub const STATUS_ONLINE: &str = "online";
+pub const STATUS_OFFLINE: &str = "offline";
+
+/// One record, numbered by the agent that made it durable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    /// The agent's UTC time when the record was made.
+    pub at: Timestamp,
+    /// The device id of the agent's config (the fleet file uses the same id).
+    pub device: String,
+    #[serde(flatten)]
+    pub body: RecordBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RecordBody {
+    /// The device was identified and a profile chosen.
+    Identity {
+        model: String,
+        firmware: String,
+        serial: Option<String>,
+        profile: String,
+    },
+    /// Readings of one poll.
+    Readings { readings: Vec<WireReading> },
+    /// The device's availability state changed.
+    State { from: DeviceState, to: DeviceState },
+    /// A fault episode opened, changed class, recurred within the flap window, or cleared.
+    Episode(EpisodeEvent),
+    /// The outbox was full and dropped readings (never states or episodes).
+    Dropped {
+        count: u64,
+        first_seq: u64,
+        last_seq: u64,
+    },
+}
+
+impl RecordBody {
+    /// Readings may be dropped when the outbox is full; nothing else may.
+    pub fn is_droppable(&self) -> bool {
+        matches!(self, RecordBody::Readings { .. })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireReading {
+    pub name: String,
+    pub value: Value,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub unit: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EpisodeChange {
+    Opened,
+    ClassChanged,
+    Recurred,
+    Cleared,
+}
+
+/// A change of one fault episode. The episode id is derived from the episode alone, so a
+/// ticket key made from it is the same on every gateway and after every restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpisodeEvent {
+    pub episode: String,
+    pub change: EpisodeChange,
+    pub code: String,
+    pub kind: SignalKind,
+    pub class: Option<FaultClass>,
+    pub description: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub evidence: BTreeMap<String, serde_json::Value>,
+    /// Whether the device was available when this changed.
+    pub device_available: bool,
+    pub opened_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub due: Option<String>,
+}
+
+/// What an agent publishes on `up`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpBatch {
+    pub v: u32,
+    pub agent: String,
+    pub site: String,
+    pub records: Vec<Record>,
+}
+
+/// An inclusive range of sequence numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SeqRange {
+    pub first: u64,
+    pub last: u64,
+}
+
+/// What a gateway publishes on `ack`: exactly the ranges it stored durably.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub v: u32,
+    pub ranges: Vec<SeqRange>,
+}
+
+/// Compresses sequence numbers (any order, duplicates allowed) into sorted ranges.
+pub fn ranges_of(seqs: impl IntoIterator<Item = u64>) -> Vec<SeqRange> {
+    let mut v: Vec<u64> = seqs.into_iter().collect();
+    v.sort_unstable();
+    v.dedup();
+    let mut out: Vec<SeqRange> = Vec::new();
+    for s in v {
+        match out.last_mut() {
+            Some(r) if r.last.checked_add(1) == Some(s) => r.last = s,
+            _ => out.push(SeqRange { first: s, last: s }),
+        }
+    }
+    out
+}
+
+/// A hotline diagnostic asked of an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiagRequest {
+    pub v: u32,
+    pub id: String,
+    pub device: String,
+    pub request: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiagResponse {
+    pub v: u32,
+    pub id: String,
+    pub device: String,
+    pub request: String,
+    pub ok: bool,
+    #[serde(default)]
+    pub answer: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WireError {
+    #[error("message of {0} bytes exceeds the {MAX_MESSAGE}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("wire version {0} is not supported (this build speaks {VERSION})")]
+    Version(u32),
+    #[error("invalid agent id {0:?}")]
+    AgentId(String),
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(WireError::TooLarge(bytes.len()));
+    }
+    serde_json::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+fn check_version(v: u32) -> Result<(), WireError> {
+    if v == VERSION {
+        Ok(())
+    } else {
+        Err(WireError::Version(v))
+    }
+}
+
+impl UpBatch {
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let b: UpBatch = decode(bytes)?;
+        check_version(b.v)?;
+        if !topic::valid_agent_id(&b.agent) {
+            return Err(WireError::AgentId(b.agent.chars().take(80).collect()));
+        }
+        Ok(b)
+    }
+}
+
+impl Ack {
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let a: Ack = decode(bytes)?;
+        check_version(a.v)?;
+        if a.ranges.iter().any(|r| r.first > r.last) {
+            return Err(WireError::Malformed("ack range with first > last".into()));
+        }
+        Ok(a)
+    }
+}
+
+impl DiagRequest {
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let r: DiagRequest = decode(bytes)?;
+        check_version(r.v)?;
+        Ok(r)
+    }
+}
+
+impl DiagResponse {
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let r: DiagResponse = decode(bytes)?;
+        check_version(r.v)?;
+        Ok(r)
+    }
+}
+
+/// Encodes any wire message.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serialising these types cannot fail: no maps with non-string keys, no foreign types.
+    serde_json::to_vec(msg).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts() -> Timestamp {
+        "2026-11-28T02:15:02Z".parse().unwrap()
+    }
+
+    #[test]
+    fn topics_round_trip() {
+        assert_eq!(topic::up("agent-icu-a"), "tend/v1/agent-icu-a/up");
+        assert_eq!(
+            topic::parse("tend/v1/agent-icu-a/up"),
+            Some(topic::Parsed::Up("agent-icu-a"))
+        );
+        assert_eq!(
+            topic::parse(&topic::diag_resp("a1")),
+            Some(topic::Parsed::DiagResp("a1"))
+        );
+        assert_eq!(topic::parse("tend/v1/+/up"), None);
+        assert_eq!(topic::parse("tend/v1/a/b/up"), None);
+        assert_eq!(topic::parse("tend/v2/a/up"), None);
+        assert_eq!(topic::parse("tend/v1//up"), None);
+    }
+
+    #[test]
+    fn batch_round_trip() {
+        let b = UpBatch {
+            v: VERSION,
+            agent: "agent-icu-a".into(),
+            site: "s-017-main".into(),
+            records: vec![
+                Record {
+                    seq: 7,
+                    at: ts(),
+                    device: "icu7-vent".into(),
+                    body: RecordBody::State {
+                        from: DeviceState::Up,
+                        to: DeviceState::Down,
+                    },
+                },
+                Record {
+                    seq: 8,
+                    at: ts(),
+                    device: "icu7-vent".into(),
+                    body: RecordBody::Episode(EpisodeEvent {
+                        episode: "agent-icu-a/icu7-vent/ALM1.4/1795832102000".into(),
+                        change: EpisodeChange::Opened,
+                        code: "ALM1.4".into(),
+                        kind: SignalKind::Fault,
+                        class: Some(FaultClass::Major),
+                        description: "exhalation valve fault".into(),
+                        action: None,
+                        evidence: BTreeMap::from([("state".into(), serde_json::json!(4))]),
+                        device_available: false,
+                        opened_at: ts(),
+                        due: None,
+                    }),
+                },
+                Record {
+                    seq: 9,
+                    at: ts(),
+                    device: "icu7-vent".into(),
+                    body: RecordBody::Readings {
+                        readings: vec![WireReading {
+                            name: "battery".into(),
+                            value: Value::Num(87.0),
+                            unit: Some("%".into()),
+                        }],
+                    },
+                },
+            ],
+        };
+        let bytes = encode(&b);
+        assert_eq!(UpBatch::decode(&bytes).unwrap(), b);
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.contains("\"type\":\"episode\""), "{text}");
+        assert!(!b.records[0].body.is_droppable());
+        assert!(b.records[2].body.is_droppable());
+    }
+
+    #[test]
+    fn bad_messages() {
+        assert!(matches!(
+            UpBatch::decode(b"{"),
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            UpBatch::decode(b"null"),
+            Err(WireError::Malformed(_))
+        ));
+        assert_eq!(
+            UpBatch::decode(br#"{"v":2,"agent":"a","site":"s","records":[]}"#),
+            Err(WireError::Version(2))
+        );
+        assert!(matches!(
+            UpBatch::decode(br#"{"v":1,"agent":"a/#","site":"s","records":[]}"#),
+            Err(WireError::AgentId(_))
+        ));
+        assert!(Ack::decode(br#"{"v":1,"ranges":[{"first":5,"last":4}]}"#).is_err());
+        let huge = vec![b' '; MAX_MESSAGE + 1];
+        assert_eq!(
+            UpBatch::decode(&huge),
+            Err(WireError::TooLarge(MAX_MESSAGE + 1))
+        );
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(UpBatch::decode(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(ranges_of([]), vec![]);
+        assert_eq!(
+            ranges_of([5, 3, 4, 9, 10, 4, 12]),
+            vec![
+                SeqRange { first: 3, last: 5 },
+                SeqRange { first: 9, last: 10 },
+                SeqRange {
+                    first: 12,
+                    last: 12
+                }
+            ]
+        );
+        assert_eq!(
+            ranges_of([u64::MAX, u64::MAX - 1]),
+            vec![SeqRange {
+                first: u64::MAX - 1,
+                last: u64::MAX
+            }]
+        );
+    }
+}
