@@ -417,6 +417,46 @@ mod tests {
     }
 
     #[test]
+    fn selftest_example_parses() {
+        // LM-SDI-300 §7.
+        let body = "A|SELFTEST|RESULT=PASS|RAM=OK|FLASH=OK|MOTOR=OK|PSENS=OK|AIRSENS=OK|BATT=OK|LAST=2026-11-27T06:02:11Z";
+        let frame = encode(body, Checksum::Xor).unwrap();
+        let ev = FrameReader::new().push(&frame);
+        let FrameEvent::Frame(f) = &ev[0] else {
+            panic!("{ev:?}")
+        };
+        let Reply::Answer { kind, fields } = parse_reply(&f.body).unwrap() else {
+            panic!()
+        };
+        assert_eq!(kind, "SELFTEST");
+        assert_eq!(fields["RESULT"], "PASS");
+        assert_eq!(fields["LAST"], "2026-11-27T06:02:11Z");
+        assert_eq!(fields.len(), 8);
+    }
+
+    #[test]
+    fn manual_section_8_frames_verify() {
+        let frames: &[&[u8]] = &[
+            b"\x02A|STATUS|MODE=ALARM|RATE=0.0|VTBI=480|BATT=86|AC=1|TALM=0001|CALM=0000|ERR=310|PID=P-0048213*62\x03",
+            b"\x02A|INFO|MODEL=LIP-300|SN=LP3B-2403-0457|FW=3.1.0|HW=D*F5A0\x03",
+            b"\x02A|STATUS|MODE=ALARM|RATE=0.0|VTBI=250|BATT=90|AC=1|TALM=00010002|CALM=0000|ERR=240|TEMP=38.0|PID=P-0051877*C8DF\x03",
+        ];
+        let forms = [Checksum::Xor, Checksum::Crc16, Checksum::Crc16];
+        for (f, form) in frames.iter().zip(forms) {
+            let ev = FrameReader::new().push(f);
+            assert!(
+                matches!(&ev[..], [FrameEvent::Frame(fr)] if fr.checksum == form),
+                "{ev:?}"
+            );
+            // Re-encoding the body gives the manual's bytes exactly.
+            let FrameEvent::Frame(fr) = &ev[0] else {
+                unreachable!()
+            };
+            assert_eq!(&encode(&fr.body, form).unwrap()[..], *f);
+        }
+    }
+
+    #[test]
     fn encode_rejects_bad_bodies() {
         assert_eq!(
             encode(&"A".repeat(241), Checksum::Xor),
