@@ -4,3 +4,4 @@
 
 pub mod probe;
 pub mod profile_cmd;
+pub mod transport;
