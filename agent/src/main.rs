@@ -25,7 +25,7 @@ enum Command {
         command: ProfileCommand,
     },
     /// Read one device once and print its readings, faults and state (commissioning).
-    Probe(tend_agent::probe::ProbeArgs),
+    Probe(Box<tend_agent::probe::ProbeArgs>),
 }
 
 #[derive(Subcommand)]
@@ -50,6 +50,6 @@ fn main() -> ExitCode {
         Command::Profile {
             command: ProfileCommand::List,
         } => tend_agent::profile_cmd::list(&mut std::io::stdout()),
-        Command::Probe(args) => tend_agent::probe::main(args),
+        Command::Probe(args) => tend_agent::probe::main(*args),
     }
 }

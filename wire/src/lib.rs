@@ -101,7 +101,7 @@ pub enum RecordBody {
     Readings { readings: Vec<WireReading> },
     /// The device's availability state changed.
     State { from: DeviceState, to: DeviceState },
-    /// A fault episode opened, changed class, recurred within the flap window, or cleared.
+    /// A fault episode opened, changed class, or cleared.
     Episode(EpisodeEvent),
     /// The outbox was full and dropped readings (never states or episodes).
     Dropped {
@@ -131,11 +131,11 @@ pub struct WireReading {
 pub enum EpisodeChange {
     Opened,
     ClassChanged,
-    Recurred,
     Cleared,
 }
 
-/// A change of one fault episode. The episode id is derived from the episode alone, so a
+/// A change of one fault episode (a fault that clears and returns within the damping
+/// time stays one episode; its `flaps` count is in the evidence when it clears). The episode id is derived from the episode alone, so a
 /// ticket key made from it is the same on every gateway and after every restart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpisodeEvent {

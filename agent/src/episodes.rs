@@ -1,0 +1,273 @@
+//! Fault episodes and availability transitions: the agent's memory of what is wrong with
+//! a device, turned into the records the gateway makes tickets from. Pure logic: the
+//! caller passes each evaluation and the time.
+//!
+//! An episode opens when a signal appears, may change class, and clears only after the
+//! signal has stayed away for the damping time, so a flapping fault is one episode (and
+//! one ticket), with its flaps counted.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tend_profiles::{DeviceState, Signal};
+use tend_wire::{EpisodeChange, EpisodeEvent};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Open {
+    id: String,
+    opened_at: Timestamp,
+    last: SignalCopy,
+    /// When the signal was last missing, while it is missing.
+    absent_since: Option<Timestamp>,
+    flaps: u32,
+}
+
+/// The parts of a signal an episode keeps (serialisable, so the tracker can be persisted
+/// and an agent restart does not reopen what is already open).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct SignalCopy {
+    code: String,
+    kind: tend_profiles::SignalKind,
+    class: Option<tend_profiles::FaultClass>,
+    description: String,
+    action: Option<String>,
+    evidence: BTreeMap<String, serde_json::Value>,
+    due: Option<String>,
+}
+
+impl From<&Signal> for SignalCopy {
+    fn from(s: &Signal) -> Self {
+        SignalCopy {
+            code: s.code.clone(),
+            kind: s.kind,
+            class: s.class,
+            description: s.description.clone(),
+            action: s.action.clone(),
+            evidence: s.evidence.clone(),
+            due: s.due.clone(),
+        }
+    }
+}
+
+/// Open episodes of one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpisodeTracker {
+    agent: String,
+    device: String,
+    damping: Duration,
+    open: BTreeMap<String, Open>,
+}
+
+impl EpisodeTracker {
+    pub fn new(agent: &str, device: &str, damping: Duration) -> Self {
+        EpisodeTracker {
+            agent: agent.into(),
+            device: device.into(),
+            damping,
+            open: BTreeMap::new(),
+        }
+    }
+
+    /// Codes of the open episodes.
+    pub fn open_codes(&self) -> impl Iterator<Item = &str> {
+        self.open.keys().map(String::as_str)
+    }
+
+    /// Feeds the signals active at `now` (all of them, every poll) and whether the device
+    /// is available; returns the episode changes, in code order.
+    pub fn update(
+        &mut self,
+        now: Timestamp,
+        active: &[Signal],
+        available: bool,
+    ) -> Vec<EpisodeEvent> {
+        let mut out = Vec::new();
+        for s in active {
+            match self.open.get_mut(&s.code) {
+                None => {
+                    let id = format!(
+                        "{}/{}/{}/{}",
+                        self.agent,
+                        self.device,
+                        s.code,
+                        now.as_millisecond()
+                    );
+                    let o = Open {
+                        id,
+                        opened_at: now,
+                        last: s.into(),
+                        absent_since: None,
+                        flaps: 0,
+                    };
+                    out.push(event(&o, EpisodeChange::Opened, available));
+                    self.open.insert(s.code.clone(), o);
+                }
+                Some(o) => {
+                    if o.absent_since.take().is_some() {
+                        o.flaps += 1;
+                    }
+                    let class_changed = o.last.class != s.class;
+                    o.last = s.into();
+                    if class_changed {
+                        out.push(event(o, EpisodeChange::ClassChanged, available));
+                    }
+                }
+            }
+        }
+        let damping = self.damping;
+        let mut cleared = Vec::new();
+        for (code, o) in self.open.iter_mut() {
+            if active.iter().any(|s| &s.code == code) {
+                continue;
+            }
+            let since = *o.absent_since.get_or_insert(now);
+            if now.duration_since(since).as_secs_f64() >= damping.as_secs_f64() {
+                cleared.push(code.clone());
+            }
+        }
+        for code in cleared {
+            if let Some(mut o) = self.open.remove(&code) {
+                o.last
+                    .evidence
+                    .insert("flaps".into(), serde_json::json!(o.flaps));
+                out.push(event(&o, EpisodeChange::Cleared, available));
+            }
+        }
+        out
+    }
+}
+
+fn event(o: &Open, change: EpisodeChange, available: bool) -> EpisodeEvent {
+    EpisodeEvent {
+        episode: o.id.clone(),
+        change,
+        code: o.last.code.clone(),
+        kind: o.last.kind,
+        class: o.last.class,
+        description: o.last.description.clone(),
+        action: o.last.action.clone(),
+        evidence: o.last.evidence.clone(),
+        device_available: available,
+        opened_at: o.opened_at,
+        due: o.last.due.clone(),
+    }
+}
+
+/// The device's availability state, emitting a transition when it changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateTracker {
+    current: Option<DeviceState>,
+}
+
+impl StateTracker {
+    pub fn current(&self) -> Option<DeviceState> {
+        self.current
+    }
+
+    /// `Some((from, to))` when the state changed. The first state seen is a transition
+    /// from `unknown`.
+    pub fn update(&mut self, to: DeviceState) -> Option<(DeviceState, DeviceState)> {
+        let from = self.current.unwrap_or(DeviceState::Unknown);
+        self.current = Some(to);
+        (from != to).then_some((from, to))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tend_profiles::{FaultClass, SignalKind};
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_795_000_000 + s).unwrap()
+    }
+
+    fn sig(code: &str, class: FaultClass) -> Signal {
+        Signal {
+            code: code.into(),
+            kind: SignalKind::Fault,
+            class: Some(class),
+            description: "d".into(),
+            action: None,
+            evidence: BTreeMap::new(),
+            due: None,
+        }
+    }
+
+    fn changes(ev: &[EpisodeEvent]) -> Vec<(&str, EpisodeChange)> {
+        ev.iter().map(|e| (e.code.as_str(), e.change)).collect()
+    }
+
+    #[test]
+    fn open_class_change_clear() {
+        let mut tr = EpisodeTracker::new("a1", "vent", Duration::from_secs(30));
+        let ev = tr.update(t(0), &[sig("ALM1.4", FaultClass::Complex)], true);
+        assert_eq!(changes(&ev), [("ALM1.4", EpisodeChange::Opened)]);
+        let id = ev[0].episode.clone();
+        assert!(tr
+            .update(t(1), &[sig("ALM1.4", FaultClass::Complex)], true)
+            .is_empty());
+        let ev = tr.update(t(2), &[sig("ALM1.4", FaultClass::Major)], false);
+        assert_eq!(changes(&ev), [("ALM1.4", EpisodeChange::ClassChanged)]);
+        assert_eq!(ev[0].episode, id);
+        assert!(!ev[0].device_available);
+        // Gone, but not for 30 s yet.
+        assert!(tr.update(t(10), &[], true).is_empty());
+        assert!(tr.update(t(39), &[], true).is_empty());
+        let ev = tr.update(t(40), &[], true);
+        assert_eq!(changes(&ev), [("ALM1.4", EpisodeChange::Cleared)]);
+        assert_eq!(ev[0].episode, id);
+        assert_eq!(ev[0].evidence["flaps"], serde_json::json!(0));
+        // Back after the clear: a new episode.
+        let ev = tr.update(t(100), &[sig("ALM1.4", FaultClass::Major)], false);
+        assert_eq!(changes(&ev), [("ALM1.4", EpisodeChange::Opened)]);
+        assert_ne!(ev[0].episode, id);
+    }
+
+    #[test]
+    fn flapping_is_one_episode() {
+        let mut tr = EpisodeTracker::new("a1", "pump", Duration::from_secs(60));
+        let s = [sig("TALM.5", FaultClass::Simple)];
+        let mut all = Vec::new();
+        for i in 0..100 {
+            // On for 10 s, off for 10 s.
+            let on = (i / 10) % 2 == 0;
+            all.extend(tr.update(t(i), if on { &s[..] } else { &[] }, true));
+        }
+        assert_eq!(changes(&all), [("TALM.5", EpisodeChange::Opened)]);
+        for i in 100..200 {
+            all.extend(tr.update(t(i), &[], true));
+        }
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].change, EpisodeChange::Cleared);
+        assert_eq!(all[1].evidence["flaps"], serde_json::json!(4));
+    }
+
+    #[test]
+    fn survives_a_restart_when_persisted() {
+        let mut tr = EpisodeTracker::new("a1", "mri", Duration::from_secs(0));
+        tr.update(t(0), &[sig("ALM.3", FaultClass::Major)], false);
+        let saved = serde_json::to_vec(&tr).unwrap();
+        let mut back: EpisodeTracker = serde_json::from_slice(&saved).unwrap();
+        assert!(back
+            .update(t(5), &[sig("ALM.3", FaultClass::Major)], false)
+            .is_empty());
+        assert_eq!(back.open_codes().collect::<Vec<_>>(), ["ALM.3"]);
+    }
+
+    #[test]
+    fn states() {
+        let mut st = StateTracker::default();
+        assert_eq!(
+            st.update(DeviceState::Up),
+            Some((DeviceState::Unknown, DeviceState::Up))
+        );
+        assert_eq!(st.update(DeviceState::Up), None);
+        assert_eq!(
+            st.update(DeviceState::Down),
+            Some((DeviceState::Up, DeviceState::Down))
+        );
+        assert_eq!(st.current(), Some(DeviceState::Down));
+    }
+}
