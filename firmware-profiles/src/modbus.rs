@@ -81,7 +81,7 @@ pub fn decode(ty: RegType, order: WordOrder, words: &[u16]) -> Option<Value> {
         RegType::I16 => Value::Num(words[0] as i16 as f64),
         RegType::U32 => Value::Num(join32(words, order) as f64),
         RegType::I32 => Value::Num(join32(words, order) as i32 as f64),
-        RegType::F32 => Value::Num(f32::from_bits(join32(words, order)) as f64),
+        RegType::F32 => Value::Num(f32_to_f64_shortest(f32::from_bits(join32(words, order)))),
         RegType::Ascii => {
             let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
             let text: String = bytes
@@ -97,6 +97,15 @@ pub fn decode(ty: RegType, order: WordOrder, words: &[u16]) -> Option<Value> {
             Value::Text(text.trim_end().to_string())
         }
     })
+}
+
+/// Widens an f32 to the f64 with the same shortest decimal form, so 1.2 psi reads as 1.2
+/// and not 1.2000000476837158.
+fn f32_to_f64_shortest(x: f32) -> f64 {
+    if !x.is_finite() {
+        return x as f64;
+    }
+    x.to_string().parse().unwrap_or(x as f64)
 }
 
 /// One read request: table, first address, register count.
@@ -254,7 +263,7 @@ mod tests {
             let cdab = [abcd[1], abcd[0]];
             for (order, w) in [(WordOrder::HighFirst, abcd), (WordOrder::LowFirst, &cdab)] {
                 let got = decode(RegType::F32, order, w).unwrap().as_f64().unwrap();
-                assert!((got - want).abs() < 1e-5, "{want} {order:?}: {got}");
+                assert_eq!(got, *want, "{order:?}");
             }
         }
         let nan = decode(RegType::F32, WordOrder::HighFirst, &[0x7FC0, 0]).unwrap();
