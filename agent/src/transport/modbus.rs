@@ -21,7 +21,6 @@ use tend_profiles::schema::Parity;
 use tend_profiles::{Identity, Profile, ProfileSet, Snapshot};
 use tokio_modbus::client::{Client, Context};
 use tokio_modbus::prelude::{Request, Response, Slave, SlaveContext};
-use tokio_serial::SerialPortBuilderExt;
 
 /// Where a bus is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,16 +172,7 @@ impl ModbusBus {
                         Parity::Even => tokio_serial::Parity::Even,
                         Parity::Odd => tokio_serial::Parity::Odd,
                     };
-                    let port = tokio_serial::new(path, *baud)
-                        .data_bits(tokio_serial::DataBits::Eight)
-                        .parity(parity)
-                        .stop_bits(tokio_serial::StopBits::One)
-                        .flow_control(tokio_serial::FlowControl::None)
-                        .open_native_async()
-                        .map_err(|e| TransportError::Open {
-                            target: path.clone(),
-                            reason: e.to_string(),
-                        })?;
+                    let port = super::serial::open_line(path, *baud, parity)?;
                     tokio_modbus::client::rtu::attach_slave(port, Slave(unit))
                 }
             };

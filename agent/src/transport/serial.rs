@@ -66,16 +66,48 @@ pub struct SerialDevice<P = SerialStream> {
 
 /// Opens `path` at `baud`, 8N1, no flow control, as LM-SDI-300 §1 says.
 pub fn open_port(path: &str, baud: u32) -> Result<SerialStream, TransportError> {
-    tokio_serial::new(path, baud)
-        .data_bits(tokio_serial::DataBits::Eight)
-        .parity(tokio_serial::Parity::None)
-        .stop_bits(tokio_serial::StopBits::One)
-        .flow_control(tokio_serial::FlowControl::None)
-        .open_native_async()
-        .map_err(|e| TransportError::Open {
+    open_line(path, baud, tokio_serial::Parity::None)
+}
+
+/// Opens a serial line (8 data bits, 1 stop bit, no flow control).
+///
+/// The port is opened exclusively first: one task owns each port, and a second agent on
+/// the same line would steal its bytes. When the only obstacle is a shared advisory lock
+/// (a process that keeps the port open in shared mode, as a pty simulator does), the
+/// open is retried in shared mode with a warning rather than refused; a port another
+/// process holds exclusively still fails.
+pub fn open_line(
+    path: &str,
+    baud: u32,
+    parity: tokio_serial::Parity,
+) -> Result<SerialStream, TransportError> {
+    let builder = |exclusive: bool| {
+        tokio_serial::new(path, baud)
+            .data_bits(tokio_serial::DataBits::Eight)
+            .parity(parity)
+            .stop_bits(tokio_serial::StopBits::One)
+            .flow_control(tokio_serial::FlowControl::None)
+            .exclusive(exclusive)
+    };
+    match builder(true).open_native_async() {
+        Ok(p) => Ok(p),
+        Err(first) if first.to_string().contains("lock") => {
+            match builder(false).open_native_async() {
+                Ok(p) => {
+                    tracing::warn!(port = path, "port is shared with another process (advisory lock held); opened without exclusive access");
+                    Ok(p)
+                }
+                Err(_) => Err(TransportError::Open {
+                    target: path.to_string(),
+                    reason: first.to_string(),
+                }),
+            }
+        }
+        Err(e) => Err(TransportError::Open {
             target: path.to_string(),
             reason: e.to_string(),
-        })
+        }),
+    }
 }
 
 impl SerialDevice<SerialStream> {
