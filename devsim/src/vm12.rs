@@ -502,6 +502,14 @@ impl Vm12Sim {
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 enum End {
     Stop,
     Silenced,
@@ -543,6 +551,22 @@ async fn session(
         opts.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    // The event loop is polled in a task of its own: a poll cancelled half-way through
+    // the connect handshake would drop the connection (and fire the will).
+    let (ev_tx, mut events) = tokio::sync::mpsc::channel(64);
+    let poller = tokio::spawn(async move {
+        loop {
+            let ev = eventloop.poll().await;
+            let failed = ev.is_err();
+            if ev_tx.send(ev).await.is_err() {
+                return;
+            }
+            if failed {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+    let _poller = AbortOnDrop(poller);
     let mut connected = false;
     let mut tick = tokio::time::interval(cfg.status_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -556,8 +580,8 @@ async fn session(
     loop {
         tokio::select! {
             _ = token.cancelled() => return End::Stop,
-            ev = eventloop.poll() => match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            ev = events.recv() => match ev {
+                Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
                     connected = true;
                     let _ = client.try_publish(&lwt, QoS::AtLeastOnce, true, "online");
                     if cfg.is_v7() {
@@ -565,21 +589,19 @@ async fn session(
                     }
                     last_codes = technical_codes(&state.get());
                     publish_status(&client);
+                    tick.reset();
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) if cfg.is_v7() && p.topic == cmd_topic => {
+                Some(Ok(Event::Incoming(Packet::Publish(p)))) if cfg.is_v7() && p.topic == cmd_topic => {
                     if let Some(reply) = state.with(|s| command_reply(s, &p.payload)) {
                         let _ = client.try_publish(&reply_topic, QoS::AtLeastOnce, false, reply);
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
                     connected = false;
                     tracing::debug!(error = %e, serial = %cfg.serial, "vm12 mqtt connection");
-                    tokio::select! {
-                        _ = token.cancelled() => return End::Stop,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
                 }
+                None => return End::Stop,
             },
             _ = tick.tick() => if connected { publish_status(&client) },
             r = rx.changed() => {
