@@ -486,6 +486,14 @@ pub fn render_text(r: &ProbeReport) -> String {
     );
     let _ = writeln!(s, "link      {}", r.link);
     let _ = writeln!(s, "transport {}", r.stats.summary());
+    if let Some(p) = &r.presence {
+        let p = match p {
+            Presence::Online => "online",
+            Presence::Offline => "offline",
+            Presence::Other => "unknown",
+        };
+        let _ = writeln!(s, "presence  {p} (the device's last-will topic)");
+    }
     let _ = writeln!(s, "state     {}", r.evaluation.state);
     let _ = writeln!(s);
     let _ = writeln!(s, "readings");
@@ -608,4 +616,142 @@ pub fn run(args: ProbeArgs, out: &mut dyn Write, err: &mut dyn Write) -> ExitCod
 /// Entry point of `tend-agent probe`.
 pub fn main(args: ProbeArgs) -> ExitCode {
     run(args, &mut std::io::stdout(), &mut std::io::stderr())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ProbeArgs,
+    }
+
+    fn target(argv: &[&str]) -> Result<ProbeTarget, TransportError> {
+        let set = ProfileSet::builtin().expect("built-in profiles");
+        let cli = Cli::try_parse_from(std::iter::once("probe").chain(argv.iter().copied()))
+            .map_err(|e| usage(e.to_string()))?;
+        target_from_args(&cli.args, &set)
+    }
+
+    #[test]
+    fn modbus_defaults_come_from_the_profile() {
+        let t = target(&[
+            "--profile",
+            "aeris/av-500",
+            "--transport",
+            "modbus-tcp",
+            "--address",
+            "10.0.0.5",
+        ])
+        .unwrap();
+        assert!(
+            matches!(&t.link, Link::ModbusTcp { address, unit: 1 } if address == "10.0.0.5:502")
+        );
+        let t = target(&[
+            "--profile",
+            "aeris/av-500",
+            "--transport",
+            "modbus-rtu",
+            "--port",
+            "/dev/ttyUSB0",
+        ])
+        .unwrap();
+        assert!(matches!(
+            &t.link,
+            Link::ModbusRtu {
+                baud: 19200,
+                parity: Parity::Even,
+                unit: 1,
+                ..
+            }
+        ));
+        assert_eq!(t.timeout, Duration::from_secs(10));
+        let t = target(&[
+            "--profile",
+            "aeris/av-500",
+            "--transport",
+            "modbus-tcp",
+            "--address",
+            "[::1]:1502",
+            "--unit",
+            "3",
+        ])
+        .unwrap();
+        assert!(matches!(&t.link, Link::ModbusTcp { address, unit: 3 } if address == "[::1]:1502"));
+    }
+
+    #[test]
+    fn mqtt_waits_one_status_interval_by_default() {
+        let t = target(&[
+            "--profile",
+            "vistara/vm-12",
+            "--transport",
+            "mqtt",
+            "--broker",
+            "mqtt://h:1883",
+            "--serial",
+            "VM12-1",
+        ])
+        .unwrap();
+        assert_eq!(t.timeout, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn bad_arguments_are_config_errors() {
+        for argv in [
+            &[
+                "--profile",
+                "aeris/av-500",
+                "--transport",
+                "serial",
+                "--port",
+                "/dev/x",
+            ][..],
+            &["--profile", "aeris/av-500", "--transport", "modbus-tcp"],
+            &[
+                "--profile",
+                "aeris/av-500",
+                "--transport",
+                "modbus-rtu",
+                "--port",
+                "/dev/x",
+                "--unit",
+                "0",
+            ],
+            &[
+                "--profile",
+                "lumen/lip-300",
+                "--transport",
+                "serial",
+                "--port",
+                "/dev/x",
+                "--diagnostic",
+                "reset",
+            ],
+            &[
+                "--profile",
+                "vistara/vm-12",
+                "--transport",
+                "mqtt",
+                "--broker",
+                "mqtts://h",
+                "--serial",
+                "V",
+            ],
+            &[
+                "--profile",
+                "nobody/nothing",
+                "--transport",
+                "serial",
+                "--port",
+                "/dev/x",
+            ],
+        ] {
+            let e = target(argv).unwrap_err();
+            assert!(e.is_config(), "{argv:?}: {e}");
+        }
+    }
 }
