@@ -199,22 +199,19 @@ async fn run(opts: FleetOptions, sc: Option<Scenario>) -> anyhow::Result<()> {
         out.flush()?;
     }
     let scenario_task = async {
-        match &sc {
-            Some(s) => {
-                scenario::run(s, &fleet.devices, |step, device, r| {
-                    let outcome = match r {
-                        Ok(()) => "ok".to_string(),
-                        Err(e) => format!("error={e:?}"),
-                    };
-                    println!(
-                        "step t={} device={device} {} {outcome}",
-                        step.at.as_secs_f64(),
-                        step.action
-                    );
-                })
-                .await
-            }
-            None => {}
+        if let Some(s) = &sc {
+            scenario::run(s, &fleet.devices, |step, device, r| {
+                let outcome = match r {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => format!("error={e:?}"),
+                };
+                println!(
+                    "step t={} device={device} {} {outcome}",
+                    step.at.as_secs_f64(),
+                    step.action
+                );
+            })
+            .await
         }
         std::future::pending::<()>().await
     };
