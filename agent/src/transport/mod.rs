@@ -162,6 +162,26 @@ impl TransportError {
     }
 }
 
+/// The read-only device request `name` of the profile, or a config error listing the
+/// names the profile does have.
+pub(crate) fn find_diagnostic<'p>(
+    profile: &'p Profile,
+    name: &str,
+) -> Result<&'p tend_profiles::schema::DiagnosticDef, TransportError> {
+    profile
+        .doc
+        .diagnostics
+        .iter()
+        .find(|d| d.name == name)
+        .ok_or_else(|| {
+            TransportError::Config(format!(
+                "profile {} lists no diagnostic `{name}` (it lists: {})",
+                profile.id(),
+                profile.diagnostic_names().collect::<Vec<_>>().join(", ")
+            ))
+        })
+}
+
 /// The profile timing a transport uses before the firmware (and so the profile) is known:
 /// every profile of a model must be able to identify the device, so the first will do.
 pub(crate) fn family_first(

@@ -376,18 +376,7 @@ impl ModbusBus {
         profile: &Profile,
         name: &str,
     ) -> Result<Vec<u16>, TransportError> {
-        let d = profile
-            .doc
-            .diagnostics
-            .iter()
-            .find(|d| d.name == name)
-            .ok_or_else(|| {
-                TransportError::Config(format!(
-                    "profile {} lists no diagnostic `{name}` (it lists: {})",
-                    profile.id(),
-                    profile.diagnostic_names().collect::<Vec<_>>().join(", ")
-                ))
-            })?;
+        let d = super::find_diagnostic(profile, name)?;
         let (Some(table), Some(start), Some(count)) = (d.table, d.start, d.count) else {
             return Err(TransportError::Config(format!(
                 "diagnostic `{name}` is not a register dump"

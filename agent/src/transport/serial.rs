@@ -228,18 +228,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin> SerialDevice<P> {
         profile: &Profile,
         name: &str,
     ) -> Result<Fields, TransportError> {
-        let diag = profile
-            .doc
-            .diagnostics
-            .iter()
-            .find(|d| d.name == name)
-            .ok_or_else(|| {
-                TransportError::Config(format!(
-                    "profile {} lists no diagnostic `{name}` (it lists: {})",
-                    profile.id(),
-                    profile.diagnostic_names().collect::<Vec<_>>().join(", ")
-                ))
-            })?;
+        let diag = super::find_diagnostic(profile, name)?;
         let body = diag.request.as_deref().ok_or_else(|| {
             TransportError::Config(format!("diagnostic `{name}` is not a serial request"))
         })?;
