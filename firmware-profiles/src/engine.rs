@@ -184,6 +184,15 @@ impl Profile {
 
     // ---------- Modbus ----------
 
+    /// Coalesces spans within this device's request limit and mapped ranges.
+    fn plan(&self, spans: &[(Table, u16, u16)]) -> Vec<ReadRequest> {
+        modbus::plan_reads(
+            spans,
+            self.doc.transport.max_registers.unwrap_or(125),
+            &self.doc.transport.mapped,
+        )
+    }
+
     /// The fewest reads covering every listed point within the device's request limit.
     pub fn read_plan(&self) -> Vec<ReadRequest> {
         let spans: Vec<(Table, u16, u16)> = self
@@ -195,11 +204,7 @@ impl Profile {
                 Some((p.table?, p.address?, rt.width(p.registers.unwrap_or(1))))
             })
             .collect();
-        modbus::plan_reads(
-            &spans,
-            self.doc.transport.max_registers.unwrap_or(125),
-            &self.doc.transport.mapped,
-        )
+        self.plan(&spans)
     }
 
     /// The reads that identify the device (firmware and serial number).
@@ -218,11 +223,7 @@ impl Profile {
         {
             spans.push((t, a, n));
         }
-        modbus::plan_reads(
-            &spans,
-            self.doc.transport.max_registers.unwrap_or(125),
-            &self.doc.transport.mapped,
-        )
+        self.plan(&spans)
     }
 
     pub fn identify_registers(&self, image: &RegisterImage) -> Result<Identity, DecodeError> {
@@ -467,6 +468,15 @@ impl Profile {
                 due: None,
             }
         };
+        // The signal of a rule that names its own code (threshold, rate, equals, date).
+        let own = || {
+            mk(
+                r.code.clone().unwrap_or_default(),
+                r.class,
+                r.description.clone().unwrap_or_default(),
+                r.action.clone(),
+            )
+        };
         match r.kind {
             RuleKind::Bits => {
                 let Some(word) = v.as_f64() else { return };
@@ -564,12 +574,7 @@ impl Profile {
                     if let Some(p) = &r.at_least_point {
                         extra.push(p);
                     }
-                    let mut s = mk(
-                        r.code.clone().unwrap_or_default(),
-                        r.class,
-                        r.description.clone().unwrap_or_default(),
-                        r.action.clone(),
-                    );
+                    let mut s = own();
                     s.evidence.extend(self.evidence(snap, &extra));
                     out.push(s);
                 }
@@ -596,12 +601,7 @@ impl Profile {
                 }
                 let peak = w.buckets.iter().map(|(_, m)| *m).fold(f64::MIN, f64::max);
                 if peak - x > fall {
-                    let mut s = mk(
-                        r.code.clone().unwrap_or_default(),
-                        r.class,
-                        r.description.clone().unwrap_or_default(),
-                        r.action.clone(),
-                    );
+                    let mut s = own();
                     s.evidence
                         .insert("window_peak".into(), serde_json::json!(peak));
                     s.evidence
@@ -611,12 +611,7 @@ impl Profile {
             }
             RuleKind::Equals => {
                 if r.equals.as_ref().is_some_and(|e| value_equals(v, e)) {
-                    out.push(mk(
-                        r.code.clone().unwrap_or_default(),
-                        r.class,
-                        r.description.clone().unwrap_or_default(),
-                        r.action.clone(),
-                    ));
+                    out.push(own());
                 }
             }
             RuleKind::DateDue => {
@@ -639,12 +634,7 @@ impl Profile {
                     return;
                 };
                 if today >= warn_from {
-                    let mut s = mk(
-                        r.code.clone().unwrap_or_default(),
-                        r.class,
-                        r.description.clone().unwrap_or_default(),
-                        r.action.clone(),
-                    );
+                    let mut s = own();
                     s.due = Some(due.to_string());
                     out.push(s);
                 }
