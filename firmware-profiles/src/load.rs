@@ -51,8 +51,8 @@ impl Ctx<'_> {
 }
 
 /// Turns a serde/TOML error into a located one: the key is the text under the span when
-/// the message is about a field, else the enclosing key.
-fn toml_error(file: &str, src: &str, e: &toml::de::Error) -> ProfileError {
+/// the message is about a field, else the enclosing key. Configs use it too.
+pub fn toml_error(file: &str, src: &str, e: &toml::de::Error) -> ProfileError {
     let span = e.span();
     let line = span.as_ref().map(|s| line_of(src, s.start)).unwrap_or(1);
     let msg = e.message().to_string();
