@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod episodes;
+pub mod monitor;
 pub mod probe;
 pub mod profile_cmd;
 pub mod transport;

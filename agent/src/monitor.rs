@@ -1,0 +1,320 @@
+//! One device's watch: what each read (or failed read) of a device means as records. It
+//! keeps the profile chosen for the device's firmware, the time-based rule memory, the
+//! availability state and the open fault episodes. Pure logic: reads and the time come in,
+//! record bodies go out, and the caller makes them durable.
+
+use crate::episodes::{EpisodeTracker, StateTracker};
+use crate::transport::DeviceRead;
+use jiff::Timestamp;
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tend_profiles::{DeviceState, Identity, Profile, ProfileSet, Reading, RuleState, Signal};
+use tend_wire::{EpisodeEvent, RecordBody, WireReading};
+
+/// How many episode changes a monitor remembers for the `episodes` diagnostic.
+const RECENT_EPISODES: usize = 50;
+
+/// The watch over one device.
+#[derive(Debug)]
+pub struct DeviceMonitor {
+    device: String,
+    model: String,
+    profile: Option<Arc<Profile>>,
+    identity: Option<Identity>,
+    rules: RuleState,
+    state: StateTracker,
+    episodes: EpisodeTracker,
+    /// Signals of the last successful read: kept active while the device is silent, so
+    /// silence neither clears nor reopens a fault.
+    last_signals: Vec<Signal>,
+    last_readings: Vec<Reading>,
+    last_seen: Option<Timestamp>,
+    silent_since: Option<Timestamp>,
+    failures: u32,
+    /// Consecutive failed reads after which the device counts as `unknown`.
+    unknown_after: u32,
+    recent: VecDeque<EpisodeEvent>,
+}
+
+/// What the `readings` diagnostic answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveView {
+    pub device: String,
+    pub model: String,
+    pub firmware: Option<String>,
+    pub serial: Option<String>,
+    pub state: Option<DeviceState>,
+    pub last_seen: Option<Timestamp>,
+    pub readings: Vec<Reading>,
+    pub open_faults: Vec<String>,
+}
+
+impl DeviceMonitor {
+    pub fn new(agent: &str, device: &str, model: &str, damping: Duration) -> Self {
+        DeviceMonitor {
+            device: device.into(),
+            model: model.into(),
+            profile: None,
+            identity: None,
+            rules: RuleState::default(),
+            state: StateTracker::default(),
+            episodes: EpisodeTracker::new(agent, device, damping),
+            last_signals: Vec::new(),
+            last_readings: Vec::new(),
+            last_seen: None,
+            silent_since: None,
+            failures: 0,
+            unknown_after: 3,
+            recent: VecDeque::new(),
+        }
+    }
+
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    pub fn profile(&self) -> Option<&Arc<Profile>> {
+        self.profile.as_ref()
+    }
+
+    /// A successful read at `now`.
+    pub fn observe(&mut self, now: Timestamp, read: DeviceRead) -> Vec<RecordBody> {
+        let mut out = Vec::new();
+        let changed = match (&self.identity, &self.profile) {
+            (Some(id), Some(p)) => id != &read.identity || p.source != read.profile.source,
+            _ => true,
+        };
+        if changed {
+            // A new firmware may mean a new profile: time-based rule memory of the old one
+            // does not carry over.
+            if self
+                .profile
+                .as_ref()
+                .is_some_and(|p| p.source != read.profile.source)
+            {
+                self.rules = RuleState::default();
+            }
+            out.push(RecordBody::Identity {
+                model: self.model.clone(),
+                firmware: read.identity.firmware.clone(),
+                serial: read.identity.serial.clone(),
+                profile: format!("{} {}", read.profile.id(), read.profile.doc.device.firmware),
+            });
+            self.identity = Some(read.identity.clone());
+            self.profile = Some(read.profile.clone());
+        }
+        self.failures = 0;
+        self.silent_since = None;
+        self.last_seen = Some(now);
+        let ev = read.profile.evaluate(&read.snapshot, now, &mut self.rules);
+        if !ev.readings.is_empty() {
+            out.push(RecordBody::Readings {
+                readings: ev
+                    .readings
+                    .iter()
+                    .map(|r| WireReading {
+                        name: r.name.clone(),
+                        value: r.value.clone(),
+                        unit: r.unit.clone(),
+                    })
+                    .collect(),
+            });
+        }
+        self.last_readings = ev.readings;
+        self.last_signals = ev.signals;
+        self.transition(now, ev.state, &mut out);
+        out
+    }
+
+    /// A read at `now` that got no answer (or no usable one).
+    pub fn observe_failure(&mut self, now: Timestamp, set: &ProfileSet) -> Vec<RecordBody> {
+        let mut out = Vec::new();
+        self.failures = self.failures.saturating_add(1);
+        let since = *self.silent_since.get_or_insert(now);
+        if self.failures < self.unknown_after {
+            return out;
+        }
+        // Silence is never `down`: a pump in a drawer is switched off, and an always-on
+        // monitor that stops answering is unmonitored, not broken.
+        let mut signals = self.last_signals.clone();
+        let profile = self.profile.clone().or_else(|| {
+            set.family(&self.model)
+                .ok()
+                .and_then(|f| f.first().cloned())
+        });
+        if let Some(s) = profile.and_then(|p| p.silence_signal(since, now)) {
+            signals.push(s);
+        }
+        self.transition_with(now, DeviceState::Unknown, &signals, &mut out);
+        out
+    }
+
+    fn transition(&mut self, now: Timestamp, state: DeviceState, out: &mut Vec<RecordBody>) {
+        let signals = std::mem::take(&mut self.last_signals);
+        self.transition_with(now, state, &signals, out);
+        self.last_signals = signals;
+    }
+
+    fn transition_with(
+        &mut self,
+        now: Timestamp,
+        state: DeviceState,
+        signals: &[Signal],
+        out: &mut Vec<RecordBody>,
+    ) {
+        if let Some((from, to)) = self.state.update(state) {
+            out.push(RecordBody::State { from, to });
+        }
+        let available = state != DeviceState::Down;
+        for e in self.episodes.update(now, signals, available) {
+            if self.recent.len() == RECENT_EPISODES {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(e.clone());
+            out.push(RecordBody::Episode(e));
+        }
+    }
+
+    pub fn live(&self) -> LiveView {
+        LiveView {
+            device: self.device.clone(),
+            model: self.model.clone(),
+            firmware: self.identity.as_ref().map(|i| i.firmware.clone()),
+            serial: self.identity.as_ref().and_then(|i| i.serial.clone()),
+            state: self.state.current(),
+            last_seen: self.last_seen,
+            readings: self.last_readings.clone(),
+            open_faults: self.episodes.open_codes().map(str::to_string).collect(),
+        }
+    }
+
+    /// The most recent episode changes, oldest first.
+    pub fn recent_episodes(&self) -> Vec<EpisodeEvent> {
+        self.recent.iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tend_profiles::modbus::{RegisterImage, Table};
+    use tend_wire::EpisodeChange;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_795_000_000 + s).unwrap()
+    }
+
+    fn hm2_read(set: &ProfileSet, compressor: u16, alarms: u16) -> DeviceRead {
+        let p = set.select("cryosense/hm-2", "2.5").unwrap();
+        let mut img = RegisterImage::new();
+        img.insert(
+            Table::Holding,
+            0,
+            &[
+                0x428F, 0, 0x3F99, 0x999A, 0x4086, 0x6666, compressor, alarms, 75, 0, 100, 100, 205,
+            ],
+        );
+        DeviceRead {
+            identity: p.identify_registers(&img).unwrap(),
+            snapshot: p.decode_registers(&img),
+            profile: p,
+        }
+    }
+
+    fn kinds(bodies: &[RecordBody]) -> Vec<String> {
+        bodies
+            .iter()
+            .map(|b| match b {
+                RecordBody::Identity { firmware, .. } => format!("identity {firmware}"),
+                RecordBody::Readings { .. } => "readings".into(),
+                RecordBody::State { from, to } => format!("state {from}->{to}"),
+                RecordBody::Episode(e) => format!("{:?} {}", e.change, e.code),
+                RecordBody::Dropped { .. } => "dropped".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fault_opens_marks_down_and_clears() {
+        let set = ProfileSet::builtin().unwrap();
+        let mut m = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        let out = m.observe(t(0), hm2_read(&set, 1, 0));
+        assert_eq!(
+            kinds(&out),
+            ["identity 2.5", "readings", "state unknown->up"]
+        );
+        let out = m.observe(t(1), hm2_read(&set, 2, 0x0008));
+        assert_eq!(
+            kinds(&out),
+            [
+                "readings",
+                "state up->down",
+                "Opened ALM.3",
+                "Opened COMPRESSOR_STATE_FAULT"
+            ]
+        );
+        let RecordBody::Episode(e) = &out[2] else {
+            unreachable!()
+        };
+        assert!(!e.device_available);
+        let out = m.observe(t(2), hm2_read(&set, 1, 0));
+        assert_eq!(kinds(&out), ["readings", "state down->up"]);
+        assert_eq!(m.live().open_faults, ["ALM.3", "COMPRESSOR_STATE_FAULT"]);
+        let out = m.observe(t(12), hm2_read(&set, 1, 0));
+        assert_eq!(
+            kinds(&out),
+            [
+                "readings",
+                "Cleared ALM.3",
+                "Cleared COMPRESSOR_STATE_FAULT"
+            ]
+        );
+        assert_eq!(m.recent_episodes().len(), 4);
+    }
+
+    #[test]
+    fn silence_is_unknown_then_monitoring_lost_for_always_on() {
+        let set = ProfileSet::builtin().unwrap();
+        let mut m = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        m.observe(t(0), hm2_read(&set, 2, 0x0008));
+        // Two failures: nothing yet. The third: unknown, and the open faults stay open.
+        assert!(m.observe_failure(t(1), &set).is_empty());
+        assert!(m.observe_failure(t(2), &set).is_empty());
+        let out = m.observe_failure(t(3), &set);
+        assert_eq!(kinds(&out), ["state down->unknown"]);
+        let mut all = Vec::new();
+        for s in 4..=400 {
+            all.extend(m.observe_failure(t(s), &set));
+        }
+        // More than 5 minutes after the first silent poll at t=1.
+        assert_eq!(kinds(&all), ["Opened MONITORING_LOST"]);
+        let RecordBody::Episode(e) = &all[0] else {
+            unreachable!()
+        };
+        assert_eq!(e.opened_at, t(302));
+        assert_eq!(e.kind, tend_profiles::SignalKind::MonitoringLost);
+        // Back: up or down per the data, monitoring_lost clears after damping.
+        let out = m.observe(t(401), hm2_read(&set, 1, 0));
+        assert_eq!(kinds(&out), ["readings", "state unknown->up"]);
+        let out = m.observe(t(420), hm2_read(&set, 1, 0));
+        assert!(out.iter().any(|b| matches!(b, RecordBody::Episode(e) if e.change == EpisodeChange::Cleared && e.code == "MONITORING_LOST")));
+    }
+
+    #[test]
+    fn a_silent_pump_is_unknown_never_monitoring_lost() {
+        let set = ProfileSet::builtin().unwrap();
+        let mut m = DeviceMonitor::new("a1", "pump", "lumen/lip-300", Duration::from_secs(10));
+        let mut all = Vec::new();
+        for s in 0..2000 {
+            all.extend(m.observe_failure(t(s), &set));
+        }
+        assert_eq!(
+            kinds(&all),
+            Vec::<String>::new(),
+            "never seen: already unknown"
+        );
+        assert_eq!(m.live().state, Some(DeviceState::Unknown));
+    }
+}
