@@ -7,4 +7,5 @@ pub mod episodes;
 pub mod monitor;
 pub mod probe;
 pub mod profile_cmd;
+pub mod run;
 pub mod transport;
