@@ -1,0 +1,244 @@
+//! The running agent's link tasks against the simulators of all four manuals: every
+//! device identified and read on schedule, a fault raised in a simulator becomes an
+//! episode, profile-listed device requests answer through the link that owns the device,
+//! and no patient data reaches a record.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tend_agent::config;
+use tend_agent::monitor::DeviceMonitor;
+use tend_agent::run::{spawn_links, DeviceRequest, Shared};
+use tend_devsim::av500::{Av500Config, Av500Sim};
+use tend_devsim::hm2::{Hm2Config, Hm2Sim};
+use tend_devsim::lip300::{Lip300Config, Lip300Sim};
+use tend_devsim::vm12::{Vm12Config, Vm12Sim};
+use tend_wire::{EpisodeChange, RecordBody};
+use tokio::sync::{mpsc, oneshot};
+
+fn local() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_devices_read_faults_become_episodes_and_requests_answer() {
+    let lip = Lip300Sim::spawn_pty(Lip300Config::v3()).await.unwrap();
+    let av_tcp = Av500Sim::spawn_tcp(Av500Config::v5(), local())
+        .await
+        .unwrap();
+    let av_rtu = Av500Sim::spawn_rtu_pty(Av500Config::v4()).await.unwrap();
+    let hm2 = Hm2Sim::spawn_tcp(Hm2Config::v3(), local()).await.unwrap();
+    let broker = tend_devsim::broker::spawn_embedded().unwrap();
+    let mut vm_cfg = Vm12Config::v7("127.0.0.1", broker.port());
+    vm_cfg.status_interval = Duration::from_millis(500);
+    let vm = Vm12Sim::spawn(vm_cfg).await.unwrap();
+
+    let src = format!(
+        r#"
+agent_id = "agent-test"
+site_id = "s-1"
+data_dir = "data"
+flap_damping = "1s"
+[uplink]
+broker = "{url}"
+[[device]]
+id = "pump"
+profile = "lumen/lip-300"
+transport = "serial"
+port = "{lip}"
+poll_interval = "200ms"
+[[device]]
+id = "vent-tcp"
+profile = "aeris/av-500"
+transport = "modbus-tcp"
+address = "{av_tcp}"
+poll_interval = "200ms"
+[[device]]
+id = "vent-rtu"
+profile = "aeris/av-500"
+transport = "modbus-rtu"
+port = "{av_rtu}"
+poll_interval = "200ms"
+[[device]]
+id = "mri"
+profile = "cryosense/hm-2"
+transport = "modbus-tcp"
+address = "{hm2}"
+poll_interval = "200ms"
+[[device]]
+id = "monitor"
+profile = "vistara/vm-12"
+transport = "mqtt"
+broker = "{url}"
+serial = "VM12-00A4471"
+"#,
+        url = broker.url(),
+        lip = lip.path().display(),
+        av_tcp = av_tcp.addr().unwrap(),
+        av_rtu = av_rtu.path().unwrap().display(),
+        hm2 = hm2.addr(),
+    );
+    let loaded = config::parse("agent.toml", &src, Path::new("/tmp")).unwrap();
+    let shared = Arc::new(Shared::default());
+    let (tx, mut rx) = mpsc::channel(64);
+    let tasks = spawn_links(&loaded, shared.clone(), tx);
+    let mut monitors: BTreeMap<String, DeviceMonitor> = loaded
+        .config
+        .devices
+        .iter()
+        .map(|d| {
+            (
+                d.id.clone(),
+                DeviceMonitor::new("agent-test", &d.id, &d.profile, Duration::from_secs(1)),
+            )
+        })
+        .collect();
+    let mut records: Vec<(String, RecordBody)> = Vec::new();
+
+    async fn run_until(
+        rx: &mut mpsc::Receiver<tend_agent::run::Observation>,
+        monitors: &mut BTreeMap<String, DeviceMonitor>,
+        set: &tend_profiles::ProfileSet,
+        records: &mut Vec<(String, RecordBody)>,
+        within: Duration,
+        done: impl Fn(&[(String, RecordBody)]) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while !done(records) {
+            let Ok(Some(obs)) = tokio::time::timeout_at(deadline, rx.recv()).await else {
+                return false;
+            };
+            let m = monitors.get_mut(&obs.device).unwrap();
+            let bodies = match obs.result {
+                Ok(read) => m.observe(obs.at, read),
+                Err(_) => m.observe_failure(obs.at, set),
+            };
+            records.extend(bodies.into_iter().map(|b| (obs.device.clone(), b)));
+        }
+        true
+    }
+
+    let identified = |recs: &[(String, RecordBody)], dev: &str, fw: &str| {
+        recs.iter().any(|(d, b)| {
+            d == dev && matches!(b, RecordBody::Identity { firmware, .. } if firmware == fw)
+        })
+    };
+    let all_identified = |r: &[(String, RecordBody)]| {
+        identified(r, "pump", "3.1.0")
+            && identified(r, "vent-tcp", "5.2.1")
+            && identified(r, "vent-rtu", "4.8.3")
+            && identified(r, "mri", "3.5")
+            && identified(r, "monitor", "7.4.2")
+    };
+    assert!(
+        run_until(
+            &mut rx,
+            &mut monitors,
+            &loaded.profiles,
+            &mut records,
+            Duration::from_secs(20),
+            all_identified
+        )
+        .await,
+        "not every device identified: {:?}",
+        records
+            .iter()
+            .map(|(d, b)| format!("{d}: {b:?}"))
+            .collect::<Vec<_>>()
+    );
+
+    // A fault in the pump (manual §8: TALM bits 1 and 16, error 240) becomes episodes.
+    lip.set_talm(0x0001_0002);
+    lip.set_err(240);
+    vm.raise_alarm("T-301", "high", "NIBP pump failure");
+    let opened = |r: &[(String, RecordBody)], dev: &str, code: &str| {
+        r.iter().any(|(d, b)| d == dev && matches!(b, RecordBody::Episode(e) if e.code == code && e.change == EpisodeChange::Opened))
+    };
+    assert!(
+        run_until(
+            &mut rx,
+            &mut monitors,
+            &loaded.profiles,
+            &mut records,
+            Duration::from_secs(15),
+            |r| {
+                opened(r, "pump", "TALM.1")
+                    && opened(r, "pump", "TALM.16")
+                    && opened(r, "pump", "ERR.240")
+                    && opened(r, "monitor", "T-301")
+            }
+        )
+        .await,
+        "faults not seen"
+    );
+    // T-301 is major: the monitor is down.
+    assert!(records.iter().any(|(d, b)| d == "monitor"
+        && matches!(
+            b,
+            RecordBody::State {
+                to: tend_profiles::DeviceState::Down,
+                ..
+            }
+        )));
+
+    // Clearing: after the 1 s damping the episodes clear.
+    lip.set_talm(0);
+    lip.set_err(0);
+    assert!(
+        run_until(&mut rx, &mut monitors, &loaded.profiles, &mut records, Duration::from_secs(15), |r| {
+            r.iter().any(|(d, b)| d == "pump" && matches!(b, RecordBody::Episode(e) if e.code == "ERR.240" && e.change == EpisodeChange::Cleared))
+        })
+        .await,
+        "fault never cleared"
+    );
+
+    // Device requests go through the task that owns the link.
+    let ask = |device: &str, name: &str| {
+        let (reply, answer) = oneshot::channel();
+        let tx = shared.links.lock().unwrap().get(device).cloned().unwrap();
+        let req = DeviceRequest {
+            device: device.into(),
+            name: name.into(),
+            reply,
+        };
+        async move {
+            tx.send(req).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(10), answer)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let selftest = ask("pump", "selftest").await.unwrap();
+    assert_eq!(selftest["RESULT"], "PASS", "{selftest}");
+    let dump = ask("vent-tcp", "status-registers").await.unwrap();
+    assert_eq!(
+        dump["registers"].as_array().map(|a| a.len()),
+        Some(20),
+        "{dump}"
+    );
+    let errlog = ask("monitor", "errlog").await.unwrap();
+    assert!(errlog["lines"].is_array(), "{errlog}");
+    assert!(ask("pump", "no-such-request").await.is_err());
+
+    // No patient data in any record.
+    let text = serde_json::to_string(&records.iter().map(|(_, b)| b).collect::<Vec<_>>()).unwrap();
+    for phi in [
+        "P-0051877",
+        "PID",
+        "ZHANG",
+        "MRN0012931",
+        "1961-04-02",
+        "vitals",
+        "patient",
+    ] {
+        assert!(!text.contains(phi), "{phi} leaked into a record");
+    }
+    drain.abort();
+    for t in tasks {
+        t.abort();
+    }
+}
