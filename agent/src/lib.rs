@@ -5,6 +5,7 @@
 pub mod config;
 pub mod episodes;
 pub mod monitor;
+pub mod outbox;
 pub mod probe;
 pub mod profile_cmd;
 pub mod run;

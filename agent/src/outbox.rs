@@ -1,0 +1,907 @@
+//! The agent's durable outbox (DESIGN §2 "Outbox"): every record the agent produces gets
+//! the next sequence number and is on disk before it counts as produced, and it stays
+//! there until the gateway acknowledges exactly its seq.
+//!
+//! Storage is one redb file with four tables:
+//! - `records`: seq → one format byte ([`TAG_KEEP`] / [`TAG_READING`]) followed by the
+//!   record's JSON exactly as [`tend_wire::encode`] would write it, so `pending` hands out
+//!   what was stored and byte accounting is the size on the wire;
+//! - `readings`: the seqs of droppable records (readings), so the size cap finds the
+//!   oldest reading without walking over states and fault events;
+//! - `meta`: the seq counter, record and byte counts, drop and quarantine totals — all
+//!   written in the same transaction as the records they describe, so after a crash the
+//!   counter is never behind a stored seq and seqs never repeat;
+//! - `quarantine`: records that no longer decode, moved aside (never sent, never fatal).
+//!
+//! Writes go through one writer (on the runtime's blocking pool, because a redb commit
+//! blocks on fsync) that takes appends and acks from a channel and commits everything
+//! that arrived within the commit window in one `Durability::Immediate` transaction, then
+//! answers each caller. Reads (`pending`, `stats`) never wait for the writer: redb read
+//! transactions see the last commit.
+//!
+//! Size cap: when the encoded records exceed `max_bytes`, the oldest readings are
+//! deleted until the total is a little below the cap (see [`drop_slack`]), and one
+//! `Dropped { count, first_seq, last_seq }` record is appended for that drop event, with
+//! device [`AGENT_DEVICE`] (the empty string: the agent itself, not a device). States,
+//! fault episodes, identities and earlier `Dropped` records are never dropped; if only
+//! they remain over the cap they are all kept, `stats().over_cap` says so and a warning
+//! is logged.
+
+use jiff::Timestamp;
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tend_wire::{Record, RecordBody, SeqRange};
+use tokio::sync::oneshot;
+
+const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+const READINGS: TableDefinition<u64, ()> = TableDefinition::new("readings");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+
+/// First byte of a stored record that may never be dropped.
+pub const TAG_KEEP: u8 = b'K';
+/// First byte of a stored reading, which the size cap may drop.
+pub const TAG_READING: u8 = b'R';
+/// The layout described in the module doc; a file with another one is refused.
+const FORMAT: u64 = 1;
+
+/// The `device` of records the outbox makes itself (`Dropped`): the agent, no device.
+pub const AGENT_DEVICE: &str = "";
+/// Default size cap (DESIGN's agent config default).
+pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
+/// Default group-commit window.
+pub const DEFAULT_COMMIT_WINDOW: Duration = Duration::from_millis(2);
+
+/// Upper bound of records in one transaction, so one commit's latency stays bounded
+/// when a long queue builds up behind a slow disk.
+const MAX_BATCH_RECORDS: usize = 32_768;
+/// Undecodable records one `pending` call sets aside before it stops scanning, so a
+/// badly damaged file cannot make a single call walk the whole table.
+const MAX_BAD_PER_SCAN: usize = 1024;
+
+const K_NEXT_SEQ: &str = "next_seq";
+const K_RECORDS: &str = "records";
+const K_BYTES: &str = "bytes";
+const K_DROPPED: &str = "dropped_total";
+const K_UNDECODABLE: &str = "undecodable_total";
+const K_FORMAT: &str = "format";
+
+/// How far below the cap a drop event goes: 1/16 of the cap, at most 4 MiB. Dropping
+/// only down to the cap would make one `Dropped` record per commit once the outbox is
+/// full, and those are never dropped themselves; with this slack a full outbox at 50,000
+/// records/s makes a drop event every few hundred milliseconds at most.
+pub fn drop_slack(max_bytes: u64) -> u64 {
+    (max_bytes / 16).min(4 << 20)
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    pub path: PathBuf,
+    /// Cap on the encoded size of the stored records.
+    pub max_bytes: u64,
+    /// How long the writer gathers appends and acks into one commit after the first
+    /// arrives. It closes early when nothing new arrives for a tenth of it (at least
+    /// 20 µs), so a lone appender is not slowed down by the full window.
+    pub commit_window: Duration,
+}
+
+impl OutboxConfig {
+    /// A config with the default cap and commit window.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        OutboxConfig {
+            path: path.into(),
+            max_bytes: DEFAULT_MAX_BYTES,
+            commit_window: DEFAULT_COMMIT_WINDOW,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OutboxStats {
+    /// Records waiting for an ack.
+    pub records: u64,
+    /// Their encoded size (JSON bytes).
+    pub bytes: u64,
+    /// The seq the next record will get.
+    pub next_seq: u64,
+    /// Readings dropped by the size cap since the file was created.
+    pub dropped_total: u64,
+    pub oldest_seq: Option<u64>,
+    /// Over the cap with nothing droppable left: only states, episodes, identities and
+    /// drop reports remain, and they are kept.
+    pub over_cap: bool,
+    /// Records that failed to decode and were moved to the quarantine table.
+    pub undecodable_total: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox {path}: cannot open: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::DatabaseError>,
+    },
+    #[error("outbox {path}: cannot create directory: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("outbox {path}: {what}: {source}")]
+    Storage {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    /// A commit failed; every caller in that commit gets this and none of its records
+    /// or acks took effect.
+    #[error("outbox {path}: commit failed: {message}")]
+    Commit { path: PathBuf, message: String },
+    #[error("outbox {path}: file format {found} is not supported (this build reads {FORMAT})")]
+    Format { path: PathBuf, found: u64 },
+    #[error("outbox {path}: cannot encode record: {source}")]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("outbox {path}: must be opened inside a tokio runtime")]
+    NoRuntime { path: PathBuf },
+    #[error("outbox {path}: {what} panicked")]
+    Panicked { path: PathBuf, what: &'static str },
+    #[error("outbox {path}: the writer has stopped (closed, or its commit failed fatally)")]
+    Closed { path: PathBuf },
+}
+
+/// What the writer is asked to do.
+enum Op {
+    Append {
+        /// (droppable, the record's JSON without its seq: `{"at":...}`)
+        items: Vec<(bool, Vec<u8>)>,
+        reply: oneshot::Sender<Result<Vec<u64>, OutboxError>>,
+    },
+    Ack {
+        ranges: Vec<SeqRange>,
+        reply: oneshot::Sender<Result<u64, OutboxError>>,
+    },
+    /// Records `pending` could not decode: move them to the quarantine table.
+    Quarantine { seqs: Vec<u64> },
+    Close {
+        reply: oneshot::Sender<Result<(), OutboxError>>,
+    },
+}
+
+/// A record as stored, minus the seq that the writer splices in front.
+#[derive(Serialize)]
+struct Unnumbered<'a> {
+    at: Timestamp,
+    device: &'a str,
+    #[serde(flatten)]
+    body: &'a RecordBody,
+}
+
+struct Inner {
+    path: PathBuf,
+    db: Arc<Database>,
+    tx: Mutex<Option<std_mpsc::Sender<Op>>>,
+    stats: Arc<Mutex<OutboxStats>>,
+}
+
+/// Handle to the outbox; clones share one file and one writer.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The guarded values are plain counters replaced whole; a panicked holder cannot
+    // leave them half-written.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn storage<'a, E: Into<redb::Error>>(
+    path: &'a Path,
+    what: &'static str,
+) -> impl FnOnce(E) -> OutboxError + 'a {
+    move |source| OutboxError::Storage {
+        path: path.to_path_buf(),
+        what,
+        source: Box::new(source.into()),
+    }
+}
+
+/// For the writer, whose errors become one message for every caller of a batch.
+fn failed<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
+    move |err| format!("{what}: {err}")
+}
+
+impl Outbox {
+    /// Opens or creates; spawns the group-commit writer on the current tokio runtime.
+    pub async fn open(cfg: OutboxConfig) -> Result<Outbox, OutboxError> {
+        let path = cfg.path.clone();
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| OutboxError::NoRuntime { path: path.clone() })?;
+        // Opening after a crash makes redb check the whole file: keep that off the
+        // async workers.
+        let cfg2 = cfg.clone();
+        let (db, state) = rt
+            .spawn_blocking(move || open_blocking(&cfg2))
+            .await
+            .map_err(|_| OutboxError::Panicked {
+                path: path.clone(),
+                what: "opening the file",
+            })??;
+        let db = Arc::new(db);
+        let stats = Arc::new(Mutex::new(state.stats()));
+        let (tx, rx) = std_mpsc::channel();
+        let writer = Writer {
+            path: path.clone(),
+            db: Some(db.clone()),
+            max_bytes: cfg.max_bytes,
+            window: cfg.commit_window,
+            state,
+            stats: stats.clone(),
+        };
+        rt.spawn_blocking(move || writer.run(rx));
+        Ok(Outbox {
+            inner: Arc::new(Inner {
+                path,
+                db,
+                tx: Mutex::new(Some(tx)),
+                stats,
+            }),
+        })
+    }
+
+    /// The file this outbox lives in.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn closed(&self) -> OutboxError {
+        OutboxError::Closed {
+            path: self.inner.path.clone(),
+        }
+    }
+
+    fn send(&self, op: Op) -> Result<(), OutboxError> {
+        let tx = lock(&self.inner.tx);
+        match tx.as_ref() {
+            Some(tx) => tx.send(op).map_err(|_| self.closed()),
+            None => Err(self.closed()),
+        }
+    }
+
+    fn encode(
+        &self,
+        device: &str,
+        at: Timestamp,
+        body: &RecordBody,
+    ) -> Result<Vec<u8>, OutboxError> {
+        serde_json::to_vec(&Unnumbered { at, device, body }).map_err(|source| OutboxError::Encode {
+            path: self.inner.path.clone(),
+            source,
+        })
+    }
+
+    /// Assigns the next seq and returns only once the record is durable (redb commit returned).
+    pub async fn append(
+        &self,
+        device: &str,
+        at: Timestamp,
+        body: RecordBody,
+    ) -> Result<u64, OutboxError> {
+        // Encoding here, on the caller's task, keeps the single writer's work to inserts.
+        let item = (body.is_droppable(), self.encode(device, at, &body)?);
+        let seqs = self.append_encoded(vec![item]).await?;
+        seqs.first().copied().ok_or_else(|| self.closed())
+    }
+
+    /// Same for several records in one commit; returns their seqs in order.
+    pub async fn append_many(
+        &self,
+        items: Vec<(String, Timestamp, RecordBody)>,
+    ) -> Result<Vec<u64>, OutboxError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let encoded = items
+            .iter()
+            .map(|(device, at, body)| Ok((body.is_droppable(), self.encode(device, *at, body)?)))
+            .collect::<Result<Vec<_>, OutboxError>>()?;
+        self.append_encoded(encoded).await
+    }
+
+    async fn append_encoded(&self, items: Vec<(bool, Vec<u8>)>) -> Result<Vec<u64>, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Append { items, reply })?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// Oldest first, records with seq > after (None = from the oldest), at most max
+    /// records / max_bytes of encoded JSON. The first record is returned even when it
+    /// alone is larger than `max_bytes`, so that an oversized record cannot stall the
+    /// queue. Records that fail to decode are skipped, counted and moved aside.
+    pub fn pending(
+        &self,
+        after: Option<u64>,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, OutboxError> {
+        let path = &self.inner.path;
+        let start = match after {
+            None => 0,
+            Some(u64::MAX) => return Ok(Vec::new()),
+            Some(a) => a + 1,
+        };
+        let mut out = Vec::new();
+        if max == 0 {
+            return Ok(out);
+        }
+        let txn = self
+            .inner
+            .db
+            .begin_read()
+            .map_err(storage(path, "begin read"))?;
+        let table = txn
+            .open_table(RECORDS)
+            .map_err(storage(path, "open records table"))?;
+        let mut bad = Vec::new();
+        let mut total = 0usize;
+        for item in table
+            .range(start..)
+            .map_err(storage(path, "read records"))?
+        {
+            let (k, v) = item.map_err(storage(path, "read records"))?;
+            let seq = k.value();
+            let stored = v.value();
+            let json = stored.get(1..).unwrap_or_default();
+            if !out.is_empty() && total + json.len() > max_bytes {
+                break;
+            }
+            match decode_stored(stored) {
+                Some(r) if r.seq == seq => {
+                    total += json.len();
+                    out.push(r);
+                    if out.len() >= max {
+                        break;
+                    }
+                }
+                _ => {
+                    tracing::warn!(path = %path.display(), seq, "outbox record does not decode; moving it to quarantine");
+                    bad.push(seq);
+                    if bad.len() >= MAX_BAD_PER_SCAN {
+                        break;
+                    }
+                }
+            }
+        }
+        if !bad.is_empty() {
+            // Best effort: if the writer is gone the records stay and are skipped again.
+            let _ = self.send(Op::Quarantine { seqs: bad });
+        }
+        Ok(out)
+    }
+
+    /// Deletes exactly the records in these ranges (ranges may cover seqs already gone);
+    /// returns how many were deleted. Durable when it returns.
+    pub async fn ack(&self, ranges: &[SeqRange]) -> Result<u64, OutboxError> {
+        let ranges: Vec<SeqRange> = ranges
+            .iter()
+            .filter(|r| r.first <= r.last)
+            .copied()
+            .collect();
+        if ranges.is_empty() {
+            return Ok(0);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Ack { ranges, reply })?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    pub fn stats(&self) -> OutboxStats {
+        lock(&self.inner.stats).clone()
+    }
+
+    /// Flushes and stops the writer. Other clones get [`OutboxError::Closed`] afterwards.
+    /// Once every clone is dropped the file is free to be opened again.
+    pub async fn close(self) -> Result<(), OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.send(Op::Close { reply });
+        // No more ops from any clone: the writer exits once it has answered the ones
+        // already queued.
+        lock(&self.inner.tx).take();
+        match sent {
+            Ok(()) => rx.await.map_err(|_| self.closed())?,
+            // Already closed by another clone: nothing left to flush.
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+fn decode_stored(stored: &[u8]) -> Option<Record> {
+    match stored.split_first() {
+        Some((&TAG_KEEP | &TAG_READING, json)) => serde_json::from_slice(json).ok(),
+        _ => None,
+    }
+}
+
+/// The counters the writer keeps, mirrored in `meta`.
+#[derive(Debug, Clone, Default)]
+struct State {
+    next_seq: u64,
+    records: u64,
+    bytes: u64,
+    dropped_total: u64,
+    undecodable_total: u64,
+    oldest_seq: Option<u64>,
+    over_cap: bool,
+}
+
+impl State {
+    fn stats(&self) -> OutboxStats {
+        OutboxStats {
+            records: self.records,
+            bytes: self.bytes,
+            next_seq: self.next_seq,
+            dropped_total: self.dropped_total,
+            oldest_seq: self.oldest_seq,
+            over_cap: self.over_cap,
+            undecodable_total: self.undecodable_total,
+        }
+    }
+}
+
+fn open_blocking(cfg: &OutboxConfig) -> Result<(Database, State), OutboxError> {
+    let path = &cfg.path;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| OutboxError::Dir {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let db = Database::create(path).map_err(|source| OutboxError::Open {
+        path: path.clone(),
+        source: Box::new(source),
+    })?;
+    let mut txn = db.begin_write().map_err(storage(path, "begin write"))?;
+    txn.set_durability(Durability::Immediate);
+    let state = {
+        let what = "create tables";
+        let records = txn.open_table(RECORDS).map_err(storage(path, what))?;
+        txn.open_table(READINGS).map_err(storage(path, what))?;
+        txn.open_table(QUARANTINE).map_err(storage(path, what))?;
+        let mut meta = txn.open_table(META).map_err(storage(path, what))?;
+        let get = |k: &str| -> Result<Option<u64>, OutboxError> {
+            Ok(meta
+                .get(k)
+                .map_err(storage(path, "read meta"))?
+                .map(|v| v.value()))
+        };
+        match get(K_FORMAT)? {
+            None => {}
+            Some(FORMAT) => {}
+            Some(found) => {
+                return Err(OutboxError::Format {
+                    path: path.clone(),
+                    found,
+                })
+            }
+        }
+        let mut s = State {
+            next_seq: get(K_NEXT_SEQ)?.unwrap_or(1),
+            records: get(K_RECORDS)?.unwrap_or(0),
+            bytes: get(K_BYTES)?.unwrap_or(0),
+            dropped_total: get(K_DROPPED)?.unwrap_or(0),
+            undecodable_total: get(K_UNDECODABLE)?.unwrap_or(0),
+            oldest_seq: None,
+            over_cap: false,
+        };
+        let first = records.first().map_err(storage(path, "read records"))?;
+        s.oldest_seq = first.as_ref().map(|(k, _)| k.value());
+        // Belt and braces: the counter is written with every record, but should it ever
+        // be behind the table, continuing above the highest stored seq keeps seqs unique.
+        let last = records.last().map_err(storage(path, "read records"))?;
+        if let Some((k, _)) = last {
+            s.next_seq = s.next_seq.max(k.value() + 1);
+        }
+        s.over_cap = s.bytes > cfg.max_bytes;
+        meta.insert(K_FORMAT, FORMAT)
+            .map_err(storage(path, "write meta"))?;
+        s
+    };
+    txn.commit().map_err(storage(path, "commit"))?;
+    Ok((db, state))
+}
+
+struct Writer {
+    path: PathBuf,
+    /// Taken (dropped) on close so the file can be reopened as soon as `close` returns.
+    db: Option<Arc<Database>>,
+    max_bytes: u64,
+    window: Duration,
+    state: State,
+    stats: Arc<Mutex<OutboxStats>>,
+}
+
+/// What one op produced inside the transaction, sent once the commit returned.
+enum Outcome {
+    Seqs(Vec<u64>),
+    Acked(u64),
+    None,
+}
+
+impl Writer {
+    fn run(mut self, rx: std_mpsc::Receiver<Op>) {
+        // Quiet gap that closes the window early: appenders that were answered by the
+        // last commit resubmit within microseconds, so a pause this long means nobody
+        // else is coming.
+        let quiet = (self.window / 10).max(Duration::from_micros(20));
+        while let Ok(first) = rx.recv() {
+            let deadline = Instant::now() + self.window;
+            let mut n = op_records(&first);
+            let mut closing = matches!(first, Op::Close { .. });
+            let mut batch = vec![first];
+            while !closing && n < MAX_BATCH_RECORDS {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match rx.recv_timeout(quiet.min(deadline - now)) {
+                    Ok(op) => {
+                        n += op_records(&op);
+                        closing = matches!(op, Op::Close { .. });
+                        batch.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+            if closing || self.db.is_none() {
+                break;
+            }
+        }
+        // Ops still queued (from other clones, after close) are dropped here: their
+        // callers see the reply channel close and get `Closed`.
+    }
+
+    fn commit(&mut self, batch: Vec<Op>) {
+        let mut st = self.state.clone();
+        let result = match self.db.as_ref() {
+            Some(db) => write_batch(db, &batch, &mut st, self.max_bytes),
+            None => Err("writer already closed".to_string()),
+        };
+        match result {
+            Ok(outcomes) => {
+                if st.over_cap && !self.state.over_cap {
+                    tracing::warn!(path = %self.path.display(), bytes = st.bytes, max_bytes = self.max_bytes,
+                        "outbox over its size cap with only states, fault events and drop reports left; keeping them all");
+                }
+                self.state = st;
+                *lock(&self.stats) = self.state.stats();
+                let closing = batch.iter().any(|op| matches!(op, Op::Close { .. }));
+                if closing {
+                    self.db = None;
+                }
+                for (op, outcome) in batch.into_iter().zip(outcomes) {
+                    match (op, outcome) {
+                        (Op::Append { reply, .. }, Outcome::Seqs(s)) => {
+                            let _ = reply.send(Ok(s));
+                        }
+                        (Op::Ack { reply, .. }, Outcome::Acked(n)) => {
+                            let _ = reply.send(Ok(n));
+                        }
+                        (Op::Close { reply }, _) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(message) => {
+                tracing::error!(path = %self.path.display(), error = %message, "outbox commit failed");
+                let err = || OutboxError::Commit {
+                    path: self.path.clone(),
+                    message: message.clone(),
+                };
+                for op in batch {
+                    match op {
+                        Op::Append { reply, .. } => {
+                            let _ = reply.send(Err(err()));
+                        }
+                        Op::Ack { reply, .. } => {
+                            let _ = reply.send(Err(err()));
+                        }
+                        Op::Close { reply } => {
+                            self.db = None;
+                            let _ = reply.send(Err(err()));
+                        }
+                        Op::Quarantine { .. } => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn op_records(op: &Op) -> usize {
+    match op {
+        Op::Append { items, .. } => items.len(),
+        Op::Ack { ranges, .. } => ranges.len(),
+        Op::Quarantine { seqs } => seqs.len(),
+        Op::Close { .. } => 1,
+    }
+}
+
+/// `{"at":...}` → `{"seq":N,"at":...}`, the same bytes `serde_json` writes for a `Record`.
+fn number(tag: u8, seq: u64, unnumbered: &[u8]) -> Vec<u8> {
+    let rest = unnumbered.get(1..).unwrap_or_default();
+    let mut v = Vec::with_capacity(unnumbered.len() + 28);
+    v.push(tag);
+    v.extend_from_slice(b"{\"seq\":");
+    v.extend_from_slice(seq.to_string().as_bytes());
+    v.push(b',');
+    v.extend_from_slice(rest);
+    v
+}
+
+/// Encoded JSON size of a stored value (without the format byte).
+fn json_len(stored: &[u8]) -> u64 {
+    stored.len().saturating_sub(1) as u64
+}
+
+/// One transaction for the whole batch. Errors are strings because one failure is
+/// reported to every caller in the batch.
+fn write_batch(
+    db: &Database,
+    batch: &[Op],
+    st: &mut State,
+    max_bytes: u64,
+) -> Result<Vec<Outcome>, String> {
+    let mut txn = db.begin_write().map_err(failed("begin write"))?;
+    txn.set_durability(Durability::Immediate);
+    let mut outcomes = Vec::with_capacity(batch.len());
+    {
+        let mut records = txn.open_table(RECORDS).map_err(failed("open records"))?;
+        let mut readings = txn.open_table(READINGS).map_err(failed("open readings"))?;
+        let mut quarantine = txn
+            .open_table(QUARANTINE)
+            .map_err(failed("open quarantine"))?;
+        let mut meta = txn.open_table(META).map_err(failed("open meta"))?;
+        for op in batch {
+            outcomes.push(match op {
+                Op::Append { items, .. } => {
+                    let mut seqs = Vec::with_capacity(items.len());
+                    for (droppable, unnumbered) in items {
+                        let seq = st.next_seq;
+                        st.next_seq += 1;
+                        let tag = if *droppable { TAG_READING } else { TAG_KEEP };
+                        let stored = number(tag, seq, unnumbered);
+                        records
+                            .insert(seq, stored.as_slice())
+                            .map_err(failed("insert record"))?;
+                        if *droppable {
+                            readings.insert(seq, ()).map_err(failed("insert reading"))?;
+                        }
+                        st.records += 1;
+                        st.bytes += json_len(&stored);
+                        seqs.push(seq);
+                    }
+                    Outcome::Seqs(seqs)
+                }
+                Op::Ack { ranges, .. } => {
+                    let mut n = 0;
+                    for r in ranges {
+                        let mut gone_readings = Vec::new();
+                        for item in records
+                            .extract_from_if(r.first..=r.last, |_, _| true)
+                            .map_err(failed("delete acked"))?
+                        {
+                            let (k, v) = item.map_err(failed("delete acked"))?;
+                            let stored = v.value();
+                            if stored.first() == Some(&TAG_READING) {
+                                gone_readings.push(k.value());
+                            }
+                            st.records = st.records.saturating_sub(1);
+                            st.bytes = st.bytes.saturating_sub(json_len(stored));
+                            n += 1;
+                        }
+                        for seq in gone_readings {
+                            readings
+                                .remove(seq)
+                                .map_err(failed("delete acked reading"))?;
+                        }
+                    }
+                    Outcome::Acked(n)
+                }
+                Op::Quarantine { seqs } => {
+                    for &seq in seqs {
+                        let moved = records.remove(seq).map_err(failed("quarantine"))?.map(|v| {
+                            let stored = v.value().to_vec();
+                            st.records = st.records.saturating_sub(1);
+                            st.bytes = st.bytes.saturating_sub(json_len(&stored));
+                            stored
+                        });
+                        if let Some(stored) = moved {
+                            quarantine
+                                .insert(seq, stored.as_slice())
+                                .map_err(failed("quarantine"))?;
+                            readings.remove(seq).map_err(failed("quarantine"))?;
+                            st.undecodable_total += 1;
+                        }
+                    }
+                    Outcome::None
+                }
+                Op::Close { .. } => Outcome::None,
+            });
+        }
+
+        if st.bytes > max_bytes {
+            let target = max_bytes.saturating_sub(drop_slack(max_bytes));
+            let (mut count, mut first, mut last) = (0u64, None, 0u64);
+            while st.bytes > target {
+                let Some(seq) = readings
+                    .pop_first()
+                    .map_err(failed("drop reading"))?
+                    .map(|(k, _)| k.value())
+                else {
+                    break;
+                };
+                if let Some(v) = records.remove(seq).map_err(failed("drop reading"))? {
+                    st.records = st.records.saturating_sub(1);
+                    st.bytes = st.bytes.saturating_sub(json_len(v.value()));
+                    count += 1;
+                    first.get_or_insert(seq);
+                    last = seq;
+                }
+            }
+            if let Some(first_seq) = first {
+                let body = RecordBody::Dropped {
+                    count,
+                    first_seq,
+                    last_seq: last,
+                };
+                let unnumbered = serde_json::to_vec(&Unnumbered {
+                    at: Timestamp::now(),
+                    device: AGENT_DEVICE,
+                    body: &body,
+                })
+                .map_err(|x| format!("encode drop report: {x}"))?;
+                let seq = st.next_seq;
+                st.next_seq += 1;
+                let stored = number(TAG_KEEP, seq, &unnumbered);
+                records
+                    .insert(seq, stored.as_slice())
+                    .map_err(failed("insert drop report"))?;
+                st.records += 1;
+                st.bytes += json_len(&stored);
+                st.dropped_total += count;
+                tracing::warn!(
+                    count,
+                    first_seq,
+                    last_seq = last,
+                    "outbox full: dropped the oldest readings"
+                );
+            }
+        }
+        st.over_cap = st.bytes > max_bytes;
+        st.oldest_seq = records
+            .first()
+            .map_err(failed("read oldest"))?
+            .map(|(k, _)| k.value());
+
+        for (k, v) in [
+            (K_NEXT_SEQ, st.next_seq),
+            (K_RECORDS, st.records),
+            (K_BYTES, st.bytes),
+            (K_DROPPED, st.dropped_total),
+            (K_UNDECODABLE, st.undecodable_total),
+        ] {
+            meta.insert(k, v).map_err(failed("write meta"))?;
+        }
+    }
+    txn.commit().map_err(failed("commit"))?;
+    Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tend_profiles::{DeviceState, Value};
+    use tend_wire::WireReading;
+
+    #[test]
+    fn stored_bytes_are_the_wire_encoding() {
+        let at: Timestamp = "2026-11-28T02:15:02Z".parse().unwrap();
+        for body in [
+            RecordBody::State {
+                from: DeviceState::Up,
+                to: DeviceState::Down,
+            },
+            RecordBody::Readings {
+                readings: vec![WireReading {
+                    name: "p".into(),
+                    value: Value::Num(1.5),
+                    unit: None,
+                }],
+            },
+        ] {
+            let un = serde_json::to_vec(&Unnumbered {
+                at,
+                device: "d\"1",
+                body: &body,
+            })
+            .unwrap();
+            let stored = number(TAG_KEEP, 12345, &un);
+            let rec = Record {
+                seq: 12345,
+                at,
+                device: "d\"1".into(),
+                body,
+            };
+            assert_eq!(&stored[1..], tend_wire::encode(&rec).as_slice());
+            assert_eq!(decode_stored(&stored), Some(rec));
+        }
+        assert_eq!(decode_stored(b""), None);
+        assert_eq!(decode_stored(b"X{}"), None);
+    }
+
+    #[tokio::test]
+    async fn undecodable_records_are_skipped_counted_and_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.redb");
+        let at = Timestamp::now();
+        let state = RecordBody::State {
+            from: DeviceState::Unknown,
+            to: DeviceState::Up,
+        };
+        let ob = Outbox::open(OutboxConfig::new(&path)).await.unwrap();
+        for _ in 0..3 {
+            ob.append("d1", at, state.clone()).await.unwrap();
+        }
+        ob.close().await.unwrap();
+        {
+            // Damage seq 2 behind the outbox's back.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(RECORDS)
+                .unwrap()
+                .insert(2u64, b"K{not json".as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let ob = Outbox::open(OutboxConfig::new(&path)).await.unwrap();
+        let got: Vec<u64> = ob
+            .pending(None, 10, 1 << 20)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(got, vec![1, 3]);
+        // The quarantine move is asynchronous: an ack round-trip orders after it.
+        ob.ack(&[SeqRange {
+            first: 99,
+            last: 99,
+        }])
+        .await
+        .unwrap();
+        let s = ob.stats();
+        assert_eq!((s.records, s.undecodable_total), (2, 1));
+        assert_eq!(ob.pending(None, 10, 1 << 20).unwrap().len(), 2);
+        ob.close().await.unwrap();
+    }
+}
