@@ -565,3 +565,110 @@ async fn mqtt_link(
     }
     poller.abort();
 }
+
+/// Answers a hotline diagnostic: the agent's own views (`readings`, `transport`,
+/// `episodes`, `outbox`) from memory, anything else only when the device's profile lists
+/// it, through the task that owns the device's link. Nothing unlisted reaches a device.
+pub async fn answer_diagnostic(
+    shared: &Shared,
+    outbox: Option<&crate::outbox::Outbox>,
+    req: &tend_wire::DiagRequest,
+    device_timeout: Duration,
+) -> Result<serde_json::Value, String> {
+    let known = lock(&shared.monitors).contains_key(&req.device);
+    if !known {
+        return Err(format!("this agent has no device `{}`", req.device));
+    }
+    match req.request.as_str() {
+        "readings" => {
+            let live = lock(&shared.monitors).get(&req.device).map(|m| m.live());
+            serde_json::to_value(live).map_err(|e| e.to_string())
+        }
+        "episodes" => {
+            let recent = lock(&shared.monitors)
+                .get(&req.device)
+                .map(|m| m.recent_episodes())
+                .unwrap_or_default();
+            serde_json::to_value(recent).map_err(|e| e.to_string())
+        }
+        "transport" => {
+            let stats = lock(&shared.stats)
+                .get(&req.device)
+                .cloned()
+                .unwrap_or_default();
+            serde_json::to_value(stats).map_err(|e| e.to_string())
+        }
+        "outbox" => match outbox {
+            Some(o) => serde_json::to_value(o.stats()).map_err(|e| e.to_string()),
+            None => Err("no outbox".into()),
+        },
+        name => {
+            let Some(profile) = shared.profile_of(&req.device) else {
+                return Err("the device has not been identified yet, so its profile's requests are not known".into());
+            };
+            if !profile.diagnostic_names().any(|n| n == name) {
+                return Err(format!(
+                    "`{name}` is not a read-only request the profile {} lists (it lists: {})",
+                    profile.id(),
+                    profile.diagnostic_names().collect::<Vec<_>>().join(", ")
+                ));
+            }
+            let link = lock(&shared.links).get(&req.device).cloned();
+            let Some(link) = link else {
+                return Err("the device's link is not running".into());
+            };
+            let (reply, answer) = oneshot::channel();
+            link.send(DeviceRequest {
+                device: req.device.clone(),
+                name: name.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| "the device's link has stopped".to_string())?;
+            match tokio::time::timeout(device_timeout, answer).await {
+                Ok(Ok(a)) => a,
+                Ok(Err(_)) => Err("the device's link dropped the request".into()),
+                Err(_) => Err(format!(
+                    "the device did not answer within {device_timeout:?}"
+                )),
+            }
+        }
+    }
+}
+
+/// Turns observations into durable records: each through its device's monitor, all the
+/// records of one observation in one outbox commit. `written` is poked after each commit
+/// so the uplink sends at once.
+pub async fn record(
+    shared: Arc<Shared>,
+    set: Arc<ProfileSet>,
+    outbox: crate::outbox::Outbox,
+    mut observations: mpsc::Receiver<Observation>,
+    written: Arc<tokio::sync::Notify>,
+) -> Result<(), crate::outbox::OutboxError> {
+    while let Some(obs) = observations.recv().await {
+        let bodies = {
+            let mut monitors = lock(&shared.monitors);
+            let Some(m) = monitors.get_mut(&obs.device) else {
+                continue;
+            };
+            match obs.result {
+                Ok(read) => m.observe(obs.at, read),
+                Err(e) => {
+                    tracing::debug!(device = %obs.device, error = %e, "read failed");
+                    m.observe_failure(obs.at, &set)
+                }
+            }
+        };
+        if bodies.is_empty() {
+            continue;
+        }
+        let items = bodies
+            .into_iter()
+            .map(|b| (obs.device.clone(), obs.at, b))
+            .collect();
+        outbox.append_many(items).await?;
+        written.notify_one();
+    }
+    Ok(())
+}
