@@ -672,3 +672,71 @@ pub async fn record(
     }
     Ok(())
 }
+
+/// Everything the running agent is made of, started: the outbox, the link tasks and the
+/// recorder. The uplink is started by [`run`] on top of it; tests can drive the parts.
+pub struct Started {
+    pub shared: Arc<Shared>,
+    pub outbox: crate::outbox::Outbox,
+    /// Poked after every commit to the outbox.
+    pub written: Arc<tokio::sync::Notify>,
+    links: Vec<tokio::task::JoinHandle<()>>,
+    recorder: tokio::task::JoinHandle<Result<(), crate::outbox::OutboxError>>,
+}
+
+impl Started {
+    /// Opens the outbox in the data directory and starts reading every device.
+    pub async fn start(loaded: &Loaded) -> Result<Started, crate::outbox::OutboxError> {
+        let c = &loaded.config;
+        let outbox = crate::outbox::Outbox::open(crate::outbox::OutboxConfig {
+            path: c.data_dir.join("outbox.redb"),
+            max_bytes: c.outbox.max_size.0,
+            commit_window: c.outbox.commit_window.0,
+        })
+        .await?;
+        let shared = Arc::new(Shared::default());
+        {
+            let mut monitors = lock(&shared.monitors);
+            for d in &c.devices {
+                monitors.insert(
+                    d.id.clone(),
+                    DeviceMonitor::new(&c.agent_id, &d.id, &d.profile, c.flap_damping.0),
+                );
+            }
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let links = spawn_links(loaded, shared.clone(), tx);
+        let written = Arc::new(tokio::sync::Notify::new());
+        let recorder = tokio::spawn(record(
+            shared.clone(),
+            Arc::new(loaded.profiles.clone()),
+            outbox.clone(),
+            rx,
+            written.clone(),
+        ));
+        Ok(Started {
+            shared,
+            outbox,
+            written,
+            links,
+            recorder,
+        })
+    }
+
+    /// Stops reading, lets the recorder write what it has, and closes the outbox.
+    pub async fn stop(self) -> Result<(), crate::outbox::OutboxError> {
+        for l in &self.links {
+            l.abort();
+        }
+        for l in self.links {
+            let _ = l.await;
+        }
+        // The link tasks held the only senders: the recorder ends once it has written
+        // everything they sent.
+        match self.recorder.await {
+            Ok(r) => r?,
+            Err(e) => tracing::error!(error = %e, "recorder task failed"),
+        }
+        self.outbox.close().await
+    }
+}

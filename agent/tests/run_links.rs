@@ -242,3 +242,47 @@ serial = "VM12-00A4471"
         t.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_agent_makes_records_durable() {
+    let hm2 = Hm2Sim::spawn_tcp(Hm2Config::v2(), local()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = format!(
+        "agent_id = \"a1\"\nsite_id = \"s\"\ndata_dir = \"data\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:1\"\n\
+         [[device]]\nid = \"mri\"\nprofile = \"cryosense/hm-2\"\ntransport = \"modbus-tcp\"\naddress = \"{}\"\npoll_interval = \"100ms\"\n",
+        hm2.addr()
+    );
+    let loaded = config::parse("agent.toml", &src, dir.path()).unwrap();
+    let started = tend_agent::run::Started::start(&loaded).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while started.outbox.stats().records < 5 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.stop().await.unwrap();
+
+    // Reopened: identity, the first state and the readings are all there, in order.
+    let outbox = tend_agent::outbox::Outbox::open(tend_agent::outbox::OutboxConfig::new(
+        dir.path().join("data/outbox.redb"),
+    ))
+    .await
+    .unwrap();
+    let recs = outbox.pending(None, 1000, 1 << 20).unwrap();
+    assert!(recs.len() >= 5, "{recs:?}");
+    assert!(recs.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(matches!(&recs[0].body, RecordBody::Identity { firmware, .. } if firmware == "2.7"));
+    assert!(recs.iter().any(|r| matches!(
+        r.body,
+        RecordBody::State {
+            to: tend_profiles::DeviceState::Up,
+            ..
+        }
+    )));
+    assert!(
+        recs.iter()
+            .filter(|r| matches!(r.body, RecordBody::Readings { .. }))
+            .count()
+            >= 3
+    );
+    assert!(recs.iter().all(|r| r.device == "mri"));
+    outbox.close().await.unwrap();
+}
