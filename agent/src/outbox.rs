@@ -2,12 +2,10 @@
 //! the next sequence number and is on disk before it counts as produced, and it stays
 //! there until the gateway acknowledges exactly its seq.
 //!
-//! Storage is one redb file with four tables:
+//! Storage is one redb file with three tables:
 //! - `records`: seq → one format byte ([`TAG_KEEP`] / [`TAG_READING`]) followed by the
 //!   record's JSON exactly as [`tend_wire::encode`] would write it, so `pending` hands out
 //!   what was stored and byte accounting is the size on the wire;
-//! - `readings`: the seqs of droppable records (readings), so the size cap finds the
-//!   oldest reading without walking over states and fault events;
 //! - `meta`: the seq counter, record and byte counts, drop and quarantine totals — all
 //!   written in the same transaction as the records they describe, so after a crash the
 //!   counter is never behind a stored seq and seqs never repeat;
@@ -38,7 +36,6 @@ use tend_wire::{Record, RecordBody, SeqRange};
 use tokio::sync::oneshot;
 
 const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
-const READINGS: TableDefinition<u64, ()> = TableDefinition::new("readings");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 
@@ -450,6 +447,9 @@ struct State {
     undecodable_total: u64,
     oldest_seq: Option<u64>,
     over_cap: bool,
+    /// Every record below this seq may not be dropped (not persisted: after a restart
+    /// the first drop event walks from the start once).
+    scan_from: u64,
 }
 
 impl State {
@@ -483,7 +483,6 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<(Database, State), OutboxError> {
     let state = {
         let what = "create tables";
         let records = txn.open_table(RECORDS).map_err(storage(path, what))?;
-        txn.open_table(READINGS).map_err(storage(path, what))?;
         txn.open_table(QUARANTINE).map_err(storage(path, what))?;
         let mut meta = txn.open_table(META).map_err(storage(path, what))?;
         let get = |k: &str| -> Result<Option<u64>, OutboxError> {
@@ -510,6 +509,7 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<(Database, State), OutboxError> {
             undecodable_total: get(K_UNDECODABLE)?.unwrap_or(0),
             oldest_seq: None,
             over_cap: false,
+            scan_from: 0,
         };
         let first = records.first().map_err(storage(path, "read records"))?;
         s.oldest_seq = first.as_ref().map(|(k, _)| k.value());
@@ -547,29 +547,39 @@ enum Outcome {
 
 impl Writer {
     fn run(mut self, rx: std_mpsc::Receiver<Op>) {
-        // Quiet gap that closes the window early: appenders that were answered by the
-        // last commit resubmit within microseconds, so a pause this long means nobody
-        // else is coming.
+        // The window closes early in two cases. (1) As many callers are waiting as the
+        // last commit answered: callers that await each append (every appender task)
+        // come back right after their answer, and once they are all in, waiting longer
+        // only adds latency. (2) Nothing new arrived for a tenth of the window: nobody
+        // else is coming. Ops that arrive while a commit runs queue up and all go into
+        // the next one, so batches grow with load on their own.
         let quiet = (self.window / 10).max(Duration::from_micros(20));
+        let mut expect = 1;
         while let Ok(first) = rx.recv() {
             let deadline = Instant::now() + self.window;
             let mut n = op_records(&first);
             let mut closing = matches!(first, Op::Close { .. });
             let mut batch = vec![first];
             while !closing && n < MAX_BATCH_RECORDS {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                match rx.recv_timeout(quiet.min(deadline - now)) {
-                    Ok(op) => {
-                        n += op_records(&op);
-                        closing = matches!(op, Op::Close { .. });
-                        batch.push(op);
+                let op = match rx.try_recv() {
+                    Ok(op) => op,
+                    Err(std_mpsc::TryRecvError::Disconnected) => break,
+                    Err(std_mpsc::TryRecvError::Empty) => {
+                        let now = Instant::now();
+                        if batch.len() >= expect || now >= deadline {
+                            break;
+                        }
+                        match rx.recv_timeout(quiet.min(deadline - now)) {
+                            Ok(op) => op,
+                            Err(_) => break,
+                        }
                     }
-                    Err(_) => break,
-                }
+                };
+                n += op_records(&op);
+                closing = matches!(op, Op::Close { .. });
+                batch.push(op);
             }
+            expect = batch.len();
             self.commit(batch);
             if closing || self.db.is_none() {
                 break;
@@ -677,7 +687,6 @@ fn write_batch(
     let mut outcomes = Vec::with_capacity(batch.len());
     {
         let mut records = txn.open_table(RECORDS).map_err(failed("open records"))?;
-        let mut readings = txn.open_table(READINGS).map_err(failed("open readings"))?;
         let mut quarantine = txn
             .open_table(QUARANTINE)
             .map_err(failed("open quarantine"))?;
@@ -694,9 +703,6 @@ fn write_batch(
                         records
                             .insert(seq, stored.as_slice())
                             .map_err(failed("insert record"))?;
-                        if *droppable {
-                            readings.insert(seq, ()).map_err(failed("insert reading"))?;
-                        }
                         st.records += 1;
                         st.bytes += json_len(&stored);
                         seqs.push(seq);
@@ -706,24 +712,14 @@ fn write_batch(
                 Op::Ack { ranges, .. } => {
                     let mut n = 0;
                     for r in ranges {
-                        let mut gone_readings = Vec::new();
                         for item in records
                             .extract_from_if(r.first..=r.last, |_, _| true)
                             .map_err(failed("delete acked"))?
                         {
-                            let (k, v) = item.map_err(failed("delete acked"))?;
-                            let stored = v.value();
-                            if stored.first() == Some(&TAG_READING) {
-                                gone_readings.push(k.value());
-                            }
+                            let (_, v) = item.map_err(failed("delete acked"))?;
                             st.records = st.records.saturating_sub(1);
-                            st.bytes = st.bytes.saturating_sub(json_len(stored));
+                            st.bytes = st.bytes.saturating_sub(json_len(v.value()));
                             n += 1;
-                        }
-                        for seq in gone_readings {
-                            readings
-                                .remove(seq)
-                                .map_err(failed("delete acked reading"))?;
                         }
                     }
                     Outcome::Acked(n)
@@ -740,7 +736,6 @@ fn write_batch(
                             quarantine
                                 .insert(seq, stored.as_slice())
                                 .map_err(failed("quarantine"))?;
-                            readings.remove(seq).map_err(failed("quarantine"))?;
                             st.undecodable_total += 1;
                         }
                     }
@@ -753,22 +748,27 @@ fn write_batch(
         if st.bytes > max_bytes {
             let target = max_bytes.saturating_sub(drop_slack(max_bytes));
             let (mut count, mut first, mut last) = (0u64, None, 0u64);
-            while st.bytes > target {
-                let Some(seq) = readings
-                    .pop_first()
-                    .map_err(failed("drop reading"))?
-                    .map(|(k, _)| k.value())
-                else {
+            // Oldest first, skipping what may not be dropped. Everything below
+            // `scan_from` is known to be undroppable (new records only ever go on top),
+            // so a file full of states is walked once, not on every commit.
+            let mut exhausted = true;
+            for item in records
+                .extract_from_if(st.scan_from.., |_, v| v.first() == Some(&TAG_READING))
+                .map_err(failed("drop readings"))?
+            {
+                let (k, v) = item.map_err(failed("drop readings"))?;
+                let seq = k.value();
+                st.records = st.records.saturating_sub(1);
+                st.bytes = st.bytes.saturating_sub(json_len(v.value()));
+                count += 1;
+                first.get_or_insert(seq);
+                last = seq;
+                if st.bytes <= target {
+                    exhausted = false;
                     break;
-                };
-                if let Some(v) = records.remove(seq).map_err(failed("drop reading"))? {
-                    st.records = st.records.saturating_sub(1);
-                    st.bytes = st.bytes.saturating_sub(json_len(v.value()));
-                    count += 1;
-                    first.get_or_insert(seq);
-                    last = seq;
                 }
             }
+            st.scan_from = if exhausted { st.next_seq } else { last + 1 };
             if let Some(first_seq) = first {
                 let body = RecordBody::Dropped {
                     count,

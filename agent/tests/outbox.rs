@@ -108,11 +108,12 @@ async fn concurrent_appenders_get_distinct_seqs_and_none_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let ob = Outbox::open(cfg(&dir.path().join("o.redb"))).await.unwrap();
     let mut tasks = Vec::new();
-    for t in 0..8u64 {
+    // 32 × 500: kept small because an unoptimised redb commits slowly in test builds.
+    for t in 0..32u64 {
         let ob = ob.clone();
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
-            for i in 0..5000u64 {
+            for i in 0..500u64 {
                 let seq = ob
                     .append(
                         &format!("dev-{t}"),
@@ -132,10 +133,10 @@ async fn concurrent_appenders_get_distinct_seqs_and_none_is_lost() {
             assert!(given.insert(seq, i).is_none(), "seq {seq} given twice");
         }
     }
-    assert_eq!(given.len(), 40_000);
-    assert_eq!(ob.stats().records, 40_000);
+    assert_eq!(given.len(), 16_000);
+    assert_eq!(ob.stats().records, 16_000);
     let recs = all_pending(&ob);
-    assert_eq!(recs.len(), 40_000);
+    assert_eq!(recs.len(), 16_000);
     for r in &recs {
         assert_eq!(r.body, reading(given[&r.seq]), "seq {}", r.seq);
     }
@@ -335,7 +336,7 @@ async fn over_cap_with_only_states_keeps_them_all() {
 async fn file_stays_bounded_when_full() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("o.redb");
-    let max_bytes = 200_000;
+    let max_bytes = 100_000;
     let ob = Outbox::open(OutboxConfig {
         max_bytes,
         ..cfg(&path)
@@ -343,17 +344,17 @@ async fn file_stays_bounded_when_full() {
     .await
     .unwrap();
     let mut sizes = Vec::new();
-    for round in 0..300u64 {
+    for round in 0..150u64 {
         let items = (0..100)
             .map(|i| ("d".to_string(), Timestamp::now(), reading(round * 100 + i)))
             .collect();
         ob.append_many(items).await.unwrap();
-        if round % 50 == 49 {
+        if round % 25 == 24 {
             sizes.push(std::fs::metadata(&path).unwrap().len());
         }
     }
-    // 30,000 records of ~200 bytes went through a 200 kB outbox: 6 MB written.
-    assert!(ob.stats().dropped_total > 25_000);
+    // 15,000 records of ~200 bytes went through a 100 kB outbox: 3 MB written.
+    assert!(ob.stats().dropped_total > 14_000);
     let (early, late) = (sizes[1], *sizes.last().unwrap());
     assert!(late <= early * 2 && late < 8 << 20, "file grew: {sizes:?}");
     ob.close().await.unwrap();
