@@ -7,7 +7,7 @@
 //! dir — put it on the disk you care about) and lets N tasks append ~200-byte reading
 //! records in a closed loop, each `append` awaited (durable) before the next. Prints
 //! durable records/s per run and the median. Then measures draining a 180,000-record
-//! backlog (an hour-long outage at 50 records/s... per device fleet, DESIGN §5) with
+//! backlog (DESIGN §5: one hour of gateway outage must drain in under 30 s) with
 //! `pending` pages of 1,000 and one `ack` per page.
 
 use jiff::Timestamp;
@@ -96,30 +96,7 @@ async fn main() -> anyhow::Result<()> {
             ..OutboxConfig::new(&path)
         })
         .await?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        let start = Instant::now();
-        for t in 0..a.appenders {
-            let (ob, stop, done) = (ob.clone(), stop.clone(), done.clone());
-            tasks.push(tokio::spawn(async move {
-                let device = format!("dev-{t:02}");
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    ob.append(&device, Timestamp::now(), reading(i)).await?;
-                    done.fetch_add(1, Ordering::Relaxed);
-                    i += 1;
-                }
-                Ok::<_, tend_agent::outbox::OutboxError>(())
-            }));
-        }
-        tokio::time::sleep(Duration::from_secs_f64(a.seconds)).await;
-        stop.store(true, Ordering::Relaxed);
-        for t in tasks {
-            t.await??;
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let n = done.load(Ordering::Relaxed);
+        let (n, secs) = closed_loop(&ob, a.appenders, a.seconds).await?;
         let rate = n as f64 / secs;
         let file = std::fs::metadata(&path)?.len();
         println!(
@@ -136,6 +113,28 @@ async fn main() -> anyhow::Result<()> {
         rates[rates.len() / 2],
         a.appenders
     );
+
+    // Full: a 16 MiB cap overrun several times, so the oldest readings are dropped
+    // while appending; the file must stay bounded.
+    let path = tmp.path().join("full.redb");
+    let max_bytes = 16 << 20;
+    let ob = Outbox::open(OutboxConfig {
+        commit_window: a.window,
+        max_bytes,
+        ..OutboxConfig::new(&path)
+    })
+    .await?;
+    let (n, secs) = closed_loop(&ob, a.appenders, a.seconds.max(3.0)).await?;
+    let s = ob.stats();
+    println!(
+        "full: {:.0} durable records/s with a {} MiB cap; {n} appended, {} dropped, {:.1} MB stored, file {:.1} MB",
+        n as f64 / secs,
+        max_bytes >> 20,
+        s.dropped_total,
+        s.bytes as f64 / 1e6,
+        std::fs::metadata(&path)?.len() as f64 / 1e6
+    );
+    ob.close().await?;
 
     // Drain: 180,000 records waiting, sent in pages and acked page by page.
     let path = tmp.path().join("drain.redb");
@@ -177,4 +176,31 @@ async fn main() -> anyhow::Result<()> {
     );
     ob.close().await?;
     Ok(())
+}
+
+/// `appenders` tasks, each appending and awaiting one record at a time, for `seconds`.
+async fn closed_loop(ob: &Outbox, appenders: usize, seconds: f64) -> anyhow::Result<(u64, f64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for t in 0..appenders {
+        let (ob, stop, done) = (ob.clone(), stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let device = format!("dev-{t:02}");
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                ob.append(&device, Timestamp::now(), reading(i)).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            Ok::<_, tend_agent::outbox::OutboxError>(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    Ok((done.load(Ordering::Relaxed), start.elapsed().as_secs_f64()))
 }
