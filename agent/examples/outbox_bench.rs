@@ -6,7 +6,8 @@
 //! Each run opens a fresh outbox file in DIR (default: a temp dir under the system temp
 //! dir — put it on the disk you care about) and lets N tasks append ~200-byte reading
 //! records in a closed loop, each `append` awaited (durable) before the next. Prints
-//! durable records/s per run and the median. Then measures draining a 180,000-record
+//! durable records/s per run and the median. Then the same load against a 16 MiB cap
+//! (readings dropped while appending; file size printed), then draining a 180,000-record
 //! backlog (DESIGN §5: one hour of gateway outage must drain in under 30 s) with
 //! `pending` pages of 1,000 and one `ack` per page.
 

@@ -20,7 +20,9 @@
 //! Size cap: when the encoded records exceed `max_bytes`, the oldest readings are
 //! deleted until the total is a little below the cap (see [`drop_slack`]), and one
 //! `Dropped { count, first_seq, last_seq }` record is appended for that drop event, with
-//! device [`AGENT_DEVICE`] (the empty string: the agent itself, not a device). States,
+//! device [`AGENT_DEVICE`] (the empty string: the agent itself, not a device); `count`
+//! readings went, all within `first_seq..=last_seq`, where kept states may sit between
+//! them. The `Dropped` record itself is written in the same commit. States,
 //! fault episodes, identities and earlier `Dropped` records are never dropped; if only
 //! they remain over the cap they are all kept, `stats().over_cap` says so and a warning
 //! is logged.
@@ -80,9 +82,10 @@ pub struct OutboxConfig {
     pub path: PathBuf,
     /// Cap on the encoded size of the stored records.
     pub max_bytes: u64,
-    /// How long the writer gathers appends and acks into one commit after the first
-    /// arrives. It closes early when nothing new arrives for a tenth of it (at least
-    /// 20 µs), so a lone appender is not slowed down by the full window.
+    /// The longest the writer gathers appends and acks into one commit after the first
+    /// arrives. It closes early once as many callers wait as the last commit answered,
+    /// or when nothing new arrives for a tenth of it (at least 20 µs), so a lone
+    /// appender is not slowed down by the full window.
     pub commit_window: Duration,
 }
 
