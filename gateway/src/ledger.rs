@@ -86,6 +86,11 @@ impl Ledger {
 
     /// Notes that a record of this device (of any kind) was made at `at`: the current state
     /// is known to have lasted at least until then.
+    ///
+    /// Only the latest time is kept, so a silence *between* two records (an agent that
+    /// died and restarted, with nothing to replay) is not seen here: whoever learns of it
+    /// (the agent's `offline` will, or a transition whose `from` is `unknown`) records a
+    /// transition to `Unknown` at the last time heard before it.
     pub fn heard(&mut self, at: Timestamp) {
         if self.heard_until.is_none_or(|h| at > h) {
             self.heard_until = Some(at);

@@ -1,5 +1,10 @@
 //! The tend gateway: collects what the agents send, keeps the availability ledger, opens
 //! repair tickets in the service backend and serves the hotline.
+//!
+//! The pure core (no sockets, no clock reads, no disk but the fleet file when asked):
+//! [`fleet`] (customers, sites, devices), [`ledger`] (availability arithmetic),
+//! [`sla`] (deadlines, warranty, clinical impact) and [`ticket`] (backend bodies, keys and
+//! what an episode change becomes).
 #![forbid(unsafe_code)]
 
 pub mod fleet;
