@@ -10,3 +10,4 @@ pub mod probe;
 pub mod profile_cmd;
 pub mod run;
 pub mod transport;
+pub mod uplink;

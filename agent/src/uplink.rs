@@ -1,0 +1,1121 @@
+//! The agent's uplink (DESIGN §2 "Uplink", §3): sends the outbox to the gateway over
+//! MQTT 3.1.1 and answers the gateway's diagnostic requests.
+//!
+//! - One MQTT connection at a time, clean session, QoS 1. The client id is the agent id,
+//!   so a new connection takes over a half-open old one at the broker instead of both
+//!   living side by side. Last will `offline` (retained) on `tend/v1/<agent>/status`;
+//!   `online` (retained) is published after every connect, `offline` before a clean
+//!   shutdown (a clean DISCONNECT discards the will).
+//! - Records are read from a [`RecordSource`] (the [`Outbox`]) oldest first and published
+//!   as [`UpBatch`]es on `up`, at most `max_in_flight_batches` of them unacknowledged.
+//!   A record leaves the outbox only when the gateway's application-level [`Ack`] names
+//!   its seq: the broker's PUBACK proves nothing, a broker may lose what it acknowledged.
+//! - After every (re)connect, and whenever the oldest batch in flight has waited
+//!   `ack_timeout` for its ack, sending starts again from the oldest record still in the
+//!   outbox. Duplicates on the wire are fine (the gateway dedups by agent + seq); loss is
+//!   not.
+//! - Every connection gets a fresh rumqttc event loop, polled in a task of its own: a
+//!   `poll()` cancelled half-way through the handshake drops the connection and fires the
+//!   will, and rumqttc's own reconnect would replay its in-flight publishes on top of
+//!   ours. Reconnects wait an exponential back-off with jitter between `reconnect_min`
+//!   and `reconnect_max`.
+//! - Diagnostic requests on `diag/req` go to the [`DiagHandler`] (whoever runs the agent
+//!   answers them), with a timeout; the answer goes out on `diag/resp` with the request's
+//!   id.
+//! - Malformed messages on `ack` and `diag/req` are logged (a short prefix only) and
+//!   ignored. The password never appears in a log or an error.
+
+use crate::outbox::{Outbox, OutboxError};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use serde::Serialize;
+use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tend_wire::{
+    encode, topic, Ack, DiagRequest, DiagResponse, Record, SeqRange, UpBatch, MAX_MESSAGE,
+    STATUS_OFFLINE, STATUS_ONLINE, VERSION,
+};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// A boxed, sendable future (what a [`DiagHandler`] returns).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Answers one diagnostic request: `Ok(answer)` or `Err(why)` (shown to the hotline).
+/// The uplink fills in the response's id, device and request itself, so a handler cannot
+/// get the correlation wrong, and bounds the wait with `diag_timeout`.
+pub type DiagHandler =
+    Arc<dyn Fn(DiagRequest) -> BoxFuture<Result<serde_json::Value, String>> + Send + Sync>;
+
+/// Wraps an async closure as a [`DiagHandler`].
+pub fn diag_handler<F, Fut>(f: F) -> DiagHandler
+where
+    F: Fn(DiagRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<serde_json::Value, String>> + Send + 'static,
+{
+    Arc::new(move |req| Box::pin(f(req)))
+}
+
+/// Diagnostic requests answered at the same time; more are refused at once ("busy")
+/// rather than queued, so a flood of requests cannot pile up tasks.
+const MAX_DIAG_CONCURRENT: usize = 16;
+/// A connection that lasted this long resets the back-off to `reconnect_min`.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+/// How often the outbox is looked at even without a poke of `notify`: a safety net for a
+/// poke that went to another waiter of a shared `Notify`.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// Bytes of a malformed payload that may appear in a log.
+const LOG_PREFIX: usize = 32;
+/// Room for the MQTT header and topic around a payload of [`MAX_MESSAGE`].
+const PACKET_SLACK: usize = 1024;
+
+/// Where and how to send. [`UplinkConfig::new`] fills in defaults.
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    /// Topic level and MQTT client id; must be a valid agent id (`[A-Za-z0-9._-]`, ≤ 64).
+    pub agent_id: String,
+    pub site_id: String,
+    /// `mqtt://host[:port]` (1883) or `mqtts://host[:port]` (8883).
+    pub broker: String,
+    /// PEM CA bundle for `mqtts://`; without it the system's roots are used.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and key for mutual TLS (both or neither).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub username: Option<String>,
+    /// File holding the password (one trailing newline is ignored).
+    pub password_file: Option<PathBuf>,
+    /// MQTT keep-alive; whole seconds, at least 1 s (0 disables it).
+    pub keep_alive: Duration,
+    pub batch_max_records: usize,
+    /// Cap on the records' JSON in one batch (clamped to half of the wire's message
+    /// limit). A single record larger than this still goes, alone.
+    pub batch_max_bytes: usize,
+    pub max_in_flight_batches: usize,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// When the oldest batch in flight has had no ack for this long, everything not
+    /// acknowledged is sent again from the oldest.
+    pub ack_timeout: Duration,
+    /// How long a diagnostic handler may take before the answer is "timed out".
+    pub diag_timeout: Duration,
+}
+
+impl UplinkConfig {
+    pub fn new(
+        agent_id: impl Into<String>,
+        site_id: impl Into<String>,
+        broker: impl Into<String>,
+    ) -> Self {
+        UplinkConfig {
+            agent_id: agent_id.into(),
+            site_id: site_id.into(),
+            broker: broker.into(),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            username: None,
+            password_file: None,
+            keep_alive: Duration::from_secs(30),
+            batch_max_records: 1000,
+            batch_max_bytes: 256 * 1024,
+            max_in_flight_batches: 8,
+            reconnect_min: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(60),
+            ack_timeout: Duration::from_secs(30),
+            diag_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("uplink: {0}")]
+    Config(String),
+    #[error("uplink: broker {url:?}: {why}")]
+    Broker { url: String, why: String },
+    #[error("uplink: cannot read the {what} {path}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("uplink: TLS: {0}")]
+    Tls(String),
+    #[error("uplink: the outbox failed: {0}")]
+    Source(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Where the uplink reads records and deletes acknowledged ones. [`Outbox`] is the real
+/// one; tests use an in-memory one.
+pub trait RecordSource: Send + Sync + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Oldest first, seq > `after`, at most `max` records and about `max_bytes` of JSON.
+    fn pending(
+        &self,
+        after: Option<u64>,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, Self::Error>;
+    /// Deletes exactly these seqs (ranges may name seqs already gone); returns how many
+    /// were deleted.
+    fn ack(&self, ranges: &[SeqRange]) -> impl Future<Output = Result<u64, Self::Error>> + Send;
+}
+
+impl RecordSource for Outbox {
+    type Error = OutboxError;
+    fn pending(
+        &self,
+        after: Option<u64>,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, OutboxError> {
+        Outbox::pending(self, after, max, max_bytes)
+    }
+    fn ack(&self, ranges: &[SeqRange]) -> impl Future<Output = Result<u64, OutboxError>> + Send {
+        Outbox::ack(self, ranges)
+    }
+}
+
+/// What the uplink has done, for the `outbox` / `transport` diagnostics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UplinkStats {
+    pub connected: bool,
+    /// Successful connects (CONNACK) since start.
+    pub connects: u64,
+    /// Successful connects after the first one.
+    pub reconnects: u64,
+    /// Connection attempts that failed before CONNACK.
+    pub connect_failures: u64,
+    pub batches_sent: u64,
+    pub records_sent: u64,
+    /// Times sending started again from the oldest record because an ack was late.
+    pub resends: u64,
+    pub acks_received: u64,
+    /// Records the outbox deleted on acks.
+    pub records_acked: u64,
+    pub in_flight_batches: usize,
+    /// Malformed messages on `ack` or `diag/req`, ignored.
+    pub malformed_messages: u64,
+    pub diag_requests: u64,
+    /// Records larger than one MQTT message can carry; they stay in the outbox unsent.
+    pub oversized_records: u64,
+    pub last_connected_at: Option<jiff::Timestamp>,
+    pub last_error: Option<String>,
+}
+
+/// Shared handle to the live [`UplinkStats`].
+#[derive(Debug, Clone, Default)]
+pub struct UplinkStatus(Arc<Mutex<UplinkStats>>);
+
+impl UplinkStatus {
+    pub fn snapshot(&self) -> UplinkStats {
+        self.lock().clone()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, UplinkStats> {
+        // Plain counters, each update complete under the lock: a panicked holder cannot
+        // leave them half-written.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn update(&self, f: impl FnOnce(&mut UplinkStats)) {
+        f(&mut self.lock())
+    }
+}
+
+/// Runs the uplink until `shutdown` resolves. See [`Uplink`] to read its stats too.
+pub async fn run<S: RecordSource>(
+    cfg: UplinkConfig,
+    source: S,
+    diag: DiagHandler,
+    notify: Arc<Notify>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), UplinkError> {
+    Uplink::new(cfg, source, diag, notify).run(shutdown).await
+}
+
+/// The uplink, before it runs: [`Uplink::status`] gives the stats handle.
+pub struct Uplink<S> {
+    cfg: UplinkConfig,
+    source: S,
+    diag: DiagHandler,
+    notify: Arc<Notify>,
+    status: UplinkStatus,
+}
+
+impl<S: RecordSource> Uplink<S> {
+    /// `notify` is poked after each append to the outbox so records go out at once.
+    pub fn new(cfg: UplinkConfig, source: S, diag: DiagHandler, notify: Arc<Notify>) -> Self {
+        Uplink {
+            cfg,
+            source,
+            diag,
+            notify,
+            status: UplinkStatus::default(),
+        }
+    }
+
+    pub fn status(&self) -> UplinkStatus {
+        self.status.clone()
+    }
+
+    /// Connects, sends and answers until `shutdown` resolves; returns an error only for
+    /// a bad configuration (checked before the first connect) or a failing outbox.
+    /// Connection trouble is retried for ever.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), UplinkError> {
+        let opts = mqtt_options(&self.cfg)?;
+        let mut runner = Runner {
+            limits: Limits::of(&self.cfg),
+            topics: Topics::of(&self.cfg.agent_id),
+            agent: self.cfg.agent_id.clone(),
+            site: self.cfg.site_id.clone(),
+            diag_timeout: self.cfg.diag_timeout,
+            source: self.source,
+            diag: self.diag,
+            notify: self.notify,
+            status: self.status,
+            diag_tasks: JoinSet::new(),
+            max_published: None,
+        };
+        tokio::pin!(shutdown);
+        let mut attempt = 0u32;
+        loop {
+            let started = Instant::now();
+            match runner.session(&opts, shutdown.as_mut()).await? {
+                End::Shutdown => return Ok(()),
+                End::Lost { connected } => {
+                    if connected && started.elapsed() >= STABLE_CONNECTION {
+                        attempt = 0;
+                    }
+                }
+            }
+            let delay = backoff(
+                self.cfg.reconnect_min,
+                self.cfg.reconnect_max,
+                attempt,
+                random_u64(),
+            );
+            attempt = attempt.saturating_add(1);
+            tracing::debug!(?delay, "uplink: reconnecting after a pause");
+            tokio::select! {
+                _ = shutdown.as_mut() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+/// Sizes, clamped to what can work.
+struct Limits {
+    max_records: usize,
+    max_bytes: usize,
+    max_in_flight: usize,
+    ack_timeout: Duration,
+}
+
+impl Limits {
+    fn of(cfg: &UplinkConfig) -> Limits {
+        Limits {
+            max_records: cfg.batch_max_records.max(1),
+            // Half the message limit leaves room for the batch envelope, so a batch of
+            // several records never exceeds what the gateway accepts.
+            max_bytes: cfg.batch_max_bytes.clamp(1, MAX_MESSAGE / 2),
+            max_in_flight: cfg.max_in_flight_batches.max(1),
+            ack_timeout: cfg.ack_timeout.max(Duration::from_millis(100)),
+        }
+    }
+}
+
+struct Topics {
+    up: String,
+    ack: String,
+    status: String,
+    diag_req: String,
+    diag_resp: String,
+}
+
+impl Topics {
+    fn of(agent: &str) -> Topics {
+        Topics {
+            up: topic::up(agent),
+            ack: topic::ack(agent),
+            status: topic::status(agent),
+            diag_req: topic::diag_req(agent),
+            diag_resp: topic::diag_resp(agent),
+        }
+    }
+}
+
+enum End {
+    Shutdown,
+    Lost { connected: bool },
+}
+
+/// A batch published and not yet fully acknowledged.
+struct InFlight {
+    /// Its seqs not acknowledged yet, ascending.
+    seqs: Vec<u64>,
+    sent_at: Instant,
+}
+
+/// The state that outlives one connection.
+struct Runner<S> {
+    limits: Limits,
+    topics: Topics,
+    agent: String,
+    site: String,
+    diag_timeout: Duration,
+    source: S,
+    diag: DiagHandler,
+    notify: Arc<Notify>,
+    status: UplinkStatus,
+    /// Dropped with the runner, which aborts answers still being worked on.
+    diag_tasks: JoinSet<()>,
+    /// Highest seq ever published by this process: acks are clipped to it, so that a
+    /// confused gateway cannot delete records that were never sent.
+    max_published: Option<u64>,
+}
+
+/// The state of one connection's sending.
+struct Sending {
+    in_flight: VecDeque<InFlight>,
+    /// Highest seq published on this connection since the last restart from the oldest.
+    cursor: Option<u64>,
+}
+
+/// Why a connection ended while connected.
+enum Stop {
+    Shutdown,
+    Lost(String),
+}
+
+impl<S: RecordSource> Runner<S> {
+    async fn session<F: Future<Output = ()>>(
+        &mut self,
+        opts: &MqttOptions,
+        mut shutdown: Pin<&mut F>,
+    ) -> Result<End, UplinkError> {
+        let (client, mut eventloop) = AsyncClient::new(opts.clone(), 64);
+        // Records and acks are small and frequent: Nagle's delay is pure latency here.
+        eventloop.network_options.set_tcp_nodelay(true);
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let _poller = AbortOnDrop(spawn_poller(eventloop, tx));
+
+        // The handshake: the poller owns it, so leaving here never cancels a poll.
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => return Ok(End::Shutdown),
+                ev = events.recv() => match ev {
+                    Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        let why = e.to_string();
+                        tracing::warn!(error = %why, "uplink: cannot connect to the broker");
+                        self.status.update(|s| {
+                            s.connect_failures += 1;
+                            s.last_error = Some(why);
+                        });
+                        return Ok(End::Lost { connected: false });
+                    }
+                    None => return Ok(End::Lost { connected: false }),
+                }
+            }
+        }
+
+        tracing::info!("uplink: connected");
+        self.status.update(|s| {
+            if s.connects > 0 {
+                s.reconnects += 1;
+            }
+            s.connects += 1;
+            s.connected = true;
+            s.last_connected_at = Some(jiff::Timestamp::now());
+        });
+        let stop = self.connected(&client, &mut events, shutdown).await;
+        self.status.update(|s| {
+            s.connected = false;
+            s.in_flight_batches = 0;
+        });
+        match stop? {
+            Stop::Shutdown => {
+                // A clean DISCONNECT discards the will, so say `offline` ourselves first;
+                // the broker handles this connection's packets in order.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client.publish(&self.topics.status, QoS::AtLeastOnce, true, STATUS_OFFLINE),
+                )
+                .await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+                // Give the poller the moment it needs to write both out.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Some(ev) = events.recv().await {
+                        if ev.is_err() {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                tracing::info!("uplink: disconnected");
+                Ok(End::Shutdown)
+            }
+            Stop::Lost(why) => {
+                tracing::warn!(error = %why, "uplink: connection lost");
+                self.status.update(|s| s.last_error = Some(why));
+                Ok(End::Lost { connected: true })
+            }
+        }
+    }
+
+    /// Runs one connection after its CONNACK until it fails or `shutdown` resolves.
+    async fn connected<F: Future<Output = ()>>(
+        &mut self,
+        client: &AsyncClient,
+        events: &mut mpsc::UnboundedReceiver<Result<Event, ConnectionError>>,
+        mut shutdown: Pin<&mut F>,
+    ) -> Result<Stop, UplinkError> {
+        // Clean session: subscriptions are made again on every connection. The broker
+        // handles them before the publishes that follow, so no ack can be missed.
+        for t in [&self.topics.ack, &self.topics.diag_req] {
+            if let Err(e) = client.subscribe(t, QoS::AtLeastOnce).await {
+                return Ok(Stop::Lost(closed_reason(events, e)));
+            }
+        }
+        if let Err(e) = client
+            .publish(&self.topics.status, QoS::AtLeastOnce, true, STATUS_ONLINE)
+            .await
+        {
+            return Ok(Stop::Lost(closed_reason(events, e)));
+        }
+        // After every connect, everything not acknowledged goes again from the oldest.
+        let mut sending = Sending {
+            in_flight: VecDeque::new(),
+            cursor: None,
+        };
+        loop {
+            if let Err(e) = self.fill(client, &mut sending).await? {
+                return Ok(Stop::Lost(closed_reason(events, e)));
+            }
+            let ack_deadline = sending
+                .in_flight
+                .iter()
+                .map(|b| b.sent_at)
+                .min()
+                .map(|t| t + self.limits.ack_timeout);
+            tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => return Ok(Stop::Shutdown),
+                ev = events.recv() => match ev {
+                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                        self.incoming(client, &mut sending, &p.topic, &p.payload).await?;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Ok(Stop::Lost(e.to_string())),
+                    None => return Ok(Stop::Lost("the MQTT event loop stopped".into())),
+                },
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep(IDLE_CHECK) => {}
+                _ = sleep_until_opt(ack_deadline) => {
+                    tracing::info!(
+                        in_flight = sending.in_flight.len(),
+                        "uplink: no ack in time; sending again from the oldest record"
+                    );
+                    sending.in_flight.clear();
+                    sending.cursor = None;
+                    self.status.update(|s| s.resends += 1);
+                }
+            }
+        }
+    }
+
+    /// Publishes batches while the window has room and the outbox has records. The outer
+    /// error is the outbox's (fatal), the inner one the connection's.
+    async fn fill(
+        &mut self,
+        client: &AsyncClient,
+        sending: &mut Sending,
+    ) -> Result<Result<(), rumqttc::ClientError>, UplinkError> {
+        while sending.in_flight.len() < self.limits.max_in_flight {
+            let mut records = self
+                .source
+                .pending(
+                    sending.cursor,
+                    self.limits.max_records,
+                    self.limits.max_bytes,
+                )
+                .map_err(|e| UplinkError::Source(Box::new(e)))?;
+            let Some(last) = records.last().map(|r| r.seq) else {
+                break;
+            };
+            let mut batch = UpBatch {
+                v: VERSION,
+                agent: self.agent.clone(),
+                site: self.site.clone(),
+                records: Vec::new(),
+            };
+            // Only a lone record can be too large (see Limits); it cannot be sent and it
+            // must not be lost, so it stays in the outbox and the cursor moves past it.
+            let payload = loop {
+                batch.records = std::mem::take(&mut records);
+                let payload = encode(&batch);
+                if payload.len() <= MAX_MESSAGE {
+                    break Some(payload);
+                }
+                records = std::mem::take(&mut batch.records);
+                if records.len() <= 1 {
+                    break None;
+                }
+                records.truncate(records.len() / 2);
+            };
+            let Some(payload) = payload else {
+                tracing::error!(
+                    seq = last,
+                    limit = MAX_MESSAGE,
+                    "uplink: a record is larger than one message may be; it stays in the outbox unsent"
+                );
+                self.status.update(|s| s.oversized_records += 1);
+                sending.cursor = Some(last);
+                continue;
+            };
+            let seqs: Vec<u64> = batch.records.iter().map(|r| r.seq).collect();
+            let last = seqs.last().copied().unwrap_or(last);
+            if let Err(e) = client
+                .publish(&self.topics.up, QoS::AtLeastOnce, false, payload)
+                .await
+            {
+                return Ok(Err(e));
+            }
+            sending.cursor = Some(last);
+            self.max_published = self.max_published.max(Some(last));
+            let n = seqs.len() as u64;
+            sending.in_flight.push_back(InFlight {
+                seqs,
+                sent_at: Instant::now(),
+            });
+            let in_flight = sending.in_flight.len();
+            self.status.update(|s| {
+                s.batches_sent += 1;
+                s.records_sent += n;
+                s.in_flight_batches = in_flight;
+            });
+        }
+        Ok(Ok(()))
+    }
+
+    async fn incoming(
+        &mut self,
+        client: &AsyncClient,
+        sending: &mut Sending,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<(), UplinkError> {
+        if topic == self.topics.ack {
+            match Ack::decode(payload) {
+                Ok(ack) => self.acked(sending, ack).await?,
+                Err(e) => self.malformed("ack", payload, &e),
+            }
+        } else if topic == self.topics.diag_req {
+            match DiagRequest::decode(payload) {
+                Ok(req) => self.diagnose(client, req),
+                Err(e) => self.malformed("diagnostic request", payload, &e),
+            }
+        }
+        Ok(())
+    }
+
+    fn malformed(&self, what: &str, payload: &[u8], err: &tend_wire::WireError) {
+        let prefix = String::from_utf8_lossy(&payload[..payload.len().min(LOG_PREFIX)]);
+        let err: String = err.to_string().chars().take(120).collect();
+        tracing::warn!(
+            len = payload.len(),
+            prefix = ?prefix,
+            error = %err,
+            "uplink: ignoring a malformed {what}"
+        );
+        self.status.update(|s| s.malformed_messages += 1);
+    }
+
+    async fn acked(&mut self, sending: &mut Sending, ack: Ack) -> Result<(), UplinkError> {
+        let ranges = clip(ack.ranges, self.max_published);
+        if ranges.is_empty() {
+            tracing::debug!("uplink: an ack names nothing this agent has sent");
+            return Ok(());
+        }
+        let deleted = self
+            .source
+            .ack(&ranges)
+            .await
+            .map_err(|e| UplinkError::Source(Box::new(e)))?;
+        for b in sending.in_flight.iter_mut() {
+            b.seqs.retain(|s| !covered(&ranges, *s));
+        }
+        sending.in_flight.retain(|b| !b.seqs.is_empty());
+        let in_flight = sending.in_flight.len();
+        self.status.update(|s| {
+            s.acks_received += 1;
+            s.records_acked += deleted;
+            s.in_flight_batches = in_flight;
+        });
+        Ok(())
+    }
+
+    fn diagnose(&mut self, client: &AsyncClient, req: DiagRequest) {
+        self.status.update(|s| s.diag_requests += 1);
+        while self.diag_tasks.try_join_next().is_some() {}
+        let client = client.clone();
+        let topic = self.topics.diag_resp.clone();
+        if self.diag_tasks.len() >= MAX_DIAG_CONCURRENT {
+            let resp = response(&req, Err("the agent is busy with other diagnostics".into()));
+            if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, encode(&resp)) {
+                tracing::debug!(error = %e, "uplink: cannot send a busy answer");
+            }
+            return;
+        }
+        let handler = self.diag.clone();
+        let timeout = self.diag_timeout;
+        self.diag_tasks.spawn(async move {
+            let answer = match tokio::time::timeout(timeout, handler(req.clone())).await {
+                Ok(a) => a,
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            };
+            let resp = response(&req, answer);
+            // If this connection is gone by now the answer is lost, and the hotline
+            // reports a timeout: a diagnostic is asked again, not queued.
+            if let Err(e) = client
+                .publish(topic, QoS::AtLeastOnce, false, encode(&resp))
+                .await
+            {
+                tracing::debug!(error = %e, "uplink: cannot send a diagnostic answer");
+            }
+        });
+    }
+}
+
+fn response(req: &DiagRequest, answer: Result<serde_json::Value, String>) -> DiagResponse {
+    let (ok, answer, error) = match answer {
+        Ok(a) => (true, a, None),
+        Err(e) => (false, serde_json::Value::Null, Some(e)),
+    };
+    DiagResponse {
+        v: VERSION,
+        id: req.id.clone(),
+        device: req.device.clone(),
+        request: req.request.clone(),
+        ok,
+        answer,
+        error,
+    }
+}
+
+/// Sorted ranges cut to seqs ≤ `max` (nothing when nothing was published).
+fn clip(mut ranges: Vec<SeqRange>, max: Option<u64>) -> Vec<SeqRange> {
+    let Some(max) = max else {
+        return Vec::new();
+    };
+    ranges.retain(|r| r.first <= r.last && r.first <= max);
+    for r in &mut ranges {
+        r.last = r.last.min(max);
+    }
+    ranges.sort_unstable();
+    ranges
+}
+
+/// Whether `seq` is in one of the sorted `ranges`.
+fn covered(ranges: &[SeqRange], seq: u64) -> bool {
+    // Ranges may overlap, so every one starting at or before `seq` is a candidate, not
+    // only the last of them. Acks hold few ranges.
+    let end = ranges.partition_point(|r| r.first <= seq);
+    ranges[..end].iter().any(|r| r.last >= seq)
+}
+
+fn closed_reason(
+    events: &mut mpsc::UnboundedReceiver<Result<Event, ConnectionError>>,
+    e: rumqttc::ClientError,
+) -> String {
+    // The client only fails when the event loop is gone; its error says why.
+    while let Ok(ev) = events.try_recv() {
+        if let Err(err) = ev {
+            return err.to_string();
+        }
+    }
+    format!("the MQTT event loop stopped ({e})")
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Polls one connection's event loop until it fails, handing every event over. The
+/// channel is unbounded so that the poller never waits for the session while the session
+/// waits for the poller (a publish blocks until the poller takes it).
+fn spawn_poller(
+    mut eventloop: EventLoop,
+    tx: mpsc::UnboundedSender<Result<Event, ConnectionError>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let ev = eventloop.poll().await;
+            let failed = ev.is_err();
+            if tx.send(ev).is_err() || failed {
+                // Polling again would make rumqttc reconnect on its own; a new session
+                // with a new event loop does that instead.
+                return;
+            }
+        }
+    })
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `min · 2^attempt`, capped at `max`, then a random point in its upper half (never
+/// below `min`), so that agents cut off together do not all come back at once.
+fn backoff(min: Duration, max: Duration, attempt: u32, random: u64) -> Duration {
+    let max = max.max(min);
+    let base = min
+        .saturating_mul(1u32 << attempt.min(20))
+        .min(max)
+        .max(Duration::from_millis(1));
+    let half = base / 2;
+    let spread = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    let jittered = half + Duration::from_nanos(random % spread.saturating_add(1));
+    jittered.clamp(min, max)
+}
+
+fn random_u64() -> u64 {
+    // Each RandomState has fresh keys: random enough for jitter, without a dependency.
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(0x7465_6e64);
+    h.finish()
+}
+
+/// `(host, port, tls)` of `mqtt://host[:port]` / `mqtts://host[:port]`.
+fn parse_broker(url: &str) -> Result<(String, u16, bool), UplinkError> {
+    let bad = |why: &str| UplinkError::Broker {
+        url: url.to_string(),
+        why: why.to_string(),
+    };
+    let (rest, tls) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (r, false)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true)
+    } else {
+        return Err(bad("expected mqtt://host:port or mqtts://host:port"));
+    };
+    if rest.contains('@') {
+        // Not echoed: the URL may hold a password.
+        return Err(UplinkError::Config(
+            "credentials in the broker URL are not supported (use username and password_file)"
+                .into(),
+        ));
+    }
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains('/') {
+        return Err(bad("expected mqtt://host:port or mqtts://host:port"));
+    }
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+        let (h, after) = inner.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| bad("the port is not a number"))?,
+            None if after.is_empty() => default_port,
+            None => return Err(bad("expected [address]:port")),
+        };
+        (h.to_string(), port)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse().map_err(|_| bad("the port is not a number"))?,
+            ),
+            None => (rest.to_string(), default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    Ok((host, port, tls))
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, UplinkError> {
+    std::fs::read(path).map_err(|source| UplinkError::ReadFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The password file's content without its trailing line break. Errors name the file,
+/// never its content.
+fn read_password(path: &Path) -> Result<String, UplinkError> {
+    let bytes = read_file("password file", path)?;
+    let mut text = String::from_utf8(bytes).map_err(|_| {
+        UplinkError::Config(format!("the password file {} is not UTF-8", path.display()))
+    })?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
+}
+
+/// A rustls client config with the ring provider: the CA bundle (or the system's roots)
+/// and an optional client certificate.
+fn tls_config(cfg: &UplinkConfig) -> Result<rustls::ClientConfig, UplinkError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let tls_err = |what: String| UplinkError::Tls(what);
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.ca_file {
+        Some(path) => {
+            let pem = read_file("CA file", path)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| tls_err(format!("CA file {}: {e}", path.display())))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(tls_err(format!(
+                    "CA file {}: no usable certificate",
+                    path.display()
+                )));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(tls_err(
+                    "no ca_file given and no system CA certificates found".into(),
+                ));
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| tls_err(e.to_string()))?
+    .with_root_certificates(roots);
+    match (&cfg.client_cert, &cfg.client_key) {
+        (Some(cert), Some(key)) => {
+            let pem = read_file("client certificate", cert)?;
+            let chain = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| tls_err(format!("client certificate {}: {e}", cert.display())))?;
+            if chain.is_empty() {
+                return Err(tls_err(format!(
+                    "client certificate {}: no certificate",
+                    cert.display()
+                )));
+            }
+            let key_pem = read_file("client key", key)?;
+            // The key's own parse error is not shown: it could quote key material.
+            let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+                tls_err(format!(
+                    "client key {}: no usable private key",
+                    key.display()
+                ))
+            })?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| tls_err(format!("client certificate and key: {e}")))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(UplinkError::Config(
+            "client_cert and client_key go together".into(),
+        )),
+    }
+}
+
+/// Everything about the connection that can be checked before connecting.
+fn mqtt_options(cfg: &UplinkConfig) -> Result<MqttOptions, UplinkError> {
+    if !topic::valid_agent_id(&cfg.agent_id) {
+        return Err(UplinkError::Config(format!(
+            "agent id {:?} is not a valid topic level",
+            cfg.agent_id
+        )));
+    }
+    let (host, port, tls) = parse_broker(&cfg.broker)?;
+    let mut opts = MqttOptions::new(cfg.agent_id.clone(), host, port);
+    opts.set_clean_session(true);
+    // rumqttc accepts whole seconds only (or zero, which disables keep-alive).
+    let ka = if cfg.keep_alive.is_zero() {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(cfg.keep_alive.as_secs().clamp(1, u64::from(u16::MAX)))
+    };
+    opts.set_keep_alive(ka);
+    opts.set_last_will(LastWill::new(
+        topic::status(&cfg.agent_id),
+        STATUS_OFFLINE,
+        QoS::AtLeastOnce,
+        true,
+    ));
+    opts.set_max_packet_size(MAX_MESSAGE + PACKET_SLACK, MAX_MESSAGE + PACKET_SLACK);
+    match (&cfg.username, &cfg.password_file) {
+        (Some(user), pw) => {
+            let password = match pw {
+                Some(p) => read_password(p)?,
+                None => String::new(),
+            };
+            opts.set_credentials(user.clone(), password);
+        }
+        (None, Some(_)) => {
+            return Err(UplinkError::Config(
+                "password_file needs a username (MQTT 3.1.1 has no password without one)".into(),
+            ))
+        }
+        (None, None) => {}
+    }
+    if tls {
+        let config = tls_config(cfg)?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(config),
+        )));
+    } else if cfg.ca_file.is_some() || cfg.client_cert.is_some() || cfg.client_key.is_some() {
+        return Err(UplinkError::Config(
+            "ca_file / client_cert / client_key need an mqtts:// broker".into(),
+        ));
+    }
+    Ok(opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            parse_broker("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884, false)
+        );
+        assert_eq!(
+            parse_broker("mqtts://gw.example").unwrap(),
+            ("gw.example".into(), 8883, true)
+        );
+        assert_eq!(
+            parse_broker("mqtt://[::1]:2000/").unwrap(),
+            ("::1".into(), 2000, false)
+        );
+        for bad in [
+            "tcp://h:1",
+            "mqtt://",
+            "mqtt://h:x",
+            "mqtt://h/path",
+            "h:1883",
+        ] {
+            assert!(parse_broker(bad).is_err(), "{bad}");
+        }
+        let e = parse_broker("mqtt://user:s3cret@h:1883").unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn backoff_stays_in_bounds_and_grows() {
+        let min = Duration::from_millis(500);
+        let max = Duration::from_secs(30);
+        for attempt in 0..40 {
+            for r in [0, 1, u64::MAX / 3, u64::MAX] {
+                let d = backoff(min, max, attempt, r);
+                assert!(d >= min && d <= max, "{attempt} {r} {d:?}");
+            }
+        }
+        assert!(backoff(min, max, 0, 0) < Duration::from_secs(1));
+        assert!(backoff(min, max, 10, 0) >= Duration::from_secs(15));
+        // min > max does not panic.
+        let d = backoff(Duration::from_secs(5), Duration::from_secs(1), 3, 7);
+        assert_eq!(d, Duration::from_secs(5));
+        let a = random_u64();
+        let b = random_u64();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn acks_are_clipped_to_what_was_sent() {
+        let r = |first, last| SeqRange { first, last };
+        assert_eq!(clip(vec![r(1, 5)], None), vec![]);
+        assert_eq!(
+            clip(vec![r(20, 30), r(1, 5), r(8, 12), r(6, 4)], Some(10)),
+            vec![r(1, 5), r(8, 10)]
+        );
+        let ranges = clip(vec![r(1, 100), r(3, 4), r(200, 300)], Some(1000));
+        assert!(covered(&ranges, 50));
+        assert!(covered(&ranges, 4));
+        assert!(covered(&ranges, 200));
+        assert!(!covered(&ranges, 150));
+        assert!(!covered(&ranges, 0));
+        assert!(!covered(&[], 0));
+    }
+
+    #[test]
+    fn password_file_loses_only_its_line_break() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pw");
+        std::fs::write(&p, "s3cret \r\n").unwrap();
+        assert_eq!(read_password(&p).unwrap(), "s3cret ");
+        std::fs::write(&p, "s3cret").unwrap();
+        assert_eq!(read_password(&p).unwrap(), "s3cret");
+        std::fs::write(&p, [0xff, 0xfe, b's']).unwrap();
+        let e = read_password(&p).unwrap_err().to_string();
+        assert!(e.contains("not UTF-8"), "{e}");
+        let e = read_password(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("password file"), "{e}");
+    }
+
+    #[test]
+    fn config_checks() {
+        let mut cfg = UplinkConfig::new("agent-1", "site", "mqtt://127.0.0.1:1883");
+        assert!(mqtt_options(&cfg).is_ok());
+        cfg.agent_id = "a/b".into();
+        assert!(matches!(mqtt_options(&cfg), Err(UplinkError::Config(_))));
+        cfg.agent_id = "agent-1".into();
+        cfg.password_file = Some("/nonexistent".into());
+        assert!(matches!(mqtt_options(&cfg), Err(UplinkError::Config(_))));
+        cfg.username = Some("u".into());
+        assert!(matches!(
+            mqtt_options(&cfg),
+            Err(UplinkError::ReadFile { .. })
+        ));
+        cfg.password_file = None;
+        cfg.ca_file = Some("/nonexistent".into());
+        assert!(matches!(mqtt_options(&cfg), Err(UplinkError::Config(_))));
+        cfg.broker = "mqtts://127.0.0.1".into();
+        assert!(matches!(
+            mqtt_options(&cfg),
+            Err(UplinkError::ReadFile {
+                what: "CA file",
+                ..
+            })
+        ));
+        cfg.keep_alive = Duration::from_millis(300);
+        cfg.ca_file = None;
+        cfg.broker = "mqtt://h".into();
+        // Sub-second keep-alive is rounded up instead of tripping rumqttc's assert.
+        assert_eq!(
+            mqtt_options(&cfg).unwrap().keep_alive(),
+            Duration::from_secs(1)
+        );
+    }
+}
