@@ -1,0 +1,755 @@
+//! The uplink against the embedded rumqttd broker on real sockets: a fake gateway (an MQTT
+//! client of the test) receives the batches and acks what it chooses; a TCP proxy between
+//! the agent and the broker is cut and restored to test reconnects, because rumqttd
+//! cannot be stopped.
+
+use jiff::Timestamp;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tend_agent::uplink::{
+    diag_handler, DiagHandler, RecordSource, Uplink, UplinkConfig, UplinkError, UplinkStatus,
+};
+use tend_wire::{
+    encode, ranges_of, topic, Ack, DiagRequest, DiagResponse, Record, RecordBody, SeqRange,
+    UpBatch, WireReading, VERSION,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------
+// An in-memory record source.
+
+#[derive(Default)]
+struct Mem {
+    records: BTreeMap<u64, Record>,
+    next: u64,
+}
+
+#[derive(Clone, Default)]
+struct MemSource(Arc<Mutex<Mem>>);
+
+#[derive(Debug, thiserror::Error)]
+#[error("never")]
+struct Never;
+
+impl MemSource {
+    fn append(&self, n: usize) -> Vec<u64> {
+        let mut m = lock(&self.0);
+        (0..n)
+            .map(|_| {
+                m.next += 1;
+                let seq = m.next;
+                m.records.insert(
+                    seq,
+                    Record {
+                        seq,
+                        at: Timestamp::now(),
+                        device: "icu7-vent".into(),
+                        body: RecordBody::Readings {
+                            readings: vec![WireReading {
+                                name: "battery".into(),
+                                value: tend_profiles::Value::Num(seq as f64),
+                                unit: Some("%".into()),
+                            }],
+                        },
+                    },
+                );
+                seq
+            })
+            .collect()
+    }
+    fn seqs(&self) -> BTreeSet<u64> {
+        lock(&self.0).records.keys().copied().collect()
+    }
+    fn len(&self) -> usize {
+        lock(&self.0).records.len()
+    }
+}
+
+impl RecordSource for MemSource {
+    type Error = Never;
+    fn pending(
+        &self,
+        after: Option<u64>,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, Never> {
+        let m = lock(&self.0);
+        let start = after.map_or(0, |a| a + 1);
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for r in m.records.range(start..).map(|(_, r)| r) {
+            let len = encode(r).len();
+            if out.len() >= max || (!out.is_empty() && bytes + len > max_bytes) {
+                break;
+            }
+            bytes += len;
+            out.push(r.clone());
+        }
+        Ok(out)
+    }
+    async fn ack(&self, ranges: &[SeqRange]) -> Result<u64, Never> {
+        let mut m = lock(&self.0);
+        let before = m.records.len();
+        m.records
+            .retain(|s, _| !ranges.iter().any(|r| r.first <= *s && *s <= r.last));
+        Ok((before - m.records.len()) as u64)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The fake gateway: subscribes to every agent's up, status and diag/resp.
+
+#[derive(Default)]
+struct Seen {
+    /// Seqs of each batch received, in order.
+    batches: Vec<Vec<u64>>,
+    /// Status payloads with their retain flag, in order.
+    statuses: Vec<(String, bool)>,
+    diag: Vec<DiagResponse>,
+    bad_batches: usize,
+}
+
+impl Seen {
+    fn all_seqs(&self) -> BTreeSet<u64> {
+        self.batches.iter().flatten().copied().collect()
+    }
+    fn times_seen(&self, seq: u64) -> usize {
+        self.batches.iter().flatten().filter(|s| **s == seq).count()
+    }
+}
+
+struct Gateway {
+    client: AsyncClient,
+    seen: Arc<Mutex<Seen>>,
+    auto_ack: Arc<AtomicBool>,
+    _task: AbortOnDrop,
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Gateway {
+    /// Connects and returns once its subscriptions are in place.
+    async fn start(broker: SocketAddr, id: &str, auto_ack: bool) -> Gateway {
+        let mut opts = MqttOptions::new(id, broker.ip().to_string(), broker.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(8 << 20, 8 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let auto = Arc::new(AtomicBool::new(auto_ack));
+        let (subscribed_tx, mut subscribed) = watch::channel(0usize);
+        let task = {
+            let client = client.clone();
+            let seen = seen.clone();
+            let auto = auto.clone();
+            tokio::spawn(async move {
+                let mut subacks = 0;
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            for t in ["tend/v1/+/up", "tend/v1/+/status", "tend/v1/+/diag/resp"] {
+                                client.try_subscribe(t, QoS::AtLeastOnce).unwrap();
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            subacks += 1;
+                            let _ = subscribed_tx.send(subacks);
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => match topic::parse(&p.topic) {
+                            Some(topic::Parsed::Up(agent)) => match UpBatch::decode(&p.payload) {
+                                Ok(b) => {
+                                    assert_eq!(b.agent, agent);
+                                    let seqs: Vec<u64> = b.records.iter().map(|r| r.seq).collect();
+                                    lock(&seen).batches.push(seqs.clone());
+                                    if auto.load(Ordering::SeqCst) {
+                                        let ack = Ack {
+                                            v: VERSION,
+                                            ranges: ranges_of(seqs),
+                                        };
+                                        client
+                                            .try_publish(
+                                                topic::ack(agent),
+                                                QoS::AtLeastOnce,
+                                                false,
+                                                encode(&ack),
+                                            )
+                                            .unwrap();
+                                    }
+                                }
+                                Err(_) => lock(&seen).bad_batches += 1,
+                            },
+                            Some(topic::Parsed::Status(_)) => lock(&seen)
+                                .statuses
+                                .push((String::from_utf8_lossy(&p.payload).into_owned(), p.retain)),
+                            Some(topic::Parsed::DiagResp(_)) => {
+                                if let Ok(r) = DiagResponse::decode(&p.payload) {
+                                    lock(&seen).diag.push(r);
+                                }
+                            }
+                            _ => {}
+                        },
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            })
+        };
+        tokio::time::timeout(WAIT, subscribed.wait_for(|n| *n >= 3))
+            .await
+            .expect("the fake gateway did not subscribe")
+            .unwrap();
+        Gateway {
+            client,
+            seen,
+            auto_ack: auto,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    fn seen<R>(&self, f: impl FnOnce(&Seen) -> R) -> R {
+        f(&lock(&self.seen))
+    }
+
+    async fn ack(&self, agent: &str, ranges: Vec<SeqRange>) {
+        let ack = Ack { v: VERSION, ranges };
+        self.raw(&topic::ack(agent), encode(&ack)).await;
+    }
+
+    async fn raw(&self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A TCP proxy the test can cut (every connection closed, new ones refused) and restore.
+
+struct Proxy {
+    addr: SocketAddr,
+    open: watch::Sender<bool>,
+    _task: AbortOnDrop,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (open, _) = watch::channel(true);
+        let open_rx = open.subscribe();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut down, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut open = open_rx.clone();
+                if !*open.borrow_and_update() {
+                    drop(down);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut up) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        _ = open.wait_for(|o| !*o) => {}
+                    }
+                    // Both sockets close here: the agent sees its connection drop, the
+                    // broker a client gone without DISCONNECT (so it fires the will).
+                });
+            }
+        });
+        Proxy {
+            addr,
+            open,
+            _task: AbortOnDrop(task),
+        }
+    }
+    fn url(&self) -> String {
+        format!("mqtt://{}", self.addr)
+    }
+    fn cut(&self) {
+        self.open.send_replace(false);
+    }
+    fn restore(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn test_config(agent: &str, broker: String) -> UplinkConfig {
+    let mut cfg = UplinkConfig::new(agent, "s-017-main", broker);
+    cfg.keep_alive = Duration::from_secs(1);
+    cfg.reconnect_min = Duration::from_millis(50);
+    cfg.reconnect_max = Duration::from_millis(300);
+    cfg
+}
+
+fn no_diag() -> DiagHandler {
+    diag_handler(|_req: DiagRequest| async { Err("no diagnostics here".to_string()) })
+}
+
+/// A running uplink: its stats, the notify to poke, and a way to stop it.
+struct Running {
+    status: UplinkStatus,
+    notify: Arc<Notify>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), UplinkError>>,
+}
+
+impl Running {
+    fn start<S: RecordSource>(cfg: UplinkConfig, source: S, diag: DiagHandler) -> Running {
+        let notify = Arc::new(Notify::new());
+        let uplink = Uplink::new(cfg, source, diag, notify.clone());
+        let status = uplink.status();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(uplink.run(async move {
+            let _ = stopped.await;
+        }));
+        Running {
+            status,
+            notify,
+            stop: Some(stop),
+            task,
+        }
+    }
+    async fn stop(mut self) -> Result<(), UplinkError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("the uplink did not stop")
+            .unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn broker() -> tend_devsim::broker::EmbeddedBroker {
+    tend_devsim::broker::spawn_embedded().expect("embedded broker")
+}
+
+fn range(first: u64, last: u64) -> SeqRange {
+    SeqRange { first, last }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_leave_only_on_the_gateways_ack() {
+    let b = broker();
+    let gw = Gateway::start(b.addr(), "gw-acks", false).await;
+    let agent = "agent-acks";
+    let source = MemSource::default();
+    source.append(120);
+    let mut cfg = test_config(agent, b.url());
+    cfg.batch_max_records = 25;
+    cfg.max_in_flight_batches = 2;
+    cfg.ack_timeout = Duration::from_secs(60);
+    let up = Running::start(cfg, source.clone(), no_diag());
+
+    // Two batches go out, then the window is full.
+    wait_until("two batches arrive", || gw.seen(|s| s.batches.len() >= 2)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        gw.seen(|s| s.batches.clone()),
+        vec![(1..=25).collect::<Vec<_>>(), (26..=50).collect()]
+    );
+    // PUBACKs came long ago; nothing left the outbox.
+    assert_eq!(source.len(), 120);
+
+    // An ack naming records never sent deletes nothing.
+    gw.ack(agent, vec![range(51, 120)]).await;
+    // Part of the first batch: exactly those seqs go.
+    gw.ack(agent, vec![range(1, 10), range(20, 25)]).await;
+    let expect: BTreeSet<u64> = (11..=19).chain(26..=120).collect();
+    wait_until("the partial ack is applied", || source.seqs() == expect).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(source.seqs(), expect, "unsent records were deleted");
+    assert_eq!(gw.seen(|s| s.batches.len()), 2, "the window is still full");
+
+    // The second batch completes: one more goes out.
+    gw.ack(agent, vec![range(26, 50)]).await;
+    wait_until("a third batch arrives", || {
+        gw.seen(|s| s.batches.len() == 3)
+    })
+    .await;
+    assert_eq!(
+        gw.seen(|s| s.batches[2].clone()),
+        (51..=75).collect::<Vec<_>>()
+    );
+
+    // From now on the gateway acks everything; the rest of the first batch too.
+    gw.auto_ack.store(true, Ordering::SeqCst);
+    gw.ack(agent, vec![range(11, 19), range(51, 75)]).await;
+    up.notify.notify_one();
+    wait_until("the outbox is empty", || source.len() == 0).await;
+    assert_eq!(gw.seen(|s| s.all_seqs()), (1..=120).collect());
+
+    // New records go at once after a poke.
+    source.append(5);
+    up.notify.notify_one();
+    wait_until("new records are acked", || source.len() == 0).await;
+    assert_eq!(gw.seen(|s| s.all_seqs()), (1..=125).collect());
+    let stats = up.status.snapshot();
+    assert_eq!(stats.records_acked, 125);
+    assert_eq!(stats.connects, 1);
+    assert!(stats.connected);
+    assert_eq!(gw.seen(|s| s.bad_batches), 0);
+    up.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_batches_are_sent_again_from_the_oldest() {
+    let b = broker();
+    let gw = Gateway::start(b.addr(), "gw-resend", false).await;
+    let agent = "agent-resend";
+    let source = MemSource::default();
+    source.append(30);
+    let mut cfg = test_config(agent, b.url());
+    cfg.batch_max_records = 10;
+    cfg.max_in_flight_batches = 2;
+    cfg.ack_timeout = Duration::from_millis(400);
+    let up = Running::start(cfg, source.clone(), no_diag());
+
+    wait_until("the first batch is sent three times", || {
+        gw.seen(|s| s.times_seen(1) >= 3)
+    })
+    .await;
+    // Never past the window: the third batch was never sent.
+    assert!(
+        gw.seen(|s| s.all_seqs()) == (1..=20).collect(),
+        "{:?}",
+        gw.seen(|s| s.all_seqs())
+    );
+    assert_eq!(source.len(), 30);
+    assert!(up.status.snapshot().resends >= 2);
+
+    // Acking the first batch moves the window on; records 11.. are still resent.
+    gw.ack(agent, vec![range(1, 10)]).await;
+    wait_until("records 21..30 go out", || {
+        gw.seen(|s| s.all_seqs().contains(&30))
+    })
+    .await;
+    assert_eq!(source.seqs(), (11..=30).collect());
+    gw.auto_ack.store(true, Ordering::SeqCst);
+    wait_until("the outbox is empty", || source.len() == 0).await;
+    up.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_loses_nothing_and_the_will_says_offline() {
+    let b = broker();
+    let gw = Gateway::start(b.addr(), "gw-cut", true).await;
+    let proxy = Proxy::start(b.addr()).await;
+    let agent = "agent-cut";
+    let source = MemSource::default();
+    source.append(50);
+    let mut cfg = test_config(agent, proxy.url());
+    cfg.batch_max_records = 10;
+    cfg.max_in_flight_batches = 3;
+    cfg.ack_timeout = Duration::from_secs(60);
+    let up = Running::start(cfg, source.clone(), no_diag());
+
+    wait_until("the first 50 are acked", || source.len() == 0).await;
+    assert_eq!(
+        gw.seen(|s| s.statuses.last().cloned()),
+        Some(("online".to_string(), false))
+    );
+
+    // The gateway stops acking: these stay in flight when the connection goes.
+    gw.auto_ack.store(false, Ordering::SeqCst);
+    source.append(20);
+    up.notify.notify_one();
+    wait_until("51..70 arrive", || gw.seen(|s| s.all_seqs().contains(&70))).await;
+    assert_eq!(gw.seen(|s| s.times_seen(51)), 1);
+
+    proxy.cut();
+    wait_until("the broker publishes the will", || {
+        gw.seen(|s| s.statuses.last().map(|x| x.0.clone())) == Some("offline".into())
+    })
+    .await;
+    wait_until("the uplink notices", || !up.status.snapshot().connected).await;
+    // Records made while cut off wait in the outbox.
+    source.append(30);
+    up.notify.notify_one();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(source.len(), 50);
+    assert!(!gw.seen(|s| s.all_seqs().contains(&71)));
+
+    gw.auto_ack.store(true, Ordering::SeqCst);
+    proxy.restore();
+    wait_until("everything is acked after the reconnect", || {
+        source.len() == 0
+    })
+    .await;
+    assert_eq!(gw.seen(|s| s.all_seqs()), (1..=100).collect());
+    // The batches in flight at the cut went again after the reconnect.
+    assert!(gw.seen(|s| s.times_seen(51)) >= 2);
+    assert_eq!(
+        gw.seen(|s| s.statuses.last().cloned()),
+        Some(("online".to_string(), false))
+    );
+    let stats = up.status.snapshot();
+    assert!(stats.reconnects >= 1, "{stats:?}");
+    assert!(stats.connected);
+    assert!(stats.last_error.is_some());
+    up.stop().await.unwrap();
+}
+
+/// A fresh subscriber to the agent's status topic: the retained message it gets first.
+async fn retained_status(broker: SocketAddr, agent: &str) -> Option<String> {
+    let mut opts = MqttOptions::new(
+        format!("peek-{agent}"),
+        broker.ip().to_string(),
+        broker.port(),
+    );
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let t = topic::status(agent);
+    let found = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    client.subscribe(&t, QoS::AtLeastOnce).await.unwrap();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == t => {
+                    assert!(p.retain, "a status message to a new subscriber is retained");
+                    return String::from_utf8_lossy(&p.payload).into_owned();
+                }
+                Ok(_) => {}
+                Err(e) => panic!("peek: {e}"),
+            }
+        }
+    })
+    .await
+    .ok();
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_is_retained_and_offline_follows_a_clean_stop() {
+    let b = broker();
+    let agent = "agent-status";
+    let source = MemSource::default();
+    let up = Running::start(test_config(agent, b.url()), source, no_diag());
+    wait_until("connected", || up.status.snapshot().connected).await;
+    // The online publish follows the CONNACK closely; give it a moment.
+    let mut status = None;
+    for _ in 0..20 {
+        status = retained_status(b.addr(), agent).await;
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status.as_deref(), Some("online"));
+    up.stop().await.unwrap();
+    assert_eq!(
+        retained_status(b.addr(), agent).await.as_deref(),
+        Some("offline")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnostics_round_trip_and_malformed_messages_are_ignored() {
+    let b = broker();
+    let gw = Gateway::start(b.addr(), "gw-diag", true).await;
+    let agent = "agent-diag";
+    let source = MemSource::default();
+    let diag = diag_handler(|req: DiagRequest| async move {
+        match req.request.as_str() {
+            "outbox" => Ok(serde_json::json!({"records": 0, "device": req.device})),
+            "slow" => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(serde_json::Value::Null)
+            }
+            other => Err(format!("`{other}` is not listed")),
+        }
+    });
+    let mut cfg = test_config(agent, b.url());
+    cfg.diag_timeout = Duration::from_millis(300);
+    let up = Running::start(cfg, source.clone(), diag);
+    wait_until("connected", || up.status.snapshot().connected).await;
+    // The subscriptions follow the CONNACK; wait for `online`, published after them.
+    wait_until("online", || gw.seen(|s| !s.statuses.is_empty())).await;
+
+    // Garbage first: none of it may stop the uplink.
+    let ack_t = topic::ack(agent);
+    let req_t = topic::diag_req(agent);
+    gw.raw(&ack_t, b"{not json".to_vec()).await;
+    gw.raw(
+        &ack_t,
+        br#"{"v":1,"ranges":[{"first":9,"last":3}]}"#.to_vec(),
+    )
+    .await;
+    gw.raw(&ack_t, br#"{"v":7,"ranges":[]}"#.to_vec()).await;
+    gw.raw(&ack_t, vec![0xff, 0xfe, 0x00]).await;
+    gw.raw(&req_t, b"[]".to_vec()).await;
+    gw.raw(&req_t, br#"{"v":1,"id":"x"}"#.to_vec()).await;
+    gw.raw(&req_t, vec![b'{'; 100_000]).await;
+
+    let ask = |id: &str, request: &str| DiagRequest {
+        v: VERSION,
+        id: id.into(),
+        device: "icu7-vent".into(),
+        request: request.into(),
+    };
+    gw.raw(&req_t, encode(&ask("r1", "outbox"))).await;
+    gw.raw(&req_t, encode(&ask("r2", "selftest"))).await;
+    gw.raw(&req_t, encode(&ask("r3", "slow"))).await;
+    wait_until("three answers", || gw.seen(|s| s.diag.len() >= 3)).await;
+    let answers: BTreeMap<String, DiagResponse> =
+        gw.seen(|s| s.diag.iter().map(|r| (r.id.clone(), r.clone())).collect());
+    let r1 = &answers["r1"];
+    assert!(r1.ok);
+    assert_eq!(r1.request, "outbox");
+    assert_eq!(r1.device, "icu7-vent");
+    assert_eq!(r1.answer["device"], "icu7-vent");
+    let r2 = &answers["r2"];
+    assert!(!r2.ok);
+    assert!(r2.error.as_deref().unwrap().contains("not listed"));
+    let r3 = &answers["r3"];
+    assert!(!r3.ok);
+    assert!(
+        r3.error.as_deref().unwrap().contains("no answer within"),
+        "{r3:?}"
+    );
+
+    // Still the same connection, and records still flow.
+    source.append(10);
+    up.notify.notify_one();
+    wait_until("records are acked", || source.len() == 0).await;
+    let stats = up.status.snapshot();
+    assert_eq!(stats.connects, 1, "{stats:?}");
+    assert_eq!(stats.malformed_messages, 7, "{stats:?}");
+    assert_eq!(stats.diag_requests, 3);
+    up.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_outbox_drains_on_acks() {
+    use tend_agent::outbox::{Outbox, OutboxConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(OutboxConfig::new(dir.path().join("outbox.redb")))
+        .await
+        .unwrap();
+    let b = broker();
+    let gw = Gateway::start(b.addr(), "gw-outbox", true).await;
+    let agent = "agent-outbox";
+    let items: Vec<_> = (0..2000)
+        .map(|i| {
+            (
+                "icu7-vent".to_string(),
+                Timestamp::now(),
+                RecordBody::Readings {
+                    readings: vec![WireReading {
+                        name: "battery".into(),
+                        value: tend_profiles::Value::Num(f64::from(i)),
+                        unit: None,
+                    }],
+                },
+            )
+        })
+        .collect();
+    let seqs = outbox.append_many(items).await.unwrap();
+    let mut cfg = test_config(agent, b.url());
+    cfg.batch_max_records = 300;
+    cfg.max_in_flight_batches = 4;
+    let up = Running::start(cfg, outbox.clone(), no_diag());
+    wait_until("the outbox drains", || outbox.stats().records == 0).await;
+    let want: BTreeSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(gw.seen(|s| s.all_seqs()), want);
+
+    // Appends while running go out after the poke.
+    let more = outbox
+        .append(
+            "icu7-vent",
+            Timestamp::now(),
+            RecordBody::Dropped {
+                count: 0,
+                first_seq: 0,
+                last_seq: 0,
+            },
+        )
+        .await
+        .unwrap();
+    up.notify.notify_one();
+    wait_until("the new record is acked", || outbox.stats().records == 0).await;
+    assert!(gw.seen(|s| s.all_seqs().contains(&more)));
+    up.stop().await.unwrap();
+    outbox.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_configuration_is_an_error_before_connecting() {
+    let cfg = UplinkConfig::new("agent-x", "s", "http://127.0.0.1:1");
+    let err = tend_agent::uplink::run(
+        cfg,
+        MemSource::default(),
+        no_diag(),
+        Arc::new(Notify::new()),
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, UplinkError::Broker { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_retried_until_shutdown() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let up = Running::start(
+        test_config("agent-away", format!("mqtt://127.0.0.1:{port}")),
+        MemSource::default(),
+        no_diag(),
+    );
+    wait_until("a few attempts failed", || {
+        up.status.snapshot().connect_failures >= 3
+    })
+    .await;
+    let stats = up.status.snapshot();
+    assert!(!stats.connected);
+    assert!(stats.last_error.is_some());
+    up.stop().await.unwrap();
+}
