@@ -1,10 +1,12 @@
 //! The uplink against the embedded rumqttd broker on real sockets: a fake gateway (an MQTT
 //! client of the test) receives the batches and acks what it chooses; a TCP proxy between
 //! the agent and the broker is cut and restored to test reconnects, because rumqttd
-//! cannot be stopped.
+//! cannot be stopped. TLS goes through a TLS-terminating proxy in front of the broker.
 
 use jiff::Timestamp;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -752,4 +754,287 @@ async fn an_unreachable_broker_is_retried_until_shutdown() {
     assert!(!stats.connected);
     assert!(stats.last_error.is_some());
     up.stop().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS. Test-only certificates (P-256, valid until 2126), made with openssl:
+// a CA; a server certificate for localhost / 127.0.0.1 and a client certificate, both
+// signed by it; and an unrelated CA. The keys are throwaway test material.
+
+const CA_PEM: &str = "\
+-----BEGIN CERTIFICATE-----\n\
+MIIBlTCCATugAwIBAgIUQvtTLYBH/0cR39aqP11r3kmjjcIwCgYIKoZIzj0EAwIw\n\
+FzEVMBMGA1UEAwwMdGVuZCB0ZXN0IENBMCAXDTI2MTEyOTA4MTQ0NloYDzIxMjYx\n\
+MTA1MDgxNDQ2WjAXMRUwEwYDVQQDDAx0ZW5kIHRlc3QgQ0EwWTATBgcqhkjOPQIB\n\
+BggqhkjOPQMBBwNCAATqMWz5dbSqhRPoulnl4ifwz04U3XxX2B90fxG5R4fc7D4/\n\
+1wj8ogTHJmEGIPlsf6mh3hd5UdDeboTpL/IgkScxo2MwYTAdBgNVHQ4EFgQUZ4dr\n\
+0ezeKQG13q0NcVENcuQT8C4wHwYDVR0jBBgwFoAUZ4dr0ezeKQG13q0NcVENcuQT\n\
+8C4wDwYDVR0TAQH/BAUwAwEB/zAOBgNVHQ8BAf8EBAMCAQYwCgYIKoZIzj0EAwID\n\
+SAAwRQIhAL6YWF5Z1SRtx2nIBQpb3BUFZLq2b3Z4nHhjFJ/D7bL2AiAaiYVKL+fW\n\
+DR+kX1KzfZFSMDf+WCMFJVWPnbBzKAPe9A==\n\
+-----END CERTIFICATE-----\n\
+";
+
+const OTHER_CA_PEM: &str = "\
+-----BEGIN CERTIFICATE-----\n\
+MIIBljCCAT2gAwIBAgIUbfCT0hfWGXBfADhGC19qsDRAPjYwCgYIKoZIzj0EAwIw\n\
+GDEWMBQGA1UEAwwNc29tZSBvdGhlciBDQTAgFw0yNjExMjkwODE0NDZaGA8yMTI2\n\
+MTEwNTA4MTQ0NlowGDEWMBQGA1UEAwwNc29tZSBvdGhlciBDQTBZMBMGByqGSM49\n\
+AgEGCCqGSM49AwEHA0IABG8tMFm8F/lwsWmgaF5f9RJNIkIz0ai0+vQ2KSXIBPJO\n\
+dXE4XTi0zHXrh/SGrPV5uHI+S5klRDGGjBGw1bKNwNqjYzBhMB0GA1UdDgQWBBRV\n\
+91MzJxRnKgzxyJlcyRCe58GBMzAfBgNVHSMEGDAWgBRV91MzJxRnKgzxyJlcyRCe\n\
+58GBMzAPBgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwIBBjAKBggqhkjOPQQD\n\
+AgNHADBEAiA/j5a0HHpLllvmv7D403nDAqnctZwAmYh/GTnB1jqlWwIgST0aDPJO\n\
+u0XJvANzdMGOQsj9xpLIBSo9/uvHOQOCmmw=\n\
+-----END CERTIFICATE-----\n\
+";
+
+const SERVER_CERT_PEM: &str = "\
+-----BEGIN CERTIFICATE-----\n\
+MIIBuzCCAWKgAwIBAgIUWZ2U/Ufqk9Ex3eruX7adoCSuDK8wCgYIKoZIzj0EAwIw\n\
+FzEVMBMGA1UEAwwMdGVuZCB0ZXN0IENBMCAXDTI2MTEyOTA4MTQ0NloYDzIxMjYx\n\
+MTA1MDgxNDQ2WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggq\n\
+hkjOPQMBBwNCAATcJmWWRsg3Eg7h87cgDANcS5BwoG02NrmsT/A536t1t9tc5med\n\
+imVJF7dFNfHA5htwh1OKJfPazUcmUdJmNjZYo4GMMIGJMBoGA1UdEQQTMBGCCWxv\n\
+Y2FsaG9zdIcEfwAAATAJBgNVHRMEAjAAMAsGA1UdDwQEAwIHgDATBgNVHSUEDDAK\n\
+BggrBgEFBQcDATAdBgNVHQ4EFgQU8mIYjBSGbfzt4MYfO56hJYOjOZYwHwYDVR0j\n\
+BBgwFoAUZ4dr0ezeKQG13q0NcVENcuQT8C4wCgYIKoZIzj0EAwIDRwAwRAIgeGkx\n\
+n4Zr4+t7ir5d0bNbWbvw/kB0JlkRp7PkBQa0fhMCID3dTFBLGPbxBedq0/xlKxeq\n\
+6C1t7T54CCsjFw2WZXxH\n\
+-----END CERTIFICATE-----\n\
+";
+
+const SERVER_KEY_PEM: &str = "\
+-----BEGIN PRIVATE KEY-----\n\
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgd9xyUaR2swgVhMNN\n\
+UIoNYICN2NBDN4+S90rgTXcaRtGhRANCAATcJmWWRsg3Eg7h87cgDANcS5BwoG02\n\
+NrmsT/A536t1t9tc5medimVJF7dFNfHA5htwh1OKJfPazUcmUdJmNjZY\n\
+-----END PRIVATE KEY-----\n\
+";
+
+const CLIENT_CERT_PEM: &str = "\
+-----BEGIN CERTIFICATE-----\n\
+MIIBnTCCAUSgAwIBAgIUWZ2U/Ufqk9Ex3eruX7adoCSuDLAwCgYIKoZIzj0EAwIw\n\
+FzEVMBMGA1UEAwwMdGVuZCB0ZXN0IENBMCAXDTI2MTEyOTA4MTQ0NloYDzIxMjYx\n\
+MTA1MDgxNDQ2WjAUMRIwEAYDVQQDDAlhZ2VudC10bHMwWTATBgcqhkjOPQIBBggq\n\
+hkjOPQMBBwNCAATiHbx3SlNUUAuFWn/Olte49JXMFuQDiOQqb96gXNz4UxNijOUf\n\
+2vAZOLMHtM1kufOF4BixUQVMx2BQByNhC39Ro28wbTAJBgNVHRMEAjAAMAsGA1Ud\n\
+DwQEAwIHgDATBgNVHSUEDDAKBggrBgEFBQcDAjAdBgNVHQ4EFgQUL8tw4dqMYiBd\n\
+SxCjOtsmAVaCysQwHwYDVR0jBBgwFoAUZ4dr0ezeKQG13q0NcVENcuQT8C4wCgYI\n\
+KoZIzj0EAwIDRwAwRAIgL2bPodtW396EJCpE54KYwGMndl1+d9BVaLxOm5v1fP4C\n\
+ID57t5Wic8RjIGrYBL1Va/z4vzLlsBAoABg5eVPRxDLr\n\
+-----END CERTIFICATE-----\n\
+";
+
+const CLIENT_KEY_PEM: &str = "\
+-----BEGIN PRIVATE KEY-----\n\
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQguNroWM7NfCEU9faZ\n\
+adKfn9FDh3j4VT9yiHPO//5RegmhRANCAATiHbx3SlNUUAuFWn/Olte49JXMFuQD\n\
+iOQqb96gXNz4UxNijOUf2vAZOLMHtM1kufOF4BixUQVMx2BQByNhC39R\n\
+-----END PRIVATE KEY-----\n\
+";
+
+/// A TLS-terminating proxy in front of the plain embedded broker (rumqttd is built
+/// without TLS here), optionally requiring a client certificate from the test CA.
+async fn tls_proxy(upstream: SocketAddr, require_client_cert: bool) -> (SocketAddr, AbortOnDrop) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = if require_client_cert {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(CA_PEM.as_bytes()).unwrap())
+            .unwrap();
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap();
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let chain = vec![CertificateDer::from_pem_slice(SERVER_CERT_PEM.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(SERVER_KEY_PEM.as_bytes()).unwrap();
+    let config = builder.with_single_cert(chain, key).unwrap();
+    let acceptor = rumqttc::tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut up) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    (addr, AbortOnDrop(task))
+}
+
+/// Writes the test PEMs into `dir` and points `cfg` at them.
+fn with_tls_files(cfg: &mut UplinkConfig, dir: &std::path::Path, ca: &str, client: bool) {
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    cfg.ca_file = Some(write("ca.pem", ca));
+    if client {
+        cfg.client_cert = Some(write("client.pem", CLIENT_CERT_PEM));
+        cfg.client_key = Some(write("client.key", CLIENT_KEY_PEM));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_with_a_client_certificate_delivers() {
+    let b = broker();
+    let gw = Gateway::start(b.addr(), "gw-tls", true).await;
+    let (addr, _proxy) = tls_proxy(b.addr(), true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let source = MemSource::default();
+    source.append(40);
+    let mut cfg = test_config("agent-tls", format!("mqtts://127.0.0.1:{}", addr.port()));
+    with_tls_files(&mut cfg, dir.path(), CA_PEM, true);
+    let up = Running::start(cfg, source.clone(), no_diag());
+    wait_until("the records are acked over TLS", || source.len() == 0).await;
+    assert_eq!(gw.seen(|s| s.all_seqs()), (1..=40).collect());
+    up.stop().await.unwrap();
+
+    // By name too: the server certificate is for localhost.
+    source.append(1);
+    let mut cfg = test_config("agent-tls", format!("mqtts://localhost:{}", addr.port()));
+    with_tls_files(&mut cfg, dir.path(), CA_PEM, true);
+    let up = Running::start(cfg, source.clone(), no_diag());
+    wait_until("acked via localhost", || source.len() == 0).await;
+    up.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_refuses_an_unknown_server_and_is_refused_without_a_client_certificate() {
+    let b = broker();
+    let gw = Gateway::start(b.addr(), "gw-tls-bad", true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let source = MemSource::default();
+    source.append(3);
+
+    // The server's certificate is not from the configured CA.
+    let (addr, _proxy) = tls_proxy(b.addr(), false).await;
+    let mut cfg = test_config(
+        "agent-tls-bad",
+        format!("mqtts://127.0.0.1:{}", addr.port()),
+    );
+    with_tls_files(&mut cfg, dir.path(), OTHER_CA_PEM, false);
+    let up = Running::start(cfg, source.clone(), no_diag());
+    wait_until("attempts fail", || {
+        up.status.snapshot().connect_failures >= 2
+    })
+    .await;
+    let err = up.status.snapshot().last_error.unwrap_or_default();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    up.stop().await.unwrap();
+
+    // The server wants a client certificate and gets none.
+    let (addr, _proxy2) = tls_proxy(b.addr(), true).await;
+    let mut cfg = test_config(
+        "agent-tls-bad",
+        format!("mqtts://127.0.0.1:{}", addr.port()),
+    );
+    with_tls_files(&mut cfg, dir.path(), CA_PEM, false);
+    let up = Running::start(cfg, source.clone(), no_diag());
+    wait_until("attempts fail", || {
+        up.status.snapshot().connect_failures >= 2
+    })
+    .await;
+    assert!(!up.status.snapshot().connected);
+    up.stop().await.unwrap();
+
+    assert_eq!(source.len(), 3);
+    assert!(gw.seen(|s| s.batches.is_empty()));
+}
+
+/// A shared buffer the test's log subscriber writes into.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One current-thread runtime, so that the thread-local log subscriber sees every task.
+#[tokio::test]
+async fn the_password_is_sent_from_its_file_and_never_logged() {
+    let logs = LogBuf::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    // A "broker" that reads the CONNECT and refuses it (return code 5, not authorized).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (connect_tx, mut connects) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let _server = AbortOnDrop(tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let mut buf = vec![0u8; 4096];
+            let mut got = 0;
+            // The CONNECT is short: read until its remaining length is in.
+            while got < 2 || got < 2 + usize::from(buf[1]) {
+                match s.read(&mut buf[got..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            let _ = connect_tx.send(buf[..got].to_vec());
+            let _ = s.write_all(&[0x20, 0x02, 0x00, 0x05]).await;
+        }
+    }));
+
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("mqtt.pw");
+    std::fs::write(&pw, "s3cret-pw\n").unwrap();
+    let mut cfg = test_config("agent-pw", format!("mqtt://127.0.0.1:{port}"));
+    cfg.username = Some("agent-pw-user".into());
+    cfg.password_file = Some(pw);
+    let up = Running::start(cfg, MemSource::default(), no_diag());
+    let connect = tokio::time::timeout(WAIT, connects.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // CONNECT ends with the username and the password, each length-prefixed; the file's
+    // newline is not part of it.
+    assert!(
+        connect.ends_with(b"\x00\x0dagent-pw-user\x00\x09s3cret-pw"),
+        "{connect:?}"
+    );
+    wait_until("attempts fail", || {
+        up.status.snapshot().connect_failures >= 2
+    })
+    .await;
+    let stats = up.status.snapshot();
+    up.stop().await.unwrap();
+    let logged = String::from_utf8_lossy(&lock(&logs.0)).into_owned();
+    assert!(logged.contains("cannot connect"), "{logged}");
+    assert!(!logged.contains("s3cret"), "{logged}");
+    assert!(!format!("{stats:?}").contains("s3cret"));
 }
