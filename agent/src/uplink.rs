@@ -4,8 +4,9 @@
 //! - One MQTT connection at a time, clean session, QoS 1. The client id is the agent id,
 //!   so a new connection takes over a half-open old one at the broker instead of both
 //!   living side by side. Last will `offline` (retained) on `tend/v1/<agent>/status`;
-//!   `online` (retained) is published after every connect, `offline` before a clean
-//!   shutdown (a clean DISCONNECT discards the will).
+//!   `online` (retained) is published after every connect, and again whenever the
+//!   status reads `offline` while connected (an old connection's will fired late);
+//!   `offline` before a clean shutdown (a clean DISCONNECT discards the will).
 //! - Records are read from a [`RecordSource`] (the [`Outbox`]) oldest first and published
 //!   as [`UpBatch`]es on `up`, at most `max_in_flight_batches` of them unacknowledged.
 //!   A record leaves the outbox only when the gateway's application-level [`Ack`] names
@@ -484,8 +485,10 @@ impl<S: RecordSource> Runner<S> {
         mut shutdown: Pin<&mut F>,
     ) -> Result<Stop, UplinkError> {
         // Clean session: subscriptions are made again on every connection. The broker
-        // handles them before the publishes that follow, so no ack can be missed.
-        for t in [&self.topics.ack, &self.topics.diag_req] {
+        // handles them before the publishes that follow, so no ack can be missed. The
+        // agent also listens to its own status: the will of an older connection that the
+        // broker noticed dead only now says `offline` after this one said `online`.
+        for t in [&self.topics.ack, &self.topics.diag_req, &self.topics.status] {
             if let Err(e) = client.subscribe(t, QoS::AtLeastOnce).await {
                 return Ok(Stop::Lost(closed_reason(events, e)));
             }
@@ -628,6 +631,14 @@ impl<S: RecordSource> Runner<S> {
                 Ok(req) => self.diagnose(client, req),
                 Err(e) => self.malformed("diagnostic request", payload, &e),
             }
+        } else if topic == self.topics.status && payload == STATUS_OFFLINE.as_bytes() {
+            // Connected, so that is stale (an old connection's will, or a retained
+            // leftover): say `online` again. If this fails the connection is going and
+            // the poller reports why.
+            tracing::debug!("uplink: the status says offline while connected; correcting");
+            let _ = client
+                .publish(&self.topics.status, QoS::AtLeastOnce, true, STATUS_ONLINE)
+                .await;
         }
         Ok(())
     }

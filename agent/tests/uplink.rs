@@ -242,11 +242,14 @@ impl Gateway {
 }
 
 // ---------------------------------------------------------------------------------------
-// A TCP proxy the test can cut (every connection closed, new ones refused) and restore.
+// A TCP proxy the test can cut (every connection closed, new ones refused) and restore,
+// or stall (the connections open now stay open but carry nothing more, like a pulled
+// cable; new ones work).
 
 struct Proxy {
     addr: SocketAddr,
     open: watch::Sender<bool>,
+    stall: watch::Sender<u64>,
     _task: AbortOnDrop,
 }
 
@@ -256,6 +259,8 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let (open, _) = watch::channel(true);
         let open_rx = open.subscribe();
+        let (stall, _) = watch::channel(0u64);
+        let stall_rx = stall.subscribe();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut down, _)) = listener.accept().await else {
@@ -266,13 +271,20 @@ impl Proxy {
                     drop(down);
                     continue;
                 }
+                let mut stall = stall_rx.clone();
+                let born = *stall.borrow_and_update();
                 tokio::spawn(async move {
                     let Ok(mut up) = TcpStream::connect(upstream).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                        _ = open.wait_for(|o| !*o) => {}
+                    let stalled = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => false,
+                        _ = open.wait_for(|o| !*o) => false,
+                        _ = stall.wait_for(|g| *g > born) => true,
+                    };
+                    if stalled {
+                        // Silence: nothing is forwarded, nothing is closed.
+                        let _ = open.wait_for(|o| !*o).await;
                     }
                     // Both sockets close here: the agent sees its connection drop, the
                     // broker a client gone without DISCONNECT (so it fires the will).
@@ -282,6 +294,7 @@ impl Proxy {
         Proxy {
             addr,
             open,
+            stall,
             _task: AbortOnDrop(task),
         }
     }
@@ -293,6 +306,9 @@ impl Proxy {
     }
     fn restore(&self) {
         self.open.send_replace(true);
+    }
+    fn stall(&self) {
+        self.stall.send_modify(|g| *g += 1);
     }
 }
 
@@ -532,6 +548,50 @@ async fn a_cut_connection_loses_nothing_and_the_will_says_offline() {
     up.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_detected_and_the_status_ends_online() {
+    let b = broker();
+    let gw = Gateway::start(b.addr(), "gw-stall", true).await;
+    let proxy = Proxy::start(b.addr()).await;
+    let agent = "agent-stall";
+    let source = MemSource::default();
+    source.append(10);
+    let mut cfg = test_config(agent, proxy.url());
+    cfg.batch_max_records = 5;
+    cfg.ack_timeout = Duration::from_secs(60);
+    let up = Running::start(cfg, source.clone(), no_diag());
+    wait_until("the first records are acked", || source.len() == 0).await;
+
+    gw.auto_ack.store(false, Ordering::SeqCst);
+    source.append(10);
+    up.notify.notify_one();
+    wait_until("11..20 arrive", || gw.seen(|s| s.all_seqs().contains(&20))).await;
+    gw.auto_ack.store(true, Ordering::SeqCst);
+    proxy.stall();
+    source.append(10);
+    up.notify.notify_one();
+    // Only the keep-alive can tell this connection is dead.
+    wait_until("everything is acked on a new connection", || {
+        source.len() == 0
+    })
+    .await;
+    assert_eq!(gw.seen(|s| s.all_seqs()), (1..=30).collect());
+    assert!(up.status.snapshot().reconnects >= 1);
+
+    // The stalled connection's will may fire at the broker after the new connection
+    // said `online`; the status must still end `online`.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_until("the status is online again", || {
+        gw.seen(|s| s.statuses.last().map(|x| x.0.clone())) == Some("online".into())
+    })
+    .await;
+    assert_eq!(
+        retained_status(b.addr(), agent).await.as_deref(),
+        Some("online")
+    );
+    up.stop().await.unwrap();
+}
+
 /// A fresh subscriber to the agent's status topic: the retained message it gets first.
 async fn retained_status(broker: SocketAddr, agent: &str) -> Option<String> {
     let mut opts = MqttOptions::new(
@@ -581,6 +641,24 @@ async fn online_is_retained_and_offline_follows_a_clean_stop() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(status.as_deref(), Some("online"));
+
+    // A late `offline` (as an old connection's will would be) is corrected at once.
+    let gw = Gateway::start(b.addr(), "gw-status", false).await;
+    gw.client
+        .publish(topic::status(agent), QoS::AtLeastOnce, true, "offline")
+        .await
+        .unwrap();
+    wait_until("the agent says online after the offline", || {
+        gw.seen(|s| {
+            let last = |v: &str| s.statuses.iter().rposition(|x| x.0 == v);
+            matches!((last("offline"), last("online")), (Some(off), Some(on)) if on > off)
+        })
+    })
+    .await;
+    assert_eq!(
+        retained_status(b.addr(), agent).await.as_deref(),
+        Some("online")
+    );
     up.stop().await.unwrap();
     assert_eq!(
         retained_status(b.addr(), agent).await.as_deref(),
