@@ -1116,3 +1116,55 @@ async fn the_password_is_sent_from_its_file_and_never_logged() {
     assert!(!logged.contains("s3cret"), "{logged}");
     assert!(!format!("{stats:?}").contains("s3cret"));
 }
+
+/// Not a pass/fail test: how fast a one-hour backlog (DESIGN §5: 180,000 records) drains
+/// from the real outbox through the embedded broker to a gateway that acks at once.
+/// `cargo test --release -p tend-agent --test uplink -- --ignored --nocapture backlog`
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement; run by hand in release"]
+async fn backlog_drain_measurement() {
+    use tend_agent::outbox::{Outbox, OutboxConfig};
+    const N: usize = 180_000;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(OutboxConfig::new(dir.path().join("outbox.redb")))
+        .await
+        .unwrap();
+    for chunk in 0..N / 10_000 {
+        let items: Vec<_> = (0..10_000)
+            .map(|i| {
+                (
+                    format!("dev-{}", i % 50),
+                    Timestamp::now(),
+                    RecordBody::Readings {
+                        readings: ["pressure", "flow", "battery"]
+                            .iter()
+                            .map(|n| WireReading {
+                                name: (*n).into(),
+                                value: tend_profiles::Value::Num((chunk * 10_000 + i) as f64),
+                                unit: Some("kPa".into()),
+                            })
+                            .collect(),
+                    },
+                )
+            })
+            .collect();
+        outbox.append_many(items).await.unwrap();
+    }
+    let b = broker();
+    let gw = Gateway::start(b.addr(), "gw-backlog", true).await;
+    let cfg = test_config("agent-backlog", b.url());
+    let started = std::time::Instant::now();
+    let up = Running::start(cfg, outbox.clone(), no_diag());
+    wait_until("the backlog drains", || outbox.stats().records == 0).await;
+    let took = started.elapsed();
+    let stats = up.status.snapshot();
+    eprintln!(
+        "drained {N} records in {took:?} ({:.0} records/s): {} batches, {} records sent, {} resends",
+        N as f64 / took.as_secs_f64(),
+        stats.batches_sent,
+        stats.records_sent,
+        stats.resends
+    );
+    assert_eq!(gw.seen(|s| s.all_seqs().len()), N);
+    up.stop().await.unwrap();
+}
