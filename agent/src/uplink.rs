@@ -391,6 +391,10 @@ struct Sending {
     in_flight: VecDeque<InFlight>,
     /// Highest seq published on this connection since the last restart from the oldest.
     cursor: Option<u64>,
+    /// The outbox may hold records past the cursor: set by pokes, acks, resends and the
+    /// idle tick, cleared when the outbox has nothing more. Events that cannot change
+    /// that (PUBACKs, pings) then cost no outbox read.
+    more: bool,
 }
 
 /// Why a connection ended while connected.
@@ -503,7 +507,10 @@ impl<S: RecordSource> Runner<S> {
         let mut sending = Sending {
             in_flight: VecDeque::new(),
             cursor: None,
+            more: true,
         };
+        let mut idle = tokio::time::interval(IDLE_CHECK);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Err(e) = self.fill(client, &mut sending).await? {
                 return Ok(Stop::Lost(closed_reason(events, e)));
@@ -525,8 +532,8 @@ impl<S: RecordSource> Runner<S> {
                     Some(Err(e)) => return Ok(Stop::Lost(e.to_string())),
                     None => return Ok(Stop::Lost("the MQTT event loop stopped".into())),
                 },
-                _ = self.notify.notified() => {}
-                _ = tokio::time::sleep(IDLE_CHECK) => {}
+                _ = self.notify.notified() => sending.more = true,
+                _ = idle.tick() => sending.more = true,
                 _ = sleep_until_opt(ack_deadline) => {
                     tracing::info!(
                         in_flight = sending.in_flight.len(),
@@ -534,6 +541,7 @@ impl<S: RecordSource> Runner<S> {
                     );
                     sending.in_flight.clear();
                     sending.cursor = None;
+                    sending.more = true;
                     self.status.update(|s| s.resends += 1);
                 }
             }
@@ -547,7 +555,7 @@ impl<S: RecordSource> Runner<S> {
         client: &AsyncClient,
         sending: &mut Sending,
     ) -> Result<Result<(), rumqttc::ClientError>, UplinkError> {
-        while sending.in_flight.len() < self.limits.max_in_flight {
+        while sending.more && sending.in_flight.len() < self.limits.max_in_flight {
             let mut records = self
                 .source
                 .pending(
@@ -557,6 +565,7 @@ impl<S: RecordSource> Runner<S> {
                 )
                 .map_err(|e| UplinkError::Source(Box::new(e)))?;
             let Some(last) = records.last().map(|r| r.seq) else {
+                sending.more = false;
                 break;
             };
             let mut batch = UpBatch {
@@ -670,6 +679,7 @@ impl<S: RecordSource> Runner<S> {
             b.seqs.retain(|s| !covered(&ranges, *s));
         }
         sending.in_flight.retain(|b| !b.seqs.is_empty());
+        sending.more = true;
         let in_flight = sending.in_flight.len();
         self.status.update(|s| {
             s.acks_received += 1;
@@ -727,7 +737,9 @@ fn response(req: &DiagRequest, answer: Result<serde_json::Value, String>) -> Dia
     }
 }
 
-/// Sorted ranges cut to seqs ≤ `max` (nothing when nothing was published).
+/// The ranges cut to seqs ≤ `max` (nothing when nothing was published), sorted and
+/// merged where they overlap or touch, so that [`covered`] is one binary search even for
+/// an ack with very many ranges.
 fn clip(mut ranges: Vec<SeqRange>, max: Option<u64>) -> Vec<SeqRange> {
     let Some(max) = max else {
         return Vec::new();
@@ -737,15 +749,20 @@ fn clip(mut ranges: Vec<SeqRange>, max: Option<u64>) -> Vec<SeqRange> {
         r.last = r.last.min(max);
     }
     ranges.sort_unstable();
-    ranges
+    let mut merged: Vec<SeqRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(m) if r.first <= m.last.saturating_add(1) => m.last = m.last.max(r.last),
+            _ => merged.push(r),
+        }
+    }
+    merged
 }
 
-/// Whether `seq` is in one of the sorted `ranges`.
+/// Whether `seq` is in one of the sorted, disjoint `ranges` that [`clip`] makes.
 fn covered(ranges: &[SeqRange], seq: u64) -> bool {
-    // Ranges may overlap, so every one starting at or before `seq` is a candidate, not
-    // only the last of them. Acks hold few ranges.
     let end = ranges.partition_point(|r| r.first <= seq);
-    ranges[..end].iter().any(|r| r.last >= seq)
+    end > 0 && ranges[end - 1].last >= seq
 }
 
 fn closed_reason(
@@ -1068,6 +1085,13 @@ mod tests {
         assert_eq!(
             clip(vec![r(20, 30), r(1, 5), r(8, 12), r(6, 4)], Some(10)),
             vec![r(1, 5), r(8, 10)]
+        );
+        assert_eq!(
+            clip(
+                vec![r(4, 6), r(1, 3), r(2, 2), r(9, 9), r(10, u64::MAX)],
+                Some(u64::MAX)
+            ),
+            vec![r(1, 6), r(9, u64::MAX)]
         );
         let ranges = clip(vec![r(1, 100), r(3, 4), r(200, 300)], Some(1000));
         assert!(covered(&ranges, 50));
