@@ -24,6 +24,13 @@ enum Command {
         #[command(subcommand)]
         command: ProfileCommand,
     },
+    /// Run the agent: read every configured device, keep every record on disk until the
+    /// gateway acknowledges it, answer diagnostics. Stops on Ctrl-C or SIGTERM.
+    Run {
+        /// The agent's config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Read one device once and print its readings, faults and state (commissioning).
     Probe(Box<tend_agent::probe::ProbeArgs>),
 }
@@ -51,5 +58,57 @@ fn main() -> ExitCode {
             command: ProfileCommand::List,
         } => tend_agent::profile_cmd::list(&mut std::io::stdout()),
         Command::Probe(args) => tend_agent::probe::main(*args),
+        Command::Run { config } => run(&config),
+    }
+}
+
+fn run(config: &std::path::Path) -> ExitCode {
+    let loaded = match tend_agent::config::load(config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("tend-agent: invalid config: {e}");
+            return ExitCode::from(tend_agent::profile_cmd::EXIT_INVALID);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tend-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let shutdown = async {
+            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+            match term {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        };
+        tend_agent::run::run(loaded, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tend-agent: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

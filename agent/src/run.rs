@@ -740,3 +740,69 @@ impl Started {
         self.outbox.close().await
     }
 }
+
+/// The uplink settings of a config.
+pub fn uplink_config(c: &crate::config::AgentConfig) -> crate::uplink::UplinkConfig {
+    let mut u = crate::uplink::UplinkConfig::new(&c.agent_id, &c.site_id, &c.uplink.broker);
+    u.ca_file = c.uplink.ca_file.clone();
+    u.client_cert = c.uplink.client_cert.clone();
+    u.client_key = c.uplink.client_key.clone();
+    u.username = c.uplink.username.clone();
+    u.password_file = c.uplink.password_file.clone();
+    if let Some(k) = c.uplink.keep_alive {
+        u.keep_alive = k.0;
+    }
+    u
+}
+
+/// Runs the agent until `shutdown`: reads every device, keeps every record durable until
+/// the gateway acknowledges it, and answers diagnostics. Returns once the outbox is closed.
+pub async fn run(
+    loaded: Loaded,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let started = Started::start(&loaded).await?;
+    let diag = {
+        let shared = started.shared.clone();
+        let outbox = started.outbox.clone();
+        crate::uplink::diag_handler(move |req: tend_wire::DiagRequest| {
+            let shared = shared.clone();
+            let outbox = outbox.clone();
+            async move { answer_diagnostic(&shared, Some(&outbox), &req, Duration::from_secs(8)).await }
+        })
+    };
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let mut uplink = tokio::spawn(crate::uplink::run(
+        uplink_config(&loaded.config),
+        started.outbox.clone(),
+        diag,
+        started.written.clone(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    tracing::info!(
+        agent = %loaded.config.agent_id,
+        devices = loaded.config.devices.len(),
+        broker = %loaded.config.uplink.broker,
+        "agent running"
+    );
+    // The uplink ends early only on a config it cannot use (a bad CA file) or a failing
+    // outbox; either stops the agent.
+    let early = tokio::select! {
+        _ = shutdown => None,
+        r = &mut uplink => Some(r),
+    };
+    let _ = stop_tx.send(());
+    let result = match early {
+        Some(r) => r,
+        None => uplink.await,
+    };
+    let stopped = started.stop().await;
+    match result {
+        Ok(r) => r?,
+        Err(e) => anyhow::bail!("uplink task failed: {e}"),
+    }
+    stopped?;
+    Ok(())
+}

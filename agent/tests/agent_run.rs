@@ -1,0 +1,266 @@
+//! `tend-agent run` as a process, end to end: simulators of the LIP-300 (with a patient id),
+//! the HM-2 and the VM-12 (with patient name and vitals), the embedded broker, and a small
+//! gateway stand-in that stores records by seq and acknowledges exactly what it stored.
+//! The agent is killed with SIGKILL and restarted; every record must arrive, none twice
+//! under two seqs, and no patient data may appear on the wire, in the log or on disk.
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tend_devsim::hm2::{Hm2Config, Hm2Sim};
+use tend_devsim::lip300::{Lip300Config, Lip300Sim};
+use tend_devsim::vm12::{Vm12Config, Vm12Sim};
+use tend_wire::{Ack, EpisodeChange, Record, RecordBody, UpBatch};
+
+type Store = Arc<Mutex<BTreeMap<u64, Record>>>;
+
+/// Stores every record by seq (first copy wins; a later copy must be identical) and acks
+/// the ranges of each batch once stored.
+fn fake_gateway(port: u16, store: Store, raw: Arc<Mutex<Vec<u8>>>) -> tokio::task::JoinHandle<()> {
+    let mut opts = MqttOptions::new("fake-gateway", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_max_packet_size(8 << 20, 8 << 20);
+    let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let c = client.clone();
+                    tokio::spawn(
+                        async move { c.subscribe("tend/v1/+/up", QoS::AtLeastOnce).await },
+                    );
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    raw.lock().unwrap().extend_from_slice(&p.payload);
+                    let Ok(batch) = UpBatch::decode(&p.payload) else {
+                        continue;
+                    };
+                    let seqs: Vec<u64> = batch.records.iter().map(|r| r.seq).collect();
+                    {
+                        let mut s = store.lock().unwrap();
+                        for r in batch.records {
+                            match s.get(&r.seq) {
+                                Some(old) => {
+                                    assert_eq!(old, &r, "seq {} sent with two contents", r.seq)
+                                }
+                                None => {
+                                    s.insert(r.seq, r);
+                                }
+                            }
+                        }
+                    }
+                    let ack = Ack {
+                        v: tend_wire::VERSION,
+                        ranges: tend_wire::ranges_of(seqs),
+                    };
+                    let c = client.clone();
+                    let topic = tend_wire::topic::ack(&batch.agent);
+                    tokio::spawn(async move {
+                        c.publish(topic, QoS::AtLeastOnce, false, tend_wire::encode(&ack))
+                            .await
+                    });
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+}
+
+fn spawn_agent(config: &std::path::Path, log: &std::path::Path) -> tokio::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tend-agent"))
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_for(
+    store: &Store,
+    what: &str,
+    within: Duration,
+    ok: impl Fn(&BTreeMap<u64, Record>) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if ok(&store.lock().unwrap()) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_restart_no_loss_no_duplicate_no_phi() {
+    let lip = Lip300Sim::spawn_pty(Lip300Config::v2()).await.unwrap();
+    lip.set_pid("P-0048213");
+    let hm2 = Hm2Sim::spawn_tcp(
+        Hm2Config::v3(),
+        "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
+    )
+    .await
+    .unwrap();
+    let broker = tend_devsim::broker::spawn_embedded().unwrap();
+    let mut vm_cfg = Vm12Config::v6("127.0.0.1", broker.port());
+    vm_cfg.status_interval = Duration::from_millis(300);
+    let _vm = Vm12Sim::spawn(vm_cfg).await.unwrap();
+
+    let store: Store = Arc::default();
+    let raw = Arc::new(Mutex::new(Vec::new()));
+    let gw = fake_gateway(broker.port(), store.clone(), raw.clone());
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"agent_id = "agent-e2e"
+site_id = "s-1"
+data_dir = "data"
+flap_damping = "1s"
+[uplink]
+broker = "{url}"
+keep_alive = "5s"
+[[device]]
+id = "pump"
+profile = "lumen/lip-300"
+transport = "serial"
+port = "{lip}"
+poll_interval = "200ms"
+[[device]]
+id = "mri"
+profile = "cryosense/hm-2"
+transport = "modbus-tcp"
+address = "{hm2}"
+poll_interval = "100ms"
+[[device]]
+id = "monitor"
+profile = "vistara/vm-12"
+transport = "mqtt"
+broker = "{url}"
+serial = "VM12-0081192"
+"#,
+            url = broker.url(),
+            lip = lip.path().display(),
+            hm2 = hm2.addr()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("agent.log");
+
+    let mut agent = spawn_agent(&config, &log);
+    let identified = |s: &BTreeMap<u64, Record>, dev: &str| {
+        s.values()
+            .any(|r| r.device == dev && matches!(r.body, RecordBody::Identity { .. }))
+    };
+    wait_for(
+        &store,
+        "all three devices identified",
+        Duration::from_secs(30),
+        |s| identified(s, "pump") && identified(s, "mri") && identified(s, "monitor"),
+    )
+    .await;
+
+    // Three kills at different moments; the agent must pick up where its outbox stands.
+    for pause in [300u64, 50, 700] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        agent.start_kill().unwrap();
+        let _ = agent.wait().await;
+        let before = store.lock().unwrap().keys().max().copied().unwrap_or(0);
+        agent = spawn_agent(&config, &log);
+        wait_for(
+            &store,
+            "records after the restart",
+            Duration::from_secs(30),
+            |s| s.keys().max().copied().unwrap_or(0) > before + 10,
+        )
+        .await;
+    }
+
+    // A fault after the restarts reaches the gateway as an episode.
+    lip.set_talm(0x0001);
+    wait_for(&store, "the pump's motor stall episode", Duration::from_secs(20), |s| {
+        s.values().any(|r| {
+            r.device == "pump" && matches!(&r.body, RecordBody::Episode(e) if e.code == "TALM.0" && e.change == EpisodeChange::Opened)
+        })
+    })
+    .await;
+
+    // Let the outbox drain, then stop the agent cleanly.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = agent.id().unwrap() as i32;
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(15), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "agent exit status {status:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // No loss: seqs are 1..=max without a hole (each was acked, so each was received).
+    let seqs: Vec<u64> = store.lock().unwrap().keys().copied().collect();
+    let max = *seqs.last().unwrap();
+    assert_eq!(
+        seqs.len() as u64,
+        max,
+        "holes in the received seqs: {} of {max}",
+        seqs.len()
+    );
+    assert_eq!(seqs[0], 1);
+
+    // No patient data anywhere.
+    let mut everything = raw.lock().unwrap().clone();
+    everything.extend(std::fs::read(&log).unwrap());
+    for f in walk(&dir.path().join("data")) {
+        everything.extend(std::fs::read(f).unwrap());
+    }
+    let text = String::from_utf8_lossy(&everything);
+    for phi in [
+        "P-0048213",
+        "LI Si",
+        "MRN0033017",
+        "pt_name",
+        "pt_id",
+        "\"hr\"",
+    ] {
+        assert!(
+            !text.contains(phi),
+            "{phi} found on the wire, in the log or on disk"
+        );
+    }
+    assert!(text.contains("agent running"), "the log was captured");
+    gw.abort();
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
