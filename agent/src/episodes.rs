@@ -69,6 +69,15 @@ impl EpisodeTracker {
         }
     }
 
+    pub fn damping(&self) -> Duration {
+        self.damping
+    }
+
+    /// The damping time from the config, which wins over a restored one.
+    pub fn set_damping(&mut self, damping: Duration) {
+        self.damping = damping;
+    }
+
     /// Codes of the open episodes.
     pub fn open_codes(&self) -> impl Iterator<Item = &str> {
         self.open.keys().map(String::as_str)

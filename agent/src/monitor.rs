@@ -38,6 +38,16 @@ pub struct DeviceMonitor {
     recent: VecDeque<EpisodeEvent>,
 }
 
+/// What must survive a restart: the availability state and the open episodes, so a
+/// restarted agent neither reopens an open fault under a new episode id (a second ticket)
+/// nor repeats a state transition.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct Memory {
+    device: String,
+    state: StateTracker,
+    episodes: EpisodeTracker,
+}
+
 /// What the `readings` diagnostic answers.
 #[derive(Debug, Clone, Serialize)]
 pub struct LiveView {
@@ -177,6 +187,31 @@ impl DeviceMonitor {
         }
     }
 
+    /// The memory to store with the records a read produced.
+    pub fn memory(&self) -> Vec<u8> {
+        serde_json::to_vec(&Memory {
+            device: self.device.clone(),
+            state: self.state.clone(),
+            episodes: self.episodes.clone(),
+        })
+        .unwrap_or_default()
+    }
+
+    /// Restores what [`DeviceMonitor::memory`] stored; false (and nothing changed) when it
+    /// is unreadable or belongs to another device.
+    pub fn restore(&mut self, bytes: &[u8]) -> bool {
+        match serde_json::from_slice::<Memory>(bytes) {
+            Ok(m) if m.device == self.device => {
+                let damping = self.episodes.damping();
+                self.state = m.state;
+                self.episodes = m.episodes;
+                self.episodes.set_damping(damping);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn live(&self) -> LiveView {
         LiveView {
             device: self.device.clone(),
@@ -300,6 +335,24 @@ mod tests {
         assert_eq!(kinds(&out), ["readings", "state unknown->up"]);
         let out = m.observe(t(420), hm2_read(&set, 1, 0));
         assert!(out.iter().any(|b| matches!(b, RecordBody::Episode(e) if e.change == EpisodeChange::Cleared && e.code == "MONITORING_LOST")));
+    }
+
+    #[test]
+    fn restored_memory_keeps_episodes_open() {
+        let set = ProfileSet::builtin().unwrap();
+        let mut m = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        let out = m.observe(t(0), hm2_read(&set, 2, 0x0008));
+        assert!(kinds(&out).contains(&"Opened ALM.3".to_string()));
+        let saved = m.memory();
+        // A restarted agent with the saved memory: the same faults are no news.
+        let mut back = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        assert!(back.restore(&saved));
+        let out = back.observe(t(5), hm2_read(&set, 2, 0x0008));
+        assert_eq!(kinds(&out), ["identity 2.5", "readings"]);
+        // Memory of another device, or garbage, is refused.
+        let mut other = DeviceMonitor::new("a1", "pump", "lumen/lip-300", Duration::from_secs(10));
+        assert!(!other.restore(&saved));
+        assert!(!other.restore(b"{"));
     }
 
     #[test]

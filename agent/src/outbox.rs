@@ -40,6 +40,9 @@ use tokio::sync::oneshot;
 const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+/// Small state the agent must keep in step with the records (a device's open episodes),
+/// written in the same transaction as the records it produced.
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 
 /// First byte of a stored record that may never be dropped.
 pub const TAG_KEEP: u8 = b'K';
@@ -164,6 +167,8 @@ enum Op {
     Append {
         /// (droppable, the record's JSON without its seq: `{"at":...}`)
         items: Vec<(bool, Vec<u8>)>,
+        /// Written with the records, in the same commit.
+        state: Option<(String, Vec<u8>)>,
         reply: oneshot::Sender<Result<Vec<u64>, OutboxError>>,
     },
     Ack {
@@ -307,7 +312,7 @@ impl Outbox {
     ) -> Result<u64, OutboxError> {
         // Encoding here, on the caller's task, keeps the single writer's work to inserts.
         let item = (body.is_droppable(), self.encode(device, at, &body)?);
-        let seqs = self.append_encoded(vec![item]).await?;
+        let seqs = self.append_encoded(vec![item], None).await?;
         seqs.first().copied().ok_or_else(|| self.closed())
     }
 
@@ -323,12 +328,54 @@ impl Outbox {
             .iter()
             .map(|(device, at, body)| Ok((body.is_droppable(), self.encode(device, *at, body)?)))
             .collect::<Result<Vec<_>, OutboxError>>()?;
-        self.append_encoded(encoded).await
+        self.append_encoded(encoded, None).await
     }
 
-    async fn append_encoded(&self, items: Vec<(bool, Vec<u8>)>) -> Result<Vec<u64>, OutboxError> {
+    /// Like [`Outbox::append_many`], and stores `state` under `key` in the same commit: a
+    /// crash leaves both or neither, so state derived from the records (a device's open
+    /// fault episodes) never disagrees with what was sent.
+    pub async fn append_many_with_state(
+        &self,
+        items: Vec<(String, Timestamp, RecordBody)>,
+        key: &str,
+        state: Vec<u8>,
+    ) -> Result<Vec<u64>, OutboxError> {
+        let encoded = items
+            .iter()
+            .map(|(device, at, body)| Ok((body.is_droppable(), self.encode(device, *at, body)?)))
+            .collect::<Result<Vec<_>, OutboxError>>()?;
+        self.append_encoded(encoded, Some((key.to_string(), state)))
+            .await
+    }
+
+    /// The state last stored under `key` with [`Outbox::append_many_with_state`].
+    pub fn load_state(&self, key: &str) -> Result<Option<Vec<u8>>, OutboxError> {
+        let path = &self.inner.path;
+        let txn = self
+            .inner
+            .db
+            .begin_read()
+            .map_err(storage(path, "read state"))?;
+        let table = match txn.open_table(STATE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(storage(path, "read state")(e)),
+        };
+        let value = table.get(key).map_err(storage(path, "read state"))?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    async fn append_encoded(
+        &self,
+        items: Vec<(bool, Vec<u8>)>,
+        state: Option<(String, Vec<u8>)>,
+    ) -> Result<Vec<u64>, OutboxError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Op::Append { items, reply })?;
+        self.send(Op::Append {
+            items,
+            state,
+            reply,
+        })?;
         rx.await.map_err(|_| self.closed())?
     }
 
@@ -694,9 +741,15 @@ fn write_batch(
             .open_table(QUARANTINE)
             .map_err(failed("open quarantine"))?;
         let mut meta = txn.open_table(META).map_err(failed("open meta"))?;
+        let mut states = txn.open_table(STATE).map_err(failed("open state"))?;
         for op in batch {
             outcomes.push(match op {
-                Op::Append { items, .. } => {
+                Op::Append { items, state, .. } => {
+                    if let Some((k, v)) = state {
+                        states
+                            .insert(k.as_str(), v.as_slice())
+                            .map_err(failed("store state"))?;
+                    }
                     let mut seqs = Vec::with_capacity(items.len());
                     for (droppable, unnumbered) in items {
                         let seq = st.next_seq;

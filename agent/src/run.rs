@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tend_profiles::{Identity, Profile, ProfileSet};
+use tend_wire::RecordBody;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -636,6 +637,11 @@ pub async fn answer_diagnostic(
     }
 }
 
+/// Where a device's monitor memory is kept in the outbox.
+fn memory_key(device: &str) -> String {
+    format!("monitor/{device}")
+}
+
 /// Turns observations into durable records: each through its device's monitor, all the
 /// records of one observation in one outbox commit. `written` is poked after each commit
 /// so the uplink sends at once.
@@ -647,18 +653,24 @@ pub async fn record(
     written: Arc<tokio::sync::Notify>,
 ) -> Result<(), crate::outbox::OutboxError> {
     while let Some(obs) = observations.recv().await {
-        let bodies = {
+        let (bodies, memory) = {
             let mut monitors = lock(&shared.monitors);
             let Some(m) = monitors.get_mut(&obs.device) else {
                 continue;
             };
-            match obs.result {
+            let bodies = match obs.result {
                 Ok(read) => m.observe(obs.at, read),
                 Err(e) => {
                     tracing::debug!(device = %obs.device, error = %e, "read failed");
                     m.observe_failure(obs.at, &set)
                 }
-            }
+            };
+            // States and episodes change the monitor's memory: store it in the same
+            // commit as the records, so a crash cannot reopen or repeat them.
+            let remembers = bodies
+                .iter()
+                .any(|b| matches!(b, RecordBody::State { .. } | RecordBody::Episode(_)));
+            (bodies, remembers.then(|| m.memory()))
         };
         if bodies.is_empty() {
             continue;
@@ -667,7 +679,14 @@ pub async fn record(
             .into_iter()
             .map(|b| (obs.device.clone(), obs.at, b))
             .collect();
-        outbox.append_many(items).await?;
+        match memory {
+            Some(mem) => {
+                outbox
+                    .append_many_with_state(items, &memory_key(&obs.device), mem)
+                    .await?
+            }
+            None => outbox.append_many(items).await?,
+        };
         written.notify_one();
     }
     Ok(())
@@ -698,10 +717,13 @@ impl Started {
         {
             let mut monitors = lock(&shared.monitors);
             for d in &c.devices {
-                monitors.insert(
-                    d.id.clone(),
-                    DeviceMonitor::new(&c.agent_id, &d.id, &d.profile, c.flap_damping.0),
-                );
+                let mut m = DeviceMonitor::new(&c.agent_id, &d.id, &d.profile, c.flap_damping.0);
+                if let Some(mem) = outbox.load_state(&memory_key(&d.id))? {
+                    if !m.restore(&mem) {
+                        tracing::warn!(device = %d.id, "stored episode memory unreadable; starting afresh");
+                    }
+                }
+                monitors.insert(d.id.clone(), m);
             }
         }
         let (tx, rx) = mpsc::channel(1024);

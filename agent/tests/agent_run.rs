@@ -203,6 +203,34 @@ serial = "VM12-0081192"
     })
     .await;
 
+    // Killed once more with the fault open: the restarted agent remembers the episode
+    // (stored with the records in one commit), so it is not opened a second time and the
+    // HM-2's state is not announced again.
+    agent.start_kill().unwrap();
+    let _ = agent.wait().await;
+    let before = store.lock().unwrap().keys().max().copied().unwrap_or(0);
+    agent = spawn_agent(&config, &log);
+    wait_for(
+        &store,
+        "records after the last restart",
+        Duration::from_secs(30),
+        |s| s.keys().max().copied().unwrap_or(0) > before + 20,
+    )
+    .await;
+    {
+        let s = store.lock().unwrap();
+        let opened = s
+            .values()
+            .filter(|r| r.device == "pump" && matches!(&r.body, RecordBody::Episode(e) if e.code == "TALM.0" && e.change == EpisodeChange::Opened))
+            .count();
+        assert_eq!(opened, 1, "the motor stall was opened {opened} times");
+        let mri_states: Vec<_> = s
+            .values()
+            .filter(|r| r.device == "mri" && matches!(r.body, RecordBody::State { .. }))
+            .collect();
+        assert_eq!(mri_states.len(), 1, "{mri_states:?}");
+    }
+
     // Let the outbox drain, then stop the agent cleanly.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = agent.id().unwrap() as i32;
