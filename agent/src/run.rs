@@ -378,6 +378,7 @@ async fn mqtt_link(
     let status_topic = topic_of(|t| &t.status_topic).unwrap_or_default();
     let cmd_topic = topic_of(|t| &t.cmd_topic);
     let reply_topic = topic_of(|t| &t.reply_topic);
+    let lwt_topic = topic_of(|t| &t.lwt_topic);
     let max_payload = family
         .iter()
         .filter_map(|p| p.doc.transport.max_payload.map(|b| b.0))
@@ -457,6 +458,7 @@ async fn mqtt_link(
                         stats.requests += 1;
                         let mut subs = vec![status_topic.clone()];
                         subs.extend(reply_topic.clone());
+                        subs.extend(lwt_topic.clone());
                         for s in subs {
                             let _ = client.subscribe(s, QoS::AtLeastOnce).await;
                         }
@@ -474,6 +476,20 @@ async fn mqtt_link(
                         shared.set_stats(&d.id, stats.clone());
                         if !send(&out, &d.id, result).await {
                             break;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if Some(&p.topic) == lwt_topic.as_ref() => {
+                        // The device's last will: it is gone now, not three periods from now.
+                        if &p.payload[..] == b"offline" {
+                            silent_deadline = Instant::now() + period;
+                            let err = TransportError::Timeout {
+                                what: format!("{} says offline (last will)", p.topic),
+                                after: Duration::ZERO,
+                                detail: String::new(),
+                            };
+                            if !send(&out, &d.id, Err(err)).await {
+                                break;
+                            }
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if Some(&p.topic) == reply_topic.as_ref() => {
