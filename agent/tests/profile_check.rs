@@ -60,7 +60,7 @@ fn invalid_profile_exits_2_naming_file_line_and_key() {
 
     let (code, out, err) = check(&[dir.path().to_str().unwrap()]);
     assert_eq!(code, 2, "{out}{err}");
-    let want = format!("{}:{line}: key `max_regs`", file.display());
+    let want = format!("{}:{line}: key `transport.max_regs`", file.display());
     assert!(err.contains(&want), "expected {want:?} in {err}");
     // The valid file beside it is still checked and reported.
     assert!(out.contains("hm-2-2.x.toml"), "{out}");

@@ -57,7 +57,8 @@ pub fn toml_error(file: &str, src: &str, e: &toml::de::Error) -> ProfileError {
     let line = span.as_ref().map(|s| line_of(src, s.start)).unwrap_or(1);
     let msg = e.message().to_string();
     let key = if let Some(rest) = msg.strip_prefix("unknown field `") {
-        rest.split('`').next().unwrap_or("?").to_string()
+        let k = rest.split('`').next().unwrap_or("?");
+        qualify(src, line, k)
     } else if let Some(rest) = msg.strip_prefix("missing field `") {
         rest.split('`').next().unwrap_or("?").to_string()
     } else {
@@ -67,6 +68,7 @@ pub fn toml_error(file: &str, src: &str, e: &toml::de::Error) -> ProfileError {
                 t.lines().next().unwrap_or("").trim().to_string()
             })
             .map(|t| key_on_line(src, line).unwrap_or(t))
+            .map(|k| qualify(src, line, &k))
             .unwrap_or_else(|| "?".into())
     };
     ProfileError {
@@ -74,6 +76,34 @@ pub fn toml_error(file: &str, src: &str, e: &toml::de::Error) -> ProfileError {
         line,
         key,
         message: msg.trim().to_string(),
+    }
+}
+
+/// `section.key` when `line` (1-based) sits under a `[section]` or `[[section]]` header
+/// and is not itself a header; else `key`.
+fn qualify(src: &str, line: usize, key: &str) -> String {
+    let Some(own) = src.lines().nth(line.saturating_sub(1)) else {
+        return key.to_string();
+    };
+    if own.trim_start().starts_with('[') {
+        return key.to_string();
+    }
+    let header = src
+        .lines()
+        .take(line.saturating_sub(1))
+        .map(str::trim)
+        .filter(|l| l.starts_with('['))
+        .last();
+    match header {
+        Some(h) => {
+            let name = h.trim_matches(|c| c == '[' || c == ']').trim();
+            if key.starts_with(&format!("{name}.")) || key.contains('[') {
+                key.to_string()
+            } else {
+                format!("{name}.{key}")
+            }
+        }
+        None => key.to_string(),
     }
 }
 

@@ -21,11 +21,11 @@ fn unknown_key_is_named_with_its_line() {
         builtin("av-500-5").replacen("max_registers = 32", "max_registers = 32\nmax_regs = 40", 1);
     let e = refuse(&src);
     assert_eq!(e.file, "test.toml");
-    assert_eq!(e.key, "max_regs");
+    assert_eq!(e.key, "transport.max_regs");
     assert_eq!(e.line, line_of(&src, "max_regs = 40"));
     assert!(
         e.to_string()
-            .starts_with(&format!("test.toml:{}: key `max_regs`", e.line)),
+            .starts_with(&format!("test.toml:{}: key `transport.max_regs`", e.line)),
         "{e}"
     );
 }

@@ -7,7 +7,13 @@
 //! what an episode change becomes).
 #![forbid(unsafe_code)]
 
+pub mod app;
+pub mod config;
+pub mod diag;
 pub mod fleet;
+pub mod ingest;
+pub mod store;
 pub mod ledger;
+pub mod metrics;
 pub mod sla;
 pub mod ticket;

@@ -1,0 +1,68 @@
+//! The running gateway's shared parts: the store, what ingest needs, metrics, the
+//! diagnostics client and what is known about the agents' connections. The MQTT link,
+//! the forwarder and the hotline API each hold a clone.
+
+use crate::diag::DiagClient;
+use crate::ingest::IngestContext;
+use crate::metrics::Metrics;
+use crate::store::{DeviceLive, Store};
+use jiff::Timestamp;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What the gateway last heard on an agent's status topic.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AgentStatus {
+    /// `online` or `offline`.
+    pub status: String,
+    /// Gateway time it was heard.
+    pub since: Timestamp,
+}
+
+#[derive(Clone, Debug)]
+pub struct Gateway {
+    pub store: Arc<Store>,
+    pub cx: Arc<IngestContext>,
+    pub metrics: Arc<Metrics>,
+    pub diag: DiagClient,
+    pub agents: Arc<Mutex<BTreeMap<String, AgentStatus>>>,
+    /// Woken when ingest queued work for the forwarder.
+    pub forwarder_wake: Arc<tokio::sync::Notify>,
+    /// Whether a backend is configured (else tickets are kept by the gateway).
+    pub backend_configured: bool,
+    /// How long a hotline diagnostic waits for the agent.
+    pub diag_timeout: Duration,
+}
+
+impl Gateway {
+    /// The diagnostic names the device's profile lists (empty until the device has been
+    /// identified: without the firmware the gateway cannot know the profile).
+    pub fn profile_diagnostics(&self, device: &DeviceLive) -> Vec<String> {
+        let Some(id) = &device.identity else {
+            return Vec::new();
+        };
+        match self.cx.profiles.select(&id.model, &id.firmware) {
+            Ok(p) => p.diagnostic_names().map(str::to_string).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub fn agent_status(&self, agent: &str) -> Option<AgentStatus> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(agent)
+            .cloned()
+    }
+
+    pub fn set_agent_status(&self, agent: &str, status: &str, now: Timestamp) {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            agent.to_string(),
+            AgentStatus {
+                status: status.to_string(),
+                since: now,
+            },
+        );
+    }
+}

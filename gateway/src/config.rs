@@ -1,0 +1,434 @@
+//! The gateway's configuration file (`tend-gateway run --config gateway.toml`). Every
+//! error names file, line and key; relative paths are taken from the file's folder.
+
+use crate::fleet::Fleet;
+use jiff::tz::TimeZone;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tend_profiles::load::toml_error;
+use tend_profiles::locate::{line_of_path, KeyPath};
+use tend_profiles::units::Dur;
+use tend_profiles::{ProfileError, ProfileSet};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Named in tickets (`source.gateway`) and in the MQTT client id.
+    pub gateway_id: String,
+    /// The store and the audit log live here.
+    pub data_dir: PathBuf,
+    /// The fleet file (customers, sites, devices).
+    pub fleet: PathBuf,
+    /// Deadlines and month boundaries are in this zone (`Asia/Shanghai`).
+    #[serde(default = "default_tz")]
+    pub timezone: String,
+    /// Extra or replacement profiles, beside the built-in ones.
+    pub profiles_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub broker: BrokerSection,
+    pub backend: Option<BackendSection>,
+    pub api: ApiSection,
+}
+
+fn default_tz() -> String {
+    "Asia/Shanghai".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSection {
+    /// Run the MQTT broker inside the gateway (the default).
+    #[serde(default)]
+    pub embedded: Option<bool>,
+    /// Where the embedded broker listens.
+    pub listen: Option<SocketAddr>,
+    /// An external broker: `mqtt://host:port` or `mqtts://host:port`.
+    pub url: Option<String>,
+    /// Gateways sharing one external broker name the same group: each batch goes to one
+    /// of them (`$share/<group>/tend/v1/+/up`).
+    pub share_group: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        BrokerSection {
+            embedded: None,
+            listen: None,
+            url: None,
+            share_group: None,
+            ca_file: None,
+            username: None,
+            password_file: None,
+        }
+    }
+}
+
+/// Where the gateway's MQTT client connects, decided from the broker section.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BrokerPlan {
+    Embedded { listen: SocketAddr },
+    External { url: String },
+}
+
+impl BrokerSection {
+    pub fn plan(&self) -> BrokerPlan {
+        match (&self.url, self.embedded) {
+            (Some(url), _) => BrokerPlan::External { url: url.clone() },
+            _ => BrokerPlan::Embedded {
+                listen: self
+                    .listen
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 1883))),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    /// The ticket system's base URL (`https://service.example.com`); the API paths
+    /// (`/api/v1/tickets`) are appended.
+    pub url: String,
+    /// The bearer token, read from a file so it never sits in the config.
+    pub token_file: PathBuf,
+    /// Extra CA certificate (PEM) to trust for the backend.
+    pub ca_file: Option<PathBuf>,
+    /// Per-request timeout.
+    #[serde(default = "default_request_timeout")]
+    pub timeout: Dur,
+    /// How often the status of open tickets is read back.
+    #[serde(default = "default_status_poll")]
+    pub status_poll: Dur,
+}
+
+fn default_request_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+fn default_status_poll() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Where the hotline API listens.
+    pub listen: SocketAddr,
+    /// The hotline's bearer token, read from a file.
+    pub token_file: PathBuf,
+    /// How long a diagnostic waits for the agent.
+    #[serde(default = "default_diag_timeout")]
+    pub diag_timeout: Dur,
+}
+
+fn default_diag_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+/// A loaded, checked configuration with what it refers to.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: GatewayConfig,
+    pub fleet: Fleet,
+    pub profiles: ProfileSet,
+    pub tz: TimeZone,
+}
+
+fn io_error(file: &str, message: String) -> ProfileError {
+    ProfileError {
+        file: file.to_string(),
+        line: 0,
+        key: "-".into(),
+        message,
+    }
+}
+
+/// Reads and checks a config file and the fleet file it names.
+pub fn load(path: &Path) -> Result<Loaded, ProfileError> {
+    let file = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| io_error(&file, format!("cannot read: {e}")))?;
+    let src =
+        String::from_utf8(bytes).map_err(|e| io_error(&file, format!("not UTF-8 text: {e}")))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&file, &src, base)
+}
+
+/// Reads a secret (token, password) from a file: trimmed, never empty, never logged.
+pub fn read_secret(path: &Path) -> Result<String, String> {
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let s = s.trim().to_string();
+    if s.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(s)
+}
+
+/// Parses and checks config text; `file` names it in errors, `base` resolves relative paths.
+pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError> {
+    let mut config: GatewayConfig = toml::from_str(src).map_err(|e| toml_error(file, src, &e))?;
+    let err = |path: &KeyPath, message: String| ProfileError {
+        file: file.to_string(),
+        line: line_of_path(src, path),
+        key: path.to_string(),
+        message,
+    };
+    let root = KeyPath::root();
+    if !tend_wire::topic::valid_agent_id(&config.gateway_id) {
+        return Err(err(
+            &root.key("gateway_id"),
+            "must be 1-64 letters, digits, '-', '_' or '.'".into(),
+        ));
+    }
+    let resolve = |p: &mut PathBuf| {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    };
+    resolve(&mut config.data_dir);
+    resolve(&mut config.fleet);
+    resolve(&mut config.api.token_file);
+    for p in [
+        &mut config.profiles_dir,
+        &mut config.broker.ca_file,
+        &mut config.broker.password_file,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        resolve(p);
+    }
+    if let Some(b) = &mut config.backend {
+        resolve(&mut b.token_file);
+        if let Some(p) = &mut b.ca_file {
+            resolve(p);
+        }
+    }
+
+    let tz = TimeZone::get(&config.timezone).map_err(|e| {
+        err(
+            &root.key("timezone"),
+            format!("{:?} is not a known time zone: {e}", config.timezone),
+        )
+    })?;
+
+    let br = root.key("broker");
+    if let Some(url) = &config.broker.url {
+        if !(url.starts_with("mqtt://") || url.starts_with("mqtts://")) {
+            return Err(err(
+                &br.key("url"),
+                format!("{url:?} is not an mqtt:// or mqtts:// URL"),
+            ));
+        }
+        if config.broker.embedded == Some(true) {
+            return Err(err(
+                &br.key("embedded"),
+                "embedded = true and url are exclusive: run the broker here or use the one at url".into(),
+            ));
+        }
+        if config.broker.listen.is_some() {
+            return Err(err(
+                &br.key("listen"),
+                "listen is for the embedded broker; this config names an external one (url)"
+                    .into(),
+            ));
+        }
+    } else if config.broker.embedded == Some(false) {
+        return Err(err(
+            &br.key("url"),
+            "embedded = false needs the external broker's url".into(),
+        ));
+    }
+    if let Some(g) = &config.broker.share_group {
+        if !tend_wire::topic::valid_agent_id(g) {
+            return Err(err(
+                &br.key("share_group"),
+                "must be 1-64 letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
+    }
+    #[cfg(not(feature = "embedded-broker"))]
+    if config.broker.url.is_none() {
+        return Err(err(
+            &br.key("url"),
+            "this build has no embedded broker (feature embedded-broker); name an external one"
+                .into(),
+        ));
+    }
+
+    let mut files: Vec<(KeyPath, &PathBuf)> = vec![
+        (root.key("api").key("token_file"), &config.api.token_file),
+        (root.key("fleet"), &config.fleet),
+    ];
+    if let Some(p) = &config.broker.ca_file {
+        files.push((br.key("ca_file"), p));
+    }
+    if let Some(p) = &config.broker.password_file {
+        files.push((br.key("password_file"), p));
+    }
+    if let Some(b) = &config.backend {
+        let bk = root.key("backend");
+        if !(b.url.starts_with("http://") || b.url.starts_with("https://")) {
+            return Err(err(
+                &bk.key("url"),
+                format!("{:?} is not an http:// or https:// URL", b.url),
+            ));
+        }
+        files.push((bk.key("token_file"), &b.token_file));
+        if let Some(p) = &b.ca_file {
+            files.push((bk.key("ca_file"), p));
+        }
+    }
+    for (key, p) in files {
+        if !p.is_file() {
+            return Err(err(&key, format!("{} is not a readable file", p.display())));
+        }
+    }
+    for (key, p) in [
+        (root.key("api").key("token_file"), Some(&config.api.token_file)),
+        (
+            root.key("backend").key("token_file"),
+            config.backend.as_ref().map(|b| &b.token_file),
+        ),
+        (
+            br.key("password_file"),
+            config.broker.password_file.as_ref(),
+        ),
+    ] {
+        if let Some(p) = p {
+            read_secret(p).map_err(|m| err(&key, m))?;
+        }
+    }
+
+    let fleet = Fleet::load(&config.fleet)?;
+    let mut profiles = ProfileSet::builtin()?;
+    if let Some(dir) = &config.profiles_dir {
+        profiles.load_dir(dir)?;
+    }
+    Ok(Loaded {
+        config,
+        fleet,
+        profiles,
+        tz,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("api.token"), "hotline-secret\n").unwrap();
+        std::fs::write(d.path().join("backend.token"), "backend-secret\n").unwrap();
+        std::fs::write(
+            d.path().join("fleet.toml"),
+            r#"
+[[customer]]
+id = "c-017"
+name = "Jiangbei District Hospital"
+contact_name = "Wang Lei"
+contact_phone = "+86 23 6000 1234"
+
+[[site]]
+id = "s-017-main"
+customer = "c-017"
+name = "Main building"
+address = "12 Jianxin Rd, Chongqing"
+service_area = "same_city"
+
+[[device]]
+id = "icu7-vent"
+site = "s-017-main"
+serial = "AV5C-21-004417"
+location = "ICU bed 7"
+accepted = "2025-03-01"
+"#,
+        )
+        .unwrap();
+        d
+    }
+
+    const GOOD: &str = r#"gateway_id = "gw-cq-1"
+data_dir = "data"
+fleet = "fleet.toml"
+timezone = "Asia/Shanghai"
+
+[broker]
+embedded = true
+listen = "127.0.0.1:1883"
+
+[backend]
+url = "https://service.example.com"
+token_file = "backend.token"
+
+[api]
+listen = "127.0.0.1:8080"
+token_file = "api.token"
+"#;
+
+    #[test]
+    fn good_config_loads_with_fleet() {
+        let d = dir();
+        let l = parse("gw.toml", GOOD, d.path()).unwrap();
+        assert_eq!(l.config.gateway_id, "gw-cq-1");
+        assert_eq!(l.fleet.len(), 1);
+        assert_eq!(l.config.data_dir, d.path().join("data"));
+        assert_eq!(
+            l.config.broker.plan(),
+            BrokerPlan::Embedded {
+                listen: "127.0.0.1:1883".parse().unwrap()
+            }
+        );
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let d = dir();
+        let cases = [
+            ("timezone = \"Asia/Shanghai\"", "timezone = \"Mars/Olympus\"", 4, "timezone"),
+            ("url = \"https://service.example.com\"", "url = \"ftp://x\"", 11, "backend.url"),
+            ("listen = \"127.0.0.1:8080\"", "listen = \"nowhere\"", 15, "api.listen"),
+            ("token_file = \"api.token\"", "token_file = \"missing\"", 16, "api.token_file"),
+            ("embedded = true", "embedded = true\nurl = \"mqtt://x:1\"", 7, "broker.embedded"),
+            ("gateway_id = \"gw-cq-1\"", "gateway_id = \"gw/1\"", 1, "gateway_id"),
+            ("[api]", "[api]\ncolour = \"red\"", 15, "api.colour"),
+        ];
+        for (from, to, line, key) in cases {
+            let src = GOOD.replace(from, to);
+            let e = parse("gw.toml", &src, d.path()).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (line, key), "{to}: {e}");
+            assert!(e.to_string().starts_with(&format!("gw.toml:{line}: ")), "{e}");
+        }
+    }
+
+    #[test]
+    fn empty_token_file_refused_without_showing_it() {
+        let d = dir();
+        std::fs::write(d.path().join("api.token"), "  \n").unwrap();
+        let e = parse("gw.toml", GOOD, d.path()).unwrap_err();
+        assert_eq!(e.key, "api.token_file");
+        assert!(e.message.contains("is empty"), "{e}");
+    }
+
+    #[test]
+    fn external_broker_with_share_group() {
+        let d = dir();
+        let src = GOOD.replace(
+            "embedded = true\nlisten = \"127.0.0.1:1883\"",
+            "url = \"mqtt://127.0.0.1:1884\"\nshare_group = \"tend-gateways\"",
+        );
+        let l = parse("gw.toml", &src, d.path()).unwrap();
+        assert_eq!(
+            l.config.broker.plan(),
+            BrokerPlan::External {
+                url: "mqtt://127.0.0.1:1884".into()
+            }
+        );
+    }
+}

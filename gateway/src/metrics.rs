@@ -1,0 +1,135 @@
+//! Prometheus metrics of the gateway, served on `GET /metrics` in the text format.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Batches received on `tend/v1/+/up`.
+    pub batches: Counter,
+    /// Records applied for the first time.
+    pub records: Counter,
+    /// Records received again (replays, lost acks): acked, not reapplied.
+    pub duplicates: Counter,
+    /// Messages on the agents' topics that could not be decoded.
+    pub malformed: Counter,
+    /// Batches that could not be stored (not acked: the agent resends).
+    pub store_errors: Counter,
+    pub tickets_opened: Counter,
+    pub ticket_events: Counter,
+    /// Forwarder attempts by outcome (`sent`, `retry`, `failed`).
+    pub forward_attempts: Family<OutcomeLabel, Counter>,
+    /// Jobs waiting in the forwarder's outbox.
+    pub forward_queue: Gauge,
+    /// Hotline diagnostics by outcome (`ok`, `error`, `timeout`, `refused`).
+    pub diagnostics: Family<OutcomeLabel, Counter>,
+    /// Fleet devices by availability state.
+    pub devices: Family<StateLabel, Gauge>,
+    /// Fleet devices below 99.5 % this month.
+    pub below_target: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tend_gateway");
+        let m = Metrics {
+            registry: Registry::default(),
+            batches: Counter::default(),
+            records: Counter::default(),
+            duplicates: Counter::default(),
+            malformed: Counter::default(),
+            store_errors: Counter::default(),
+            tickets_opened: Counter::default(),
+            ticket_events: Counter::default(),
+            forward_attempts: Family::default(),
+            forward_queue: Gauge::default(),
+            diagnostics: Family::default(),
+            devices: Family::default(),
+            below_target: Gauge::default(),
+        };
+        registry.register("batches", "Batches received from agents", m.batches.clone());
+        registry.register("records", "Records stored for the first time", m.records.clone());
+        registry.register(
+            "duplicate_records",
+            "Records received again and acked without reapplying",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "malformed_messages",
+            "Messages on agent topics that could not be decoded",
+            m.malformed.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Batches that could not be stored (not acknowledged)",
+            m.store_errors.clone(),
+        );
+        registry.register("tickets_opened", "Tickets decided", m.tickets_opened.clone());
+        registry.register("ticket_events", "Ticket events decided", m.ticket_events.clone());
+        registry.register(
+            "forward_attempts",
+            "Backend requests by outcome",
+            m.forward_attempts.clone(),
+        );
+        registry.register(
+            "forward_queue",
+            "Jobs waiting in the forwarder's outbox",
+            m.forward_queue.clone(),
+        );
+        registry.register(
+            "diagnostics",
+            "Hotline diagnostics by outcome",
+            m.diagnostics.clone(),
+        );
+        registry.register("devices", "Fleet devices by state", m.devices.clone());
+        registry.register(
+            "devices_below_target",
+            "Fleet devices below 99.5 % availability this month",
+            m.below_target.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn outcome(family: &Family<OutcomeLabel, Counter>, outcome: &str) {
+        family
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
