@@ -7,10 +7,15 @@
 //! what an episode change becomes).
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod app;
+pub mod audit;
+pub mod backend_standin;
+pub mod cli;
 pub mod config;
 pub mod diag;
 pub mod fleet;
+pub mod forwarder;
 pub mod ingest;
 pub mod store;
 pub mod ledger;
