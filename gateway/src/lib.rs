@@ -10,6 +10,8 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
 pub mod backend_standin;
 pub mod cli;
 pub mod config;
@@ -19,6 +21,8 @@ pub mod forwarder;
 pub mod ingest;
 pub mod store;
 pub mod ledger;
+pub mod link;
 pub mod metrics;
+pub mod run;
 pub mod sla;
 pub mod ticket;

@@ -1,0 +1,363 @@
+//! The gateway's MQTT link: subscribes to the agents' topics, hands each batch to ingest,
+//! acks exactly the sequence ranges that committed, follows the agents' online status and
+//! carries hotline diagnostics to the agents and their answers back.
+//!
+//! Batches are taken from `$share/<group>/tend/v1/+/up` when several gateways share one
+//! external broker, so each batch reaches one of them; status and diagnostic answers are
+//! subscribed without sharing (every gateway needs every status, and each keeps only the
+//! answers it is waiting for).
+
+use crate::app::Gateway;
+use crate::diag::Outgoing;
+use crate::store::StoreError;
+use jiff::Timestamp;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tend_wire::topic::{self, Parsed};
+use tend_wire::{Ack, DiagResponse, UpBatch, VERSION};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct LinkConfig {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    pub client_id: String,
+    pub share_group: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for LinkConfig {
+    // The password stays out of every log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkConfig")
+            .field("url", &self.url)
+            .field("client_id", &self.client_id)
+            .field("share_group", &self.share_group)
+            .field("ca_file", &self.ca_file)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `mqtt://host[:port]` → (host, port, tls).
+pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
+    let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (r, false, 1883)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true, 8883)
+    } else {
+        return Err(format!("{url:?} is not an mqtt:// or mqtts:// URL"));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('@') {
+        return Err("credentials do not belong in the broker URL: use username and password_file".into());
+    }
+    if rest.is_empty() || rest.contains('/') {
+        return Err(format!("broker URL must be scheme://host[:port], got {url:?}"));
+    }
+    let (host, port) = if let Some(h) = rest.strip_prefix('[') {
+        let (h, p) = h.split_once(']').ok_or("unclosed [ in broker URL")?;
+        (h.to_string(), p.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse().map_err(|_| format!("bad port {p:?} in broker URL"))?,
+        None => default_port,
+    };
+    if host.is_empty() {
+        return Err(format!("no host in broker URL {url:?}"));
+    }
+    Ok((host, port, tls))
+}
+
+fn options(cfg: &LinkConfig) -> Result<MqttOptions, String> {
+    let (host, port, tls) = parse_broker_url(&cfg.url)?;
+    let mut opts = MqttOptions::new(cfg.client_id.clone(), host, port);
+    opts.set_clean_session(true);
+    opts.set_keep_alive(Duration::from_secs(15));
+    let max = tend_wire::MAX_MESSAGE + 64 * 1024;
+    opts.set_max_packet_size(max, max);
+    opts.set_inflight(200);
+    if let Some(user) = &cfg.username {
+        opts.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
+    }
+    if tls {
+        let mut roots = rustls::RootCertStore::empty();
+        match &cfg.ca_file {
+            Some(ca) => {
+                let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+                use rustls::pki_types::pem::PemObject;
+                for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                    let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("{}: {e}", ca.display()))?;
+                }
+            }
+            None => {
+                for c in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(c);
+                }
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(config),
+        )));
+    }
+    Ok(opts)
+}
+
+/// The topic batches are taken from.
+pub fn up_filter(share_group: Option<&str>) -> String {
+    match share_group {
+        Some(g) => format!("$share/{g}/{}/+/up", topic::PREFIX),
+        None => format!("{}/+/up", topic::PREFIX),
+    }
+}
+
+/// Runs the link until `shutdown`: connects (and reconnects with back-off), subscribes,
+/// ingests, acks, relays diagnostics. `diag_out` is the [`crate::diag::DiagClient`]'s
+/// queue of requests to publish.
+pub async fn run(
+    gw: Gateway,
+    cfg: LinkConfig,
+    mut diag_out: mpsc::Receiver<Outgoing>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let opts = options(&cfg)?;
+    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    let (batch_tx, batch_rx) = mpsc::channel::<(String, Vec<u8>)>(256);
+
+    // Ingest in its own task: the event loop keeps polling (pings, acks) while a batch
+    // commits.
+    let ingest = tokio::spawn(ingest_loop(gw.clone(), client.clone(), batch_rx));
+
+    let diag_client = client.clone();
+    let diag_task = tokio::spawn(async move {
+        while let Some(o) = diag_out.recv().await {
+            let t = topic::diag_req(&o.agent);
+            if let Err(e) = diag_client
+                .publish(t, QoS::AtLeastOnce, false, o.payload)
+                .await
+            {
+                tracing::warn!("diagnostic request to {} not queued: {e}", o.agent);
+            }
+        }
+    });
+
+    let filters = [
+        (up_filter(cfg.share_group.as_deref()), QoS::AtLeastOnce),
+        (format!("{}/+/status", topic::PREFIX), QoS::AtLeastOnce),
+        (format!("{}/+/diag/resp", topic::PREFIX), QoS::AtLeastOnce),
+    ];
+    let mut failures: u32 = 0;
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                failures = 0;
+                tracing::info!("connected to MQTT broker {}", cfg.url);
+                let c = client.clone();
+                let filters = filters.clone();
+                tokio::spawn(async move {
+                    for (f, q) in filters {
+                        if let Err(e) = c.subscribe(f.clone(), q).await {
+                            tracing::warn!("subscribe {f}: {e}");
+                        }
+                    }
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let topic = p.topic.clone();
+                match topic::parse(&topic) {
+                    Some(Parsed::Up(agent)) => {
+                        let agent = agent.to_string();
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            r = batch_tx.send((agent, p.payload.to_vec())) => {
+                                if r.is_err() { break; }
+                            }
+                        }
+                    }
+                    Some(Parsed::Status(agent)) => {
+                        let s = String::from_utf8_lossy(&p.payload);
+                        let s = s.trim();
+                        if s == tend_wire::STATUS_ONLINE || s == tend_wire::STATUS_OFFLINE {
+                            gw.set_agent_status(agent, s, Timestamp::now());
+                        } else {
+                            gw.metrics.malformed.inc();
+                        }
+                    }
+                    Some(Parsed::DiagResp(_)) => match DiagResponse::decode(&p.payload) {
+                        Ok(resp) => {
+                            gw.diag.answer(resp);
+                        }
+                        Err(e) => {
+                            gw.metrics.malformed.inc();
+                            tracing::warn!("malformed diagnostic answer on {topic}: {e}");
+                        }
+                    },
+                    _ => {
+                        gw.metrics.malformed.inc();
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let wait = Duration::from_millis(200 * 2u64.pow(failures.min(5)));
+                if failures <= 3 || failures % 20 == 0 {
+                    tracing::warn!("MQTT broker {}: {}; retrying in {wait:?}", cfg.url, why(&e));
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    drop(batch_tx);
+    diag_task.abort();
+    let _ = ingest.await;
+    Ok(())
+}
+
+fn why(e: &ConnectionError) -> String {
+    e.to_string()
+}
+
+async fn ingest_loop(
+    gw: Gateway,
+    client: AsyncClient,
+    mut rx: mpsc::Receiver<(String, Vec<u8>)>,
+) {
+    while let Some((agent, payload)) = rx.recv().await {
+        gw.metrics.batches.inc();
+        let batch = match UpBatch::decode(&payload) {
+            Ok(b) => b,
+            Err(e) => {
+                gw.metrics.malformed.inc();
+                tracing::warn!("malformed batch on {}: {e}", topic::up(&agent));
+                continue;
+            }
+        };
+        if batch.agent != agent {
+            gw.metrics.malformed.inc();
+            tracing::warn!(
+                "batch on {} names agent {:?}: refused",
+                topic::up(&agent),
+                batch.agent
+            );
+            continue;
+        }
+        let g = gw.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            let r = g.store.apply(&batch, &g.cx, Timestamp::now());
+            (batch.agent, r)
+        })
+        .await;
+        let (agent, result) = match applied {
+            Ok(x) => x,
+            Err(e) => {
+                gw.metrics.store_errors.inc();
+                tracing::error!("ingest task failed: {e}");
+                continue;
+            }
+        };
+        match result {
+            Ok(a) => {
+                gw.metrics.records.inc_by(a.new_records);
+                gw.metrics.duplicates.inc_by(a.duplicates);
+                gw.metrics
+                    .tickets_opened
+                    .inc_by(a.tickets_opened.len() as u64);
+                gw.metrics.ticket_events.inc_by(a.events_queued);
+                for key in &a.tickets_opened {
+                    tracing::info!("ticket {key} opened for agent {agent}");
+                }
+                if a.has_jobs() {
+                    gw.forwarder_wake.notify_one();
+                }
+                let ack = Ack {
+                    v: VERSION,
+                    ranges: a.stored,
+                };
+                if let Err(e) = client
+                    .publish(
+                        topic::ack(&agent),
+                        QoS::AtLeastOnce,
+                        false,
+                        tend_wire::encode(&ack),
+                    )
+                    .await
+                {
+                    tracing::warn!("ack to {agent} not queued: {e}");
+                }
+            }
+            Err(e) => {
+                // Not acked: the agent sends it again.
+                gw.metrics.store_errors.inc();
+                log_store_error(&e);
+            }
+        }
+    }
+}
+
+fn log_store_error(e: &StoreError) {
+    tracing::error!("batch not stored (the agent will resend it): {e}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            parse_broker_url("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884, false)
+        );
+        assert_eq!(
+            parse_broker_url("mqtts://gw.example").unwrap(),
+            ("gw.example".into(), 8883, true)
+        );
+        assert_eq!(
+            parse_broker_url("mqtt://[::1]:2000/").unwrap(),
+            ("::1".into(), 2000, false)
+        );
+        for bad in ["tcp://h:1", "mqtt://", "mqtt://h:x", "mqtt://h/path", "h:1883"] {
+            assert!(parse_broker_url(bad).is_err(), "{bad}");
+        }
+        let e = parse_broker_url("mqtt://user:s3cret@h:1883").unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn shared_subscription_filter() {
+        assert_eq!(up_filter(None), "tend/v1/+/up");
+        assert_eq!(up_filter(Some("gws")), "$share/gws/tend/v1/+/up");
+    }
+}

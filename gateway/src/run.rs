@@ -1,0 +1,110 @@
+//! `tend-gateway run`: the store, the broker (embedded or external), the MQTT link, the
+//! forwarder and the hotline API, started together and stopped together.
+
+use crate::app::Gateway;
+use crate::config::{read_secret, BrokerPlan, Loaded};
+use crate::diag::DiagClient;
+use crate::ingest::IngestContext;
+use crate::link::{self, LinkConfig};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A started gateway.
+#[derive(Debug)]
+pub struct Running {
+    /// The MQTT broker agents connect to (`mqtt://…`).
+    pub broker_url: String,
+    /// Where the hotline API listens.
+    pub api_addr: SocketAddr,
+    pub gateway: Gateway,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops every part and waits for them (the store is closed when the last handle goes).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts everything the config describes.
+pub async fn start(loaded: Loaded) -> anyhow::Result<Running> {
+    let cfg = &loaded.config;
+    let store = {
+        let dir = cfg.data_dir.clone();
+        tokio::task::spawn_blocking(move || Store::open(&dir)).await??
+    };
+    let cx = IngestContext {
+        gateway: cfg.gateway_id.clone(),
+        fleet: loaded.fleet.clone(),
+        profiles: loaded.profiles.clone(),
+        tz: loaded.tz.clone(),
+    };
+    let (diag, diag_out) = DiagClient::new(&cfg.gateway_id);
+    let gw = Gateway {
+        store: Arc::new(store),
+        cx: Arc::new(cx),
+        metrics: Arc::new(Metrics::new()),
+        diag,
+        agents: Arc::default(),
+        forwarder_wake: Arc::default(),
+        backend_configured: cfg.backend.is_some(),
+        diag_timeout: cfg.api.diag_timeout.0,
+    };
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+
+    let broker_url = match cfg.broker.plan() {
+        BrokerPlan::External { url } => url,
+        BrokerPlan::Embedded { listen } => embedded(listen)?,
+    };
+    let password = match &cfg.broker.password_file {
+        Some(p) => Some(read_secret(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let link_cfg = LinkConfig {
+        url: broker_url.clone(),
+        client_id: format!("tend-gateway-{}", cfg.gateway_id),
+        share_group: cfg.broker.share_group.clone(),
+        ca_file: cfg.broker.ca_file.clone(),
+        username: cfg.broker.username.clone(),
+        password,
+    };
+    {
+        let gw = gw.clone();
+        let sd = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = link::run(gw, link_cfg, diag_out, sd).await {
+                tracing::error!("MQTT link stopped: {e}");
+            }
+        }));
+    }
+
+    let api_addr = cfg.api.listen;
+    Ok(Running {
+        broker_url,
+        api_addr,
+        gateway: gw,
+        shutdown,
+        tasks,
+    })
+}
+
+#[cfg(feature = "embedded-broker")]
+fn embedded(listen: SocketAddr) -> anyhow::Result<String> {
+    let addr = crate::broker::start(listen)?;
+    Ok(format!("mqtt://{addr}"))
+}
+
+#[cfg(not(feature = "embedded-broker"))]
+fn embedded(_listen: SocketAddr) -> anyhow::Result<String> {
+    anyhow::bail!("this build has no embedded broker (feature embedded-broker)")
+}
