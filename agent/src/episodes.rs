@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tend_profiles::{DeviceState, Signal};
-use tend_wire::{EpisodeChange, EpisodeEvent};
+use tend_wire::{EpisodeChange, EpisodeEvent, Opening};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Open {
@@ -21,6 +21,9 @@ struct Open {
     /// When the signal was last missing, while it is missing.
     absent_since: Option<Timestamp>,
     flaps: u32,
+    /// The episode as it opened (absent in memory stored by an older agent).
+    #[serde(default)]
+    opening: Option<Opening>,
 }
 
 /// The parts of a signal an episode keeps (serialisable, so the tracker can be persisted
@@ -91,6 +94,19 @@ impl EpisodeTracker {
         active: &[Signal],
         available: bool,
     ) -> Vec<EpisodeEvent> {
+        self.update_with(now, active, available, None, None)
+    }
+
+    /// [`EpisodeTracker::update`], naming the device's profile family and firmware for
+    /// the opening of new episodes.
+    pub fn update_with(
+        &mut self,
+        now: Timestamp,
+        active: &[Signal],
+        available: bool,
+        model: Option<&str>,
+        firmware: Option<&str>,
+    ) -> Vec<EpisodeEvent> {
         let mut out = Vec::new();
         for s in active {
             match self.open.get_mut(&s.code) {
@@ -108,6 +124,16 @@ impl EpisodeTracker {
                         last: s.into(),
                         absent_since: None,
                         flaps: 0,
+                        opening: Some(Opening {
+                            class: s.class,
+                            description: s.description.clone(),
+                            action: s.action.clone(),
+                            evidence: s.evidence.clone(),
+                            device_available: available,
+                            due: s.due.clone(),
+                            model: model.map(str::to_string),
+                            firmware: firmware.map(str::to_string),
+                        }),
                     };
                     out.push(event(&o, EpisodeChange::Opened, available));
                     self.open.insert(s.code.clone(), o);
@@ -160,6 +186,7 @@ fn event(o: &Open, change: EpisodeChange, available: bool) -> EpisodeEvent {
         device_available: available,
         opened_at: o.opened_at,
         due: o.last.due.clone(),
+        opening: o.opening.clone(),
     }
 }
 
@@ -263,6 +290,42 @@ mod tests {
             .update(t(5), &[sig("ALM.3", FaultClass::Major)], false)
             .is_empty());
         assert_eq!(back.open_codes().collect::<Vec<_>>(), ["ALM.3"]);
+    }
+
+    #[test]
+    fn every_change_repeats_the_opening() {
+        let mut tr = EpisodeTracker::new("a1", "vent", Duration::from_secs(0));
+        let open = tr.update_with(
+            t(0),
+            &[sig("ALM1.4", FaultClass::Complex)],
+            false,
+            Some("aeris/av-500"),
+            Some("5.2.1"),
+        );
+        let raised = tr.update_with(
+            t(5),
+            &[sig("ALM1.4", FaultClass::Major)],
+            false,
+            Some("aeris/av-500"),
+            Some("5.3.0"),
+        );
+        let cleared = tr.update_with(t(9), &[], true, Some("aeris/av-500"), Some("5.3.0"));
+        let o = open[0].opening.clone().unwrap();
+        assert_eq!(o.class, Some(FaultClass::Complex));
+        assert!(!o.device_available);
+        assert_eq!(o.firmware.as_deref(), Some("5.2.1"));
+        assert_eq!(raised[0].class, Some(FaultClass::Major));
+        assert_eq!(raised[0].opening.as_ref(), Some(&o));
+        assert_eq!(cleared[0].change, EpisodeChange::Cleared);
+        assert_eq!(cleared[0].opening.as_ref(), Some(&o));
+        // Memory written before the opening existed still loads.
+        let mut v = serde_json::to_value(&tr).unwrap();
+        v["open"] = serde_json::json!({"X": {"id": "i", "opened_at": "2026-01-01T00:00:00Z",
+            "last": {"code": "X", "kind": "fault", "class": null, "description": "d",
+                     "action": null, "evidence": {}, "due": null},
+            "absent_since": null, "flaps": 0}});
+        let back: EpisodeTracker = serde_json::from_value(v).unwrap();
+        assert_eq!(back.open_codes().collect::<Vec<_>>(), ["X"]);
     }
 
     #[test]

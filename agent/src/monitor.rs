@@ -178,7 +178,12 @@ impl DeviceMonitor {
             out.push(RecordBody::State { from, to });
         }
         let available = state != DeviceState::Down;
-        for e in self.episodes.update(now, signals, available) {
+        let firmware = self.identity.as_ref().map(|i| i.firmware.clone());
+        let model = self.model.clone();
+        for e in
+            self.episodes
+                .update_with(now, signals, available, Some(&model), firmware.as_deref())
+        {
             if self.recent.len() == RECENT_EPISODES {
                 self.recent.pop_front();
             }

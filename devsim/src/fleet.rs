@@ -157,6 +157,17 @@ struct Family {
     vm_serial: &'static str,
 }
 
+/// The serial one higher in its last digit (`AV5C-21-004417` → `AV5C-21-004418`).
+fn next_serial(serial: &str) -> String {
+    let mut chars: Vec<char> = serial.chars().collect();
+    if let Some(c) = chars.last_mut() {
+        if let Some(d) = c.to_digit(10) {
+            *c = char::from_digit((d + 1) % 10, 10).unwrap_or('0');
+        }
+    }
+    chars.into_iter().collect()
+}
+
 fn families(set: FirmwareSet) -> Vec<Family> {
     let new = || Family {
         suffix: "a",
@@ -360,6 +371,8 @@ pub async fn start(opts: &FleetOptions) -> anyhow::Result<Fleet> {
         lines.push(describe(&name, &t, None, link.as_ref()));
         devices.push((name, t));
 
+        // A second ventilator, so its own serial: a fleet file lists each serial once.
+        av.serial = next_serial(&av.serial);
         let h = Av500Sim::spawn_tcp(av, tcp_addr()).await?;
         let name = format!("av500-tcp-{s}");
         let t = Target::Av500(h);

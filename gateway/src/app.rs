@@ -57,12 +57,15 @@ impl Gateway {
     }
 
     pub fn set_agent_status(&self, agent: &str, status: &str, now: Timestamp) {
-        self.agents.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            agent.to_string(),
-            AgentStatus {
-                status: status.to_string(),
-                since: now,
-            },
-        );
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                agent.to_string(),
+                AgentStatus {
+                    status: status.to_string(),
+                    since: now,
+                },
+            );
     }
 }

@@ -228,14 +228,14 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
         if config.broker.embedded == Some(true) {
             return Err(err(
                 &br.key("embedded"),
-                "embedded = true and url are exclusive: run the broker here or use the one at url".into(),
+                "embedded = true and url are exclusive: run the broker here or use the one at url"
+                    .into(),
             ));
         }
         if config.broker.listen.is_some() {
             return Err(err(
                 &br.key("listen"),
-                "listen is for the embedded broker; this config names an external one (url)"
-                    .into(),
+                "listen is for the embedded broker; this config names an external one (url)".into(),
             ));
         }
     } else if config.broker.embedded == Some(false) {
@@ -290,7 +290,10 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
         }
     }
     for (key, p) in [
-        (root.key("api").key("token_file"), Some(&config.api.token_file)),
+        (
+            root.key("api").key("token_file"),
+            Some(&config.api.token_file),
+        ),
         (
             root.key("backend").key("token_file"),
             config.backend.as_ref().map(|b| &b.token_file),
@@ -391,19 +394,52 @@ token_file = "api.token"
     fn errors_name_line_and_key() {
         let d = dir();
         let cases = [
-            ("timezone = \"Asia/Shanghai\"", "timezone = \"Mars/Olympus\"", 4, "timezone"),
-            ("url = \"https://service.example.com\"", "url = \"ftp://x\"", 11, "backend.url"),
-            ("listen = \"127.0.0.1:8080\"", "listen = \"nowhere\"", 15, "api.listen"),
-            ("token_file = \"api.token\"", "token_file = \"missing\"", 16, "api.token_file"),
-            ("embedded = true", "embedded = true\nurl = \"mqtt://x:1\"", 7, "broker.embedded"),
-            ("gateway_id = \"gw-cq-1\"", "gateway_id = \"gw/1\"", 1, "gateway_id"),
+            (
+                "timezone = \"Asia/Shanghai\"",
+                "timezone = \"Mars/Olympus\"",
+                4,
+                "timezone",
+            ),
+            (
+                "url = \"https://service.example.com\"",
+                "url = \"ftp://x\"",
+                11,
+                "backend.url",
+            ),
+            (
+                "listen = \"127.0.0.1:8080\"",
+                "listen = \"nowhere\"",
+                15,
+                "api.listen",
+            ),
+            (
+                "token_file = \"api.token\"",
+                "token_file = \"missing\"",
+                16,
+                "api.token_file",
+            ),
+            (
+                "embedded = true",
+                "embedded = true\nurl = \"mqtt://x:1\"",
+                7,
+                "broker.embedded",
+            ),
+            (
+                "gateway_id = \"gw-cq-1\"",
+                "gateway_id = \"gw/1\"",
+                1,
+                "gateway_id",
+            ),
             ("[api]", "[api]\ncolour = \"red\"", 15, "api.colour"),
         ];
         for (from, to, line, key) in cases {
             let src = GOOD.replace(from, to);
             let e = parse("gw.toml", &src, d.path()).unwrap_err();
             assert_eq!((e.line, e.key.as_str()), (line, key), "{to}: {e}");
-            assert!(e.to_string().starts_with(&format!("gw.toml:{line}: ")), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!("gw.toml:{line}: ")),
+                "{e}"
+            );
         }
     }
 

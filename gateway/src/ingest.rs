@@ -8,9 +8,9 @@
 
 use crate::fleet::Fleet;
 use crate::store::{
-    next, ns, state_code, DeviceLive, Forwarding, Job, LifeEvent, LiveIdentity, LiveReading,
-    Store, StoreError, TicketEventRecord, TicketRecord, DEVICES, DEVICE_TICKETS, HISTORY, META,
-    OUTBOX, SEEN, TICKETS, TRANSITIONS,
+    next, ns, state_code, DeviceLive, Forwarding, Job, LifeEvent, LiveIdentity, LiveReading, Store,
+    StoreError, TicketEventRecord, TicketRecord, DEVICES, DEVICE_TICKETS, HISTORY, META, OUTBOX,
+    SEEN, TICKETS, TRANSITIONS,
 };
 use crate::ticket::{decide, Action, DeviceFacts, DeviceIdentity, TicketContext};
 use jiff::tz::TimeZone;
@@ -66,12 +66,18 @@ impl Store {
         let txn = self.db().begin_write().map_err(self.error("begin write"))?;
         {
             let mut seen = txn.open_table(SEEN).map_err(self.error("open seen"))?;
-            let mut devices = txn.open_table(DEVICES).map_err(self.error("open devices"))?;
+            let mut devices = txn
+                .open_table(DEVICES)
+                .map_err(self.error("open devices"))?;
             let mut transitions = txn
                 .open_table(TRANSITIONS)
                 .map_err(self.error("open transitions"))?;
-            let mut history = txn.open_table(HISTORY).map_err(self.error("open history"))?;
-            let mut tickets = txn.open_table(TICKETS).map_err(self.error("open tickets"))?;
+            let mut history = txn
+                .open_table(HISTORY)
+                .map_err(self.error("open history"))?;
+            let mut tickets = txn
+                .open_table(TICKETS)
+                .map_err(self.error("open tickets"))?;
             let mut device_tickets = txn
                 .open_table(DEVICE_TICKETS)
                 .map_err(self.error("open device tickets"))?;
@@ -81,10 +87,10 @@ impl Store {
             let mut live: BTreeMap<String, DeviceLive> = BTreeMap::new();
             let agent = batch.agent.as_str();
             let life = |history: &mut redb::Table<'_, (&'static str, i128, u64), &'static [u8]>,
-                            meta: &mut redb::Table<'_, &'static str, u64>,
-                            device: &str,
-                            at: Timestamp,
-                            e: &LifeEvent|
+                        meta: &mut redb::Table<'_, &'static str, u64>,
+                        device: &str,
+                        at: Timestamp,
+                        e: &LifeEvent|
              -> Result<(), StoreError> {
                 let n = next(meta, "next_history").map_err(self.error("write meta"))?;
                 let bytes = serde_json::to_vec(e).unwrap_or_default();
@@ -204,11 +210,24 @@ impl Store {
                             applied.unknown_device += 1;
                             continue;
                         };
-                        let identity = d.identity.as_ref().map(|i| DeviceIdentity {
-                            model: i.model.clone(),
-                            firmware: i.firmware.clone(),
-                            serial: i.serial.clone(),
-                            profile: i.profile.clone(),
+                        // What the agent said the device was when the episode opened wins
+                        // over what this gateway has heard since: the ticket body must be
+                        // the same on every gateway.
+                        let opened_as = ev.opening.as_ref().and_then(|o| {
+                            Some(DeviceIdentity {
+                                model: o.model.clone()?,
+                                firmware: o.firmware.clone()?,
+                                serial: None,
+                                profile: String::new(),
+                            })
+                        });
+                        let identity = opened_as.or_else(|| {
+                            d.identity.as_ref().map(|i| DeviceIdentity {
+                                model: i.model.clone(),
+                                firmware: i.firmware.clone(),
+                                serial: i.serial.clone(),
+                                profile: i.profile.clone(),
+                            })
                         });
                         let facts = DeviceFacts::resolve(&entry, identity.as_ref(), &cx.profiles);
                         let tcx = TicketContext {
@@ -262,8 +281,8 @@ impl Store {
                                         forward: Forwarding::pending(),
                                         events: Vec::new(),
                                     };
-                                    let job_id =
-                                        next(&mut meta, "next_job").map_err(self.error("write meta"))?;
+                                    let job_id = next(&mut meta, "next_job")
+                                        .map_err(self.error("write meta"))?;
                                     queue(&mut outbox, self, job_id, &t.key, None)?;
                                     device_tickets
                                         .insert((r.device.as_str(), t.key.as_str()), ())
@@ -284,7 +303,10 @@ impl Store {
                                     let Some(t) = known.get_mut(&req.ticket_key) else {
                                         continue;
                                     };
-                                    if t.events.iter().any(|e| e.idempotency_key == req.idempotency_key) {
+                                    if t.events
+                                        .iter()
+                                        .any(|e| e.idempotency_key == req.idempotency_key)
+                                    {
                                         continue;
                                     }
                                     let kind = req.body.kind.as_str().to_string();
@@ -295,8 +317,8 @@ impl Store {
                                             .unwrap_or(serde_json::Value::Null),
                                         forward: Forwarding::pending(),
                                     });
-                                    let job_id =
-                                        next(&mut meta, "next_job").map_err(self.error("write meta"))?;
+                                    let job_id = next(&mut meta, "next_job")
+                                        .map_err(self.error("write meta"))?;
                                     queue(
                                         &mut outbox,
                                         self,

@@ -58,10 +58,14 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.contains('@') {
-        return Err("credentials do not belong in the broker URL: use username and password_file".into());
+        return Err(
+            "credentials do not belong in the broker URL: use username and password_file".into(),
+        );
     }
     if rest.is_empty() || rest.contains('/') {
-        return Err(format!("broker URL must be scheme://host[:port], got {url:?}"));
+        return Err(format!(
+            "broker URL must be scheme://host[:port], got {url:?}"
+        ));
     }
     let (host, port) = if let Some(h) = rest.strip_prefix('[') {
         let (h, p) = h.split_once(']').ok_or("unclosed [ in broker URL")?;
@@ -73,7 +77,9 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
         }
     };
     let port = match port {
-        Some(p) => p.parse().map_err(|_| format!("bad port {p:?} in broker URL"))?,
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("bad port {p:?} in broker URL"))?,
         None => default_port,
     };
     if host.is_empty() {
@@ -101,9 +107,7 @@ fn options(cfg: &LinkConfig) -> Result<MqttOptions, String> {
                 use rustls::pki_types::pem::PemObject;
                 for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
                     let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
-                    roots
-                        .add(c)
-                        .map_err(|e| format!("{}: {e}", ca.display()))?;
+                    roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
                 }
             }
             None => {
@@ -249,11 +253,7 @@ fn why(e: &ConnectionError) -> String {
     e.to_string()
 }
 
-async fn ingest_loop(
-    gw: Gateway,
-    client: AsyncClient,
-    mut rx: mpsc::Receiver<(String, Vec<u8>)>,
-) {
+async fn ingest_loop(gw: Gateway, client: AsyncClient, mut rx: mpsc::Receiver<(String, Vec<u8>)>) {
     while let Some((agent, payload)) = rx.recv().await {
         gw.metrics.batches.inc();
         let batch = match UpBatch::decode(&payload) {
@@ -348,7 +348,13 @@ mod tests {
             parse_broker_url("mqtt://[::1]:2000/").unwrap(),
             ("::1".into(), 2000, false)
         );
-        for bad in ["tcp://h:1", "mqtt://", "mqtt://h:x", "mqtt://h/path", "h:1883"] {
+        for bad in [
+            "tcp://h:1",
+            "mqtt://",
+            "mqtt://h:x",
+            "mqtt://h/path",
+            "h:1883",
+        ] {
             assert!(parse_broker_url(bad).is_err(), "{bad}");
         }
         let e = parse_broker_url("mqtt://user:s3cret@h:1883").unwrap_err();

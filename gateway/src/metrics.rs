@@ -75,7 +75,11 @@ impl Metrics {
             below_target: Gauge::default(),
         };
         registry.register("batches", "Batches received from agents", m.batches.clone());
-        registry.register("records", "Records stored for the first time", m.records.clone());
+        registry.register(
+            "records",
+            "Records stored for the first time",
+            m.records.clone(),
+        );
         registry.register(
             "duplicate_records",
             "Records received again and acked without reapplying",
@@ -91,8 +95,16 @@ impl Metrics {
             "Batches that could not be stored (not acknowledged)",
             m.store_errors.clone(),
         );
-        registry.register("tickets_opened", "Tickets decided", m.tickets_opened.clone());
-        registry.register("ticket_events", "Ticket events decided", m.ticket_events.clone());
+        registry.register(
+            "tickets_opened",
+            "Tickets decided",
+            m.tickets_opened.clone(),
+        );
+        registry.register(
+            "ticket_events",
+            "Ticket events decided",
+            m.ticket_events.clone(),
+        );
         registry.register(
             "forward_attempts",
             "Backend requests by outcome",

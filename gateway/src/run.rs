@@ -43,7 +43,13 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Running> {
         tokio::task::spawn_blocking(move || Store::open(&dir)).await??
     };
     let cx = IngestContext {
-        gateway: cfg.gateway_id.clone(),
+        // Gateways sharing the agents' traffic sign tickets with their group's name, so a
+        // ticket body does not depend on which of them built it.
+        gateway: cfg
+            .broker
+            .share_group
+            .clone()
+            .unwrap_or_else(|| cfg.gateway_id.clone()),
         fleet: loaded.fleet.clone(),
         profiles: loaded.profiles.clone(),
         tz: loaded.tz.clone(),

@@ -341,7 +341,10 @@ impl Store {
         &self.db
     }
 
-    pub(crate) fn error<E: Into<redb::Error>>(&self, what: &'static str) -> impl Fn(E) -> StoreError + '_ {
+    pub(crate) fn error<E: Into<redb::Error>>(
+        &self,
+        what: &'static str,
+    ) -> impl Fn(E) -> StoreError + '_ {
         move |e: E| StoreError {
             path: self.path.clone(),
             what,
@@ -352,7 +355,9 @@ impl Store {
     /// Every device the gateway has heard of.
     pub fn devices(&self) -> Result<Vec<DeviceLive>, StoreError> {
         let txn = self.db.begin_read().map_err(self.error("begin read"))?;
-        let t = txn.open_table(DEVICES).map_err(self.error("open devices"))?;
+        let t = txn
+            .open_table(DEVICES)
+            .map_err(self.error("open devices"))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(self.error("read devices"))? {
             let (_, v) = row.map_err(self.error("read devices"))?;
@@ -365,7 +370,9 @@ impl Store {
 
     pub fn device(&self, id: &str) -> Result<Option<DeviceLive>, StoreError> {
         let txn = self.db.begin_read().map_err(self.error("begin read"))?;
-        let t = txn.open_table(DEVICES).map_err(self.error("open devices"))?;
+        let t = txn
+            .open_table(DEVICES)
+            .map_err(self.error("open devices"))?;
         let v = t.get(id).map_err(self.error("read device"))?;
         Ok(v.and_then(|v| serde_json::from_slice(v.value()).ok()))
     }
@@ -387,7 +394,9 @@ impl Store {
                 ledger.transition(at, seq, state_of(v.value()));
             }
         }
-        let devices = txn.open_table(DEVICES).map_err(self.error("open devices"))?;
+        let devices = txn
+            .open_table(DEVICES)
+            .map_err(self.error("open devices"))?;
         if let Some(v) = devices.get(id).map_err(self.error("read device"))? {
             if let Ok(d) = serde_json::from_slice::<DeviceLive>(v.value()) {
                 if let Some(at) = d.last_seen {
@@ -401,7 +410,9 @@ impl Store {
     /// The device's life record, oldest first (at most `limit` newest entries).
     pub fn history(&self, id: &str, limit: usize) -> Result<Vec<LifeEvent>, StoreError> {
         let txn = self.db.begin_read().map_err(self.error("begin read"))?;
-        let t = txn.open_table(HISTORY).map_err(self.error("open history"))?;
+        let t = txn
+            .open_table(HISTORY)
+            .map_err(self.error("open history"))?;
         let range = t
             .range((id, i128::MIN, 0)..=(id, i128::MAX, u64::MAX))
             .map_err(self.error("read history"))?;
@@ -419,7 +430,9 @@ impl Store {
     /// Every ticket, oldest detection first.
     pub fn tickets(&self) -> Result<Vec<TicketRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(self.error("begin read"))?;
-        let t = txn.open_table(TICKETS).map_err(self.error("open tickets"))?;
+        let t = txn
+            .open_table(TICKETS)
+            .map_err(self.error("open tickets"))?;
         let mut out: Vec<TicketRecord> = Vec::new();
         for row in t.iter().map_err(self.error("read tickets"))? {
             let (_, v) = row.map_err(self.error("read tickets"))?;
@@ -433,7 +446,9 @@ impl Store {
 
     pub fn ticket(&self, key: &str) -> Result<Option<TicketRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(self.error("begin read"))?;
-        let t = txn.open_table(TICKETS).map_err(self.error("open tickets"))?;
+        let t = txn
+            .open_table(TICKETS)
+            .map_err(self.error("open tickets"))?;
         let v = t.get(key).map_err(self.error("read ticket"))?;
         Ok(v.and_then(|v| serde_json::from_slice(v.value()).ok()))
     }
@@ -463,7 +478,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(self.error("begin write"))?;
         {
-            let mut tickets = txn.open_table(TICKETS).map_err(self.error("open tickets"))?;
+            let mut tickets = txn
+                .open_table(TICKETS)
+                .map_err(self.error("open tickets"))?;
             let mut outbox = txn.open_table(OUTBOX).map_err(self.error("open outbox"))?;
             let current: Option<TicketRecord> = tickets
                 .get(job.ticket_key.as_str())
@@ -527,7 +544,9 @@ impl Store {
         let txn = self.db.begin_write().map_err(self.error("begin write"))?;
         let found;
         {
-            let mut tickets = txn.open_table(TICKETS).map_err(self.error("open tickets"))?;
+            let mut tickets = txn
+                .open_table(TICKETS)
+                .map_err(self.error("open tickets"))?;
             let mut outbox = txn.open_table(OUTBOX).map_err(self.error("open outbox"))?;
             let mut meta = txn.open_table(META).map_err(self.error("open meta"))?;
             let current: Option<TicketRecord> = tickets
@@ -574,7 +593,9 @@ impl Store {
     pub fn set_backend_status(&self, key: &str, status: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(self.error("begin write"))?;
         {
-            let mut tickets = txn.open_table(TICKETS).map_err(self.error("open tickets"))?;
+            let mut tickets = txn
+                .open_table(TICKETS)
+                .map_err(self.error("open tickets"))?;
             let current: Option<TicketRecord> = tickets
                 .get(key)
                 .map_err(self.error("read ticket"))?
@@ -603,7 +624,9 @@ impl Store {
     pub fn has_record(&self, agent: &str, seq: u64) -> Result<bool, StoreError> {
         let txn = self.db.begin_read().map_err(self.error("begin read"))?;
         let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
-        Ok(t.get((agent, seq)).map_err(self.error("read seen"))?.is_some())
+        Ok(t.get((agent, seq))
+            .map_err(self.error("read seen"))?
+            .is_some())
     }
 }
 

@@ -72,6 +72,7 @@ fn alm14(change: EpisodeChange) -> EpisodeEvent {
         device_available: false,
         opened_at: ts("2026-11-28T02:15:02Z"),
         due: None,
+        opening: None,
     }
 }
 
@@ -483,6 +484,7 @@ fn maintenance_ticket_body() {
         device_available: true,
         opened_at: ts("2026-11-28T02:15:02Z"),
         due: Some("2026-12-10".into()),
+        opening: None,
     };
     let req = build_ticket(&w.cx(), &ev);
     let b = serde_json::to_value(&req.body).unwrap();
@@ -495,4 +497,68 @@ fn maintenance_ticket_body() {
         json!({"respond_by": "2026-11-28T11:15:02+08:00", "onsite_by": null,
                "plan_by": null, "resolve_by": "2026-12-10T23:59:59+08:00"})
     );
+}
+
+/// With a shared subscription, one gateway may see an episode's opening and another only
+/// its clearing or a class change. Both must build the very same body under the same key
+/// (the backend answers 409 to a key reused with another body), so the body comes from the
+/// opening the agent repeats on every change.
+#[test]
+fn any_change_carrying_the_opening_builds_the_opening_body() {
+    let w = World::new();
+    let mut opened = alm14(EpisodeChange::Opened);
+    opened.class = Some(FaultClass::Complex);
+    opened.opening = Some(tend_wire::Opening {
+        class: Some(FaultClass::Complex),
+        description: opened.description.clone(),
+        action: opened.action.clone(),
+        evidence: opened.evidence.clone(),
+        device_available: false,
+        due: None,
+        model: Some("aeris/av-500".into()),
+        firmware: Some("5.2.0".into()),
+    });
+    let from_opening = build_ticket(&w.cx(), &opened);
+
+    // Later changes: the class rose, the evidence changed, the device came back.
+    let mut raised = opened.clone();
+    raised.change = EpisodeChange::ClassChanged;
+    raised.class = Some(FaultClass::Major);
+    raised.evidence.insert("alarm_word_1".into(), json!(48));
+    let mut cleared = raised.clone();
+    cleared.change = EpisodeChange::Cleared;
+    cleared.device_available = true;
+    cleared.evidence.insert("flaps".into(), json!(2));
+
+    for later in [&raised, &cleared] {
+        let req = build_ticket(&w.cx(), later);
+        assert_eq!(req.idempotency_key, from_opening.idempotency_key);
+        assert_eq!(
+            req.body_json(),
+            from_opening.body_json(),
+            "{:?}",
+            later.change
+        );
+    }
+
+    // A gateway that first sees the class change opens the ticket as it opened, then
+    // escalates it; one that first sees the clearing also escalates, then clears.
+    let at = ts("2026-11-28T02:20:00Z");
+    let a = decide(&w.cx(), &raised, at, &[]);
+    assert!(matches!(&a[0], Action::Create(r) if r.body.fault.class == FaultClass::Complex));
+    assert_eq!(
+        events(&a).iter().map(|e| e.0).collect::<Vec<_>>(),
+        [EventType::Escalated]
+    );
+    let b = decide(&w.cx(), &cleared, at, &[]);
+    assert_eq!(
+        events(&b).iter().map(|e| e.0).collect::<Vec<_>>(),
+        [EventType::Escalated, EventType::FaultCleared]
+    );
+    // Without the opening (an older agent) the change itself is all there is.
+    let mut old = cleared.clone();
+    old.opening = None;
+    let req = build_ticket(&w.cx(), &old);
+    assert_eq!(req.body.fault.class, FaultClass::Major);
+    assert!(req.body.fault.device_available);
 }

@@ -154,6 +154,30 @@ pub struct EpisodeEvent {
     pub opened_at: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub due: Option<String>,
+    /// The episode as it opened, repeated on every change: with a shared subscription the
+    /// gateway that sees a change first may not have seen the opening, and the ticket body
+    /// (whose key is the episode's) must be the same whichever change builds it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub opening: Option<Opening>,
+}
+
+/// What a fault episode looked like when it opened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Opening {
+    pub class: Option<FaultClass>,
+    pub description: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub evidence: BTreeMap<String, serde_json::Value>,
+    pub device_available: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub due: Option<String>,
+    /// The profile family of the device (`aeris/av-500`) and the firmware it reported.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub firmware: Option<String>,
 }
 
 /// What an agent publishes on `up`.
@@ -344,6 +368,7 @@ mod tests {
                         device_available: false,
                         opened_at: ts(),
                         due: None,
+                        opening: None,
                     }),
                 },
                 Record {

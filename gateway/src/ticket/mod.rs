@@ -214,14 +214,17 @@ impl TicketRequest {
 /// event is the same body.
 pub fn build_ticket(cx: &TicketContext<'_>, ev: &EpisodeEvent) -> TicketRequest {
     let d = cx.entry.device;
-    let class = effective_class(ev.kind, ev.class);
+    // The episode as it opened, when the agent says (every change carries it): the body is
+    // then the same whichever change of the episode builds it, on whichever gateway.
+    let opening = Opened::of(ev);
+    let class = effective_class(ev.kind, opening.class);
     let detected = ev.opened_at;
     let sla = deadlines(
         detected,
         ev.kind,
-        ev.class,
+        opening.class,
         cx.entry.site.service_area,
-        ev.due.as_deref(),
+        opening.due,
         cx.tz,
     );
     let body = TicketBody {
@@ -240,14 +243,14 @@ pub fn build_ticket(cx: &TicketContext<'_>, ev: &EpisodeEvent) -> TicketRequest 
         },
         fault: FaultJson {
             code: ev.code.clone(),
-            description: ev.description.clone(),
+            description: opening.description.to_string(),
             class,
-            device_available: ev.device_available,
+            device_available: opening.device_available,
             first_seen: rfc3339(detected, cx.tz),
-            evidence: ev.evidence.clone(),
-            suggested_action: ev.action.clone(),
+            evidence: opening.evidence.clone(),
+            suggested_action: opening.action.map(str::to_string),
         },
-        clinical_impact: clinical_impact(ev.device_available, class),
+        clinical_impact: clinical_impact(opening.device_available, class),
         warranty: warranty(d, detected, cx.tz),
         sla: sla.to_json(cx.tz),
         source: SourceJson {
@@ -260,6 +263,40 @@ pub fn build_ticket(cx: &TicketContext<'_>, ev: &EpisodeEvent) -> TicketRequest 
         idempotency_key: ticket_key(&ev.episode),
         episode: ev.episode.clone(),
         body,
+    }
+}
+
+/// The opening facts of an episode: from `ev.opening` when the agent sent it, else from the
+/// change itself (an older agent, or the opening change).
+struct Opened<'a> {
+    class: Option<FaultClass>,
+    description: &'a str,
+    action: Option<&'a str>,
+    evidence: &'a BTreeMap<String, serde_json::Value>,
+    device_available: bool,
+    due: Option<&'a str>,
+}
+
+impl<'a> Opened<'a> {
+    fn of(ev: &'a EpisodeEvent) -> Self {
+        match &ev.opening {
+            Some(o) => Opened {
+                class: o.class,
+                description: &o.description,
+                action: o.action.as_deref(),
+                evidence: &o.evidence,
+                device_available: o.device_available,
+                due: o.due.as_deref(),
+            },
+            None => Opened {
+                class: ev.class,
+                description: &ev.description,
+                action: ev.action.as_deref(),
+                evidence: &ev.evidence,
+                device_available: ev.device_available,
+                due: ev.due.as_deref(),
+            },
+        }
     }
 }
 
@@ -543,8 +580,14 @@ pub fn decide(
             None => {
                 let req = build_ticket(cx, ev);
                 let key = req.idempotency_key.clone();
+                // Built from the opening: when this later change raised the class, the new
+                // ticket is escalated at once.
+                let opened_class = req.body.fault.class;
                 actions.push(Action::Create(Box::new(req)));
-                (key, None)
+                (
+                    key,
+                    (ev.change != EpisodeChange::Opened).then_some(opened_class),
+                )
             }
         },
     };
