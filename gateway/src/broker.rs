@@ -45,7 +45,11 @@ fn config(listen: SocketAddr) -> rumqttd::Config {
 
 /// Starts the broker on `listen` and waits until it accepts connections. Returns the
 /// address to connect to (loopback when `listen` is unspecified).
-pub fn start(listen: SocketAddr) -> io::Result<SocketAddr> {
+pub fn start(mut listen: SocketAddr) -> io::Result<SocketAddr> {
+    if listen.port() == 0 {
+        // rumqttd does not report the port it bound: pick a free one first.
+        listen.set_port(std::net::TcpListener::bind(listen)?.local_addr()?.port());
+    }
     let (done_tx, done_rx) = mpsc::channel::<String>();
     let cfg = config(listen);
     std::thread::Builder::new()

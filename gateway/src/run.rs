@@ -94,7 +94,25 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Running> {
         }));
     }
 
-    let api_addr = cfg.api.listen;
+    // The hotline API. Bound here, so a config with port 0 still reports the real one.
+    let token = read_secret(&cfg.api.token_file).map_err(anyhow::Error::msg)?;
+    let audit_path = cfg.data_dir.join("audit.log");
+    let audit = crate::audit::Audit::open(&audit_path)
+        .map_err(|e| anyhow::anyhow!("audit log {}: {e}", audit_path.display()))?;
+    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("hotline API on {}: {e}", cfg.api.listen))?;
+    let api_addr = listener.local_addr()?;
+    {
+        let router = crate::api::router(gw.clone(), token, audit);
+        let sd = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::api::serve(listener, router, sd).await {
+                tracing::error!("hotline API stopped: {e}");
+            }
+        }));
+    }
+
     Ok(Running {
         broker_url,
         api_addr,
