@@ -130,17 +130,21 @@ serial = "VM12-00A4471"
     let mut agent = spawn_agent(&agent_cfg, &agent_log);
 
     // The hotline sees every device come up.
-    until("all three devices up at the gateway", Duration::from_secs(60), || async {
-        let (st, v) = gw.get("/api/v1/devices").await;
-        assert_eq!(st, 200, "{v}");
-        let up: BTreeSet<String> = v
-            .as_array()?
-            .iter()
-            .filter(|d| d["state"] == "up")
-            .filter_map(|d| d["id"].as_str().map(str::to_string))
-            .collect();
-        (up.len() == 3).then_some(())
-    })
+    until(
+        "all three devices up at the gateway",
+        Duration::from_secs(60),
+        || async {
+            let (st, v) = gw.get("/api/v1/devices").await;
+            assert_eq!(st, 200, "{v}");
+            let up: BTreeSet<String> = v
+                .as_array()?
+                .iter()
+                .filter(|d| d["state"] == "up")
+                .filter_map(|d| d["id"].as_str().map(str::to_string))
+                .collect();
+            (up.len() == 3).then_some(())
+        },
+    )
     .await;
 
     // The exhalation valve fails: a major fault, the ventilator in its safe state.
@@ -148,12 +152,16 @@ serial = "VM12-00A4471"
         s.alarm_word1 = 16;
         s.device_state = device_state::FAILURE;
     });
-    let ticket = until("the ALM1.4 ticket at the backend", Duration::from_secs(60), || async {
-        backend
-            .tickets()
-            .into_iter()
-            .find(|t| t.body.pointer("/fault/code") == Some(&json!("ALM1.4")))
-    })
+    let ticket = until(
+        "the ALM1.4 ticket at the backend",
+        Duration::from_secs(60),
+        || async {
+            backend
+                .tickets()
+                .into_iter()
+                .find(|t| t.body.pointer("/fault/code") == Some(&json!("ALM1.4")))
+        },
+    )
     .await;
     let b = &ticket.body;
     assert_eq!(b["schema"], "service-ticket/1");
@@ -178,7 +186,10 @@ serial = "VM12-00A4471"
         json!({"status": "in_warranty", "until": "2027-06-01", "billable": false})
     );
     let first_seen = ts(&b["fault"]["first_seen"]);
-    assert!(b["fault"]["first_seen"].as_str().unwrap().ends_with("+08:00"));
+    assert!(b["fault"]["first_seen"]
+        .as_str()
+        .unwrap()
+        .ends_with("+08:00"));
     let h = |n: i64| Some(first_seen + SignedDuration::from_hours(n));
     assert_eq!(Some(ts(&b["sla"]["respond_by"])), h(1));
     assert_eq!(Some(ts(&b["sla"]["onsite_by"])), h(3));
@@ -194,10 +205,17 @@ serial = "VM12-00A4471"
         s.device_state = device_state::VENTILATING;
     });
     let id = ticket.id.clone();
-    until("fault_cleared on the ticket", Duration::from_secs(30), || async {
-        let t = backend.ticket(&id)?;
-        t.events.iter().any(|e| e.kind == "fault_cleared").then_some(())
-    })
+    until(
+        "fault_cleared on the ticket",
+        Duration::from_secs(30),
+        || async {
+            let t = backend.ticket(&id)?;
+            t.events
+                .iter()
+                .any(|e| e.kind == "fault_cleared")
+                .then_some(())
+        },
+    )
     .await;
 
     // It comes back while the ticket is open: a recurrence on the same ticket, no new one.
@@ -205,10 +223,17 @@ serial = "VM12-00A4471"
         s.alarm_word1 = 16;
         s.device_state = device_state::FAILURE;
     });
-    until("fault_recurred on the ticket", Duration::from_secs(30), || async {
-        let t = backend.ticket(&id)?;
-        t.events.iter().any(|e| e.kind == "fault_recurred").then_some(())
-    })
+    until(
+        "fault_recurred on the ticket",
+        Duration::from_secs(30),
+        || async {
+            let t = backend.ticket(&id)?;
+            t.events
+                .iter()
+                .any(|e| e.kind == "fault_recurred")
+                .then_some(())
+        },
+    )
     .await;
     let alm: Vec<_> = backend
         .tickets()
@@ -217,7 +242,11 @@ serial = "VM12-00A4471"
         .collect();
     assert_eq!(alm.len(), 1, "one ticket for the valve fault: {alm:#?}");
     let kinds: Vec<&str> = alm[0].events.iter().map(|e| e.kind.as_str()).collect();
-    assert_eq!(&kinds[..2], ["fault_cleared", "fault_recurred"], "{kinds:?}");
+    assert_eq!(
+        &kinds[..2],
+        ["fault_cleared", "fault_recurred"],
+        "{kinds:?}"
+    );
 
     // Retries: the scripted 503, 503 and 429 were answered, and every ticket still exists
     // once. The stand-in opens a ticket only on a key's first success, so a second ticket
@@ -232,7 +261,10 @@ serial = "VM12-00A4471"
         .map(|r| r.at)
         .min()
         .unwrap();
-    assert!(next - after_429 >= Duration::from_millis(990), "Retry-After not honoured");
+    assert!(
+        next - after_429 >= Duration::from_millis(990),
+        "Retry-After not honoured"
+    );
     assert!(reqs.iter().all(|r| r.authorized));
     let tickets = backend.tickets();
     let mut per_fault = BTreeSet::new();
@@ -289,7 +321,10 @@ serial = "VM12-00A4471"
     // Nothing of the patient left the bedside.
     for r in backend.requests() {
         let text = String::from_utf8_lossy(&r.raw_body);
-        assert!(!text.contains(PID), "patient id sent to the backend: {text}");
+        assert!(
+            !text.contains(PID),
+            "patient id sent to the backend: {text}"
+        );
     }
     let log = gw.log_text();
     assert!(!log.contains(PID) && !log.contains(BACKEND_TOKEN) && !log.contains(API_TOKEN));
