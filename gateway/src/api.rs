@@ -1,1 +1,971 @@
-//! (being written)
+//! The hotline HTTP API (DESIGN §4 "Hotline API"), its page and `/metrics`.
+//!
+//! | method and path | token | what |
+//! |---|---|---|
+//! | `GET /` | no | the hotline page (it asks for the token and keeps it in `sessionStorage`) |
+//! | `GET /metrics` | no | Prometheus/OpenMetrics text |
+//! | `GET /api/v1/openapi.json` | yes | this API described in OpenAPI 3.0 |
+//! | `GET /api/v1/devices` | yes | every fleet device (and any device heard of that the fleet lacks) |
+//! | `GET /api/v1/devices/{id}` | yes | one device with live readings, open faults, history |
+//! | `GET /api/v1/devices/{id}/availability?from=&to=` | yes | the availability report |
+//! | `GET /api/v1/tickets?device=&open=` | yes | tickets with deadlines and forwarding state |
+//! | `POST /api/v1/tickets/{key}/retry` | yes | requeue a ticket the backend refused (audited) |
+//! | `POST /api/v1/devices/{id}/diagnostics` | yes | run a read-only diagnostic (audited) |
+//!
+//! Every `/api/v1` call needs `Authorization: Bearer <token>`, the OpenAPI document
+//! included (DESIGN §4 says every `/api/v1` call); a missing or wrong token is a 401 with a
+//! JSON error. The token is compared in constant time (both sides hashed, then compared
+//! without early exit) and never logged. Errors are JSON `{"error": "..."}`.
+//!
+//! Ticket keys contain `/` (`tend-t:<agent>/<device>/<code>/<ms>`); the retry path takes
+//! the key percent-encoded (`%2F`) or as is.
+//!
+//! A diagnostic is checked against the device's allowed names (the agent's built-ins and
+//! the profile's `[[diagnostic]]`s) before anything is sent; every call, refused ones
+//! included, is appended to the audit log (and made durable) before it is answered.
+//!
+//! Request bodies are limited to 64 KiB; bad JSON is a 400 with the parser's message.
+
+use crate::app::Gateway;
+use crate::audit::{Audit, AuditEntry};
+use crate::diag::{self, DiagError};
+use crate::fleet::DeviceEntry;
+use crate::ledger::{month_window, TARGET};
+use crate::metrics::{Metrics, StateLabel};
+use crate::store::{DeviceLive, ForwardState, Forwarding, StoreError, TicketRecord};
+use crate::ticket::{sha256_hex, DeviceFacts, DeviceIdentity};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use jiff::Timestamp;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The OpenAPI 3.0 description served on `/api/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+/// The hotline page served on `/`.
+pub const PAGE: &str = include_str!("page.html");
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// How many life-record entries a device's detail carries.
+pub const HISTORY_LIMIT: usize = 200;
+/// The content type of `/metrics` (prometheus-client writes OpenMetrics text).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone)]
+struct ApiState {
+    gw: Gateway,
+    /// SHA-256 of the token, hex: compared with the caller's the same way.
+    token_hash: String,
+    audit: Audit,
+}
+
+/// The hotline router. Serve it with [`serve`] (which provides the caller's address for
+/// the audit log).
+pub fn router(gw: Gateway, token: String, audit: Audit) -> Router {
+    let state = ApiState {
+        gw,
+        token_hash: sha256_hex(token.as_bytes()),
+        audit,
+    };
+    let api = Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/devices", get(list_devices))
+        .route("/devices/:id", get(device_detail))
+        .route("/devices/:id/availability", get(availability))
+        .route("/devices/:id/diagnostics", post(diagnostics))
+        .route("/tickets", get(tickets))
+        .route("/tickets/*rest", post(retry))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics))
+        .nest("/api/v1", api)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then lets the requests in
+/// flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}
+
+// ---------- errors ----------
+
+/// A JSON error answer: `{"error": message}`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "hotline API: store read failed");
+        ApiError::internal(format!("the gateway's store could not be read: {}", e.what))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+fn path_error(e: PathRejection) -> ApiError {
+    ApiError::bad_request(format!("bad path: {}", e.body_text()))
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// Runs store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("internal error: {e}")))
+}
+
+fn remote_of(c: &Option<ConnectInfo<SocketAddr>>) -> Option<String> {
+    c.as_ref().map(|ConnectInfo(a)| a.to_string())
+}
+
+/// At most `n` characters of `s` (for what callers send that goes into the audit log).
+fn clip(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+// ---------- authentication ----------
+
+/// Constant-time equality of two equal-length strings (both are SHA-256 hex here).
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let ok = bearer(req.headers()).is_some_and(|t| same(&sha256_hex(t.as_bytes()), &st.token_hash));
+    if ok {
+        return next.run(req).await;
+    }
+    let message = if req.headers().contains_key(header::AUTHORIZATION) {
+        "wrong token"
+    } else {
+        "missing Authorization: Bearer <token>"
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        // A refused action is still a hotline action: on record, without the token.
+        let remote = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(a)| a.to_string());
+        let entry = AuditEntry {
+            at: Timestamp::now(),
+            action: "unauthorized".into(),
+            device: None,
+            request: Some(clip(
+                &format!("{} /api/v1{}", req.method(), req.uri().path()),
+                256,
+            )),
+            outcome: format!("refused: {message}"),
+            status: 401,
+            remote,
+        };
+        let audit = st.audit.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || audit.append(&entry)).await {
+            tracing::error!(error = %e, "audit log could not be written");
+        }
+    }
+    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+// ---------- static things ----------
+
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such path; see /api/v1/openapi.json")
+}
+
+// ---------- devices ----------
+
+/// The month's availability of a device: the calendar month containing `now` in the
+/// configured zone, its elapsed part measured, the rest counted as future in the budget
+/// (as [`crate::ledger::below_target_this_month`] does).
+struct MonthFigures {
+    availability: Option<f64>,
+    coverage: Option<f64>,
+    downtime_budget_s: f64,
+}
+
+fn month_figures(gw: &Gateway, id: &str, now: Timestamp) -> Result<MonthFigures, StoreError> {
+    let (from, to) = month_window(now, &gw.cx.tz);
+    let r = gw.store.ledger(id)?.report(id, from, to, now);
+    Ok(MonthFigures {
+        availability: r.availability,
+        coverage: r.coverage,
+        downtime_budget_s: r.downtime_budget_s,
+    })
+}
+
+/// The fields a device has in the list (and in its detail).
+fn summary(
+    gw: &Gateway,
+    id: &str,
+    entry: Option<DeviceEntry<'_>>,
+    live: Option<&DeviceLive>,
+    now: Timestamp,
+) -> Result<Map<String, Value>, StoreError> {
+    let identity = live.and_then(|d| d.identity.as_ref());
+    let model = match entry {
+        Some(e) => {
+            let ident = identity.map(|i| DeviceIdentity {
+                model: i.model.clone(),
+                firmware: i.firmware.clone(),
+                serial: i.serial.clone(),
+                profile: i.profile.clone(),
+            });
+            let facts = DeviceFacts::resolve(&e, ident.as_ref(), &gw.cx.profiles);
+            (facts.model, facts.kind)
+        }
+        None => (identity.map(|i| i.model.clone()), None),
+    };
+    let m = month_figures(gw, id, now)?;
+    let agent = live.map(|d| d.agent.clone());
+    let agent_status = agent
+        .as_deref()
+        .and_then(|a| gw.agent_status(a))
+        .map(|s| s.status);
+    let state = live.map_or("unknown", |d| d.state.as_str());
+    let mut o = Map::new();
+    o.insert("id".into(), json!(id));
+    o.insert(
+        "serial".into(),
+        json!(entry
+            .map(|e| e.device.serial.clone())
+            .or_else(|| identity.and_then(|i| i.serial.clone()))),
+    );
+    o.insert(
+        "site".into(),
+        json!(entry
+            .map(|e| e.site.id.clone())
+            .or_else(|| live.map(|d| d.site_reported.clone()))),
+    );
+    o.insert("in_fleet".into(), json!(entry.is_some()));
+    o.insert("state".into(), json!(state));
+    o.insert(
+        "state_since".into(),
+        json!(live.and_then(|d| d.state_since)),
+    );
+    o.insert("last_seen".into(), json!(live.and_then(|d| d.last_seen)));
+    o.insert(
+        "open_faults".into(),
+        json!(live.map_or(0, |d| d.open_episodes.len())),
+    );
+    o.insert("model".into(), json!(model.0));
+    o.insert("kind".into(), json!(model.1));
+    o.insert(
+        "location".into(),
+        json!(entry.map(|e| e.device.location.clone())),
+    );
+    o.insert("agent".into(), json!(agent));
+    o.insert("agent_status".into(), json!(agent_status));
+    o.insert("availability".into(), json!(m.availability));
+    o.insert("coverage".into(), json!(m.coverage));
+    o.insert(
+        "below_target".into(),
+        json!(m.availability.is_some_and(|a| a < TARGET)),
+    );
+    o.insert("downtime_budget_s".into(), json!(m.downtime_budget_s));
+    Ok(o)
+}
+
+/// Every fleet device, then every device heard of that the fleet lacks, by id.
+fn all_summaries(gw: &Gateway, now: Timestamp) -> Result<Vec<Map<String, Value>>, StoreError> {
+    let mut live: HashMap<String, DeviceLive> = gw
+        .store
+        .devices()?
+        .into_iter()
+        .map(|d| (d.id.clone(), d))
+        .collect();
+    let mut out = Vec::new();
+    for e in gw.cx.fleet.devices() {
+        let d = live.remove(&e.device.id);
+        out.push(summary(gw, &e.device.id, Some(e), d.as_ref(), now)?);
+    }
+    let mut rest: Vec<DeviceLive> = live.into_values().collect();
+    rest.sort_by(|a, b| a.id.cmp(&b.id));
+    for d in rest {
+        out.push(summary(gw, &d.id, None, Some(&d), now)?);
+    }
+    Ok(out)
+}
+
+async fn list_devices(State(st): State<ApiState>) -> ApiResult {
+    let gw = st.gw.clone();
+    let list = blocking(move || all_summaries(&gw, Timestamp::now())).await??;
+    Ok(Json(Value::Array(list.into_iter().map(Value::Object).collect())).into_response())
+}
+
+fn episode_json(ev: &tend_wire::EpisodeEvent) -> Value {
+    json!({
+        "episode": ev.episode,
+        "code": ev.code,
+        "kind": ev.kind,
+        "class": ev.class,
+        "description": ev.description,
+        "opened_at": ev.opened_at,
+        "last_change": ev.change,
+        "device_available": ev.device_available,
+        "evidence": ev.evidence,
+        "suggested_action": ev.action,
+        "due": ev.due,
+    })
+}
+
+fn detail(gw: &Gateway, id: &str, now: Timestamp) -> Result<Option<Value>, ApiError> {
+    let entry = gw.cx.fleet.device(id);
+    let live = gw.store.device(id)?;
+    if entry.is_none() && live.is_none() {
+        return Ok(None);
+    }
+    let mut o = summary(gw, id, entry, live.as_ref(), now)?;
+    let readings: Vec<Value> = live
+        .iter()
+        .flat_map(|d| d.readings.values())
+        .map(|r| json!({ "name": r.name, "value": r.value, "unit": r.unit, "time": r.time }))
+        .collect();
+    let faults: Vec<Value> = live
+        .iter()
+        .flat_map(|d| d.open_episodes.values())
+        .map(episode_json)
+        .collect();
+    let identity = live.as_ref().and_then(|d| d.identity.as_ref()).map(|i| {
+        json!({
+            "model": i.model,
+            "firmware": i.firmware,
+            "serial": i.serial,
+            "profile": i.profile,
+            "at": i.at,
+        })
+    });
+    let profile_diags = live
+        .as_ref()
+        .map(|d| gw.profile_diagnostics(d))
+        .unwrap_or_default();
+    let tickets: Vec<String> = gw
+        .store
+        .tickets()?
+        .into_iter()
+        .filter(|t| t.device == id)
+        .map(|t| t.key)
+        .collect();
+    let history = gw.store.history(id, HISTORY_LIMIT)?;
+    let fleet = entry.map(|e| {
+        json!({
+            "site_name": e.site.name,
+            "address": e.site.address,
+            "service_area": e.site.service_area,
+            "customer": e.customer.id,
+            "customer_name": e.customer.name,
+            "contact_name": e.customer.contact_name,
+            "contact_phone": e.customer.contact_phone,
+            "accepted": e.device.accepted.to_string(),
+            "extended_warranty_until": e.device.extended_warranty_until.map(|d| d.to_string()),
+        })
+    });
+    o.insert("open_faults".into(), Value::Array(faults));
+    o.insert("readings".into(), Value::Array(readings));
+    o.insert("identity".into(), identity.unwrap_or(Value::Null));
+    o.insert("diagnostics".into(), json!(diag::allowed(&profile_diags)));
+    o.insert("tickets".into(), json!(tickets));
+    o.insert(
+        "dropped_readings".into(),
+        json!(live.as_ref().map_or(0, |d| d.dropped_readings)),
+    );
+    o.insert("fleet".into(), fleet.unwrap_or(Value::Null));
+    o.insert("history".into(), json!(history));
+    Ok(Some(Value::Object(o)))
+}
+
+async fn device_detail(
+    State(st): State<ApiState>,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let Path(id) = id.map_err(path_error)?;
+    let gw = st.gw.clone();
+    let idc = id.clone();
+    match blocking(move || detail(&gw, &idc, Timestamp::now())).await?? {
+        Some(v) => Ok(Json(v).into_response()),
+        None => Err(unknown_device(&id)),
+    }
+}
+
+fn unknown_device(id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no device {:?}: not in the fleet and never heard of",
+        clip(id, 128)
+    ))
+}
+
+fn known_device(gw: &Gateway, id: &str) -> Result<bool, StoreError> {
+    Ok(gw.cx.fleet.device(id).is_some() || gw.store.device(id)?.is_some())
+}
+
+fn parse_time(name: &str, s: &str) -> Result<Timestamp, ApiError> {
+    s.trim().parse::<Timestamp>().map_err(|e| {
+        let hint = if s.contains(' ') {
+            " (a '+' in a query string must be written %2B)"
+        } else {
+            ""
+        };
+        ApiError::bad_request(format!(
+            "{name}={:?} is not an RFC 3339 timestamp like 2026-11-01T00:00:00+08:00{hint}: {e}",
+            clip(s, 64)
+        ))
+    })
+}
+
+async fn availability(
+    State(st): State<ApiState>,
+    id: Result<Path<String>, PathRejection>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult {
+    let Path(id) = id.map_err(path_error)?;
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))?;
+    let now = Timestamp::now();
+    let to = match q.get("to") {
+        Some(s) => parse_time("to", s)?,
+        None => now,
+    };
+    let from = match q.get("from") {
+        Some(s) => parse_time("from", s)?,
+        None => month_window(to, &st.gw.cx.tz).0,
+    };
+    let explicit = q.contains_key("from") || q.contains_key("to");
+    if explicit && from >= to {
+        return Err(ApiError::bad_request(format!(
+            "from ({from}) must be before to ({to})"
+        )));
+    }
+    let gw = st.gw.clone();
+    let report = blocking(move || -> Result<_, ApiError> {
+        if !known_device(&gw, &id)? {
+            return Err(unknown_device(&id));
+        }
+        Ok(gw.store.ledger(&id)?.report(&id, from, to, now))
+    })
+    .await??;
+    Ok(Json(report).into_response())
+}
+
+// ---------- tickets ----------
+
+const NO_BACKEND: &str = "no backend configured: kept by the gateway";
+
+fn forwarding_json(f: &Forwarding, backend: bool) -> Value {
+    let mut o = json!({
+        "state": f.state,
+        "attempts": f.attempts,
+        "error": f.last_error,
+        "next_attempt": f.next_attempt,
+        "sent_at": f.sent_at,
+    });
+    if !backend && f.state == ForwardState::Pending {
+        o["detail"] = json!(NO_BACKEND);
+    }
+    o
+}
+
+fn ticket_json(t: &TicketRecord, backend: bool) -> Value {
+    let events: Vec<Value> = t
+        .events
+        .iter()
+        .map(|e| {
+            json!({
+                "key": e.idempotency_key,
+                "type": e.kind,
+                "forwarding": forwarding_json(&e.forward, backend),
+            })
+        })
+        .collect();
+    json!({
+        "key": t.key,
+        "ticket_id": t.ticket_id,
+        "device": t.device,
+        "agent": t.agent,
+        "kind": t.kind,
+        "class": t.class,
+        "code": t.code,
+        "description": t.body.pointer("/fault/description"),
+        "open": t.open,
+        "backend_status": t.backend_status,
+        "detected_at": t.detected_at,
+        "created_at": t.created_at,
+        "sla": t.body.get("sla"),
+        "warranty": t.body.get("warranty"),
+        "episodes": t.episodes,
+        "forwarding": forwarding_json(&t.forward, backend),
+        "events": events,
+    })
+}
+
+async fn tickets(
+    State(st): State<ApiState>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))?;
+    let open = match q.get("open").map(String::as_str) {
+        None | Some("") => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "open={:?}: must be true or false",
+                clip(other, 32)
+            )))
+        }
+    };
+    let device = q.get("device").filter(|d| !d.is_empty()).cloned();
+    let gw = st.gw.clone();
+    let list = blocking(move || gw.store.tickets()).await??;
+    let backend = st.gw.backend_configured;
+    let out: Vec<Value> = list
+        .iter()
+        .filter(|t| device.as_ref().is_none_or(|d| &t.device == d))
+        .filter(|t| open.is_none_or(|o| t.open == o))
+        .map(|t| ticket_json(t, backend))
+        .collect();
+    Ok(Json(Value::Array(out)).into_response())
+}
+
+async fn retry(
+    State(st): State<ApiState>,
+    remote: Option<ConnectInfo<SocketAddr>>,
+    rest: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let Path(rest) = rest.map_err(path_error)?;
+    let Some(key) = rest.strip_suffix("/retry").filter(|k| !k.is_empty()) else {
+        return Err(not_found().await);
+    };
+    let key = key.to_string();
+    let gw = st.gw.clone();
+    let k = key.clone();
+    let result = blocking(
+        move || -> Result<(StatusCode, Value, Option<String>), ApiError> {
+            let Some(t) = gw.store.ticket(&k)? else {
+                return Ok((
+                    StatusCode::NOT_FOUND,
+                    json!({ "error": format!("no ticket {:?}", clip(&k, 200)) }),
+                    None,
+                ));
+            };
+            let failed = t.forward.state == ForwardState::Failed
+                || t.events
+                    .iter()
+                    .any(|e| e.forward.state == ForwardState::Failed);
+            if !failed {
+                return Ok((
+                    StatusCode::CONFLICT,
+                    json!({ "error": format!(
+                    "nothing to retry: the ticket is {} and none of its events failed",
+                    format!("{:?}", t.forward.state).to_lowercase()
+                ) }),
+                    Some(t.device),
+                ));
+            }
+            gw.store.requeue(&k)?;
+            let after = gw.store.ticket(&k)?;
+            let v = after
+                .map(|t| ticket_json(&t, gw.backend_configured))
+                .unwrap_or(Value::Null);
+            Ok((
+                StatusCode::OK,
+                json!({ "requeued": true, "ticket": v }),
+                Some(t.device),
+            ))
+        },
+    )
+    .await??;
+    let (status, body, device) = result;
+    if status == StatusCode::OK {
+        st.gw.forwarder_wake.notify_one();
+    }
+    let outcome = match status {
+        StatusCode::OK => "requeued".to_string(),
+        _ => format!("refused: {}", body["error"].as_str().unwrap_or_default()),
+    };
+    let entry = AuditEntry {
+        at: Timestamp::now(),
+        action: "retry_ticket".into(),
+        device,
+        request: Some(clip(&key, 256)),
+        outcome,
+        status: status.as_u16(),
+        remote: remote_of(&remote),
+    };
+    write_audit(&st.audit, entry).await?;
+    Ok((status, Json(body)).into_response())
+}
+
+async fn write_audit(audit: &Audit, entry: AuditEntry) -> Result<(), ApiError> {
+    let a = audit.clone();
+    match blocking(move || a.append(&entry)).await? {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::error!(error = %e, path = %audit.path().display(), "audit log could not be written");
+            Err(ApiError::internal(
+                "the audit log could not be written; the action's result is withheld",
+            ))
+        }
+    }
+}
+
+// ---------- diagnostics ----------
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiagBody {
+    request: String,
+}
+
+/// How a diagnostic call ended, before it is audited and answered.
+struct DiagOutcome {
+    status: StatusCode,
+    /// `ok`, `error`, `timeout`, `refused` (the metrics label).
+    label: &'static str,
+    /// The audit log's outcome text.
+    outcome: String,
+    body: Value,
+}
+
+impl DiagOutcome {
+    fn refused(status: StatusCode, message: String) -> Self {
+        DiagOutcome {
+            status,
+            label: "refused",
+            outcome: format!("refused: {message}"),
+            body: json!({ "error": message }),
+        }
+    }
+}
+
+async fn diagnostics(
+    State(st): State<ApiState>,
+    remote: Option<ConnectInfo<SocketAddr>>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let id = match id {
+        Ok(Path(id)) => id,
+        Err(e) => return path_error(e).into_response(),
+    };
+    // What the caller asked for, as far as it can be read (for the audit log).
+    let parsed: Result<DiagBody, String> = match &body {
+        Ok(b) => serde_json::from_slice::<DiagBody>(b)
+            .map_err(|e| format!("the body must be JSON like {{\"request\": \"readings\"}}: {e}")),
+        Err(e) => Err(e.body_text()),
+    };
+    let request = parsed.as_ref().ok().map(|b| clip(&b.request, 128));
+    let out = run_diagnostic(&st.gw, &id, parsed, body.as_ref().err()).await;
+    Metrics::outcome(&st.gw.metrics.diagnostics, out.label);
+    let entry = AuditEntry {
+        at: Timestamp::now(),
+        action: "diagnostic".into(),
+        device: Some(clip(&id, 128)),
+        request,
+        outcome: clip(&out.outcome, 512),
+        status: out.status.as_u16(),
+        remote: remote_of(&remote),
+    };
+    if let Err(e) = write_audit(&st.audit, entry).await {
+        return e.into_response();
+    }
+    (out.status, Json(out.body)).into_response()
+}
+
+async fn run_diagnostic(
+    gw: &Gateway,
+    id: &str,
+    parsed: Result<DiagBody, String>,
+    body_error: Option<&BytesRejection>,
+) -> DiagOutcome {
+    let g = gw.clone();
+    let idc = id.to_string();
+    let looked = blocking(move || -> Result<_, StoreError> {
+        let live = g.store.device(&idc)?;
+        let in_fleet = g.cx.fleet.device(&idc).is_some();
+        let listed = live
+            .as_ref()
+            .map(|d| g.profile_diagnostics(d))
+            .unwrap_or_default();
+        Ok((in_fleet, live, listed))
+    })
+    .await;
+    let (in_fleet, live, listed) = match looked.and_then(|r| r.map_err(ApiError::from)) {
+        Ok(x) => x,
+        Err(e) => {
+            return DiagOutcome {
+                status: e.status,
+                label: "error",
+                outcome: format!("error: {}", e.message),
+                body: json!({ "error": e.message }),
+            }
+        }
+    };
+    if !in_fleet && live.is_none() {
+        return DiagOutcome::refused(StatusCode::NOT_FOUND, unknown_device(id).message);
+    }
+    let req = match parsed {
+        Ok(b) => b.request,
+        Err(message) => {
+            let status = body_error.map_or(StatusCode::BAD_REQUEST, |e| e.status());
+            return DiagOutcome::refused(status, message);
+        }
+    };
+    let allowed = diag::allowed(&listed);
+    if !allowed.iter().any(|a| a == &req) {
+        let why = if live.as_ref().is_none_or(|d| d.identity.is_none()) {
+            " (the device has not been identified yet, so only the built-ins are known)"
+        } else {
+            ""
+        };
+        let e = DiagError::NotListed {
+            device: id.to_string(),
+            request: clip(&req, 128),
+            allowed: allowed.join(", "),
+        };
+        return DiagOutcome::refused(StatusCode::BAD_REQUEST, format!("{e}{why}"));
+    }
+    let Some(live) = live else {
+        return DiagOutcome::refused(
+            StatusCode::CONFLICT,
+            format!("no agent has reported {id:?} yet: nobody to ask"),
+        );
+    };
+    let timeout = gw.diag_timeout;
+    match gw.diag.ask(&live.agent, id, &req, timeout).await {
+        Ok(resp) if resp.ok => DiagOutcome {
+            status: StatusCode::OK,
+            label: "ok",
+            outcome: "ok".into(),
+            body: json!({ "device": id, "request": req, "answer": resp.answer }),
+        },
+        Ok(resp) => {
+            let err = resp
+                .error
+                .unwrap_or_else(|| "the agent gave no reason".into());
+            DiagOutcome {
+                status: StatusCode::BAD_GATEWAY,
+                label: "error",
+                outcome: format!("error: {err}"),
+                body: json!({
+                    "error": format!("agent {:?}: {err}", live.agent),
+                    "device": id,
+                    "request": req,
+                    "answer": resp.answer,
+                }),
+            }
+        }
+        Err(DiagError::Timeout { agent, .. }) => {
+            let status = gw
+                .agent_status(&agent)
+                .map(|s| format!(" (agent {} since {})", s.status, s.since))
+                .unwrap_or_default();
+            let message = format!(
+                "agent {agent:?} did not answer within {}{status}",
+                human_duration(timeout)
+            );
+            DiagOutcome {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                label: "timeout",
+                outcome: "timeout".into(),
+                body: json!({ "error": message }),
+            }
+        }
+        Err(e) => DiagOutcome {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            label: "error",
+            outcome: format!("error: {e}"),
+            body: json!({ "error": e.to_string() }),
+        },
+    }
+}
+
+fn human_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+// ---------- metrics ----------
+
+/// Sets the `devices` gauges (fleet devices by state) and `devices_below_target` from the
+/// store.
+pub fn refresh_gauges(gw: &Gateway, now: Timestamp) -> Result<(), StoreError> {
+    let mut counts: HashMap<&'static str, i64> = ["up", "down", "maintenance", "unknown"]
+        .into_iter()
+        .map(|s| (s, 0))
+        .collect();
+    let mut below = 0i64;
+    for e in gw.cx.fleet.devices() {
+        let live = gw.store.device(&e.device.id)?;
+        let state = live.as_ref().map_or("unknown", |d| d.state.as_str());
+        *counts.entry(state).or_default() += 1;
+        if month_figures(gw, &e.device.id, now)?
+            .availability
+            .is_some_and(|a| a < TARGET)
+        {
+            below += 1;
+        }
+    }
+    for (state, n) in counts {
+        gw.metrics
+            .devices
+            .get_or_create(&StateLabel {
+                state: state.to_string(),
+            })
+            .set(n);
+    }
+    gw.metrics.below_target.set(below);
+    Ok(())
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    let gw = st.gw.clone();
+    let text = blocking(move || {
+        if let Err(e) = refresh_gauges(&gw, Timestamp::now()) {
+            tracing::warn!(error = %e, "metrics: device gauges not refreshed");
+        }
+        gw.metrics.render()
+    })
+    .await;
+    match text {
+        Ok(text) => ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_equality() {
+        assert!(same("abc", "abc"));
+        assert!(!same("abc", "abd"));
+        assert!(!same("abc", "abcd"));
+        let h = sha256_hex(b"secret");
+        assert!(same(&h, &sha256_hex(b"secret")));
+        assert!(!same(&h, &sha256_hex(b"secret ")));
+    }
+
+    #[test]
+    fn bearer_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  abc "),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+    }
+
+    #[test]
+    fn openapi_is_json_with_every_path() {
+        let v: Value = serde_json::from_str(OPENAPI).unwrap();
+        assert_eq!(v["openapi"].as_str().map(|s| &s[..2]), Some("3."));
+        for p in [
+            "/api/v1/devices",
+            "/api/v1/devices/{id}",
+            "/api/v1/devices/{id}/availability",
+            "/api/v1/devices/{id}/diagnostics",
+            "/api/v1/tickets",
+            "/api/v1/tickets/{key}/retry",
+            "/api/v1/openapi.json",
+            "/metrics",
+        ] {
+            assert!(v["paths"].get(p).is_some(), "{p} missing");
+        }
+    }
+
+    #[test]
+    fn page_has_no_external_resources() {
+        for bad in ["http://", "https://", "//cdn", "<link"] {
+            assert!(!PAGE.contains(bad), "page contains {bad}");
+        }
+    }
+}
