@@ -735,8 +735,13 @@ mod tests {
         cmd: Top,
     }
 
+    /// As `main` embeds it, beside `run --config`.
     #[derive(clap::Subcommand, Debug)]
     enum Top {
+        Run {
+            #[arg(long)]
+            config: PathBuf,
+        },
         Hotline(HotlineArgs),
     }
 
@@ -753,7 +758,9 @@ mod tests {
             "--json",
         ])
         .unwrap();
-        let Top::Hotline(h) = c.cmd;
+        let Top::Hotline(h) = c.cmd else {
+            panic!("not hotline")
+        };
         assert!(h.json);
         assert_eq!(h.target.config, Some(PathBuf::from("gw.toml")));
         assert_eq!(
@@ -775,7 +782,9 @@ mod tests {
             "selftest",
         ])
         .unwrap();
-        let Top::Hotline(h) = c.cmd;
+        let Top::Hotline(h) = c.cmd else {
+            panic!("not hotline")
+        };
         assert_eq!(h.target.api.as_deref(), Some("127.0.0.1:8080"));
         assert_eq!(
             h.command,
@@ -784,6 +793,8 @@ mod tests {
                 request: "selftest".into()
             }
         );
+        let c = Cli::try_parse_from(["tend-gateway", "run", "--config", "gw.toml"]).unwrap();
+        assert!(matches!(c.cmd, Top::Run { .. }));
     }
 
     #[test]
