@@ -23,7 +23,7 @@ struct Open {
     flaps: u32,
     /// The episode as it opened (absent in memory stored by an older agent).
     #[serde(default)]
-    opening: Option<Opening>,
+    opening: Option<Box<Opening>>,
 }
 
 /// The parts of a signal an episode keeps (serialisable, so the tracker can be persisted
@@ -124,7 +124,7 @@ impl EpisodeTracker {
                         last: s.into(),
                         absent_since: None,
                         flaps: 0,
-                        opening: Some(Opening {
+                        opening: Some(Box::new(Opening {
                             class: s.class,
                             description: s.description.clone(),
                             action: s.action.clone(),
@@ -133,7 +133,7 @@ impl EpisodeTracker {
                             due: s.due.clone(),
                             model: model.map(str::to_string),
                             firmware: firmware.map(str::to_string),
-                        }),
+                        })),
                     };
                     out.push(event(&o, EpisodeChange::Opened, available));
                     self.open.insert(s.code.clone(), o);
@@ -310,14 +310,14 @@ mod tests {
             Some("5.3.0"),
         );
         let cleared = tr.update_with(t(9), &[], true, Some("aeris/av-500"), Some("5.3.0"));
-        let o = open[0].opening.clone().unwrap();
+        let o = *open[0].opening.clone().unwrap();
         assert_eq!(o.class, Some(FaultClass::Complex));
         assert!(!o.device_available);
         assert_eq!(o.firmware.as_deref(), Some("5.2.1"));
         assert_eq!(raised[0].class, Some(FaultClass::Major));
-        assert_eq!(raised[0].opening.as_ref(), Some(&o));
+        assert_eq!(raised[0].opening.as_deref(), Some(&o));
         assert_eq!(cleared[0].change, EpisodeChange::Cleared);
-        assert_eq!(cleared[0].opening.as_ref(), Some(&o));
+        assert_eq!(cleared[0].opening.as_deref(), Some(&o));
         // Memory written before the opening existed still loads.
         let mut v = serde_json::to_value(&tr).unwrap();
         v["open"] = serde_json::json!({"X": {"id": "i", "opened_at": "2026-01-01T00:00:00Z",

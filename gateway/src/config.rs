@@ -36,7 +36,7 @@ fn default_tz() -> String {
     "Asia/Shanghai".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerSection {
     /// Run the MQTT broker inside the gateway (the default).
@@ -52,20 +52,6 @@ pub struct BrokerSection {
     pub ca_file: Option<PathBuf>,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
-}
-
-impl Default for BrokerSection {
-    fn default() -> Self {
-        BrokerSection {
-            embedded: None,
-            listen: None,
-            url: None,
-            share_group: None,
-            ca_file: None,
-            username: None,
-            password_file: None,
-        }
-    }
 }
 
 /// Where the gateway's MQTT client connects, decided from the broker section.

@@ -36,12 +36,34 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The hotline from a terminal, through the gateway's API: devices, device, availability,
+    /// tickets, diag, retry. Target with --config gateway.toml, or --api URL --token-file F.
+    Hotline(tend_gateway::cli::HotlineArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => run(&config),
+        Command::Hotline(args) => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("tend-gateway: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(tend_gateway::cli::run_args(&args)) {
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(e) => {
+                    eprintln!("tend-gateway: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check { config } => match tend_gateway::config::load(&config) {
             Ok(l) => {
                 println!(
@@ -105,14 +127,13 @@ fn run(config: &Path) -> ExitCode {
 }
 
 async fn wait_for_signal() {
-    let mut term =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}

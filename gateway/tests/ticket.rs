@@ -508,7 +508,7 @@ fn any_change_carrying_the_opening_builds_the_opening_body() {
     let w = World::new();
     let mut opened = alm14(EpisodeChange::Opened);
     opened.class = Some(FaultClass::Complex);
-    opened.opening = Some(tend_wire::Opening {
+    opened.opening = Some(Box::new(tend_wire::Opening {
         class: Some(FaultClass::Complex),
         description: opened.description.clone(),
         action: opened.action.clone(),
@@ -517,7 +517,7 @@ fn any_change_carrying_the_opening_builds_the_opening_body() {
         due: None,
         model: Some("aeris/av-500".into()),
         firmware: Some("5.2.0".into()),
-    });
+    }));
     let from_opening = build_ticket(&w.cx(), &opened);
 
     // Later changes: the class rose, the evidence changed, the device came back.

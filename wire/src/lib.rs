@@ -158,7 +158,7 @@ pub struct EpisodeEvent {
     /// gateway that sees a change first may not have seen the opening, and the ticket body
     /// (whose key is the episode's) must be the same whichever change builds it.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub opening: Option<Opening>,
+    pub opening: Option<Box<Opening>>,
 }
 
 /// What a fault episode looked like when it opened.
