@@ -774,6 +774,10 @@ pub async fn run(gw: Gateway, cfg: ForwarderConfig, shutdown: CancellationToken)
         // Registered before the pass: a wake during it is not lost.
         notified.as_mut().enable();
 
+        if !f.paused() {
+            // Over: forget it (else an elapsed pause would wake the loop at once, forever).
+            f.pause_until = None;
+        }
         let mut due = None;
         if !f.paused() {
             let pass = tokio::select! {
@@ -794,13 +798,11 @@ pub async fn run(gw: Gateway, cfg: ForwarderConfig, shutdown: CancellationToken)
                 next_poll = tokio::time::Instant::now() + poll_every;
             }
         }
-        // Sleep until the pause ends, the next job falls due, or the idle wake-up.
+        // Sleep until the pause ends, the next job falls due, or the idle wake-up. A pause
+        // or a job that fell due meanwhile (a slow machine) means no sleep at all.
         let now = Timestamp::now();
         let mut wait = IDLE_WAKE;
-        for t in [f.pause_until.filter(|&p| p > now), due]
-            .into_iter()
-            .flatten()
-        {
+        for t in [f.pause_until, due].into_iter().flatten() {
             let d = Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO);
             wait = wait.min(d);
         }
