@@ -121,6 +121,11 @@ impl Value {
 
     pub fn to_json(&self) -> serde_json::Value {
         match self {
+            // A whole number is written as one (`16`, as the manuals and the backend's
+            // example write a register value), not `16.0`.
+            Value::Num(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => {
+                serde_json::Value::from(*n as i64)
+            }
             Value::Num(n) => serde_json::Number::from_f64(*n)
                 .map(serde_json::Value::Number)
                 .unwrap_or(serde_json::Value::Null),

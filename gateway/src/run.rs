@@ -94,6 +94,17 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Running> {
         }));
     }
 
+    // The forwarder; without a backend, tickets stay in the store and the API shows them.
+    match &cfg.backend {
+        Some(b) => {
+            let fcfg =
+                crate::forwarder::ForwarderConfig::from_section(b).map_err(anyhow::Error::msg)?;
+            let (gw, sd) = (gw.clone(), shutdown.clone());
+            tasks.push(tokio::spawn(crate::forwarder::run(gw, fcfg, sd)));
+        }
+        None => tracing::info!("no backend configured: tickets are kept by the gateway"),
+    }
+
     // The hotline API. Bound here, so a config with port 0 still reports the real one.
     let token = read_secret(&cfg.api.token_file).map_err(anyhow::Error::msg)?;
     let audit_path = cfg.data_dir.join("audit.log");

@@ -504,6 +504,7 @@ impl Store {
             let keep = match outcome {
                 JobOutcome::Sent { .. } => {
                     f.state = ForwardState::Sent;
+                    f.last_error = None;
                     f.sent_at = Some(now);
                     f.next_attempt = None;
                     false

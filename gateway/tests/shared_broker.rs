@@ -131,12 +131,16 @@ poll_interval = "100ms"
         *per_code
             .entry(t.body["fault"]["code"].as_str().unwrap().to_string())
             .or_default() += 1;
-        let cleared = t
-            .events
-            .iter()
-            .filter(|e| e.kind == "fault_cleared")
-            .count();
-        assert!(cleared <= 1, "{t:#?}");
+        // Each valve fault was one episode: cleared once, whichever gateway saw it (the
+        // SAFE_STATE ticket gathers a recurrence per fault, each cleared).
+        if codes.iter().any(|c| t.body["fault"]["code"] == json!(c)) {
+            let cleared = t
+                .events
+                .iter()
+                .filter(|e| e.kind == "fault_cleared")
+                .count();
+            assert_eq!(cleared, 1, "{t:#?}");
+        }
     }
     for c in &codes {
         assert_eq!(per_code.get(c), Some(&1), "{per_code:?}");

@@ -413,27 +413,30 @@ pub fn cleared_event(
 }
 
 /// `fault_recurred`: episode `ev` of the same device and code opened while the ticket of
-/// an earlier episode is still open.
+/// an earlier episode is still open. Stamped with the episode's opening and built from
+/// it, whichever change of the episode the gateway sees first: its key depends on the
+/// episode alone, so its body must too.
 pub fn recurred_event(
     ticket_key: &str,
     ev: &EpisodeEvent,
-    at: Timestamp,
+    _seen_at: Timestamp,
     tz: &TimeZone,
 ) -> EventRequest {
+    let o = Opened::of(ev);
     EventRequest {
         ticket_key: ticket_key.to_string(),
         idempotency_key: event_key(EventType::FaultRecurred, &ev.episode, None, None),
         body: EventBody {
             kind: EventType::FaultRecurred,
-            at: rfc3339(at, tz),
+            at: rfc3339(ev.opened_at, tz),
             detail: serde_json::json!({
                 "code": ev.code,
                 "episode": ev.episode,
                 "first_seen": rfc3339(ev.opened_at, tz),
-                "description": ev.description,
-                "class": effective_class(ev.kind, ev.class),
-                "device_available": ev.device_available,
-                "evidence": ev.evidence,
+                "description": o.description,
+                "class": effective_class(ev.kind, o.class),
+                "device_available": o.device_available,
+                "evidence": o.evidence,
             }),
         },
     }
