@@ -164,6 +164,13 @@ serial = "VM12-00A4471"
     )
     .await;
     let b = &ticket.body;
+    // As the backend received it (shown with --nocapture).
+    eprintln!(
+        "ticket {} (Idempotency-Key {}):\n{}",
+        ticket.id,
+        ticket.key,
+        serde_json::to_string_pretty(b).unwrap()
+    );
     assert_eq!(b["schema"], "service-ticket/1");
     assert_eq!(b["kind"], "fault");
     assert_eq!(b["customer"]["id"], "c-017");
