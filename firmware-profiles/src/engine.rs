@@ -482,6 +482,8 @@ impl Profile {
                 let Some(word) = v.as_f64() else { return };
                 let word = word as u64;
                 let prefix = r.code_prefix.as_deref().unwrap_or(&r.point);
+                // Grouped bits: the set bit of the highest class stands for its group.
+                let mut groups: Vec<(&str, &crate::schema::BitDef)> = Vec::new();
                 for bit in 0..64u8 {
                     if word & (1u64 << bit) == 0 {
                         continue;
@@ -489,6 +491,14 @@ impl Profile {
                     let code = format!("{prefix}.{bit}");
                     match r.bits.iter().find(|b| b.bit == bit) {
                         Some(b) if b.not_a_fault => {}
+                        Some(b) if b.group.is_some() => {
+                            let g = b.group.as_deref().unwrap_or_default();
+                            match groups.iter_mut().find(|(name, _)| *name == g) {
+                                Some(slot) if b.class > slot.1.class => slot.1 = b,
+                                Some(_) => {}
+                                None => groups.push((g, b)),
+                            }
+                        }
                         Some(b) => {
                             out.push(mk(code, b.class, b.description.clone(), b.action.clone()))
                         }
@@ -504,6 +514,16 @@ impl Profile {
                             r.action.clone(),
                         )),
                     }
+                }
+                for (g, b) in groups {
+                    let mut sig = mk(
+                        format!("{prefix}.{g}"),
+                        b.class,
+                        b.description.clone(),
+                        b.action.clone(),
+                    );
+                    sig.evidence.insert("bit".into(), serde_json::json!(b.bit));
+                    out.push(sig);
                 }
             }
             RuleKind::Codes => {

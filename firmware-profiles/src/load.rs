@@ -465,6 +465,24 @@ fn check_rule(
                         format!("bit {} is out of range or listed twice", b.bit),
                     ));
                 }
+                if let Some(g) = &b.group {
+                    let ok = !g.is_empty()
+                        && g.len() <= 32
+                        && g.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        && !g.chars().all(|c| c.is_ascii_digit());
+                    if !ok {
+                        return Err(cx.err(
+                            &bp.key("group"),
+                            "a group is a name of letters, digits and '_' (not a bit number)",
+                        ));
+                    }
+                    if b.not_a_fault {
+                        return Err(cx.err(
+                            &bp.key("group"),
+                            "a bit that is not a fault belongs to no group",
+                        ));
+                    }
+                }
                 if b.class.is_none() && !b.not_a_fault {
                     return Err(cx.err(
                         &bp.key("class"),

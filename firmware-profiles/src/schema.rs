@@ -260,6 +260,11 @@ pub struct BitDef {
     #[serde(default)]
     pub not_a_fault: bool,
     pub action: Option<String>,
+    /// Bits that are levels of one condition (helium low, then critical) share a group:
+    /// while any is set they are one signal, code `<prefix>.<group>`, at the class of the
+    /// highest set bit, so a rise is the same episode escalated rather than a second one.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
