@@ -7,6 +7,8 @@
 #![forbid(unsafe_code)]
 
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod load;
 pub mod locate;
 pub mod modbus;

@@ -15,6 +15,9 @@ pub const VERSION: u32 = 1;
 /// Largest message either side accepts; larger ones are refused before parsing.
 pub const MAX_MESSAGE: usize = 4 << 20;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 /// Topic names of DESIGN §3.
 pub mod topic {
     pub const PREFIX: &str = "tend/v1";

@@ -1,0 +1,6 @@
+#![no_main]
+//! See `tend_profiles::fuzzing::json_status` for the input format and the checks.
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| tend_profiles::fuzzing::json_status(data));
