@@ -55,7 +55,17 @@ impl Ctx<'_> {
 pub fn toml_error(file: &str, src: &str, e: &toml::de::Error) -> ProfileError {
     let span = e.span();
     let line = span.as_ref().map(|s| line_of(src, s.start)).unwrap_or(1);
-    let msg = e.message().to_string();
+    let mut msg = e.message().trim().to_string();
+    if msg.is_empty() {
+        // toml gives no text for some syntax errors, e.g. a control character in a comment.
+        let at = span
+            .as_ref()
+            .and_then(|s| src.get(s.start..)?.chars().next());
+        msg = match at {
+            Some(c) => format!("invalid TOML: unexpected character {c:?}"),
+            None => "invalid TOML".into(),
+        };
+    }
     let key = if let Some(rest) = msg.strip_prefix("unknown field `") {
         let k = rest.split('`').next().unwrap_or("?");
         qualify(src, line, k)
@@ -75,7 +85,7 @@ pub fn toml_error(file: &str, src: &str, e: &toml::de::Error) -> ProfileError {
         file: file.to_string(),
         line,
         key,
-        message: msg.trim().to_string(),
+        message: msg,
     }
 }
 

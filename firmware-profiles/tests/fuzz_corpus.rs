@@ -51,3 +51,14 @@ fn profile_loader_corpus() {
     replay("profile_loader", fuzzing::profile_loader);
 }
 
+/// Found by `profile_loader`: toml reports a control character in a comment with an empty
+/// message, so the error said `file:line: key ...: ` and nothing more.
+#[test]
+fn control_character_in_a_comment_is_explained() {
+    let e = tend_profiles::parse_profile("p.toml", "[device]\n# a \u{e} b\n").unwrap_err();
+    assert_eq!(e.line, 2, "{e}");
+    assert_eq!(
+        e.message, "invalid TOML: unexpected character '\\u{e}'",
+        "{e}"
+    );
+}
