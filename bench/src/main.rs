@@ -1,0 +1,798 @@
+//! `tend-bench`: the figures of DESIGN §5, measured on this machine, each a median over
+//! several runs, with ThingsBoard IoT Gateway beside the agent. Run it through
+//! `./scripts/bench`, which builds the binaries, installs the peer in `.bench-venv/` and
+//! passes its arguments on (`./scripts/bench --window 10s --runs 1` for a quick try).
+//!
+//! Phases (`--only` picks some):
+//! - `resources`: `tend-agent run` against 50 simulated AV-500 ventilators on Modbus TCP,
+//!   polled every second, sending to `tend-gateway run`; the agent's CPU and memory over
+//!   the window from /proc. Then the peer against the same simulators, measured the same
+//!   way (its whole process tree), its MQTT messages counted.
+//! - `outbox`: durable records/s of the agent's outbox, 64 closed-loop appenders.
+//! - `drain`: a 180,000-record backlog in the agent's outbox, the gateway down; the
+//!   gateway starts; time until it has stored every record; loss and duplicates.
+//! - `latency`: faults raised in simulators; from the poll that saw each (the record's
+//!   `at`) to the backend stand-in receiving its ticket.
+//! - `ingest`: pre-encoded batches of many synthetic agents published as fast as the
+//!   gateway acknowledges them; records stored per second.
+//!
+//! The simulators, the backend stand-in and the publishers live in this process; the
+//! agent, the gateway, mosquitto and the peer are processes of their own.
+#![forbid(unsafe_code)]
+
+mod mqtt;
+mod peer;
+mod procs;
+mod procs_util;
+mod report;
+mod tend;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Parser;
+use jiff::Timestamp;
+use report::{percentile, Report};
+use rumqttc::QoS;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tend::{device_id, Gateway, GatewayPlan};
+use tend_agent::outbox::{Outbox, OutboxConfig};
+use tend_devsim::{Av500Config, Av500Handle, Av500Sim, Av500State};
+use tend_profiles::Value;
+use tend_wire::{EpisodeChange, Record, RecordBody, UpBatch, WireReading};
+
+fn duration(s: &str) -> Result<Duration, String> {
+    tend_devsim::duration::parse_duration(s)
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tend-bench",
+    about = "The benchmarks of DESIGN §5, tend beside ThingsBoard IoT Gateway"
+)]
+struct Args {
+    /// How long the agent's (and the peer's) CPU and memory are measured, per run.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    window: Duration,
+    /// Runs of each phase; every figure is the median over them.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Phases, comma-separated: resources, outbox, drain, latency, ingest.
+    #[arg(long, default_value = "resources,outbox,drain,latency,ingest")]
+    only: String,
+    /// Simulated ventilators (Modbus TCP).
+    #[arg(long, default_value_t = 50)]
+    devices: usize,
+    /// Settling time after start before a window opens.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    warmup: Duration,
+    /// Skip the peer.
+    #[arg(long)]
+    no_peer: bool,
+    /// Where tend-agent and tend-gateway are.
+    #[arg(long, default_value = "target/release")]
+    bin: PathBuf,
+    /// The virtualenv holding thingsboard-gateway.
+    #[arg(long, default_value = ".bench-venv")]
+    venv: PathBuf,
+    #[arg(long, default_value = "/usr/sbin/mosquitto")]
+    mosquitto: PathBuf,
+    /// Records in the outage backlog.
+    #[arg(long, default_value_t = 180_000)]
+    backlog: u64,
+    /// Fault episodes per latency run.
+    #[arg(long, default_value_t = 50)]
+    episodes: usize,
+    /// Time between two faults raised.
+    #[arg(long, default_value = "250ms", value_parser = duration)]
+    fault_spacing: Duration,
+    /// Seconds of appending per outbox run.
+    #[arg(long, default_value = "3s", value_parser = duration)]
+    outbox_seconds: Duration,
+    /// Records published per ingest run.
+    #[arg(long, default_value_t = 200_000)]
+    ingest_records: u64,
+    /// Synthetic agents of the ingest run.
+    #[arg(long, default_value_t = 100)]
+    ingest_agents: usize,
+    /// Records per published batch (the agent's uplink sends at most 1,000).
+    #[arg(long, default_value_t = 1000)]
+    ingest_batch: usize,
+    /// Batches published and not yet acknowledged.
+    #[arg(long, default_value_t = 16)]
+    ingest_window: usize,
+    /// Working directory (default: a fresh one under the system temp dir, removed at the end).
+    #[arg(long)]
+    work: Option<PathBuf>,
+    /// Also write the report (Markdown) here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tend-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The simulated ventilators, in this process.
+struct Sims {
+    handles: Vec<Av500Handle>,
+}
+
+impl Sims {
+    async fn start(n: usize) -> anyhow::Result<Sims> {
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let mut cfg = Av500Config::v5();
+            cfg.serial = tend::serial(i);
+            handles.push(Av500Sim::spawn_tcp(cfg, SocketAddr::from(([127, 0, 0, 1], 0))).await?);
+        }
+        Ok(Sims { handles })
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.handles.iter().filter_map(|h| h.addr()).collect()
+    }
+
+    /// Every ventilator healthy again.
+    fn reset(&self) {
+        for h in &self.handles {
+            h.update(|s| *s = Av500State::default());
+        }
+    }
+}
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!(
+        "[{}] {}",
+        Timestamp::now().strftime("%H:%M:%S"),
+        msg.as_ref()
+    );
+}
+
+async fn run(a: Args) -> anyhow::Result<()> {
+    let phases: Vec<&str> = a.only.split(',').map(str::trim).collect();
+    for p in &phases {
+        anyhow::ensure!(
+            ["resources", "outbox", "drain", "latency", "ingest"].contains(p),
+            "unknown phase {p:?}"
+        );
+    }
+    for b in ["tend-agent", "tend-gateway"] {
+        let p = a.bin.join(b);
+        anyhow::ensure!(
+            p.exists(),
+            "{} is missing (cargo build --release)",
+            p.display()
+        );
+    }
+    let tmp;
+    let work = match &a.work {
+        Some(w) => {
+            std::fs::create_dir_all(w)?;
+            w.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("tend-bench-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let mut report = Report::new(&a, &work);
+    log(format!("work dir {}", work.display()));
+    let sims = Sims::start(a.devices).await?;
+    log(format!("{} simulated AV-500 5.x on Modbus TCP", a.devices));
+
+    if phases.contains(&"resources") {
+        resources(&a, &sims, &work, &mut report).await?;
+    }
+    if phases.contains(&"outbox") {
+        outbox(&a, &work, &mut report).await?;
+    }
+    if phases.contains(&"drain") {
+        drain(&a, &sims, &work, &mut report).await?;
+    }
+    if phases.contains(&"latency") {
+        latency(&a, &sims, &work, &mut report).await?;
+    }
+    if phases.contains(&"ingest") {
+        ingest(&a, &work, &mut report).await?;
+    }
+    let text = report.render();
+    println!("{text}");
+    if let Some(out) = &a.out {
+        std::fs::write(out, &text).with_context(|| out.display().to_string())?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// resources
+
+async fn resources(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let tck = procs::clk_tck();
+    let addrs = sims.addrs();
+    let peer_setup = if a.no_peer {
+        None
+    } else {
+        let venv = std::fs::canonicalize(&a.venv).with_context(|| {
+            format!(
+                "the peer's venv {} (scripts/bench creates it)",
+                a.venv.display()
+            )
+        })?;
+        let (mosq, port) = peer::start_mosquitto(&a.mosquitto, &work.join("mosquitto")).await?;
+        let (counts, responder) = peer::responder(port).await?;
+        Some((venv, mosq, port, counts, responder))
+    };
+    for run in 0..a.runs {
+        sims.reset();
+        let dir = work.join(format!("resources-{run}"));
+        log(format!(
+            "resources run {}: tend-agent, {} devices, window {:?}",
+            run + 1,
+            a.devices,
+            a.window
+        ));
+        let gw = Gateway::start(
+            &a.bin,
+            &GatewayPlan {
+                dir: dir.join("gateway"),
+                devices: a.devices,
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                backend: None,
+            },
+        )
+        .await?;
+        let cfg = tend::agent_config(&dir.join("agent"), &gw.broker, &addrs, "60s")?;
+        let mut agent = tend::start_agent(&a.bin, &cfg)?;
+        tokio::time::sleep(a.warmup).await;
+        let r0 = gw.metric("tend_gateway_records_total").await?;
+        let u = procs::measure(agent.pid(), a.window, tck).await;
+        let r1 = gw.metric("tend_gateway_records_total").await?;
+        anyhow::ensure!(agent.alive(), "the agent died:\n{}", agent.tail());
+        agent.stop(Duration::from_secs(10)).await;
+        gw.stop().await;
+        let rate = (r1 - r0) as f64 / a.window.as_secs_f64();
+        log(format!(
+            "  tend-agent: {:.2} % of a core, VmRSS mean {:.1} MiB, max {:.1} MiB, VmHWM {:.1} MiB; gateway stored {rate:.1} records/s",
+            u.cpu_pct, u.rss_mean_mib, u.rss_max_mib, u.hwm_mib
+        ));
+        report.tend_usage.push((u, rate));
+
+        if let Some((venv, _, port, counts, _)) = &peer_setup {
+            log(format!("resources run {}: thingsboard-gateway", run + 1));
+            let pdir = dir.join("peer");
+            let mut p = peer::start(venv, &pdir, *port, &addrs)?;
+            tokio::time::sleep(a.warmup.max(Duration::from_secs(20))).await;
+            anyhow::ensure!(p.alive(), "the peer died:\n{}", p.tail());
+            let (m0, d0) = counts.snapshot();
+            let u = procs::measure(p.pid(), a.window, tck).await;
+            let (m1, d1) = counts.snapshot();
+            anyhow::ensure!(p.alive(), "the peer died:\n{}", p.tail());
+            let peer_tail = p.tail();
+            p.stop(Duration::from_secs(10)).await;
+            let secs = a.window.as_secs_f64();
+            let (mps, dps) = ((m1 - m0) as f64 / secs, (d1 - d0) as f64 / secs);
+            log(format!(
+                "  peer: {:.2} % of a core, VmRSS mean {:.1} MiB, max {:.1} MiB, VmHWM {:.1} MiB ({} processes); {} messages ({mps:.1}/s), {dps:.0} datapoints/s",
+                u.cpu_pct, u.rss_mean_mib, u.rss_max_mib, u.hwm_mib, u.processes, m1 - m0
+            ));
+            if m1 == m0 {
+                log(format!(
+                    "  the peer published nothing; its output:\n{peer_tail}"
+                ));
+            }
+            report.peer_usage.push((u, m1 - m0, mps, dps));
+        }
+    }
+    if let Some((_, mosq, _, _, responder)) = peer_setup {
+        responder.abort();
+        mosq.stop(Duration::from_secs(5)).await;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// outbox
+
+/// A poll's readings as the agent records them for an AV-500 5.x (16 points).
+fn av500_readings(i: u64) -> RecordBody {
+    let points: [(&str, f64, Option<&str>); 16] = [
+        ("pm_days", 37.0, Some("d")),
+        ("pm_interval", 180.0, Some("d")),
+        ("state", 1.0, None),
+        ("alarm_word_1", 0.0, None),
+        ("alarm_word_2", 0.0, None),
+        ("error_code", 0.0, None),
+        (
+            "operating_minutes",
+            1_966_130.0 + (i / 60) as f64,
+            Some("min"),
+        ),
+        ("turbine_minutes", 620_000.0 + (i / 60) as f64, Some("min")),
+        (
+            "turbine_temperature",
+            42.0 + (i % 10) as f64 / 10.0,
+            Some("°C"),
+        ),
+        ("o2_cell_life", 78.0, Some("%")),
+        ("battery", 100.0, Some("%")),
+        ("battery_health", 92.0, Some("%")),
+        ("mains", 1.0, None),
+        ("o2_supply_pressure", 400.0, Some("kPa")),
+        ("air_supply_pressure", 400.0, Some("kPa")),
+        ("turbine_speed", 23_500.0, Some("rpm")),
+    ];
+    RecordBody::Readings {
+        readings: points
+            .iter()
+            .map(|(n, v, u)| WireReading {
+                name: (*n).into(),
+                value: Value::Num(*v),
+                unit: u.map(str::to_string),
+            })
+            .collect(),
+    }
+}
+
+async fn outbox(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let dir = work.join("outbox");
+    std::fs::create_dir_all(&dir)?;
+    let appenders = 64;
+    for run in 0..a.runs {
+        let path = dir.join(format!("run{run}.redb"));
+        let ob = Outbox::open(OutboxConfig::new(&path)).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        let start = Instant::now();
+        for t in 0..appenders {
+            let (ob, stop, done) = (ob.clone(), stop.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                let device = device_id(t % 50);
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    ob.append(&device, Timestamp::now(), av500_readings(i))
+                        .await?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+                Ok::<_, tend_agent::outbox::OutboxError>(())
+            }));
+        }
+        tokio::time::sleep(a.outbox_seconds).await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await??;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let n = done.load(Ordering::Relaxed);
+        ob.close().await?;
+        std::fs::remove_file(&path)?;
+        let rate = n as f64 / secs;
+        log(format!(
+            "outbox run {}: {n} durable records in {secs:.2} s = {rate:.0}/s",
+            run + 1
+        ));
+        report.outbox.push(rate);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// drain
+
+async fn drain(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let addrs = sims.addrs();
+    for run in 0..a.runs {
+        sims.reset();
+        let dir = work.join(format!("drain-{run}"));
+        let agent_dir = dir.join("agent");
+        let data = agent_dir.join("data");
+        std::fs::create_dir_all(&data)?;
+        // The outage: an hour of records, made durable by the agent's own outbox code.
+        let t_fill = Instant::now();
+        let (mut first, mut last) = (u64::MAX, 0u64);
+        {
+            let ob = Outbox::open(OutboxConfig::new(data.join("outbox.redb"))).await?;
+            let hour_ago = Timestamp::now() - jiff::SignedDuration::from_secs(3600);
+            let mut i = 0u64;
+            while i < a.backlog {
+                let n = (a.backlog - i).min(1000);
+                let items = (i..i + n)
+                    .map(|k| {
+                        let at =
+                            hour_ago + jiff::SignedDuration::from_millis((k * 1000 / 50) as i64);
+                        (device_id((k % 50) as usize), at, av500_readings(k))
+                    })
+                    .collect();
+                for s in ob.append_many(items).await? {
+                    first = first.min(s);
+                    last = last.max(s);
+                }
+                i += n;
+            }
+            ob.close().await?;
+        }
+        anyhow::ensure!(
+            last - first + 1 == a.backlog,
+            "backlog seqs {first}..={last}"
+        );
+        log(format!(
+            "drain run {}: {} records in the outbox (seq {first}..={last}) in {:.1} s; gateway down",
+            run + 1,
+            a.backlog,
+            t_fill.elapsed().as_secs_f64()
+        ));
+        // The agent runs (polling the live devices too) while the gateway is down.
+        let port = procs_util::free_port()?;
+        let cfg = tend::agent_config(
+            &agent_dir,
+            &format!("mqtt://127.0.0.1:{port}"),
+            &addrs,
+            "60s",
+        )?;
+        let mut agent = tend::start_agent(&a.bin, &cfg)?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let gw = Gateway::start(
+            &a.bin,
+            &GatewayPlan {
+                dir: dir.join("gateway"),
+                devices: a.devices,
+                listen: SocketAddr::from(([127, 0, 0, 1], port)),
+                backend: None,
+            },
+        )
+        .await?;
+        let t0 = Instant::now();
+        let mut t_first = None;
+        let deadline = t0 + Duration::from_secs(600);
+        let done = loop {
+            let n = gw.metric("tend_gateway_records_total").await.unwrap_or(0);
+            if n > 0 && t_first.is_none() {
+                t_first = Some(t0.elapsed());
+            }
+            if n >= a.backlog {
+                break Some(t0.elapsed());
+            }
+            if Instant::now() > deadline || !agent.alive() {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let dups = gw
+            .metric("tend_gateway_duplicate_records_total")
+            .await
+            .unwrap_or(0);
+        anyhow::ensure!(agent.alive(), "the agent died:\n{}", agent.tail());
+        agent.stop(Duration::from_secs(10)).await;
+        let gw_data = gw.stop().await;
+        let Some(total) = done else {
+            anyhow::bail!("the backlog did not drain within 600 s");
+        };
+        // Loss: every seq of the backlog must be in the gateway's store.
+        let store = tend_gateway::store::Store::open(&gw_data)?;
+        let mut lost = 0u64;
+        for s in first..=last {
+            if !store.has_record(tend::AGENT_ID, s)? {
+                lost += 1;
+            }
+        }
+        drop(store);
+        let first_s = t_first.unwrap_or_default().as_secs_f64();
+        log(format!(
+            "  drained in {:.2} s after the gateway was ready (first record stored after {first_s:.2} s: the agent's reconnect back-off); lost {lost}, received twice {dups}",
+            total.as_secs_f64()
+        ));
+        report
+            .drain
+            .push((total.as_secs_f64(), first_s, lost, dups));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// latency
+
+/// ALM1 bits the faults use, one round of devices after another (each opens a ticket).
+const FAULT_BITS: [u16; 9] = [4, 1, 9, 3, 0, 5, 6, 7, 8];
+
+async fn latency(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let addrs = sims.addrs();
+    let token = "bench-backend-token";
+    for run in 0..a.runs {
+        sims.reset();
+        let dir = work.join(format!("latency-{run}"));
+        let backend = tend_gateway::backend_standin::spawn(token).await?;
+        let gw = Gateway::start(
+            &a.bin,
+            &GatewayPlan {
+                dir: dir.join("gateway"),
+                devices: a.devices,
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                backend: Some((backend.url(), token.to_string())),
+            },
+        )
+        .await?;
+        let (host, port) = gw.broker_addr();
+        // The agent's records as the gateway receives them: the `at` of each episode's
+        // opening is the time of the poll that saw the fault (full precision).
+        let mut up = mqtt::connect(
+            &host,
+            port,
+            "bench-up-listener",
+            &[tend_wire::topic::up(tend::AGENT_ID)],
+        )
+        .await?;
+        let opened: Arc<Mutex<HashMap<(String, String), Timestamp>>> = Arc::default();
+        let identified: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+        let listener = {
+            let (opened, identified) = (opened.clone(), identified.clone());
+            tokio::spawn(async move {
+                while let Some(m) = up.rx.recv().await {
+                    let Ok(b) = UpBatch::decode(&m.payload) else {
+                        continue;
+                    };
+                    for r in b.records {
+                        match &r.body {
+                            RecordBody::Identity { .. } => {
+                                identified.lock().unwrap().insert(r.device.clone());
+                            }
+                            RecordBody::Episode(e) if e.change == EpisodeChange::Opened => {
+                                opened
+                                    .lock()
+                                    .unwrap()
+                                    .entry((r.device.clone(), e.code.clone()))
+                                    .or_insert(r.at);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            })
+        };
+        let cfg = tend::agent_config(&dir.join("agent"), &gw.broker, &addrs, "1s")?;
+        let mut agent = tend::start_agent(&a.bin, &cfg)?;
+        let t = Instant::now();
+        while identified.lock().unwrap().len() < a.devices && t.elapsed() < Duration::from_secs(60)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::ensure!(
+            identified.lock().unwrap().len() == a.devices,
+            "only {} of {} devices identified within 60 s",
+            identified.lock().unwrap().len(),
+            a.devices
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        log(format!(
+            "latency run {}: {} faults, one every {:?}",
+            run + 1,
+            a.episodes,
+            a.fault_spacing
+        ));
+        let mut raised: Vec<(String, String, Timestamp)> = Vec::new();
+        for k in 0..a.episodes {
+            let d = k % a.devices;
+            let bit = FAULT_BITS[(k / a.devices) % FAULT_BITS.len()];
+            sims.handles[d].update(|s| s.alarm_word1 |= 1 << bit);
+            raised.push((device_id(d), format!("ALM1.{bit}"), Timestamp::now()));
+            tokio::time::sleep(a.fault_spacing).await;
+        }
+        let want = raised.len();
+        let all_in = backend
+            .wait_for(Duration::from_secs(60), |b| {
+                let got = b.requests();
+                raised
+                    .iter()
+                    .all(|(d, c, _)| got.iter().any(|r| r.is_create() && ticket_is(r, d, c)))
+            })
+            .await;
+        let requests = backend.requests();
+        let opened = opened.lock().unwrap().clone();
+        let mut poll_ms = Vec::new();
+        let mut raise_ms = Vec::new();
+        for (d, c, at_raise) in &raised {
+            let Some(recv) = requests
+                .iter()
+                .find(|r| r.is_create() && ticket_is(r, d, c))
+            else {
+                continue;
+            };
+            if let Some(at_poll) = opened.get(&(d.clone(), c.clone())) {
+                poll_ms.push(ms(recv.time.duration_since(*at_poll)));
+            }
+            raise_ms.push(ms(recv.time.duration_since(*at_raise)));
+        }
+        listener.abort();
+        anyhow::ensure!(agent.alive(), "the agent died:\n{}", agent.tail());
+        agent.stop(Duration::from_secs(10)).await;
+        gw.stop().await;
+        backend.stop().await;
+        log(format!(
+            "  {} of {want} tickets received{}; poll→ticket p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; fault raised→ticket p50 {:.1} ms",
+            raise_ms.len(),
+            if all_in { "" } else { " (timed out waiting for the rest)" },
+            percentile(&poll_ms, 50.0),
+            percentile(&poll_ms, 99.0),
+            percentile(&poll_ms, 100.0),
+            percentile(&raise_ms, 50.0),
+        ));
+        report.latency.push((poll_ms, raise_ms, want));
+    }
+    Ok(())
+}
+
+fn ticket_is(r: &tend_gateway::backend_standin::Received, device: &str, code: &str) -> bool {
+    r.code() == Some(code)
+        && r.body
+            .as_ref()
+            .and_then(|b| b.pointer("/device/id"))
+            .and_then(|v| v.as_str())
+            == Some(device)
+}
+
+fn ms(d: jiff::SignedDuration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+// ---------------------------------------------------------------------------------------
+// ingest
+
+async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let tck = procs::clk_tck();
+    // Pre-encoded batches: agent k sends seqs 1, 2, ... in batches of `ingest_batch`.
+    let t_enc = Instant::now();
+    let mut next_seq: Vec<u64> = vec![1; a.ingest_agents];
+    let mut batches: Vec<(String, Bytes, u64)> = Vec::new();
+    let mut left = a.ingest_records;
+    let mut k = 0usize;
+    let now = Timestamp::now();
+    while left > 0 {
+        let n = left.min(a.ingest_batch as u64);
+        let agent = format!("synth-{k:04}");
+        let s0 = next_seq[k];
+        let records = (0..n)
+            .map(|i| Record {
+                seq: s0 + i,
+                at: now,
+                device: format!("{agent}-{}", device_id(((s0 + i) % 50) as usize)),
+                body: av500_readings(s0 + i),
+            })
+            .collect();
+        next_seq[k] += n;
+        let b = UpBatch {
+            v: tend_wire::VERSION,
+            agent: agent.clone(),
+            site: tend::SITE_ID.into(),
+            records,
+        };
+        batches.push((
+            tend_wire::topic::up(&agent),
+            Bytes::from(tend_wire::encode(&b)),
+            n,
+        ));
+        left -= n;
+        k = (k + 1) % a.ingest_agents;
+    }
+    let bytes: usize = batches.iter().map(|b| b.1.len()).sum();
+    log(format!(
+        "ingest: {} batches of up to {} records ({:.0} bytes a record) from {} agents, encoded in {:.1} s",
+        batches.len(),
+        a.ingest_batch,
+        bytes as f64 / a.ingest_records as f64,
+        a.ingest_agents,
+        t_enc.elapsed().as_secs_f64()
+    ));
+    for run in 0..a.runs {
+        let dir = work.join(format!("ingest-{run}"));
+        let gw = Gateway::start(
+            &a.bin,
+            &GatewayPlan {
+                dir: dir.join("gateway"),
+                devices: a.devices,
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                backend: None,
+            },
+        )
+        .await?;
+        let (host, port) = gw.broker_addr();
+        let mut acks =
+            mqtt::connect(&host, port, "bench-acks", &["tend/v1/+/ack".to_string()]).await?;
+        let mut pubs = Vec::new();
+        for i in 0..4 {
+            pubs.push(mqtt::connect(&host, port, &format!("bench-pub-{i}"), &[]).await?);
+        }
+        let window = Arc::new(tokio::sync::Semaphore::new(a.ingest_window));
+        let acked = Arc::new(AtomicU64::new(0));
+        let total = a.ingest_records;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Instant>();
+        let ack_task = {
+            let (window, acked) = (window.clone(), acked.clone());
+            tokio::spawn(async move {
+                let mut done_tx = Some(done_tx);
+                while let Some(m) = acks.rx.recv().await {
+                    let Ok(ack) = tend_wire::Ack::decode(&m.payload) else {
+                        continue;
+                    };
+                    let n: u64 = ack.ranges.iter().map(|r| r.last - r.first + 1).sum();
+                    window.add_permits(1);
+                    if acked.fetch_add(n, Ordering::Relaxed) + n >= total {
+                        if let Some(tx) = done_tx.take() {
+                            let _ = tx.send(m.at);
+                        }
+                    }
+                }
+            })
+        };
+        let g0 = procs::sample(gw.proc.pid());
+        let t0 = Instant::now();
+        for (i, (topic, payload, _)) in batches.iter().enumerate() {
+            window.acquire().await?.forget();
+            pubs[i % pubs.len()]
+                .client
+                .publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                .await?;
+        }
+        let t_end = tokio::time::timeout(Duration::from_secs(600), done_rx)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "ingest: not every batch was acknowledged within 600 s ({} records)",
+                    acked.load(Ordering::Relaxed)
+                )
+            })??;
+        let g1 = procs::sample(gw.proc.pid());
+        ack_task.abort();
+        let secs = (t_end - t0).as_secs_f64();
+        let stored = gw.metric("tend_gateway_records_total").await?;
+        drop(pubs);
+        gw.stop().await;
+        let rate = total as f64 / secs;
+        let cpu = (g1.ticks - g0.ticks) as f64 / tck / secs * 100.0;
+        log(format!(
+            "ingest run {}: {total} records acknowledged in {secs:.2} s = {rate:.0} records/s (gateway stored {stored}; gateway CPU {cpu:.0} % of a core)",
+            run + 1
+        ));
+        report.ingest.push((rate, cpu));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use report::median;
+
+    #[test]
+    fn percentiles() {
+        let v = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0];
+        assert_eq!(percentile(&v, 50.0), 5.0);
+        assert_eq!(percentile(&v, 99.0), 10.0);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+    }
+
+    #[test]
+    fn readings_look_like_the_agents() {
+        let RecordBody::Readings { readings } = av500_readings(1) else {
+            panic!()
+        };
+        assert_eq!(readings.len(), 16);
+    }
+}

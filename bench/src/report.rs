@@ -1,0 +1,303 @@
+//! The bench's report: every figure as the median of its runs (the runs listed beside
+//! it), against the target of DESIGN §5.
+
+use crate::procs::Usage;
+use std::fmt::Write as _;
+use std::path::Path;
+
+pub fn median(v: &[f64]) -> f64 {
+    percentile(v, 50.0)
+}
+
+/// Nearest-rank percentile (`p` in 0–100); NaN for no values.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
+    s[rank.min(s.len()) - 1]
+}
+
+pub struct Report {
+    command: String,
+    machine: String,
+    load_before: String,
+    pub tend_usage: Vec<(Usage, f64)>,
+    /// Usage, messages in the window, messages/s, datapoints/s.
+    pub peer_usage: Vec<(Usage, u64, f64, f64)>,
+    pub outbox: Vec<f64>,
+    /// Drain seconds, seconds to the first record stored, lost, received twice.
+    pub drain: Vec<(f64, f64, u64, u64)>,
+    /// poll→ticket ms, raise→ticket ms, faults raised.
+    pub latency: Vec<(Vec<f64>, Vec<f64>, usize)>,
+    /// records/s, gateway CPU % of a core.
+    pub ingest: Vec<(f64, f64)>,
+    windows: String,
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cores = cpu.lines().filter(|l| l.starts_with("processor")).count();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|k| k / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cores} cores ({model}), {mem:.0} GiB RAM, Linux {}",
+        kernel.trim()
+    )
+}
+
+fn runs(v: &[f64], digits: usize) -> String {
+    v.iter()
+        .map(|x| format!("{x:.digits$}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+impl Report {
+    pub fn new(a: &crate::Args, work: &Path) -> Report {
+        let _ = work;
+        Report {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            machine: machine(),
+            load_before: loadavg(),
+            tend_usage: Vec::new(),
+            peer_usage: Vec::new(),
+            outbox: Vec::new(),
+            drain: Vec::new(),
+            latency: Vec::new(),
+            ingest: Vec::new(),
+            windows: format!(
+                "{} run(s); resource window {:?} after {:?} warm-up; {} devices; backlog {}; {} faults per run every {:?}; ingest {} records in batches of {} from {} agents, {} batches in flight",
+                a.runs, a.window, a.warmup, a.devices, a.backlog, a.episodes, a.fault_spacing,
+                a.ingest_records, a.ingest_batch, a.ingest_agents, a.ingest_window
+            ),
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "## Results\n");
+        let _ = writeln!(o, "- machine: {}", self.machine);
+        let _ = writeln!(o, "- command: `{}`", self.command);
+        let _ = writeln!(o, "- settings: {}", self.windows);
+        let _ = writeln!(
+            o,
+            "- load average (1, 5, 15 min) at start: {}; at end: {}\n",
+            self.load_before,
+            loadavg()
+        );
+        let _ = writeln!(o, "| figure | median | runs | DESIGN §5 target | |");
+        let _ = writeln!(o, "|---|---|---|---|---|");
+        if !self.tend_usage.is_empty() {
+            let cpu: Vec<f64> = self.tend_usage.iter().map(|u| u.0.cpu_pct).collect();
+            let hwm: Vec<f64> = self.tend_usage.iter().map(|u| u.0.hwm_mib).collect();
+            let rss: Vec<f64> = self.tend_usage.iter().map(|u| u.0.rss_mean_mib).collect();
+            let rate: Vec<f64> = self.tend_usage.iter().map(|u| u.1).collect();
+            let _ = writeln!(
+                o,
+                "| tend-agent CPU, % of one core | {:.2} | {} | ≤ 2 % | {} |",
+                median(&cpu),
+                runs(&cpu, 2),
+                verdict(median(&cpu) <= 2.0)
+            );
+            let _ = writeln!(
+                o,
+                "| tend-agent peak resident memory (VmHWM), MiB | {:.1} | {} | ≤ 15 MiB | {} |",
+                median(&hwm),
+                runs(&hwm, 1),
+                verdict(median(&hwm) <= 15.0)
+            );
+            let _ = writeln!(
+                o,
+                "| tend-agent mean resident memory (VmRSS), MiB | {:.1} | {} | | |",
+                median(&rss),
+                runs(&rss, 1)
+            );
+            let _ = writeln!(
+                o,
+                "| records the gateway stored from the agent, /s | {:.1} | {} | (50 devices × 1/s) | |",
+                median(&rate),
+                runs(&rate, 1)
+            );
+            if !self.peer_usage.is_empty() {
+                let pcpu: Vec<f64> = self.peer_usage.iter().map(|u| u.0.cpu_pct).collect();
+                let phwm: Vec<f64> = self.peer_usage.iter().map(|u| u.0.hwm_mib).collect();
+                let prss: Vec<f64> = self.peer_usage.iter().map(|u| u.0.rss_mean_mib).collect();
+                let pmps: Vec<f64> = self.peer_usage.iter().map(|u| u.2).collect();
+                let pdps: Vec<f64> = self.peer_usage.iter().map(|u| u.3).collect();
+                let _ = writeln!(
+                    o,
+                    "| peer CPU, % of one core | {:.2} | {} | | |",
+                    median(&pcpu),
+                    runs(&pcpu, 2)
+                );
+                let _ = writeln!(
+                    o,
+                    "| peer peak resident memory (VmHWM, process tree), MiB | {:.1} | {} | | |",
+                    median(&phwm),
+                    runs(&phwm, 1)
+                );
+                let _ = writeln!(
+                    o,
+                    "| peer mean resident memory (VmRSS), MiB | {:.1} | {} | | |",
+                    median(&prss),
+                    runs(&prss, 1)
+                );
+                let _ = writeln!(
+                    o,
+                    "| peer MQTT telemetry messages /s (datapoints /s) | {:.1} ({:.0}) | {} | (50 devices × 1/s) | |",
+                    median(&pmps),
+                    median(&pdps),
+                    runs(&pmps, 1)
+                );
+                let cpu_ratio = median(&cpu) / median(&pcpu);
+                let mem_ratio = median(&hwm) / median(&phwm);
+                let rss_ratio = median(&rss) / median(&prss);
+                let _ = writeln!(
+                    o,
+                    "| CPU, tend ÷ peer | {cpu_ratio:.3} (peer uses {:.1}×) | | ≤ 0.2 (5× less) | {} |",
+                    1.0 / cpu_ratio,
+                    verdict(cpu_ratio <= 0.2)
+                );
+                let _ = writeln!(
+                    o,
+                    "| peak memory, tend ÷ peer | {mem_ratio:.3} (peer uses {:.1}×) | | ≤ 0.2 (5× less) | {} |",
+                    1.0 / mem_ratio,
+                    verdict(mem_ratio <= 0.2)
+                );
+                let _ = writeln!(
+                    o,
+                    "| mean memory, tend ÷ peer | {rss_ratio:.3} (peer uses {:.1}×) | | | |",
+                    1.0 / rss_ratio
+                );
+            }
+        }
+        if !self.outbox.is_empty() {
+            let _ = writeln!(
+                o,
+                "| outbox durable records/s (64 appenders) | {:.0} | {} | ≥ 50,000 | {} |",
+                median(&self.outbox),
+                runs(&self.outbox, 0),
+                verdict(median(&self.outbox) >= 50_000.0)
+            );
+        }
+        if !self.drain.is_empty() {
+            let t: Vec<f64> = self.drain.iter().map(|d| d.0).collect();
+            let f: Vec<f64> = self.drain.iter().map(|d| d.1).collect();
+            let lost: u64 = self.drain.iter().map(|d| d.2).sum();
+            let dups: Vec<f64> = self.drain.iter().map(|d| d.3 as f64).collect();
+            let _ = writeln!(
+                o,
+                "| backlog drain, s (gateway ready → all stored) | {:.2} | {} | < 30 s | {} |",
+                median(&t),
+                runs(&t, 2),
+                verdict(median(&t) < 30.0)
+            );
+            let _ = writeln!(
+                o,
+                "| … of which the agent's reconnect wait, s | {:.2} | {} | | |",
+                median(&f),
+                runs(&f, 2)
+            );
+            let _ = writeln!(
+                o,
+                "| backlog records lost (all runs) | {lost} | | 0 | {} |",
+                verdict(lost == 0)
+            );
+            let _ = writeln!(
+                o,
+                "| backlog records received twice (resent, stored once) | {:.0} | {} | 0 in the store | |",
+                median(&dups),
+                runs(&dups, 0)
+            );
+        }
+        if !self.latency.is_empty() {
+            let p50: Vec<f64> = self
+                .latency
+                .iter()
+                .map(|l| percentile(&l.0, 50.0))
+                .collect();
+            let p99: Vec<f64> = self
+                .latency
+                .iter()
+                .map(|l| percentile(&l.0, 99.0))
+                .collect();
+            let all: Vec<f64> = self.latency.iter().flat_map(|l| l.0.clone()).collect();
+            let raise: Vec<f64> = self.latency.iter().flat_map(|l| l.1.clone()).collect();
+            let got: usize = self.latency.iter().map(|l| l.1.len()).sum();
+            let want: usize = self.latency.iter().map(|l| l.2).sum();
+            let _ = writeln!(
+                o,
+                "| fault → ticket p50, ms (poll that saw it → backend received) | {:.1} | {} | | |",
+                median(&p50),
+                runs(&p50, 1)
+            );
+            let _ = writeln!(
+                o,
+                "| fault → ticket p99, ms | {:.1} | {} | < 250 ms | {} |",
+                median(&p99),
+                runs(&p99, 1),
+                verdict(median(&p99) < 250.0 && got == want)
+            );
+            let _ = writeln!(
+                o,
+                "| … all runs pooled: p50 / p99 / max, ms ({} tickets of {want} faults) | {:.1} / {:.1} / {:.1} | | | |",
+                all.len(),
+                percentile(&all, 50.0),
+                percentile(&all, 99.0),
+                percentile(&all, 100.0)
+            );
+            let _ = writeln!(
+                o,
+                "| fault raised in the simulator → ticket p50 / p99, ms (adds the wait for the next 1 s poll) | {:.1} / {:.1} | | | |",
+                percentile(&raise, 50.0),
+                percentile(&raise, 99.0)
+            );
+        }
+        if !self.ingest.is_empty() {
+            let r: Vec<f64> = self.ingest.iter().map(|i| i.0).collect();
+            let c: Vec<f64> = self.ingest.iter().map(|i| i.1).collect();
+            let _ = writeln!(
+                o,
+                "| gateway ingest, records/s | {:.0} | {} | ≥ 50,000 | {} |",
+                median(&r),
+                runs(&r, 0),
+                verdict(median(&r) >= 50_000.0)
+            );
+            let _ = writeln!(
+                o,
+                "| … gateway CPU meanwhile, % of one core | {:.0} | {} | (2 cores = 200 %) | |",
+                median(&c),
+                runs(&c, 0)
+            );
+        }
+        o
+    }
+}

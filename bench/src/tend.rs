@@ -1,0 +1,159 @@
+//! tend's own processes for the bench: `tend-gateway run` (embedded broker, a fleet of the
+//! simulated ventilators, optionally the backend stand-in) and `tend-agent run` with one
+//! `[[device]]` per simulator.
+
+use crate::procs_util::{self, Proc};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::process::Command;
+
+pub const AGENT_ID: &str = "bench-agent";
+pub const SITE_ID: &str = "s-bench";
+
+/// The device id of simulator `i`.
+pub fn device_id(i: usize) -> String {
+    format!("vent-{i:03}")
+}
+
+/// The serial of simulator `i` (the fleet file and the simulator agree).
+pub fn serial(i: usize) -> String {
+    format!("AV5C-21-{:06}", 100 + i)
+}
+
+/// The fleet file: one customer, one site, `n` ventilators.
+pub fn fleet(n: usize) -> String {
+    let mut s = String::from(
+        "[[customer]]\nid = \"c-bench\"\nname = \"Bench Hospital\"\ncontact_name = \"Bench\"\ncontact_phone = \"+86 23 6000 0000\"\n\n\
+         [[site]]\nid = \"s-bench\"\ncustomer = \"c-bench\"\nname = \"Main building\"\naddress = \"1 Bench Rd\"\nservice_area = \"same_city\"\n",
+    );
+    for i in 0..n {
+        let _ = write!(
+            s,
+            "\n[[device]]\nid = \"{}\"\nsite = \"s-bench\"\nserial = \"{}\"\nlocation = \"ICU bed {i}\"\naccepted = \"2025-06-01\"\n",
+            device_id(i),
+            serial(i)
+        );
+    }
+    s
+}
+
+/// A gateway's files in `dir`; `listen` is the embedded broker's address (port 0: any).
+pub struct GatewayPlan {
+    pub dir: PathBuf,
+    pub devices: usize,
+    pub listen: SocketAddr,
+    /// The backend stand-in's URL and token.
+    pub backend: Option<(String, String)>,
+}
+
+pub struct Gateway {
+    pub proc: Proc,
+    pub broker: String,
+    pub api: String,
+    pub dir: PathBuf,
+}
+
+impl Gateway {
+    pub async fn start(bin: &Path, plan: &GatewayPlan) -> anyhow::Result<Gateway> {
+        let dir = &plan.dir;
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("fleet.toml"), fleet(plan.devices))?;
+        std::fs::write(dir.join("api.token"), "bench-api-token\n")?;
+        let mut cfg = format!(
+            "gateway_id = \"gw-bench\"\ndata_dir = \"data\"\nfleet = \"fleet.toml\"\n\n\
+             [broker]\nembedded = true\nlisten = \"{}\"\n\n\
+             [api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\n",
+            plan.listen
+        );
+        if let Some((url, token)) = &plan.backend {
+            std::fs::write(dir.join("backend.token"), format!("{token}\n"))?;
+            let _ = write!(
+                cfg,
+                "\n[backend]\nurl = \"{url}\"\ntoken_file = \"backend.token\"\ntimeout = \"5s\"\n"
+            );
+        }
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, cfg)?;
+        let mut cmd = Command::new(bin.join("tend-gateway"));
+        cmd.arg("run").arg("--config").arg(&path);
+        let mut proc = procs_util::spawn("tend-gateway", cmd, &dir.join("gateway.log"), true)?;
+        let line =
+            procs_util::ready_line(&mut proc, "gateway ready", Duration::from_secs(30)).await?;
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .map(str::to_string)
+                .unwrap_or_default()
+        };
+        Ok(Gateway {
+            broker: field("broker="),
+            api: field("api="),
+            proc,
+            dir: dir.clone(),
+        })
+    }
+
+    /// A counter of `/metrics` (`tend_gateway_records_total`, ...).
+    pub async fn metric(&self, name: &str) -> anyhow::Result<u64> {
+        let text = reqwest::get(format!("{}/metrics", self.api))
+            .await?
+            .text()
+            .await?;
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == name).then(|| v.trim().parse::<f64>().ok())?
+            })
+            .map(|v| v as u64)
+            .ok_or_else(|| anyhow::anyhow!("no {name} in the gateway's /metrics"))
+    }
+
+    /// `(host, port)` of the embedded broker.
+    pub fn broker_addr(&self) -> (String, u16) {
+        broker_addr(&self.broker)
+    }
+
+    pub async fn stop(self) -> PathBuf {
+        self.proc.stop(Duration::from_secs(10)).await;
+        self.dir.join("data")
+    }
+}
+
+pub fn broker_addr(url: &str) -> (String, u16) {
+    let hp = url.trim_start_matches("mqtt://");
+    let (h, p) = hp.rsplit_once(':').unwrap_or((hp, "1883"));
+    (h.to_string(), p.parse().unwrap_or(1883))
+}
+
+/// An agent's config: `devices` are the simulators' addresses.
+pub fn agent_config(
+    dir: &Path,
+    broker: &str,
+    devices: &[SocketAddr],
+    flap_damping: &str,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let mut s = format!(
+        "agent_id = \"{AGENT_ID}\"\nsite_id = \"{SITE_ID}\"\ndata_dir = \"data\"\nflap_damping = \"{flap_damping}\"\n\n\
+         [uplink]\nbroker = \"{broker}\"\n"
+    );
+    for (i, a) in devices.iter().enumerate() {
+        let _ = write!(
+            s,
+            "\n[[device]]\nid = \"{}\"\nprofile = \"aeris/av-500\"\ntransport = \"modbus-tcp\"\naddress = \"{a}\"\nunit = 1\npoll_interval = \"1s\"\n",
+            device_id(i)
+        );
+    }
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, s)?;
+    Ok(path)
+}
+
+pub fn start_agent(bin: &Path, config: &Path) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(bin.join("tend-agent"));
+    cmd.arg("run").arg("--config").arg(config);
+    let log = config.with_file_name("agent.log");
+    procs_util::spawn("tend-agent", cmd, &log, false)
+}
