@@ -110,6 +110,9 @@ pub struct ApiSection {
     /// How long a diagnostic waits for the agent.
     #[serde(default = "default_diag_timeout")]
     pub diag_timeout: Dur,
+    /// Serve HTTPS with this PEM certificate chain and key (both or neither).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 fn default_diag_timeout() -> Dur {
@@ -179,6 +182,12 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
     resolve(&mut config.data_dir);
     resolve(&mut config.fleet);
     resolve(&mut config.api.token_file);
+    for p in [&mut config.api.tls_cert, &mut config.api.tls_key]
+        .into_iter()
+        .flatten()
+    {
+        resolve(p);
+    }
     for p in [
         &mut config.profiles_dir,
         &mut config.broker.ca_file,
@@ -253,6 +262,21 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
     ];
     if let Some(p) = &config.broker.ca_file {
         files.push((br.key("ca_file"), p));
+    }
+    let api = root.key("api");
+    if config.api.tls_cert.is_some() != config.api.tls_key.is_some() {
+        return Err(err(
+            &api.key(if config.api.tls_cert.is_some() {
+                "tls_cert"
+            } else {
+                "tls_key"
+            }),
+            "tls_cert and tls_key go together".into(),
+        ));
+    }
+    if let (Some(c), Some(k)) = (&config.api.tls_cert, &config.api.tls_key) {
+        files.push((api.key("tls_cert"), c));
+        files.push((api.key("tls_key"), k));
     }
     if let Some(p) = &config.broker.password_file {
         files.push((br.key("password_file"), p));

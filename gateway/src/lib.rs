@@ -26,3 +26,4 @@ pub mod run;
 pub mod sla;
 pub mod store;
 pub mod ticket;
+pub mod tls;

@@ -116,8 +116,8 @@ fn run(config: &Path) -> ExitCode {
             }
         };
         println!(
-            "gateway ready broker={} api=http://{}",
-            running.broker_url, running.api_addr
+            "gateway ready broker={} api={}",
+            running.broker_url, running.api_url
         );
         wait_for_signal().await;
         tracing::info!("stopping");

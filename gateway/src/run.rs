@@ -20,6 +20,8 @@ pub struct Running {
     pub broker_url: String,
     /// Where the hotline API listens.
     pub api_addr: SocketAddr,
+    /// `http://…` or `https://…`.
+    pub api_url: String,
     pub gateway: Gateway,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -114,11 +116,23 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Running> {
         .await
         .map_err(|e| anyhow::anyhow!("hotline API on {}: {e}", cfg.api.listen))?;
     let api_addr = listener.local_addr()?;
+    let tls = match (&cfg.api.tls_cert, &cfg.api.tls_key) {
+        (Some(c), Some(k)) => Some(crate::tls::server_config(c, k).map_err(anyhow::Error::msg)?),
+        _ => None,
+    };
+    let api_url = format!(
+        "{}://{api_addr}",
+        if tls.is_some() { "https" } else { "http" }
+    );
     {
         let router = crate::api::router(gw.clone(), token, audit);
         let sd = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = crate::api::serve(listener, router, sd).await {
+            let served = match tls {
+                Some(tls) => crate::tls::serve_tls(listener, router, tls, sd).await,
+                None => crate::api::serve(listener, router, sd).await,
+            };
+            if let Err(e) = served {
                 tracing::error!("hotline API stopped: {e}");
             }
         }));
@@ -127,6 +141,7 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Running> {
     Ok(Running {
         broker_url,
         api_addr,
+        api_url,
         gateway: gw,
         shutdown,
         tasks,
