@@ -503,8 +503,8 @@ impl Store {
             f.attempts += 1;
             let keep = match outcome {
                 JobOutcome::Sent { .. } => {
+                    // The last error stays: "sent after 503s" is worth seeing.
                     f.state = ForwardState::Sent;
-                    f.last_error = None;
                     f.sent_at = Some(now);
                     f.next_attempt = None;
                     false
