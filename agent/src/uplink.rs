@@ -78,6 +78,8 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 const LOG_PREFIX: usize = 32;
 /// Room for the MQTT header and topic around a payload of [`MAX_MESSAGE`].
 const PACKET_SLACK: usize = 1024;
+/// The largest packet MQTT can encode (remaining length 268,435,455 and a 5-byte header).
+const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
 
 /// Where and how to send. [`UplinkConfig::new`] fills in defaults.
 #[derive(Debug, Clone)]
@@ -998,7 +1000,11 @@ fn mqtt_options(cfg: &UplinkConfig) -> Result<MqttOptions, UplinkError> {
         QoS::AtLeastOnce,
         true,
     ));
-    opts.set_max_packet_size(MAX_MESSAGE + PACKET_SLACK, MAX_MESSAGE + PACKET_SLACK);
+    // Any incoming packet MQTT allows is read, and a payload over MAX_MESSAGE is then
+    // refused by the decoders: with a smaller limit, one oversize message retained on the
+    // ack or diag/req topic would end the connection at every reconnect, and no ack could
+    // ever arrive again.
+    opts.set_max_packet_size(MQTT_MAX_PACKET, MAX_MESSAGE + PACKET_SLACK);
     match (&cfg.username, &cfg.password_file) {
         (Some(user), pw) => {
             let password = match pw {
