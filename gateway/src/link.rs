@@ -88,13 +88,20 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
     Ok((host, port, tls))
 }
 
+/// The largest packet MQTT can encode (remaining length 268,435,455 and a 5-byte header).
+const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+
 fn options(cfg: &LinkConfig) -> Result<MqttOptions, String> {
     let (host, port, tls) = parse_broker_url(&cfg.url)?;
     let mut opts = MqttOptions::new(cfg.client_id.clone(), host, port);
     opts.set_clean_session(true);
     opts.set_keep_alive(Duration::from_secs(15));
     let max = tend_wire::MAX_MESSAGE + 64 * 1024;
-    opts.set_max_packet_size(max, max);
+    // Any packet MQTT allows is read, and a payload over MAX_MESSAGE is then refused
+    // unparsed: with a smaller limit, one oversize message (retained on a subscribed topic
+    // of an external broker that does not cap sizes) would end the connection at every
+    // reconnect, and the gateway would hear nothing more.
+    opts.set_max_packet_size(MQTT_MAX_PACKET, max);
     opts.set_inflight(200);
     if let Some(user) = &cfg.username {
         opts.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
@@ -192,6 +199,15 @@ pub async fn run(
                         }
                     }
                 });
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.payload.len() > tend_wire::MAX_MESSAGE => {
+                gw.metrics.malformed.inc();
+                tracing::warn!(
+                    "message of {} bytes on {:.80} refused unread (limit {})",
+                    p.payload.len(),
+                    p.topic,
+                    tend_wire::MAX_MESSAGE
+                );
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = p.topic.clone();
