@@ -327,3 +327,605 @@ impl GatewayProc {
             .unwrap()
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Additions for the reliability suites (crash, outage, hostile).
+
+/// A small xorshift generator: the suites' random moments, reproducible from a printed
+/// seed (`TEND_*_SEED`).
+pub struct Rng(u64);
+
+impl Rng {
+    /// From `env` if set, else from the clock; the seed is printed so a failure can be
+    /// replayed.
+    pub fn from_env(env: &str) -> Rng {
+        let seed = std::env::var(env)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("{env}={seed}");
+        Rng(seed | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    /// Uniform in `lo..hi` (`lo` when the range is empty).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo {
+            lo
+        } else {
+            lo + self.next_u64() % (hi - lo)
+        }
+    }
+    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(self.range(lo, hi))
+    }
+}
+
+/// A number from the environment, or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// (VmRSS, VmHWM) of a process in KiB, from /proc/<pid>/status.
+pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Samples the resident memory of processes every 100 ms until dropped; `peak()` gives
+/// the highest VmRSS seen of each pid (KiB), and the last VmHWM read.
+pub struct RssSampler {
+    peaks: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u32, (u64, u64)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssSampler {
+    pub fn start(pids: Vec<u32>) -> RssSampler {
+        let peaks: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u32, (u64, u64)>>> =
+            Default::default();
+        let p = peaks.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                for pid in &pids {
+                    if let Some((rss, hwm)) = rss_kib(*pid) {
+                        let mut m = p.lock().unwrap();
+                        let e = m.entry(*pid).or_insert((0, 0));
+                        e.0 = e.0.max(rss);
+                        e.1 = e.1.max(hwm);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        RssSampler { peaks, task }
+    }
+    /// (peak VmRSS, VmHWM) of `pid` in KiB.
+    pub fn peak(&self, pid: u32) -> (u64, u64) {
+        self.peaks
+            .lock()
+            .unwrap()
+            .get(&pid)
+            .copied()
+            .unwrap_or((0, 0))
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a listener on `tend/v1/+/up` saw: the first content of every (agent, seq), how
+/// often each was sent, and every seq sent again with a different content.
+#[derive(Default)]
+pub struct TapSeen {
+    pub first: std::collections::HashMap<(String, u64), serde_json::Value>,
+    pub sends: std::collections::HashMap<(String, u64), u32>,
+    pub conflicts: Vec<(String, u64, serde_json::Value, serde_json::Value)>,
+    pub batches: u64,
+    pub undecodable: u64,
+}
+
+impl TapSeen {
+    /// Seqs seen more than once (resends after a lost ack, a reconnect or a restart).
+    pub fn resent(&self) -> u64 {
+        self.sends.values().filter(|n| **n > 1).count() as u64
+    }
+}
+
+/// A plain (non-shared) MQTT subscriber of every agent's batches, reconnecting across
+/// broker and gateway restarts. It sees copies of what the gateway gets, so the suites
+/// can check that no seq ever travelled with two different contents.
+pub struct WireTap {
+    pub seen: std::sync::Arc<std::sync::Mutex<TapSeen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WireTap {
+    pub async fn start(broker_url: &str, id: &str) -> WireTap {
+        let hostport = broker_url.trim_start_matches("mqtt://");
+        let (host, port) = hostport.rsplit_once(':').unwrap();
+        let mut opts = rumqttc::MqttOptions::new(id, host, port.parse::<u16>().unwrap());
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(16 << 20, 16 << 20);
+        let (client, mut el) = rumqttc::AsyncClient::new(opts, 1024);
+        let seen: std::sync::Arc<std::sync::Mutex<TapSeen>> = Default::default();
+        let s = seen.clone();
+        let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        let _ = client.try_subscribe("tend/v1/+/up", rumqttc::QoS::AtLeastOnce);
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = subscribed_tx.send(true);
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let mut s = s.lock().unwrap();
+                        s.batches += 1;
+                        let Ok(b) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+                            s.undecodable += 1;
+                            continue;
+                        };
+                        let agent = b["agent"].as_str().unwrap_or_default().to_string();
+                        for r in b["records"].as_array().into_iter().flatten() {
+                            let Some(seq) = r["seq"].as_u64() else {
+                                continue;
+                            };
+                            let k = (agent.clone(), seq);
+                            *s.sends.entry(k.clone()).or_default() += 1;
+                            match s.first.get(&k) {
+                                None => {
+                                    s.first.insert(k, r.clone());
+                                }
+                                Some(f) if f != r => {
+                                    let f = f.clone();
+                                    s.conflicts.push((k.0, k.1, f, r.clone()));
+                                }
+                                Some(_) => {}
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(20), subscribed.wait_for(|s| *s)).await;
+        WireTap { seen, task }
+    }
+}
+
+impl Drop for WireTap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Asks the agent behind `device` for its outbox statistics through the gateway.
+pub async fn agent_outbox(gw: &GatewayProc, device: &str) -> Option<serde_json::Value> {
+    let (st, v) = gw
+        .post(
+            &format!("/api/v1/devices/{device}/diagnostics"),
+            serde_json::json!({"request": "outbox"}),
+        )
+        .await;
+    (st == 200).then(|| v["answer"].clone())
+}
+
+/// Whether the gateway's forwarder has nothing left to send: every ticket and event
+/// `sent` (or `failed`, kept and shown; the events of a failed ticket wait for an
+/// operator's retry).
+pub fn forwarding_settled(tickets: &serde_json::Value) -> bool {
+    let done = |f: &serde_json::Value| f["state"] == "sent" || f["state"] == "failed";
+    tickets.as_array().is_some_and(|ts| {
+        ts.iter().all(|t| {
+            t["forwarding"]["state"] == "failed"
+                || t["events"]
+                    .as_array()
+                    .is_none_or(|es| es.iter().all(|e| done(&e["forwarding"])))
+                    && done(&t["forwarding"])
+        })
+    })
+}
+
+impl GatewayProc {
+    /// Like `get`, but `None` when the gateway does not answer (a crashed gateway shows
+    /// up as a failed assertion, not a panic inside the fixture).
+    pub async fn try_get(&self, path: &str) -> Option<(u16, serde_json::Value)> {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", self.api))
+            .bearer_auth(API_TOKEN)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .ok()?;
+        let status = r.status().as_u16();
+        Some((status, r.json().await.unwrap_or(serde_json::Value::Null)))
+    }
+
+    /// The process id (None once it has been reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Simulated Modbus TCP devices under load, and the end checks the suites share.
+
+/// A simulated device the agent polls over Modbus TCP.
+pub enum Sim {
+    Av(tend_devsim::av500::Av500Handle),
+    Hm(tend_devsim::hm2::Hm2Handle),
+}
+
+impl Sim {
+    pub fn addr(&self) -> std::net::SocketAddr {
+        match self {
+            Sim::Av(a) => a.addr().unwrap(),
+            Sim::Hm(h) => h.addr(),
+        }
+    }
+    pub fn profile(&self) -> &'static str {
+        match self {
+            Sim::Av(_) => "aeris/av-500",
+            Sim::Hm(_) => "cryosense/hm-2",
+        }
+    }
+    /// Raises a fault chosen by `pick`: on a ventilator one of the alarm bits ALM1.3 to
+    /// ALM1.7 (a third of the time in its failure state too), on a helium monitor a
+    /// compressor fault.
+    pub fn raise(&self, pick: u64) {
+        use tend_devsim::av500::device_state;
+        match self {
+            Sim::Av(a) => a.update(|s| {
+                s.alarm_word1 = 1 << (3 + pick % 5);
+                if pick % 3 == 0 {
+                    s.device_state = device_state::FAILURE;
+                }
+            }),
+            Sim::Hm(h) => h.update(|s| s.compressor = 2),
+        }
+    }
+    pub fn clear(&self) {
+        use tend_devsim::av500::device_state;
+        match self {
+            Sim::Av(a) => a.update(|s| {
+                s.alarm_word1 = 0;
+                s.device_state = device_state::VENTILATING;
+            }),
+            Sim::Hm(h) => h.update(|s| s.compressor = 1),
+        }
+    }
+    pub fn serial(&self, i: usize) -> String {
+        match self {
+            Sim::Av(_) => format!("AV5C-21-{i:06}"),
+            Sim::Hm(_) => format!("HM2-{i:06}"),
+        }
+    }
+}
+
+/// `n` simulators on free ports: three AV-500 ventilators (`vent-<i>`, each its own
+/// serial) for every HM-2 helium monitor (`mri-<i>`).
+pub async fn spawn_sims(n: usize) -> Vec<(String, Sim)> {
+    use tend_devsim::av500::{Av500Config, Av500Sim};
+    use tend_devsim::hm2::{Hm2Config, Hm2Sim};
+    let mut sims = Vec::new();
+    for i in 0..n {
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        if i % 4 == 3 {
+            let h = Hm2Sim::spawn_tcp(Hm2Config::v3(), any).await.unwrap();
+            sims.push((format!("mri-{i}"), Sim::Hm(h)));
+        } else {
+            let mut cfg = Av500Config::v5();
+            cfg.serial = format!("AV5C-21-{i:06}");
+            let a = Av500Sim::spawn_tcp(cfg, any).await.unwrap();
+            sims.push((format!("vent-{i}"), Sim::Av(a)));
+        }
+    }
+    sims
+}
+
+/// The fleet file listing every simulator (site `s-main`).
+pub fn sims_fleet(sims: &[(String, Sim)]) -> String {
+    let serials: Vec<String> = sims
+        .iter()
+        .enumerate()
+        .map(|(i, (_, s))| s.serial(i))
+        .collect();
+    let devices: Vec<FleetDevice<'_>> = sims
+        .iter()
+        .zip(&serials)
+        .map(|((id, _), serial)| FleetDevice {
+            id,
+            serial,
+            site: "s-main",
+            location: "ICU",
+            accepted: "2025-06-01",
+        })
+        .collect();
+    fleet_toml(&devices)
+}
+
+/// An agent config polling every simulator every `poll`.
+pub fn sims_agent_toml(agent: &str, broker: &str, sims: &[(String, Sim)], poll: &str) -> String {
+    let mut s = format!(
+        "agent_id = \"{agent}\"\nsite_id = \"s-main\"\ndata_dir = \"data\"\nflap_damping = \"300ms\"\n[uplink]\nbroker = \"{broker}\"\nkeep_alive = \"5s\"\n"
+    );
+    for (id, sim) in sims {
+        s.push_str(&format!(
+            "[[device]]\nid = \"{id}\"\nprofile = \"{}\"\ntransport = \"modbus-tcp\"\naddress = \"{}\"\npoll_interval = \"{poll}\"\n",
+            sim.profile(),
+            sim.addr()
+        ));
+    }
+    s
+}
+
+/// The last `lines` lines of a log.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let t = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = t.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Waits until the gateway sees `n` devices up with no open fault.
+pub async fn until_all_up_no_fault(gw: &GatewayProc, n: usize, within: Duration) {
+    until("every device up with no open fault", within, || async {
+        let (_, v) = gw.try_get("/api/v1/devices").await?;
+        let list = v.as_array()?;
+        let good = list
+            .iter()
+            .filter(|d| d["open_faults"] == 0 && d["state"] == "up")
+            .count();
+        (good >= n).then_some(())
+    })
+    .await;
+}
+
+/// The agent's last run: SIGKILL, then a restart that polls each device once (`1h`
+/// poll), so its outbox can empty and stay empty; waits until it is empty (asked through
+/// the gateway's `outbox` diagnostic on `device`) and every ticket is forwarded.
+pub async fn drain_agent(
+    agent: &mut tokio::process::Child,
+    cfg: &Path,
+    log: &Path,
+    config_text: String,
+    gw: &GatewayProc,
+    device: &str,
+    within: Duration,
+) {
+    let _ = agent.start_kill();
+    let _ = agent.wait().await;
+    std::fs::write(cfg, config_text).unwrap();
+    *agent = spawn_agent(cfg, log);
+    let empty = tokio::time::timeout(within, async {
+        loop {
+            if let Some(a) = agent_outbox(gw, device).await {
+                if a["records"] == 0 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
+    if empty.is_err() {
+        panic!(
+            "the agent's outbox did not empty within {within:?}; agent log:\n{}\ngateway log:\n{}",
+            tail(log, 40),
+            tail(&gw.log, 40)
+        );
+    }
+    until("every ticket and event forwarded", within, || async {
+        let (_, t) = gw.try_get("/api/v1/tickets").await?;
+        forwarding_settled(&t).then_some(())
+    })
+    .await;
+}
+
+/// After the agent and the gateway have stopped: the agent's outbox is empty (everything
+/// acked) and the gateway's store holds exactly seqs 1..=max of `agent`, max being the
+/// last seq the outbox gave out. Returns max.
+pub async fn assert_delivered_exactly_once(agent_data: &Path, gw_data: &Path, agent: &str) -> u64 {
+    assert_delivered(agent_data, gw_data, agent, true).await
+}
+
+/// The same, when other agents' records share the store (`only_agent` false): then the
+/// seqs around 1..=max (0, the next hundreds, the largest) must be absent.
+pub async fn assert_delivered(
+    agent_data: &Path,
+    gw_data: &Path,
+    agent: &str,
+    only_agent: bool,
+) -> u64 {
+    use tend_agent::outbox::{Outbox, OutboxConfig};
+    let outbox = Outbox::open(OutboxConfig::new(agent_data.join("outbox.redb")))
+        .await
+        .unwrap();
+    let stats = outbox.stats();
+    outbox.close().await.unwrap();
+    assert_eq!(stats.records, 0, "unacknowledged records left: {stats:?}");
+    let max = stats.next_seq - 1;
+    assert!(max > 0);
+    let store = tend_gateway::store::Store::open(gw_data).unwrap();
+    let missing: Vec<u64> = (1..=max)
+        .filter(|s| !store.has_record(agent, *s).unwrap())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {max} records lost, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    if only_agent {
+        assert_eq!(
+            store.records_stored().unwrap(),
+            max,
+            "records beyond the agent's seqs"
+        );
+    } else {
+        for s in [0, u64::MAX - 1, u64::MAX]
+            .into_iter()
+            .chain(max + 1..=max + 500)
+        {
+            assert!(
+                !store.has_record(agent, s).unwrap(),
+                "seq {s} of {agent} stored"
+            );
+        }
+    }
+    max
+}
+
+/// No seq travelled twice with two different contents.
+pub fn assert_no_conflicting_resend(tap: &WireTap) -> (usize, u64) {
+    let s = tap.seen.lock().unwrap();
+    assert!(
+        s.conflicts.is_empty(),
+        "seqs reused for different records: {:#?}",
+        &s.conflicts[..s.conflicts.len().min(3)]
+    );
+    (s.first.len(), s.resent())
+}
+
+/// Figures of the ticket check.
+#[derive(Debug, Default)]
+pub struct TicketFigures {
+    pub episodes: usize,
+    pub tickets: usize,
+    pub backend_tickets: usize,
+    pub events: usize,
+}
+
+/// One ticket per episode, from the stopped gateway's store and the backend stand-in:
+/// every episode of the life records of `devices` opened once and in exactly one ticket;
+/// backend and gateway know the same ticket keys, each once; no two open backend tickets
+/// for one (device, kind, code); every event queued arrived once; no 409. Tickets whose
+/// keys are in `refused` are expected `failed` and absent from the backend.
+pub fn assert_one_ticket_per_episode(
+    gw_data: &Path,
+    backend: &tend_gateway::backend_standin::Backend,
+    devices: &[&str],
+    refused: &[String],
+) -> TicketFigures {
+    use std::collections::{BTreeMap, BTreeSet};
+    use tend_gateway::store::{ForwardState, LifeEvent, Store};
+    let store = Store::open(gw_data).unwrap();
+    let tickets = store.tickets().unwrap();
+    let mut episodes: BTreeMap<String, String> = BTreeMap::new();
+    let mut opened: BTreeMap<String, u32> = BTreeMap::new();
+    for id in devices {
+        for e in store.history(id, usize::MAX).unwrap() {
+            if let LifeEvent::Episode { event, .. } = e {
+                if event.change == tend_wire::EpisodeChange::Opened {
+                    *opened.entry(event.episode.clone()).or_default() += 1;
+                }
+                episodes.insert(event.episode.clone(), id.to_string());
+            }
+        }
+    }
+    for (ep, n) in &opened {
+        assert_eq!(*n, 1, "episode {ep} opened {n} times in the life record");
+    }
+    for (ep, dev) in &episodes {
+        let owners: Vec<&str> = tickets
+            .iter()
+            .filter(|t| t.episodes.contains(ep))
+            .map(|t| t.key.as_str())
+            .collect();
+        assert_eq!(
+            owners.len(),
+            1,
+            "episode {ep} of {dev} in tickets {owners:?}"
+        );
+    }
+    let bt = backend.tickets();
+    let backend_keys: BTreeSet<&str> = bt.iter().map(|t| t.key.as_str()).collect();
+    assert_eq!(
+        backend_keys.len(),
+        bt.len(),
+        "two backend tickets under one key"
+    );
+    let gw_keys: BTreeSet<&str> = tickets
+        .iter()
+        .filter(|t| !refused.contains(&t.key))
+        .map(|t| t.key.as_str())
+        .collect();
+    assert_eq!(
+        backend_keys, gw_keys,
+        "backend and gateway disagree on the tickets"
+    );
+    let mut per_fault: BTreeMap<(String, String, String), Vec<&str>> = BTreeMap::new();
+    for t in &bt {
+        assert!(t.key.starts_with("tend-t"), "{}", t.key);
+        if t.status == "open" {
+            per_fault
+                .entry((
+                    t.body["device"]["id"].to_string(),
+                    t.body["kind"].to_string(),
+                    t.body["fault"]["code"].to_string(),
+                ))
+                .or_default()
+                .push(&t.key);
+        }
+    }
+    for (k, keys) in &per_fault {
+        assert_eq!(keys.len(), 1, "open tickets {keys:?} for {k:?}");
+    }
+    for t in &tickets {
+        if refused.contains(&t.key) {
+            assert_eq!(t.forward.state, ForwardState::Failed, "{t:#?}");
+            continue;
+        }
+        assert_eq!(t.forward.state, ForwardState::Sent, "{t:#?}");
+        let b = bt.iter().find(|b| b.key == t.key).unwrap();
+        let want: BTreeSet<&str> = t
+            .events
+            .iter()
+            .map(|e| e.idempotency_key.as_str())
+            .collect();
+        let got: BTreeSet<&str> = b.events.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(got.len(), b.events.len(), "an event twice on {}", t.key);
+        assert_eq!(want, got, "events of {}", t.key);
+    }
+    for r in backend.requests() {
+        assert_ne!(
+            r.status,
+            Some(409),
+            "a key reused with another body: {r:#?}"
+        );
+    }
+    TicketFigures {
+        episodes: episodes.len(),
+        tickets: tickets.len(),
+        backend_tickets: bt.len(),
+        events: tickets.iter().map(|t| t.events.len()).sum(),
+    }
+}
