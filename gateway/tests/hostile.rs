@@ -1,0 +1,418 @@
+//! Hostile input at the gateway (DESIGN §5 "Bad input never panics and never loses other
+//! data"): while a real agent sends the records of two simulated ventilators, another
+//! MQTT client publishes on the agents' topics (`tend/v1/<agent>/up`, `.../status`,
+//! `.../diag/resp`): garbage bytes, empty and truncated JSON, JSON that is not an object,
+//! 10,000 levels of nesting (also inside a record's evidence), a payload just over the
+//! gateway's 4 MiB limit and one of 10 MiB, the wrong wire version, a batch naming
+//! another agent than its topic (the real agent's, with its seqs: accepted, it would make
+//! the gateway drop the real records as duplicates), seqs 0 and u64::MAX, timestamps at
+//! the ends of the representable range (a fault episode opening in the year 9999 on a
+//! fleet device, so SLA deadlines fall past the end of time), unknown devices, a 100 KB
+//! device id, a batch of 10,000 records, an invalid topic level.
+//!
+//! Proves: the gateway process stays up and its API answers (also about the device the
+//! absurd records named), the malformed-message counter rises, no panic is logged, and
+//! every record of the real agent arrives exactly once and is acknowledged (its outbox
+//! empties). Run once against the embedded broker (which itself refuses the 10 MiB
+//! payload) and once against Mosquitto (which passes it on, also retained).
+
+mod common;
+
+use common::*;
+use jiff::{SignedDuration, Timestamp};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tend_profiles::{FaultClass, SignalKind};
+use tend_wire::{
+    encode, EpisodeChange, EpisodeEvent, Record, RecordBody, UpBatch, WireReading, MAX_MESSAGE,
+};
+
+const REAL: &str = "agent-real";
+const EVIL: &str = "agent-evil";
+
+fn batch(agent: &str, records: Vec<Record>) -> Vec<u8> {
+    encode(&UpBatch {
+        v: 1,
+        agent: agent.into(),
+        site: "s-main".into(),
+        records,
+    })
+}
+
+fn readings(seq: u64, at: Timestamp, device: &str) -> Record {
+    Record {
+        seq,
+        at,
+        device: device.into(),
+        body: RecordBody::Readings {
+            readings: vec![WireReading {
+                name: "pressure".into(),
+                value: tend_profiles::Value::Num(seq as f64),
+                unit: Some("kPa".into()),
+            }],
+        },
+    }
+}
+
+fn episode(seq: u64, at: Timestamp, device: &str, evidence: serde_json::Value) -> Record {
+    Record {
+        seq,
+        at,
+        device: device.into(),
+        body: RecordBody::Episode(EpisodeEvent {
+            episode: format!("{EVIL}/{device}/ALM1.4/{seq}"),
+            change: EpisodeChange::Opened,
+            code: "ALM1.4".into(),
+            kind: SignalKind::Fault,
+            class: Some(FaultClass::Major),
+            description: "exhalation valve fault".into(),
+            action: None,
+            evidence: BTreeMap::from([("x".to_string(), evidence)]),
+            device_available: false,
+            opened_at: at,
+            due: None,
+            opening: None,
+        }),
+    }
+}
+
+fn state(seq: u64, at: Timestamp, device: &str, down: bool) -> Record {
+    use tend_profiles::DeviceState::{Down, Up};
+    Record {
+        seq,
+        at,
+        device: device.into(),
+        body: if down {
+            RecordBody::State { from: Up, to: Down }
+        } else {
+            RecordBody::State { from: Down, to: Up }
+        },
+    }
+}
+
+/// Every hostile message: (topic, payload, retained, what).
+fn hostile_messages(round: u64, rng: &mut Rng) -> Vec<(String, Vec<u8>, bool, &'static str)> {
+    let up = |a: &str| format!("tend/v1/{a}/up");
+    let status = |a: &str| format!("tend/v1/{a}/status");
+    let diag = |a: &str| format!("tend/v1/{a}/diag/resp");
+    let now = Timestamp::now();
+    let base = 1_000_000 * (round + 1);
+    let garbage: Vec<u8> = (0..1024).map(|_| rng.next_u64() as u8).collect();
+    let valid = batch(
+        EVIL,
+        (0..20)
+            .map(|i| readings(base + i, now, "ghost-1"))
+            .collect(),
+    );
+    let deep_arrays = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes();
+    let deep_objects = format!("{}1{}", "{\"a\":".repeat(10_000), "}".repeat(10_000)).into_bytes();
+    let deep_value: serde_json::Value = {
+        // Built as text: serde_json's own recursion limit refuses it when parsed.
+        let text = format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000));
+        serde_json::Value::String(text)
+    };
+    let deep_in_evidence = {
+        let b = batch(EVIL, vec![episode(base + 100, now, "ghost-2", deep_value)]);
+        // The evidence as real nesting, not a string.
+        let s = String::from_utf8(b).unwrap();
+        let nested = format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000));
+        s.replacen(
+            &format!("\"{}1{}\"", "[".repeat(10_000), "]".repeat(10_000)),
+            &nested,
+            1,
+        )
+        .into_bytes()
+    };
+    let mut wrong_version: serde_json::Value =
+        serde_json::from_slice(&batch(EVIL, vec![readings(base + 200, now, "ghost-1")])).unwrap();
+    wrong_version["v"] = json!(2);
+    let mut version_text = wrong_version.clone();
+    version_text["v"] = json!("1");
+    let mut negative_seq = wrong_version.clone();
+    negative_seq["v"] = json!(1);
+    negative_seq["records"][0]["seq"] = json!(-1);
+    let mut float_seq = negative_seq.clone();
+    float_seq["records"][0]["seq"] = json!(1e30);
+    let mut bad_time = negative_seq.clone();
+    bad_time["records"][0]["seq"] = json!(base + 201);
+    bad_time["records"][0]["at"] = json!("year 10000");
+    // The real agent's id in the body, its first seqs, on another agent's topic; and the
+    // other way round.
+    let spoof = batch(
+        REAL,
+        (1..=200)
+            .map(|s| state(s, now, "vent-0", s % 2 == 1))
+            .collect(),
+    );
+    let reverse = batch(
+        EVIL,
+        (1..=200).map(|s| readings(s, now, "vent-0")).collect(),
+    );
+    // Absurd seqs and times, on a fleet device the real agent does not poll.
+    let absurd = batch(
+        EVIL,
+        vec![
+            readings(0, now, "spare-9"),
+            readings(u64::MAX, now, "spare-9"),
+            readings(u64::MAX - 1, Timestamp::MAX, "spare-9"),
+            state(base + 300, Timestamp::MIN, "spare-9", true),
+            state(base + 301, Timestamp::MAX, "spare-9", false),
+            state(base + 302, Timestamp::UNIX_EPOCH, "spare-9", true),
+            episode(base + 303, Timestamp::MAX, "spare-9", json!(1)),
+            episode(base + 304, Timestamp::MIN, "spare-9", json!(f64::MAX)),
+            episode(
+                base + 305,
+                Timestamp::MAX - SignedDuration::from_hours(1),
+                "spare-9",
+                json!(-1),
+            ),
+            // The same seq twice in one batch, with two contents.
+            readings(base + 306, now, "spare-9"),
+            readings(base + 306, now, "ghost-3"),
+        ],
+    );
+    let long_id = batch(EVIL, vec![readings(base + 400, now, &"d".repeat(100_000))]);
+    let many = batch(
+        EVIL,
+        (0..10_000)
+            .map(|i| readings(base + 1000 + i, now, &format!("ghost-{}", i % 37)))
+            .collect(),
+    );
+    let mut just_over = vec![b' '; MAX_MESSAGE + 1000];
+    just_over[0] = b'{';
+    let huge = vec![b'x'; 10 << 20];
+    let bad_agent_topic = format!("tend/v1/{}/up", "x".repeat(100));
+    vec![
+        (up(EVIL), Vec::new(), false, "empty"),
+        (up(EVIL), garbage.clone(), false, "garbage"),
+        (up(EVIL), b"\xff\xfe\x00\x01{".to_vec(), false, "invalid utf-8"),
+        (up(EVIL), valid[..valid.len() / 2].to_vec(), false, "truncated"),
+        (up(EVIL), b"123".to_vec(), false, "a number"),
+        (up(EVIL), b"null".to_vec(), false, "null"),
+        (up(EVIL), b"[]".to_vec(), false, "an array"),
+        (up(EVIL), deep_arrays.clone(), false, "10,000 nested arrays"),
+        (up(EVIL), deep_objects.clone(), false, "10,000 nested objects"),
+        (up(EVIL), deep_in_evidence, false, "nested evidence"),
+        (up(EVIL), wrong_version.to_string().into_bytes(), false, "version 2"),
+        (up(EVIL), version_text.to_string().into_bytes(), false, "version as text"),
+        (up(EVIL), negative_seq.to_string().into_bytes(), false, "seq -1"),
+        (up(EVIL), float_seq.to_string().into_bytes(), false, "seq 1e30"),
+        (up(EVIL), bad_time.to_string().into_bytes(), false, "bad time"),
+        (up(EVIL), spoof, false, "another agent in the body"),
+        (up(REAL), reverse, false, "another agent on the real topic"),
+        (up(EVIL), absurd, false, "absurd seqs and times"),
+        (up(EVIL), long_id, false, "100 KB device id"),
+        (up(EVIL), many, false, "10,000 records"),
+        (up(EVIL), valid, false, "a valid batch of unknown devices"),
+        (up(EVIL), just_over, false, "just over 4 MiB"),
+        (bad_agent_topic, b"{}".to_vec(), false, "invalid agent id"),
+        (status(EVIL), garbage.clone(), false, "garbage status"),
+        (status(EVIL), b"ONLINE".to_vec(), false, "unknown status"),
+        (status(EVIL), Vec::new(), true, "empty retained status"),
+        (status(EVIL), b"\xff\xff".to_vec(), false, "binary status"),
+        (diag(EVIL), garbage, false, "garbage diag answer"),
+        (diag(EVIL), deep_objects, false, "nested diag answer"),
+        (
+            diag(EVIL),
+            json!({"v": 1, "id": "no-such-request", "device": "vent-0", "request": "outbox", "ok": true, "answer": {}})
+                .to_string()
+                .into_bytes(),
+            false,
+            "an answer nobody asked for",
+        ),
+        (
+            diag(EVIL),
+            json!({"v": 9, "id": "x", "device": "vent-0", "request": "outbox", "ok": true})
+                .to_string()
+                .into_bytes(),
+            false,
+            "diag version 9",
+        ),
+        (diag(EVIL), deep_arrays, false, "nested diag arrays"),
+        // Retained, just over the limit (the embedded broker takes it), on the topics the
+        // real agent subscribes to: it gets them at every (re)connect.
+        (
+            format!("tend/v1/{REAL}/diag/req"),
+            vec![b'{'; MAX_MESSAGE + 10_000],
+            true,
+            "oversize retained diagnostic request to the real agent",
+        ),
+        (
+            format!("tend/v1/{REAL}/ack"),
+            vec![b'{'; MAX_MESSAGE + 10_000],
+            true,
+            "oversize retained ack to the real agent",
+        ),
+        // Last: a broker may close the connection on it.
+        (status(EVIL), huge.clone(), true, "10 MiB retained status"),
+        (up(EVIL), huge, false, "10 MiB batch"),
+    ]
+}
+
+/// A publisher that reconnects after the broker throws it out.
+async fn publisher(url: &str) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let hostport = url.trim_start_matches("mqtt://");
+    let (host, port) = hostport.rsplit_once(':').unwrap();
+    let mut opts = MqttOptions::new("evil-publisher", host, port.parse::<u16>().unwrap());
+    opts.set_max_packet_size(16 << 20, 16 << 20);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = AsyncClient::new(opts, 256);
+    let task = tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    (client, task)
+}
+
+async fn hostile(external: bool) {
+    let started = Instant::now();
+    let mut rng = Rng::from_env("TEND_HOSTILE_SEED");
+    let dir = tempfile::tempdir().unwrap();
+    let _mosquitto;
+    let broker = if external {
+        let port = free_port();
+        _mosquitto = Some(start_mosquitto(dir.path(), port).await);
+        BrokerChoice::External {
+            url: format!("mqtt://127.0.0.1:{port}"),
+            group: None,
+        }
+    } else {
+        _mosquitto = None;
+        BrokerChoice::Embedded(free_port())
+    };
+    let backend = tend_gateway::backend_standin::spawn(BACKEND_TOKEN)
+        .await
+        .unwrap();
+    let backend_url = backend.url();
+    let sims = spawn_sims(2).await;
+    let fleet = format!(
+        "{}\n[[device]]\nid = \"spare-9\"\nsite = \"s-main\"\nserial = \"AV5C-21-999999\"\nlocation = \"Store room\"\naccepted = \"2025-06-01\"\n",
+        sims_fleet(&sims)
+    );
+    let mut gw = GatewayProc::spawn(
+        &dir.path().join("gw"),
+        &GatewaySpec {
+            id: "gw-hostile",
+            broker,
+            backend: Some(&backend_url),
+            fleet: &fleet,
+        },
+    )
+    .await;
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let cfg = agent_dir.join("agent.toml");
+    let log = agent_dir.join("agent.log");
+    std::fs::write(&cfg, sims_agent_toml(REAL, &gw.broker_url, &sims, "100ms")).unwrap();
+    let mut agent = spawn_agent(&cfg, &log);
+    until_all_up_no_fault(&gw, 2, Duration::from_secs(90)).await;
+    let malformed_before = metric(&gw.metrics().await, "tend_gateway_malformed_messages_total");
+
+    // Three rounds of everything, interleaved with the real agent's traffic and a fault
+    // that opens and clears on one of its devices.
+    let (evil, evil_task) = publisher(&gw.broker_url).await;
+    let mut sent = 0;
+    for round in 0..3 {
+        if round == 1 {
+            sims[0].1.raise(0);
+        }
+        for (topic, payload, retain, what) in hostile_messages(round, &mut rng) {
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                evil.publish(topic, QoS::AtLeastOnce, retain, payload),
+            )
+            .await;
+            assert!(matches!(r, Ok(Ok(()))), "could not queue {what}: {r:?}");
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            assert!(
+                gw.alive(),
+                "the gateway died after {what:?}; log:\n{}",
+                tail(&gw.log, 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    sims[0].1.clear();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    evil_task.abort();
+
+    // Still up, still answering, also about the device the absurd records named.
+    assert!(gw.alive(), "the gateway died; log:\n{}", tail(&gw.log, 40));
+    for path in [
+        "/api/v1/devices",
+        "/api/v1/devices/spare-9",
+        "/api/v1/devices/spare-9/availability",
+        "/api/v1/devices/spare-9/availability?from=1970-01-01T00:00:00Z&to=2100-01-01T00:00:00Z",
+        "/api/v1/devices/ghost-1",
+        "/api/v1/devices/vent-0",
+        "/api/v1/tickets",
+    ] {
+        let r = gw.try_get(path).await;
+        let (st, v) =
+            r.unwrap_or_else(|| panic!("no answer to {path}; log:\n{}", tail(&gw.log, 40)));
+        assert_eq!(st, 200, "{path}: {v}");
+    }
+    let m = gw.metrics().await;
+    let malformed = metric(&m, "tend_gateway_malformed_messages_total") - malformed_before;
+    // At least the undecodable batches, statuses and answers of each round that no broker
+    // refuses.
+    assert!(
+        malformed >= 3.0 * 20.0,
+        "malformed counter rose by {malformed} only; log:\n{}",
+        tail(&gw.log, 30)
+    );
+
+    // The real agent's records: all arrived, once, acknowledged.
+    until_all_up_no_fault(&gw, 2, Duration::from_secs(90)).await;
+    drain_agent(
+        &mut agent,
+        &cfg,
+        &log,
+        sims_agent_toml(REAL, &gw.broker_url, &sims, "1h"),
+        &gw,
+        &sims[0].0,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(gw.alive(), "the gateway died; log:\n{}", tail(&gw.log, 40));
+    let _ = agent.start_kill();
+    let _ = agent.wait().await;
+    gw.kill().await;
+    let text = gw.log_text();
+    assert!(
+        !text.contains("panicked"),
+        "a panic in the log:\n{}",
+        tail(&gw.log, 60)
+    );
+    let records = assert_delivered(
+        &agent_dir.join("data"),
+        &dir.path().join("gw/data"),
+        REAL,
+        false,
+    )
+    .await;
+    let store = tend_gateway::store::Store::open(&dir.path().join("gw/data")).unwrap();
+    assert!(store.has_record(EVIL, u64::MAX).unwrap());
+    println!(
+        "hostile summary: broker={} hostile_messages={sent} malformed_counted={malformed} \
+         real_records={records} duration={:.1}s",
+        if external { "mosquitto" } else { "embedded" },
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_messages_on_the_embedded_broker_never_crash_nor_cost_the_real_agent_a_record() {
+    hostile(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_messages_through_mosquitto_never_crash_nor_cost_the_real_agent_a_record() {
+    hostile(true).await;
+}
