@@ -62,7 +62,7 @@ fn av500_turbine_above_65_for_more_than_60_s() {
     );
     assert_eq!(
         ev.signals[0].evidence["turbine_temperature"],
-        serde_json::json!(66.0)
+        serde_json::json!(66)
     );
     assert_eq!(ev.state, DeviceState::Up);
     // 64.0 °C is below the limit but inside the 2 °C hysteresis: still active.
