@@ -28,6 +28,26 @@ pub fn agent_bin() -> PathBuf {
             // target/<profile>/deps/<test> → target/<profile>
             let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
             let release = profile_dir.file_name().is_some_and(|n| n == "release");
+            // `cargo test --workspace` has built it for the agent's own tests already;
+            // use that one unless a source it is made of is newer (a nested cargo build
+            // with other feature unification would rebuild the agent from scratch).
+            let bin = profile_dir.join("tend-agent");
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let newest_source = [
+                "agent/src",
+                "wire/src",
+                "firmware-profiles/src",
+                "firmware-profiles/profiles",
+            ]
+            .iter()
+            .filter_map(|d| newest_mtime(&root.join(d)))
+            .max();
+            let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+            if let (Some(b), Some(s)) = (built, newest_source) {
+                if b >= s {
+                    return bin;
+                }
+            }
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = std::process::Command::new(cargo);
             cmd.args(["build", "-q", "-p", "tend-agent", "--bin", "tend-agent"])
@@ -42,6 +62,20 @@ pub fn agent_bin() -> PathBuf {
             bin
         })
         .clone()
+}
+
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        let t = if p.is_dir() {
+            newest_mtime(&p)
+        } else {
+            e.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(t);
+    }
+    newest
 }
 
 /// One fleet device.
