@@ -416,3 +416,109 @@ async fn hostile_messages_on_the_embedded_broker_never_crash_nor_cost_the_real_a
 async fn hostile_messages_through_mosquitto_never_crash_nor_cost_the_real_agent_a_record() {
     hostile(true).await;
 }
+
+/// Invalid configuration files, for `tend-gateway run`, `tend-gateway check` and
+/// `tend-agent run`: each exits with code 2 and a message naming the file and the key
+/// (or the line), never a panic and never a start.
+#[test]
+fn invalid_configs_exit_2_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("api.token"), "t0ken-for-the-test\n").unwrap();
+    std::fs::write(
+        d.join("fleet.toml"),
+        fleet_toml(&[FleetDevice {
+            id: "icu7-vent",
+            serial: "AV5C-21-004417",
+            site: "s-main",
+            location: "ICU bed 7",
+            accepted: "2025-06-01",
+        }]),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("bad-fleet.toml"),
+        "[[site]]\nid = \"s\"\ncustomer = \"nobody\"\nname = \"x\"\naddress = \"y\"\nservice_area = \"moon\"\n",
+    )
+    .unwrap();
+    let gw_ok = "gateway_id = \"gw\"\ndata_dir = \"data\"\nfleet = \"fleet.toml\"\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\n";
+    let gateway_cases: Vec<(&str, String, &str)> = vec![
+        ("garbage", "\u{0}\u{1}not toml at all [[[".into(), "gateway-garbage.toml"),
+        ("unknown key", format!("{gw_ok}speed = 3\n"), "speed"),
+        (
+            "bad broker url",
+            gw_ok.replace("[api]", "[broker]\nurl = \"http://h:1\"\n[api]"),
+            "url",
+        ),
+        (
+            "bad duration",
+            gw_ok.replace(
+                "[api]",
+                "[backend]\nurl = \"http://127.0.0.1:9\"\ntoken_file = \"api.token\"\ntimeout = \"soon\"\n[api]",
+            ),
+            "timeout",
+        ),
+        ("missing fleet", gw_ok.replace("fleet.toml", "nope.toml"), "fleet"),
+        ("bad fleet", gw_ok.replace("fleet.toml", "bad-fleet.toml"), "service_area"),
+        ("missing api", "gateway_id = \"gw\"\ndata_dir = \"data\"\nfleet = \"fleet.toml\"\n".into(), "api"),
+    ];
+    for (what, text, names) in &gateway_cases {
+        let file = d.join(format!("gateway-{}.toml", what.replace(' ', "-")));
+        std::fs::write(&file, text).unwrap();
+        for sub in ["run", "check"] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_tend-gateway"))
+                .args([sub, "--config"])
+                .arg(&file)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{what} ({sub}): {err}");
+            assert!(!err.contains("panicked"), "{what} ({sub}): {err}");
+            assert!(
+                err.contains(names),
+                "{what} ({sub}): the message should name {names:?}: {err}"
+            );
+            assert!(
+                out.stdout.is_empty() || !String::from_utf8_lossy(&out.stdout).contains("ready")
+            );
+        }
+    }
+
+    let agent_ok = "agent_id = \"a1\"\nsite_id = \"s\"\ndata_dir = \"data\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:1\"\n";
+    let agent_cases: Vec<(&str, String, &str)> = vec![
+        ("garbage", "\u{0}\u{1}[[[".into(), "agent-garbage.toml"),
+        ("bad agent id", agent_ok.replace("a1", "a/#"), "agent_id"),
+        ("bad broker", agent_ok.replace("mqtt://", "tcp://"), "broker"),
+        (
+            "unknown profile",
+            format!("{agent_ok}[[device]]\nid = \"d\"\nprofile = \"acme/none\"\ntransport = \"modbus-tcp\"\naddress = \"127.0.0.1:1\"\n"),
+            "profile",
+        ),
+        (
+            "bad poll interval",
+            format!("{agent_ok}[[device]]\nid = \"d\"\nprofile = \"aeris/av-500\"\ntransport = \"modbus-tcp\"\naddress = \"127.0.0.1:1\"\npoll_interval = \"often\"\n"),
+            "poll_interval",
+        ),
+        (
+            "bad outbox size",
+            format!("{agent_ok}[outbox]\nmax_size = \"lots\"\n"),
+            "max_size",
+        ),
+    ];
+    for (what, text, names) in &agent_cases {
+        let file = d.join(format!("agent-{}.toml", what.replace(' ', "-")));
+        std::fs::write(&file, text).unwrap();
+        let out = std::process::Command::new(agent_bin())
+            .args(["run", "--config"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert!(
+            err.contains(names),
+            "{what}: the message should name {names:?}: {err}"
+        );
+    }
+}

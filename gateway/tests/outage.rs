@@ -528,3 +528,207 @@ async fn agent_cut_off_backlog_drains_exactly_once_with_bounded_memory() {
 async fn an_hour_of_records_180000_drain_exactly_once_with_bounded_memory() {
     backlog(180_000).await;
 }
+
+// ---------------------------------------------------------------------------------------
+// The agent's outbox at its size cap while the gateway is down (end to end).
+
+/// The agent runs with a 64 KiB outbox cap against Mosquitto while no gateway listens:
+/// its outbox fills and drops readings, while a fault opens and clears (with the
+/// ventilator's failure state, so states change too). Then the gateway comes up. At the
+/// gateway: every seq that is missing was a reading reported as dropped (the `Dropped`
+/// records' ranges and counts account for each one, and their total is the agent's
+/// `dropped_total`), the dropped readings are the oldest (every kept reading is newer),
+/// and every state change and episode change made during the outage is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_full_while_cut_off_drops_oldest_readings_only_and_reports_them() {
+    use tend_gateway::store::{LifeEvent, Store};
+    const AGENT: &str = "agent-disk-cap";
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _mosquitto = start_mosquitto(dir.path(), port).await;
+    let url = format!("mqtt://127.0.0.1:{port}");
+    // Listens from the start: sees every batch the agent ever sends.
+    let tap = WireTap::start(&url, "disk-cap-tap").await;
+    let backend = backend_standin::spawn(BACKEND_TOKEN).await.unwrap();
+    let sims = spawn_sims(4).await;
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let cfg = agent_dir.join("agent.toml");
+    let log = agent_dir.join("agent.log");
+    let capped = |poll: &str| {
+        format!(
+            "{}[outbox]\nmax_size = \"64KiB\"\n",
+            sims_agent_toml(AGENT, &url, &sims, poll)
+        )
+    };
+    std::fs::write(&cfg, capped("100ms")).unwrap();
+    let mut agent = spawn_agent(&cfg, &log);
+
+    // No gateway: the outbox fills within a second or two and starts dropping.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    sims[0].1.raise(0); // ALM1.3 with the failure state: down
+    sims[3].1.raise(0); // the compressor
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sims[0].1.clear();
+    sims[3].1.clear();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let fleet = sims_fleet(&sims);
+    let mut gw = GatewayProc::spawn(
+        &dir.path().join("gw"),
+        &GatewaySpec {
+            id: "gw-disk-cap",
+            broker: BrokerChoice::External {
+                url: url.clone(),
+                group: None,
+            },
+            backend: Some(&backend.url()),
+            fleet: &fleet,
+        },
+    )
+    .await;
+    drain_agent(
+        &mut agent,
+        &cfg,
+        &log,
+        capped("1h"),
+        &gw,
+        &sims[0].0,
+        Duration::from_secs(120),
+    )
+    .await;
+    until_all_up_no_fault(&gw, sims.len(), Duration::from_secs(30)).await;
+    let (_, devices) = gw.get("/api/v1/devices").await;
+    let _ = agent.start_kill();
+    let _ = agent.wait().await;
+    gw.kill().await;
+
+    // What the agent made, kept and dropped.
+    let outbox = tend_agent::outbox::Outbox::open(tend_agent::outbox::OutboxConfig::new(
+        agent_dir.join("data/outbox.redb"),
+    ))
+    .await
+    .unwrap();
+    let ostats = outbox.stats();
+    outbox.close().await.unwrap();
+    assert_eq!(ostats.records, 0, "{ostats:?}");
+    assert!(
+        ostats.dropped_total > 0,
+        "nothing dropped: {ostats:?}; agent log:\n{}",
+        tail(&log, 30)
+    );
+    let max = ostats.next_seq - 1;
+    let gw_data = dir.path().join("gw/data");
+    let store = Store::open(&gw_data).unwrap();
+    let missing: Vec<u64> = (1..=max)
+        .filter(|s| !store.has_record(AGENT, *s).unwrap())
+        .collect();
+    assert_eq!(
+        missing.len() as u64,
+        ostats.dropped_total,
+        "missing {missing:?}"
+    );
+    assert_eq!(store.records_stored().unwrap(), max - ostats.dropped_total);
+
+    // Each missing seq is inside a reported drop, and the reports add up.
+    let seen = tap.seen.lock().unwrap();
+    let kind = |s: u64| {
+        seen.first
+            .get(&(AGENT.to_string(), s))
+            .map(|r| r["type"].as_str().unwrap_or_default().to_string())
+    };
+    let mut reported = 0;
+    let mut ranges = Vec::new();
+    for s in 1..=max {
+        let Some(r) = seen.first.get(&(AGENT.to_string(), s)) else {
+            assert!(
+                missing.contains(&s),
+                "seq {s} stored but never seen on the wire"
+            );
+            continue;
+        };
+        if r["type"] == "dropped" {
+            reported += r["count"].as_u64().unwrap();
+            ranges.push((
+                r["first_seq"].as_u64().unwrap(),
+                r["last_seq"].as_u64().unwrap(),
+            ));
+        }
+    }
+    assert_eq!(reported, ostats.dropped_total);
+    for m in &missing {
+        assert!(
+            ranges.iter().any(|(a, b)| a <= m && m <= b),
+            "seq {m} missing but in no drop report {ranges:?}"
+        );
+        // When it was on the wire before it went, it was a reading.
+        if let Some(k) = kind(*m) {
+            assert_eq!(k, "readings", "seq {m} dropped");
+        }
+    }
+    // The oldest readings went: every kept reading is newer than every dropped one.
+    let newest_dropped = *missing.last().unwrap();
+    let oldest_kept = (1..=max)
+        .filter(|s| !missing.contains(s))
+        .find(|s| kind(*s).as_deref() == Some("readings"));
+    assert!(
+        oldest_kept.is_some_and(|k| k > newest_dropped),
+        "{oldest_kept:?} vs {newest_dropped}"
+    );
+    drop(seen);
+
+    // Every state change and episode change of the outage is at the gateway.
+    let history = store.history(&sims[0].0, usize::MAX).unwrap();
+    let changes = |code: &str| {
+        history
+            .iter()
+            .filter_map(|e| match e {
+                LifeEvent::Episode { event, .. } if event.code == code => Some(event.change),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    use tend_wire::EpisodeChange::{Cleared, Opened};
+    assert_eq!(changes("ALM1.3"), vec![Opened, Cleared], "{history:#?}");
+    let downs = history
+        .iter()
+        .filter(
+            |e| matches!(e, LifeEvent::State { to, .. } if *to == tend_profiles::DeviceState::Down),
+        )
+        .count();
+    assert_eq!(downs, 1, "{history:#?}");
+    let mri = store.history(&sims[3].0, usize::MAX).unwrap();
+    assert!(
+        mri.iter()
+            .any(|e| matches!(e, LifeEvent::Episode { event, .. } if event.change == Cleared)),
+        "{mri:#?}"
+    );
+    // The drop reports are at the gateway too, on the agent's own entry (device "").
+    let dropped_at_gateway: u64 = store
+        .history("", usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| match e {
+            LifeEvent::ReadingsDropped { count, .. } => *count,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(dropped_at_gateway, ostats.dropped_total);
+    let fleet_dropped: u64 = sims
+        .iter()
+        .map(|(id, _)| store.device(id).unwrap().map_or(0, |d| d.dropped_readings))
+        .sum();
+    println!(
+        "disk cap summary: records={max} dropped={} drop_reports={} kept_on_gateway={} \
+         fleet devices' dropped_readings={fleet_dropped} device list entries={}",
+        ostats.dropped_total,
+        ranges.len(),
+        max - ostats.dropped_total,
+        devices.as_array().map_or(0, |d| d.len())
+    );
+    let agent_entry = devices
+        .as_array()
+        .and_then(|l| l.iter().find(|d| d["id"] == ""))
+        .cloned();
+    println!("the agent's own entry in the device list: {agent_entry:?}");
+}
