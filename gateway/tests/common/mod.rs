@@ -744,8 +744,10 @@ pub async fn until_all_up_no_fault(gw: &GatewayProc, n: usize, within: Duration)
 }
 
 /// The agent's last run: SIGKILL, then a restart that polls each device once (`1h`
-/// poll), so its outbox can empty and stay empty; waits until it is empty (asked through
-/// the gateway's `outbox` diagnostic on `device`) and every ticket is forwarded.
+/// poll), so its outbox can empty and stay empty; waits until its first polls are
+/// recorded (one record per device at least), the outbox is empty (asked through the
+/// gateway's `outbox` diagnostic on `device`) and has stayed so for a second, and every
+/// ticket is forwarded. The agent's data directory is `data` beside `cfg`.
 pub async fn drain_agent(
     agent: &mut tokio::process::Child,
     cfg: &Path,
@@ -755,17 +757,31 @@ pub async fn drain_agent(
     device: &str,
     within: Duration,
 ) {
+    use tend_agent::outbox::{Outbox, OutboxConfig};
     let _ = agent.start_kill();
     let _ = agent.wait().await;
+    let path = cfg.parent().unwrap().join("data/outbox.redb");
+    let outbox = Outbox::open(OutboxConfig::new(path)).await.unwrap();
+    let before = outbox.stats().next_seq;
+    outbox.close().await.unwrap();
+    let devices = config_text.matches("[[device]]").count() as u64;
     std::fs::write(cfg, config_text).unwrap();
     *agent = spawn_agent(cfg, log);
     let empty = tokio::time::timeout(within, async {
+        let mut last = None;
         loop {
             if let Some(a) = agent_outbox(gw, device).await {
-                if a["records"] == 0 {
-                    return;
+                let next = a["next_seq"].as_u64().unwrap_or(0);
+                if a["records"] == 0 && next >= before + devices {
+                    if last == Some(next) {
+                        return;
+                    }
+                    last = Some(next);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 }
             }
+            last = None;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     })
