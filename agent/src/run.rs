@@ -658,9 +658,16 @@ fn memory_key(device: &str) -> String {
     format!("monitor/{device}")
 }
 
-/// Turns observations into durable records: each through its device's monitor, all the
-/// records of one observation in one outbox commit. `written` is poked after each commit
-/// so the uplink sends at once.
+/// Most records the recorder gathers into one commit.
+const RECORD_GROUP_MAX: usize = 1000;
+
+/// Turns observations into durable records: each through its device's monitor. What is
+/// already waiting when the recorder looks goes to the outbox in as few commits as order
+/// allows (devices polled in the same instant cost one fsync, not one each): readings are
+/// gathered into one commit; an observation that changes a device's episodes or state is
+/// committed on its own with the monitor's memory (after the gathered readings, so the
+/// order of records is kept). `written` is poked after each commit so the uplink sends at
+/// once.
 pub async fn record(
     shared: Arc<Shared>,
     set: Arc<ProfileSet>,
@@ -668,42 +675,53 @@ pub async fn record(
     mut observations: mpsc::Receiver<Observation>,
     written: Arc<tokio::sync::Notify>,
 ) -> Result<(), crate::outbox::OutboxError> {
-    while let Some(obs) = observations.recv().await {
-        let (bodies, memory) = {
-            let mut monitors = lock(&shared.monitors);
-            let Some(m) = monitors.get_mut(&obs.device) else {
-                continue;
-            };
-            let bodies = match obs.result {
-                Ok(read) => m.observe(obs.at, read),
-                Err(e) => {
-                    tracing::debug!(device = %obs.device, error = %e, "read failed");
-                    m.observe_failure(obs.at, &set)
+    while let Some(first) = observations.recv().await {
+        let mut gathered: Vec<(String, Timestamp, RecordBody)> = Vec::new();
+        let mut next = Some(first);
+        while let Some(obs) = next.take() {
+            let (bodies, memory) = {
+                let mut monitors = lock(&shared.monitors);
+                match monitors.get_mut(&obs.device) {
+                    None => (Vec::new(), None),
+                    Some(m) => {
+                        let bodies = match obs.result {
+                            Ok(read) => m.observe(obs.at, read),
+                            Err(e) => {
+                                tracing::debug!(device = %obs.device, error = %e, "read failed");
+                                m.observe_failure(obs.at, &set)
+                            }
+                        };
+                        // States and episodes change the monitor's memory: store it in the
+                        // same commit as the records, so a crash cannot reopen or repeat
+                        // them.
+                        let remembers = bodies.iter().any(|b| {
+                            matches!(b, RecordBody::State { .. } | RecordBody::Episode(_))
+                        });
+                        (bodies, remembers.then(|| m.memory()))
+                    }
                 }
             };
-            // States and episodes change the monitor's memory: store it in the same
-            // commit as the records, so a crash cannot reopen or repeat them.
-            let remembers = bodies
-                .iter()
-                .any(|b| matches!(b, RecordBody::State { .. } | RecordBody::Episode(_)));
-            (bodies, remembers.then(|| m.memory()))
-        };
-        if bodies.is_empty() {
-            continue;
-        }
-        let items = bodies
-            .into_iter()
-            .map(|b| (obs.device.clone(), obs.at, b))
-            .collect();
-        match memory {
-            Some(mem) => {
-                outbox
-                    .append_many_with_state(items, &memory_key(&obs.device), mem)
-                    .await?
+            let items = bodies.into_iter().map(|b| (obs.device.clone(), obs.at, b));
+            match memory {
+                Some(mem) => {
+                    if !gathered.is_empty() {
+                        outbox.append_many(std::mem::take(&mut gathered)).await?;
+                    }
+                    outbox
+                        .append_many_with_state(items.collect(), &memory_key(&obs.device), mem)
+                        .await?;
+                    written.notify_one();
+                }
+                None => gathered.extend(items),
             }
-            None => outbox.append_many(items).await?,
-        };
-        written.notify_one();
+            if gathered.len() < RECORD_GROUP_MAX {
+                next = observations.try_recv().ok();
+            }
+        }
+        if !gathered.is_empty() {
+            outbox.append_many(gathered).await?;
+            written.notify_one();
+        }
     }
     Ok(())
 }
