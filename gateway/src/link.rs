@@ -269,40 +269,125 @@ fn why(e: &ConnectionError) -> String {
     e.to_string()
 }
 
+/// Most batches applied in one transaction: enough to spread one fsync over many agents'
+/// batches when they queue up, few enough that the first of them is acked soon.
+const GROUP_MAX_BATCHES: usize = 32;
+/// Most records applied in one transaction.
+const GROUP_MAX_RECORDS: usize = 20_000;
+
+/// What one group's commit did, batch by batch: the agent and its batch's outcome.
+type Outcome = Vec<(String, Result<crate::ingest::Applied, StoreError>)>;
+
 async fn ingest_loop(gw: Gateway, client: AsyncClient, mut rx: mpsc::Receiver<(String, Vec<u8>)>) {
-    while let Some((agent, payload)) = rx.recv().await {
-        gw.metrics.batches.inc();
-        let batch = match UpBatch::decode(&payload) {
-            Ok(b) => b,
-            Err(e) => {
-                gw.metrics.malformed.inc();
-                tracing::warn!("malformed batch on {}: {e}", topic::up(&agent));
+    // While one group commits on the blocking pool, the next is received and decoded here
+    // (decoding costs about as much CPU as applying), so ingest keeps two cores busy;
+    // groups are still applied one after the other, in the order they came, and a group
+    // is acked as soon as it has committed.
+    enum Next {
+        Committed(Result<Outcome, tokio::task::JoinError>),
+        Received(Option<(String, Vec<u8>)>),
+    }
+    let mut applying: Option<tokio::task::JoinHandle<Outcome>> = None;
+    loop {
+        let next = match applying.as_mut() {
+            Some(h) => tokio::select! {
+                done = h => Next::Committed(done),
+                m = rx.recv() => Next::Received(m),
+            },
+            None => Next::Received(rx.recv().await),
+        };
+        let first = match next {
+            Next::Committed(done) => {
+                applying = None;
+                acknowledge(&gw, &client, done).await;
                 continue;
             }
+            Next::Received(None) => break,
+            Next::Received(Some(m)) => m,
         };
-        if batch.agent != agent {
-            gw.metrics.malformed.inc();
-            tracing::warn!(
-                "batch on {} names agent {:?}: refused",
-                topic::up(&agent),
-                batch.agent
-            );
+        let group = gather(&gw, first, &mut rx);
+        if let Some(h) = applying.take() {
+            acknowledge(&gw, &client, h.await).await;
+        }
+        if group.is_empty() {
             continue;
         }
         let g = gw.clone();
-        let applied = tokio::task::spawn_blocking(move || {
-            let r = g.store.apply(&batch, &g.cx, Timestamp::now());
-            (batch.agent, r)
-        })
-        .await;
-        let (agent, result) = match applied {
-            Ok(x) => x,
-            Err(e) => {
-                gw.metrics.store_errors.inc();
-                tracing::error!("ingest task failed: {e}");
-                continue;
+        applying = Some(tokio::task::spawn_blocking(move || {
+            let now = Timestamp::now();
+            let results = match g.store.apply_many(&group, &g.cx, now) {
+                Ok(all) => all.into_iter().map(Ok).collect(),
+                // One transaction for all failed: each on its own, so one batch that cannot
+                // be stored does not hold back the others.
+                Err(_) if group.len() > 1 => {
+                    group.iter().map(|b| g.store.apply(b, &g.cx, now)).collect()
+                }
+                Err(e) => vec![Err(e)],
+            };
+            group
+                .into_iter()
+                .map(|b| b.agent)
+                .zip(results)
+                .collect::<Vec<_>>()
+        }));
+    }
+    if let Some(h) = applying.take() {
+        acknowledge(&gw, &client, h.await).await;
+    }
+}
+
+/// Group commit: `first` and the batches already waiting, decoded, up to the group's
+/// limits (a lone batch makes a group of one and is applied at once).
+fn gather(
+    gw: &Gateway,
+    first: (String, Vec<u8>),
+    rx: &mut mpsc::Receiver<(String, Vec<u8>)>,
+) -> Vec<UpBatch> {
+    let mut group: Vec<UpBatch> = Vec::new();
+    let mut records = 0usize;
+    let mut next = Some(first);
+    while let Some((agent, payload)) = next.take() {
+        gw.metrics.batches.inc();
+        match UpBatch::decode(&payload) {
+            Ok(b) if b.agent == agent => {
+                records += b.records.len();
+                group.push(b);
             }
-        };
+            Ok(b) => {
+                gw.metrics.malformed.inc();
+                tracing::warn!(
+                    "batch on {} names agent {:?}: refused",
+                    topic::up(&agent),
+                    b.agent
+                );
+            }
+            Err(e) => {
+                gw.metrics.malformed.inc();
+                tracing::warn!("malformed batch on {}: {e}", topic::up(&agent));
+            }
+        }
+        if group.len() < GROUP_MAX_BATCHES && records < GROUP_MAX_RECORDS {
+            next = rx.try_recv().ok();
+        }
+    }
+    group
+}
+
+/// Counts what a group's commit did and acks exactly what each batch stored.
+async fn acknowledge(
+    gw: &Gateway,
+    client: &AsyncClient,
+    done: Result<Outcome, tokio::task::JoinError>,
+) {
+    let applied = match done {
+        Ok(x) => x,
+        Err(e) => {
+            gw.metrics.store_errors.inc();
+            tracing::error!("ingest task failed: {e}");
+            return;
+        }
+    };
+    for (agent, result) in applied {
         match result {
             Ok(a) => {
                 gw.metrics.records.inc_by(a.new_records);
