@@ -427,7 +427,13 @@ async fn drain(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyho
                 }
                 i += n;
             }
+            let st = ob.stats();
             ob.close().await?;
+            let file = std::fs::metadata(data.join("outbox.redb"))?.len();
+            report.outbox_size = Some((
+                st.bytes as f64 / a.backlog as f64,
+                file as f64 / a.backlog as f64,
+            ));
         }
         anyhow::ensure!(
             last - first + 1 == a.backlog,
@@ -633,9 +639,55 @@ async fn latency(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> any
             percentile(&poll_ms, 100.0),
             percentile(&raise_ms, 50.0),
         ));
+        let mut worst = poll_ms.clone();
+        worst.sort_by(|x, y| y.total_cmp(x));
+        worst.truncate(5);
+        log(format!("  slowest poll→ticket, ms: {worst:.1?}"));
         report.latency.push((poll_ms, raise_ms, want));
     }
     Ok(())
+}
+
+/// CPU seconds this thread has used (utime + stime of /proc/thread-self/stat).
+fn thread_cpu() -> f64 {
+    let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    let rest = s.rfind(')').map(|i| &s[i + 1..]).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f
+        .get(11..13)
+        .map(|x| x.iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum())
+        .unwrap_or(0);
+    ticks as f64 / procs::clk_tck()
+}
+
+/// (decode CPU s, apply CPU s, apply wall s) for these payloads.
+fn breakdown(
+    payloads: &[Bytes],
+    dir: &Path,
+    devices: usize,
+    group: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let c0 = thread_cpu();
+    let decoded: Vec<UpBatch> = payloads
+        .iter()
+        .map(|p| UpBatch::decode(p))
+        .collect::<Result<_, _>>()?;
+    let decode_cpu = thread_cpu() - c0;
+    let store = tend_gateway::store::Store::open(dir)?;
+    let cx = tend_gateway::ingest::IngestContext {
+        gateway: "gw-bench".into(),
+        fleet: tend_gateway::fleet::Fleet::parse("fleet.toml", &tend::fleet(devices))?,
+        profiles: tend_profiles::ProfileSet::builtin()?,
+        tz: jiff::tz::TimeZone::get("Asia/Shanghai")?,
+    };
+    let (c0, t0) = (thread_cpu(), Instant::now());
+    for g in decoded.chunks(group) {
+        store.apply_many(g, &cx, Timestamp::now())?;
+    }
+    let (apply_cpu, apply_wall) = (thread_cpu() - c0, t0.elapsed().as_secs_f64());
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok((decode_cpu.max(1e-3), apply_cpu.max(1e-3), apply_wall))
 }
 
 fn ticket_is(r: &tend_gateway::backend_standin::Received, device: &str, code: &str) -> bool {
@@ -699,6 +751,28 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
         a.ingest_agents,
         t_enc.elapsed().as_secs_f64()
     ));
+    // Where the gateway's time goes, per record, on one core (thread CPU time, so other
+    // load on the machine matters little): decoding the batches, and applying them to a
+    // store in this process (groups of `ingest_window`, one transaction each).
+    {
+        let payloads: Vec<Bytes> = batches.iter().map(|b| b.1.clone()).collect();
+        let store_dir = work.join("ingest-breakdown");
+        let devices = a.devices;
+        let group = a.ingest_window.max(1);
+        let total = a.ingest_records;
+        let (decode_cpu, apply_cpu, apply_wall) =
+            tokio::task::spawn_blocking(move || breakdown(&payloads, &store_dir, devices, group))
+                .await??;
+        log(format!(
+            "ingest CPU per record on one core: decode {:.2} µs ({:.0} records/s), apply {:.2} µs ({:.0} records/s; {:.0} records/s with its fsyncs, groups of {group})",
+            decode_cpu * 1e6 / total as f64,
+            total as f64 / decode_cpu,
+            apply_cpu * 1e6 / total as f64,
+            total as f64 / apply_cpu,
+            total as f64 / apply_wall,
+        ));
+        report.ingest_breakdown = Some((total as f64 / decode_cpu, total as f64 / apply_cpu));
+    }
     for run in 0..a.runs {
         let dir = work.join(format!("ingest-{run}"));
         let gw = Gateway::start(
@@ -740,7 +814,8 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
                 }
             })
         };
-        let g0 = procs::sample(gw.proc.pid());
+        let me = std::process::id();
+        let (g0, b0) = (procs::sample(gw.proc.pid()), procs::sample(me));
         let t0 = Instant::now();
         for (i, (topic, payload, _)) in batches.iter().enumerate() {
             window.acquire().await?.forget();
@@ -757,19 +832,23 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
                     acked.load(Ordering::Relaxed)
                 )
             })??;
-        let g1 = procs::sample(gw.proc.pid());
+        let (g1, b1) = (procs::sample(gw.proc.pid()), procs::sample(me));
         ack_task.abort();
         let secs = (t_end - t0).as_secs_f64();
         let stored = gw.metric("tend_gateway_records_total").await?;
         drop(pubs);
         gw.stop().await;
         let rate = total as f64 / secs;
-        let cpu = (g1.ticks - g0.ticks) as f64 / tck / secs * 100.0;
+        let gw_cpu_s = (g1.ticks - g0.ticks) as f64 / tck;
+        let bench_cpu_s = (b1.ticks.saturating_sub(b0.ticks)) as f64 / tck;
+        let cpu = gw_cpu_s / secs * 100.0;
+        let us = gw_cpu_s * 1e6 / total as f64;
         log(format!(
-            "ingest run {}: {total} records acknowledged in {secs:.2} s = {rate:.0} records/s (gateway stored {stored}; gateway CPU {cpu:.0} % of a core)",
-            run + 1
+            "ingest run {}: {total} records acknowledged in {secs:.2} s = {rate:.0} records/s (gateway stored {stored}; gateway CPU {cpu:.0} % of a core, {us:.1} µs a record; publisher {:.1} µs a record)",
+            run + 1,
+            bench_cpu_s * 1e6 / total as f64
         ));
-        report.ingest.push((rate, cpu));
+        report.ingest.push((rate, cpu, us));
     }
     Ok(())
 }

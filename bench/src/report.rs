@@ -32,8 +32,12 @@ pub struct Report {
     pub drain: Vec<(f64, f64, u64, u64)>,
     /// poll→ticket ms, raise→ticket ms, faults raised.
     pub latency: Vec<(Vec<f64>, Vec<f64>, usize)>,
-    /// records/s, gateway CPU % of a core.
-    pub ingest: Vec<(f64, f64)>,
+    /// records/s, gateway CPU % of a core, gateway CPU µs per record.
+    pub ingest: Vec<(f64, f64, f64)>,
+    /// Records/s on one core: decoding batches, applying them to the store.
+    pub ingest_breakdown: Option<(f64, f64)>,
+    /// Per backlog record: encoded bytes (what the outbox cap counts), bytes of file.
+    pub outbox_size: Option<(f64, f64)>,
     windows: String,
 }
 
@@ -93,6 +97,8 @@ impl Report {
             drain: Vec::new(),
             latency: Vec::new(),
             ingest: Vec::new(),
+            ingest_breakdown: None,
+            outbox_size: None,
             windows: format!(
                 "{} run(s); resource window {:?} after {:?} warm-up; {} devices; backlog {}; {} faults per run every {:?}; ingest {} records in batches of {} from {} agents, {} batches in flight",
                 a.runs, a.window, a.warmup, a.devices, a.backlog, a.episodes, a.fault_spacing,
@@ -226,6 +232,12 @@ impl Report {
                 median(&f),
                 runs(&f, 2)
             );
+            if let Some((enc, file)) = self.outbox_size {
+                let _ = writeln!(
+                    o,
+                    "| outbox bytes per AV-500 poll record: encoded (counted by `max_size`) / on disk | {enc:.0} / {file:.0} | | | |"
+                );
+            }
             let _ = writeln!(
                 o,
                 "| backlog records lost (all runs) | {lost} | | 0 | {} |",
@@ -296,6 +308,23 @@ impl Report {
                 "| … gateway CPU meanwhile, % of one core | {:.0} | {} | (2 cores = 200 %) | |",
                 median(&c),
                 runs(&c, 0)
+            );
+        }
+        if !self.ingest.is_empty() {
+            let us: Vec<f64> = self.ingest.iter().map(|i| i.2).collect();
+            let _ = writeln!(
+                o,
+                "| … gateway CPU per record (broker, MQTT, decode, apply, ack), µs; the CPU ceiling on 2 cores | {:.1}; {:.0} records/s | {} | | |",
+                median(&us),
+                2e6 / median(&us),
+                runs(&us, 1)
+            );
+        }
+        if let Some((dec, app)) = self.ingest_breakdown {
+            let _ = writeln!(
+                o,
+                "| … one core's worth (CPU time): decode {dec:.0} records/s, apply to the store {app:.0} records/s | {:.0} | | | |",
+                1.0 / (1.0 / dec + 1.0 / app)
             );
         }
         o
