@@ -108,6 +108,10 @@ struct Args {
     /// Working directory (default: a fresh one under the system temp dir, removed at the end).
     #[arg(long)]
     work: Option<PathBuf>,
+    /// A command put in front of `tend-agent` (a profiler: "valgrind --tool=massif");
+    /// its figures then describe the profiler too.
+    #[arg(long)]
+    agent_wrap: Option<String>,
     /// Also write the report (Markdown) here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -259,7 +263,7 @@ async fn resources(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> a
         )
         .await?;
         let cfg = tend::agent_config(&dir.join("agent"), &gw.broker, &addrs, "60s")?;
-        let mut agent = tend::start_agent(&a.bin, &cfg)?;
+        let mut agent = tend::start_agent(&a.bin, &cfg, a.agent_wrap.as_deref())?;
         tokio::time::sleep(a.warmup).await;
         let r0 = gw.metric("tend_gateway_records_total").await?;
         let u = procs::measure(agent.pid(), a.window, tck).await;
@@ -267,6 +271,7 @@ async fn resources(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> a
         anyhow::ensure!(agent.alive(), "the agent died:\n{}", agent.tail());
         agent.stop(Duration::from_secs(10)).await;
         gw.stop().await;
+        clean(&dir);
         let rate = (r1 - r0) as f64 / a.window.as_secs_f64();
         log(format!(
             "  tend-agent: {:.2} % of a core, VmRSS mean {:.1} MiB, max {:.1} MiB, VmHWM {:.1} MiB; gateway stored {rate:.1} records/s",
@@ -453,7 +458,7 @@ async fn drain(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyho
             &addrs,
             "60s",
         )?;
-        let mut agent = tend::start_agent(&a.bin, &cfg)?;
+        let mut agent = tend::start_agent(&a.bin, &cfg, a.agent_wrap.as_deref())?;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let gw = Gateway::start(
             &a.bin,
@@ -500,6 +505,7 @@ async fn drain(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyho
             }
         }
         drop(store);
+        clean(&dir);
         let first_s = t_first.unwrap_or_default().as_secs_f64();
         log(format!(
             "  drained in {:.2} s after the gateway was ready (first record stored after {first_s:.2} s: the agent's reconnect back-off); lost {lost}, received twice {dups}",
@@ -573,7 +579,7 @@ async fn latency(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> any
             })
         };
         let cfg = tend::agent_config(&dir.join("agent"), &gw.broker, &addrs, "1s")?;
-        let mut agent = tend::start_agent(&a.bin, &cfg)?;
+        let mut agent = tend::start_agent(&a.bin, &cfg, a.agent_wrap.as_deref())?;
         let t = Instant::now();
         while identified.lock().unwrap().len() < a.devices && t.elapsed() < Duration::from_secs(60)
         {
@@ -629,6 +635,7 @@ async fn latency(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> any
         anyhow::ensure!(agent.alive(), "the agent died:\n{}", agent.tail());
         agent.stop(Duration::from_secs(10)).await;
         gw.stop().await;
+        clean(&dir);
         backend.stop().await;
         log(format!(
             "  {} of {want} tickets received{}; poll→ticket p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; fault raised→ticket p50 {:.1} ms",
@@ -688,6 +695,14 @@ fn breakdown(
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
     Ok((decode_cpu.max(1e-3), apply_cpu.max(1e-3), apply_wall))
+}
+
+/// Removes a run's data (stores, outboxes), keeping its configs and logs: the disk
+/// holds one run's data at a time.
+fn clean(dir: &Path) {
+    for sub in ["gateway/data", "agent/data"] {
+        let _ = std::fs::remove_dir_all(dir.join(sub));
+    }
 }
 
 fn ticket_is(r: &tend_gateway::backend_standin::Received, device: &str, code: &str) -> bool {
@@ -838,6 +853,7 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
         let stored = gw.metric("tend_gateway_records_total").await?;
         drop(pubs);
         gw.stop().await;
+        clean(&dir);
         let rate = total as f64 / secs;
         let gw_cpu_s = (g1.ticks - g0.ticks) as f64 / tck;
         let bench_cpu_s = (b1.ticks.saturating_sub(b0.ticks)) as f64 / tck;

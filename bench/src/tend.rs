@@ -151,8 +151,18 @@ pub fn agent_config(
     Ok(path)
 }
 
-pub fn start_agent(bin: &Path, config: &Path) -> anyhow::Result<Proc> {
-    let mut cmd = Command::new(bin.join("tend-agent"));
+/// Starts `tend-agent run`; `wrap` is a command put in front of it (a profiler such as
+/// `valgrind --tool=massif`), split on whitespace.
+pub fn start_agent(bin: &Path, config: &Path, wrap: Option<&str>) -> anyhow::Result<Proc> {
+    let agent = bin.join("tend-agent");
+    let mut cmd = match wrap.map(|w| w.split_whitespace().collect::<Vec<_>>()) {
+        Some(w) if !w.is_empty() => {
+            let mut c = Command::new(w[0]);
+            c.args(&w[1..]).arg(&agent);
+            c
+        }
+        _ => Command::new(&agent),
+    };
     cmd.arg("run").arg("--config").arg(config);
     let log = config.with_file_name("agent.log");
     procs_util::spawn("tend-agent", cmd, &log, false)
