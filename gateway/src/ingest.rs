@@ -44,6 +44,8 @@ pub struct Applied {
     pub tickets_opened: Vec<String>,
     pub events_queued: u64,
     pub episodes_opened: u64,
+    /// Readings the agent's outbox reported dropped (it was full).
+    pub dropped_readings: u64,
 }
 
 impl Applied {
@@ -128,6 +130,20 @@ impl Store {
                         .map_err(self.error("write seen"))?;
                     applied.new_records += 1;
 
+                    // The outbox's drop reports belong to the agent, not a device (device
+                    // ""): counted, never a phantom device.
+                    // (Kept in the life record under "", the agent's own entry.)
+                    if r.device.is_empty() {
+                        if let RecordBody::Dropped { count, .. } = &r.body {
+                            applied.dropped_readings += count;
+                            let e = LifeEvent::ReadingsDropped {
+                                at: r.at,
+                                count: *count,
+                            };
+                            life(&mut history, &mut meta, "", r.at, &e)?;
+                        }
+                        continue;
+                    }
                     if !live.contains_key(&r.device) {
                         let d = devices
                             .get(r.device.as_str())

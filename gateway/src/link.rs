@@ -392,6 +392,7 @@ async fn acknowledge(
             Ok(a) => {
                 gw.metrics.records.inc_by(a.new_records);
                 gw.metrics.duplicates.inc_by(a.duplicates);
+                gw.metrics.dropped_readings.inc_by(a.dropped_readings);
                 gw.metrics
                     .tickets_opened
                     .inc_by(a.tickets_opened.len() as u64);

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub duplicates: Counter,
     /// Messages on the agents' topics that could not be decoded.
     pub malformed: Counter,
+    /// Readings agents reported dropped because their outbox was full.
+    pub dropped_readings: Counter,
     /// Batches that could not be stored (not acked: the agent resends).
     pub store_errors: Counter,
     pub tickets_opened: Counter,
@@ -65,6 +67,7 @@ impl Metrics {
             records: Counter::default(),
             duplicates: Counter::default(),
             malformed: Counter::default(),
+            dropped_readings: Counter::default(),
             store_errors: Counter::default(),
             tickets_opened: Counter::default(),
             ticket_events: Counter::default(),
@@ -89,6 +92,11 @@ impl Metrics {
             "malformed_messages",
             "Messages on agent topics that could not be decoded",
             m.malformed.clone(),
+        );
+        registry.register(
+            "dropped_readings",
+            "Readings agents reported dropped because their outbox was full",
+            m.dropped_readings.clone(),
         );
         registry.register(
             "store_errors",
