@@ -65,8 +65,12 @@ async fn probe_vm12_firmware_7_with_alarms_and_no_patient_data() {
     assert_no_phi(&run.all(), PHI_V7);
 
     // VS-IOT-12 §2 example: NIBP pump failure (major) and an SpO2 module fault.
-    sim.raise_alarm("T-301", "high", "NIBP pump failure");
-    sim.set_module_fault(2, "M-214");
+    // In one update: each update publishes a status, and a probe that read the one between
+    // two updates would see the alarm without the module fault.
+    sim.update(|s| {
+        tend_devsim::vm12::raise_alarm(s, "T-301", "high", "NIBP pump failure");
+        tend_devsim::vm12::set_module(s, 2, Some("M-214"));
+    });
     let mut json_args = args.to_vec();
     json_args.push("--json");
     let run = probe(&json_args).await;
