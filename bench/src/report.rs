@@ -28,6 +28,10 @@ pub struct Report {
     /// Usage, messages in the window, messages/s, datapoints/s.
     pub peer_usage: Vec<(Usage, u64, f64, f64)>,
     pub outbox: Vec<f64>,
+    /// Median 4 KiB write + fdatasync before each outbox run, ms.
+    pub fsync_ms: Vec<f64>,
+    /// CPU µs (all threads) per durable record.
+    pub outbox_cpu_us: Vec<f64>,
     /// Drain seconds, seconds to the first record stored, lost, received twice.
     pub drain: Vec<(f64, f64, u64, u64)>,
     /// poll→ticket ms, raise→ticket ms, faults raised.
@@ -94,6 +98,8 @@ impl Report {
             tend_usage: Vec::new(),
             peer_usage: Vec::new(),
             outbox: Vec::new(),
+            fsync_ms: Vec::new(),
+            outbox_cpu_us: Vec::new(),
             drain: Vec::new(),
             latency: Vec::new(),
             ingest: Vec::new(),
@@ -212,6 +218,19 @@ impl Report {
                 median(&self.outbox),
                 runs(&self.outbox, 0),
                 verdict(median(&self.outbox) >= 50_000.0)
+            );
+            let _ = writeln!(
+                o,
+                "| … the disk meanwhile: 4 KiB write + fdatasync, ms | {:.2} | {} | | |",
+                median(&self.fsync_ms),
+                runs(&self.fsync_ms, 2)
+            );
+            let _ = writeln!(
+                o,
+                "| … CPU per durable record (all threads), µs; the CPU ceiling on one core | {:.1}; {:.0} records/s | {} | | |",
+                median(&self.outbox_cpu_us),
+                1e6 / median(&self.outbox_cpu_us),
+                runs(&self.outbox_cpu_us, 1)
             );
         }
         if !self.drain.is_empty() {
