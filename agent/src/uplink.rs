@@ -133,7 +133,9 @@ impl UplinkConfig {
             batch_max_bytes: 256 * 1024,
             max_in_flight_batches: 8,
             reconnect_min: Duration::from_secs(1),
-            reconnect_max: Duration::from_secs(60),
+            // 15 s, so an outage's backlog (seconds to send) is in well within 30 s of the
+            // gateway's return; jitter still spreads many agents over 7.5–15 s.
+            reconnect_max: Duration::from_secs(15),
             ack_timeout: Duration::from_secs(30),
             diag_timeout: Duration::from_secs(15),
         }
