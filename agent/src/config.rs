@@ -148,21 +148,9 @@ pub struct Loaded {
     pub profiles: ProfileSet,
 }
 
-fn io_error(file: &str, message: String) -> ProfileError {
-    ProfileError {
-        file: file.to_string(),
-        line: 0,
-        key: "-".into(),
-        message,
-    }
-}
-
 /// Reads and checks a config file. Relative paths in it are taken from the file's folder.
 pub fn load(path: &Path) -> Result<Loaded, ProfileError> {
-    let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| io_error(&file, format!("cannot read: {e}")))?;
-    let src =
-        String::from_utf8(bytes).map_err(|e| io_error(&file, format!("not UTF-8 text: {e}")))?;
+    let (file, src) = tend_profiles::load::read_text(path)?;
     let base = path.parent().unwrap_or(Path::new("."));
     parse(&file, &src, base)
 }

@@ -913,20 +913,23 @@ fn collect_toml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Reads a TOML file (profile, config, fleet) as text: its name for error messages and
+/// its contents. An unreadable or non-UTF-8 file is an error naming the file.
+pub fn read_text(path: &Path) -> Result<(String, String), ProfileError> {
+    let file = path.display().to_string();
+    let io = |message: String| ProfileError {
+        file: file.clone(),
+        line: 0,
+        key: "-".into(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| io(format!("cannot read: {e}")))?;
+    let src = String::from_utf8(bytes).map_err(|e| io(format!("not UTF-8 text: {e}")))?;
+    Ok((file, src))
+}
+
 /// Reads and checks one profile file.
 pub fn load_file(path: &Path) -> Result<Profile, ProfileError> {
-    let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| ProfileError {
-        file: file.clone(),
-        line: 0,
-        key: "-".into(),
-        message: format!("cannot read: {e}"),
-    })?;
-    let src = String::from_utf8(bytes).map_err(|e| ProfileError {
-        file: file.clone(),
-        line: 0,
-        key: "-".into(),
-        message: format!("not UTF-8 text: {e}"),
-    })?;
+    let (file, src) = read_text(path)?;
     parse_profile(&file, &src)
 }

@@ -149,15 +149,7 @@ pub struct DeviceEntry<'a> {
 impl Fleet {
     /// Reads and checks a fleet file.
     pub fn load(path: &Path) -> Result<Fleet, FleetError> {
-        let file = path.display().to_string();
-        let io = |message: String| ProfileError {
-            file: file.clone(),
-            line: 0,
-            key: "-".into(),
-            message,
-        };
-        let bytes = std::fs::read(path).map_err(|e| io(format!("cannot read: {e}")))?;
-        let src = String::from_utf8(bytes).map_err(|e| io(format!("not UTF-8 text: {e}")))?;
+        let (file, src) = tend_profiles::load::read_text(path)?;
         Fleet::parse(&file, &src)
     }
 
