@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
+use tend_mqtt::{BrokerUrl, UrlError};
 
 /// Which firmware families to simulate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,38 +38,47 @@ impl FromStr for FirmwareSet {
     }
 }
 
-/// An MQTT broker address, from `mqtt://[user[:password]@]host[:port]`.
+/// The external broker the simulated monitors publish to: `--broker
+/// mqtt://[user[:password]@]host[:port]`. A simulator is a test tool, so its command line
+/// may carry a device's credentials; they are split off here and the rest is the one
+/// broker URL grammar of [`tend_mqtt::BrokerUrl`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerUrl {
-    pub host: String,
-    pub port: u16,
+pub struct ExternalBroker {
+    pub url: BrokerUrl,
     pub username: Option<String>,
     pub password: Option<String>,
 }
 
-impl BrokerUrl {
+/// A `--broker` the simulators cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerArgError {
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    #[error("broker {0}: the simulated monitors connect without TLS; give an mqtt:// broker")]
+    Tls(String),
+}
+
+impl ExternalBroker {
     /// `mqtt://host:port`, without credentials.
     pub fn display(&self) -> String {
-        if self.host.contains(':') {
-            format!("mqtt://[{}]:{}", self.host, self.port)
-        } else {
-            format!("mqtt://{}:{}", self.host, self.port)
-        }
+        self.url.to_string()
     }
 }
 
-impl FromStr for BrokerUrl {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let rest = s
-            .strip_prefix("mqtt://")
-            .or_else(|| s.strip_prefix("tcp://"))
-            .ok_or_else(|| format!("broker {s:?}: expected mqtt://host:port"))?;
-        let rest = rest.trim_end_matches('/');
-        let (creds, hostport) = match rest.rsplit_once('@') {
-            Some((c, h)) => (Some(c), h),
-            None => (None, rest),
+impl FromStr for ExternalBroker {
+    type Err = BrokerArgError;
+    fn from_str(s: &str) -> Result<Self, BrokerArgError> {
+        // Credentials go before the URL is parsed (and named in an error).
+        let (creds, url) = match s.split_once("://").zip(s.rsplit_once('@')) {
+            Some(((scheme, rest), (_, hostport))) => {
+                let creds = rest.rsplit_once('@').map(|(c, _)| c);
+                (creds, BrokerUrl::parse(&format!("{scheme}://{hostport}"))?)
+            }
+            None => (None, BrokerUrl::parse(s)?),
         };
+        if url.is_tls() {
+            return Err(BrokerArgError::Tls(url.to_string()));
+        }
         let (username, password) = match creds {
             Some(c) => match c.split_once(':') {
                 Some((u, p)) => (Some(u.to_string()), Some(p.to_string())),
@@ -76,31 +86,8 @@ impl FromStr for BrokerUrl {
             },
             None => (None, None),
         };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (h, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("broker {s:?}: unclosed ["))?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().map_err(|_| format!("broker {s:?}: bad port"))?,
-                None => 1883,
-            };
-            (h.to_string(), port)
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (
-                    h.to_string(),
-                    p.parse()
-                        .map_err(|_| format!("broker {s:?}: bad port {p:?}"))?,
-                ),
-                None => (hostport.to_string(), 1883),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!("broker {s:?}: no host"));
-        }
-        Ok(BrokerUrl {
-            host,
-            port,
+        Ok(ExternalBroker {
+            url,
             username,
             password,
         })
@@ -116,7 +103,7 @@ pub struct FleetOptions {
     /// First TCP port (the TCP devices take consecutive ports); `None`: free ports.
     pub base_port: Option<u16>,
     /// An external broker; `None`: the embedded one.
-    pub broker: Option<BrokerUrl>,
+    pub broker: Option<ExternalBroker>,
     /// Where to put stable symlinks `<dir>/<device>` to the ptys.
     pub link_dir: Option<PathBuf>,
     /// LIP-300 / AV-500 answer BUSY for this long after start.
@@ -321,9 +308,8 @@ pub async fn start(opts: &FleetOptions) -> anyhow::Result<Fleet> {
                     b.addr(),
                     b.url()
                 ));
-                BrokerUrl {
-                    host: b.addr().ip().to_string(),
-                    port: b.port(),
+                ExternalBroker {
+                    url: BrokerUrl::new(b.addr().ip().to_string(), b.port(), false),
                     username: None,
                     password: None,
                 }
@@ -385,7 +371,7 @@ pub async fn start(opts: &FleetOptions) -> anyhow::Result<Fleet> {
         lines.push(describe(&name, &t, None, None));
         devices.push((name, t));
 
-        let mut vm = Vm12Config::new(f.vm_fw, f.vm_serial, broker.host.clone(), broker.port);
+        let mut vm = Vm12Config::new(f.vm_fw, f.vm_serial, broker.url.host(), broker.url.port());
         vm.username = broker.username.clone();
         vm.password = broker.password.clone();
         vm.status_interval = opts.status_interval;
@@ -408,18 +394,26 @@ mod tests {
 
     #[test]
     fn broker_urls() {
-        let b: BrokerUrl = "mqtt://127.0.0.1:1884".parse().unwrap();
-        assert_eq!((b.host.as_str(), b.port), ("127.0.0.1", 1884));
-        let b: BrokerUrl = "mqtt://u:p@broker.local".parse().unwrap();
-        assert_eq!(b.port, 1883);
+        let b: ExternalBroker = "mqtt://127.0.0.1:1884".parse().unwrap();
+        assert_eq!((b.url.host(), b.url.port()), ("127.0.0.1", 1884));
+        let b: ExternalBroker = "mqtt://u:p@broker.local".parse().unwrap();
+        assert_eq!(b.url.port(), 1883);
         assert_eq!(b.username.as_deref(), Some("u"));
         assert_eq!(b.password.as_deref(), Some("p"));
         assert_eq!(b.display(), "mqtt://broker.local:1883");
-        let b: BrokerUrl = "mqtt://[::1]:1999".parse().unwrap();
-        assert_eq!((b.host.as_str(), b.port), ("::1", 1999));
-        assert!("http://x".parse::<BrokerUrl>().is_err());
-        assert!("mqtt://x:notaport".parse::<BrokerUrl>().is_err());
-        assert!("mqtt://:1883".parse::<BrokerUrl>().is_err());
+        let b: ExternalBroker = "mqtt://[::1]:1999".parse().unwrap();
+        assert_eq!((b.url.host(), b.url.port()), ("::1", 1999));
+        assert_eq!(b.display(), "mqtt://[::1]:1999");
+        assert!("http://x".parse::<ExternalBroker>().is_err());
+        assert!("mqtt://x:notaport".parse::<ExternalBroker>().is_err());
+        assert!("mqtt://:1883".parse::<ExternalBroker>().is_err());
+        // The one grammar: no other scheme, no bare host, and the error hides the password.
+        assert!("tcp://x:1".parse::<ExternalBroker>().is_err());
+        assert!("x:1883".parse::<ExternalBroker>().is_err());
+        let e = "http://u:s3cret@x".parse::<ExternalBroker>().unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = "mqtts://x".parse::<ExternalBroker>().unwrap_err();
+        assert!(e.to_string().contains("without TLS"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tend_devsim::duration::parse_duration;
-use tend_devsim::fleet::{self, BrokerUrl, FirmwareSet, FleetOptions};
+use tend_devsim::fleet::{self, ExternalBroker, FirmwareSet, FleetOptions};
 use tend_devsim::scenario::{self, Scenario};
 
 #[derive(Parser)]
@@ -137,7 +137,7 @@ fn main() -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return usage_error(format!("--firmware-set: {e}")),
             };
-            let broker = match broker.map(|b| b.parse::<BrokerUrl>()).transpose() {
+            let broker = match broker.map(|b| b.parse::<ExternalBroker>()).transpose() {
                 Ok(b) => b,
                 Err(e) => return usage_error(format!("--broker: {e}")),
             };

@@ -11,7 +11,7 @@
 
 use crate::shared::{Shared, Stopper};
 use crate::Version;
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io;
@@ -502,6 +502,9 @@ impl Vm12Sim {
     }
 }
 
+/// A monitor retries its broker every second.
+const RECONNECT: tend_mqtt::Backoff = tend_mqtt::Backoff::fixed(Duration::from_secs(1));
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -542,14 +545,26 @@ async fn session(
     let event_topic = cfg.topic("event");
     let cmd_topic = cfg.topic("cmd");
     let reply_topic = cfg.topic("cmd/reply");
-    let mut opts = MqttOptions::new(cfg.client_id(), cfg.broker_host.clone(), cfg.broker_port);
-    opts.set_keep_alive(cfg.keep_alive);
-    opts.set_clean_session(true);
+    let url = tend_mqtt::BrokerUrl::new(cfg.broker_host.clone(), cfg.broker_port, false);
+    let credentials = cfg.username.as_ref().map(|user| tend_mqtt::Credentials {
+        username: user.clone(),
+        password: cfg.password.clone().unwrap_or_default(),
+    });
+    let settings = tend_mqtt::ClientSettings {
+        client_id: cfg.client_id(),
+        keep_alive: cfg.keep_alive,
+        max_incoming: MAX_PAYLOAD + 1024,
+        max_outgoing: MAX_PAYLOAD + 1024,
+    };
+    let no_tls = tend_mqtt::ClientTls::default();
+    let mut opts = match tend_mqtt::options::options_with(&url, credentials, &no_tls, &settings) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, serial = %cfg.serial, "vm12 mqtt options");
+            return End::Stop;
+        }
+    };
     opts.set_last_will(LastWill::new(&lwt, "offline", QoS::AtLeastOnce, true));
-    opts.set_max_packet_size(MAX_PAYLOAD + 1024, MAX_PAYLOAD + 1024);
-    if let Some(user) = &cfg.username {
-        opts.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
-    }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     // The event loop is polled in a task of its own: a poll cancelled half-way through
     // the connect handshake would drop the connection (and fire the will).
@@ -562,7 +577,7 @@ async fn session(
                 return;
             }
             if failed {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(RECONNECT.delay(0, 0)).await;
             }
         }
     });
