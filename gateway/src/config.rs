@@ -7,6 +7,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tend_mqtt::{BrokerAuth, BrokerUrl, ClientTls, OptionsError};
 use tend_profiles::load::toml_error;
 use tend_profiles::locate::{line_of_path, KeyPath};
 use tend_profiles::units::Dur;
@@ -49,7 +50,11 @@ pub struct BrokerSection {
     /// Gateways sharing one external broker name the same group: each batch goes to one
     /// of them (`$share/<group>/tend/v1/+/up`).
     pub share_group: Option<String>,
+    /// For an `mqtts://` url: the CA bundle (else the system's roots), and a client
+    /// certificate and key for mutual TLS (both or neither).
     pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
 }
@@ -62,6 +67,19 @@ pub enum BrokerPlan {
 }
 
 impl BrokerSection {
+    /// The user name, password file and TLS files the gateway's MQTT client uses.
+    pub fn auth(&self) -> BrokerAuth {
+        BrokerAuth {
+            username: self.username.clone(),
+            password_file: self.password_file.clone(),
+            tls: ClientTls {
+                ca_file: self.ca_file.clone(),
+                client_cert: self.client_cert.clone(),
+                client_key: self.client_key.clone(),
+            },
+        }
+    }
+
     pub fn plan(&self) -> BrokerPlan {
         match (&self.url, self.embedded) {
             (Some(url), _) => BrokerPlan::External { url: url.clone() },
@@ -179,6 +197,8 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
     for p in [
         &mut config.profiles_dir,
         &mut config.broker.ca_file,
+        &mut config.broker.client_cert,
+        &mut config.broker.client_key,
         &mut config.broker.password_file,
     ]
     .into_iter()
@@ -202,12 +222,12 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
 
     let br = root.key("broker");
     if let Some(url) = &config.broker.url {
-        if !(url.starts_with("mqtt://") || url.starts_with("mqtts://")) {
-            return Err(err(
-                &br.key("url"),
-                format!("{url:?} is not an mqtt:// or mqtts:// URL"),
-            ));
-        }
+        let url = BrokerUrl::parse(url).map_err(|e| err(&br.key("url"), e.to_string()))?;
+        config
+            .broker
+            .auth()
+            .check(&url)
+            .map_err(|e| err(&br.key(e.config_key()), e.to_string()))?;
         if config.broker.embedded == Some(true) {
             return Err(err(
                 &br.key("embedded"),
@@ -225,6 +245,17 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
         return Err(err(
             &br.key("url"),
             "embedded = false needs the external broker's url".into(),
+        ));
+    } else if !config.broker.auth().tls.is_empty() {
+        // The gateway reaches its embedded broker over mqtt:// on this machine.
+        return Err(err(
+            &br.key("ca_file"),
+            "ca_file / client_cert / client_key are for an external mqtts:// broker (url)".into(),
+        ));
+    } else if config.broker.password_file.is_some() && config.broker.username.is_none() {
+        return Err(err(
+            &br.key("password_file"),
+            OptionsError::PasswordWithoutUser.to_string(),
         ));
     }
     if let Some(g) = &config.broker.share_group {
@@ -248,8 +279,14 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
         (root.key("api").key("token_file"), &config.api.token_file),
         (root.key("fleet"), &config.fleet),
     ];
-    if let Some(p) = &config.broker.ca_file {
-        files.push((br.key("ca_file"), p));
+    for (key, p) in [
+        ("ca_file", &config.broker.ca_file),
+        ("client_cert", &config.broker.client_cert),
+        ("client_key", &config.broker.client_key),
+    ] {
+        if let Some(p) = p {
+            files.push((br.key(key), p));
+        }
     }
     let api = root.key("api");
     if config.api.tls_cert.is_some() != config.api.tls_key.is_some() {
@@ -265,9 +302,6 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
     if let (Some(c), Some(k)) = (&config.api.tls_cert, &config.api.tls_key) {
         files.push((api.key("tls_cert"), c));
         files.push((api.key("tls_key"), k));
-    }
-    if let Some(p) = &config.broker.password_file {
-        files.push((br.key("password_file"), p));
     }
     if let Some(b) = &config.backend {
         let bk = root.key("backend");
@@ -296,14 +330,14 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
             root.key("backend").key("token_file"),
             config.backend.as_ref().map(|b| &b.token_file),
         ),
-        (
-            br.key("password_file"),
-            config.broker.password_file.as_ref(),
-        ),
     ] {
         if let Some(p) = p {
             read_secret(p).map_err(|m| err(&key, m))?;
         }
+    }
+    if let Some(p) = &config.broker.password_file {
+        tend_mqtt::read_secret("password file", p)
+            .map_err(|e| err(&br.key("password_file"), e.to_string()))?;
     }
 
     let fleet = Fleet::load(&config.fleet)?;
@@ -448,6 +482,59 @@ token_file = "api.token"
         let e = parse("gw.toml", GOOD, d.path()).unwrap_err();
         assert_eq!(e.key, "api.token_file");
         assert!(e.message.contains("is empty"), "{e}");
+    }
+
+    #[test]
+    fn broker_url_and_password_file_are_checked_at_load() {
+        let d = dir();
+        let external = |extra: &str| {
+            GOOD.replace(
+                "embedded = true\nlisten = \"127.0.0.1:1883\"",
+                &format!("url = \"mqtts://broker.example\"\n{extra}"),
+            )
+        };
+        // An unreadable (here: missing) password file is refused, naming it.
+        let src = external("username = \"gw\"\npassword_file = \"broker.pw\"");
+        let e = parse("gw.toml", &src, d.path()).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (9, "broker.password_file"), "{e}");
+        assert!(e.message.contains("cannot read the password file"), "{e}");
+        assert!(e.message.contains("broker.pw"), "{e}");
+        std::fs::write(d.path().join("broker.pw"), "\n").unwrap();
+        let e = parse("gw.toml", &src, d.path()).unwrap_err();
+        assert!(e.message.contains("empty"), "{e}");
+        std::fs::write(d.path().join("broker.pw"), "s3cret\n").unwrap();
+        let l = parse("gw.toml", &src, d.path()).unwrap();
+        assert_eq!(
+            l.config
+                .broker
+                .auth()
+                .credentials()
+                .unwrap()
+                .unwrap()
+                .password,
+            "s3cret"
+        );
+
+        for (extra, key) in [
+            ("password_file = \"broker.pw\"", "broker.password_file"),
+            ("client_cert = \"broker.pw\"", "broker.client_key"),
+        ] {
+            let e = parse("gw.toml", &external(extra), d.path()).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
+        let src = GOOD.replace(
+            "embedded = true\nlisten = \"127.0.0.1:1883\"",
+            "url = \"mqtt://broker.example/x\"",
+        );
+        let e = parse("gw.toml", &src, d.path()).unwrap_err();
+        assert_eq!(e.key, "broker.url", "{e}");
+        let e = parse(
+            "gw.toml",
+            &GOOD.replace("embedded = true", "ca_file = \"broker.pw\""),
+            d.path(),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "broker.ca_file", "{e}");
     }
 
     #[test]

@@ -11,129 +11,59 @@ use crate::app::Gateway;
 use crate::diag::Outgoing;
 use crate::store::StoreError;
 use jiff::Timestamp;
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
-};
-use std::path::PathBuf;
-use std::sync::Arc;
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
 use std::time::Duration;
+use tend_mqtt::{Backoff, BrokerAuth, BrokerUrl, ClientSettings, OptionsError};
 use tend_wire::topic::{self, Parsed};
 use tend_wire::{Ack, DiagResponse, UpBatch, VERSION};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Where and how to connect.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct LinkConfig {
-    /// `mqtt://host:port` or `mqtts://host:port`.
-    pub url: String,
+    pub url: BrokerUrl,
     pub client_id: String,
     pub share_group: Option<String>,
-    pub ca_file: Option<PathBuf>,
-    pub username: Option<String>,
-    pub password: Option<String>,
+    /// User name, password file and TLS files (the password is read when the link
+    /// starts, and never logged).
+    pub auth: BrokerAuth,
 }
 
-impl std::fmt::Debug for LinkConfig {
-    // The password stays out of every log.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkConfig")
-            .field("url", &self.url)
-            .field("client_id", &self.client_id)
-            .field("share_group", &self.share_group)
-            .field("ca_file", &self.ca_file)
-            .field("username", &self.username)
-            .finish_non_exhaustive()
-    }
+/// Why the link cannot start.
+#[derive(Debug, thiserror::Error)]
+#[error("MQTT link to {url}: {source}")]
+pub struct LinkError {
+    url: BrokerUrl,
+    #[source]
+    source: OptionsError,
 }
 
-/// `mqtt://host[:port]` → (host, port, tls).
-pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
-    let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("mqtt://") {
-        (r, false, 1883)
-    } else if let Some(r) = url.strip_prefix("mqtts://") {
-        (r, true, 8883)
-    } else {
-        return Err(format!("{url:?} is not an mqtt:// or mqtts:// URL"));
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.contains('@') {
-        return Err(
-            "credentials do not belong in the broker URL: use username and password_file".into(),
-        );
-    }
-    if rest.is_empty() || rest.contains('/') {
-        return Err(format!(
-            "broker URL must be scheme://host[:port], got {url:?}"
-        ));
-    }
-    let (host, port) = if let Some(h) = rest.strip_prefix('[') {
-        let (h, p) = h.split_once(']').ok_or("unclosed [ in broker URL")?;
-        (h.to_string(), p.strip_prefix(':'))
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (rest.to_string(), None),
-        }
-    };
-    let port = match port {
-        Some(p) => p
-            .parse()
-            .map_err(|_| format!("bad port {p:?} in broker URL"))?,
-        None => default_port,
-    };
-    if host.is_empty() {
-        return Err(format!("no host in broker URL {url:?}"));
-    }
-    Ok((host, port, tls))
-}
+/// Reconnects after 400 ms, doubling to 6.4 s.
+const RECONNECT: Backoff = Backoff {
+    min: Duration::from_millis(400),
+    max: Duration::from_millis(6400),
+    factor: 2,
+    jitter: 0.0,
+};
 
-/// The largest packet MQTT can encode (remaining length 268,435,455 and a 5-byte header).
-const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
-
-fn options(cfg: &LinkConfig) -> Result<MqttOptions, String> {
-    let (host, port, tls) = parse_broker_url(&cfg.url)?;
-    let mut opts = MqttOptions::new(cfg.client_id.clone(), host, port);
-    opts.set_clean_session(true);
-    opts.set_keep_alive(Duration::from_secs(15));
-    let max = tend_wire::MAX_MESSAGE + 64 * 1024;
-    // Any packet MQTT allows is read, and a payload over MAX_MESSAGE is then refused
-    // unparsed: with a smaller limit, one oversize message (retained on a subscribed topic
-    // of an external broker that does not cap sizes) would end the connection at every
-    // reconnect, and the gateway would hear nothing more.
-    opts.set_max_packet_size(MQTT_MAX_PACKET, max);
+fn options(cfg: &LinkConfig) -> Result<MqttOptions, LinkError> {
+    let settings = ClientSettings {
+        client_id: cfg.client_id.clone(),
+        keep_alive: Duration::from_secs(15),
+        // Any packet MQTT allows is read, and a payload over MAX_MESSAGE is then refused
+        // unparsed: with a smaller limit, one oversize message (retained on a subscribed
+        // topic of an external broker that does not cap sizes) would end the connection
+        // at every reconnect, and the gateway would hear nothing more.
+        max_incoming: tend_mqtt::MQTT_MAX_PACKET,
+        max_outgoing: tend_wire::MAX_MESSAGE + 64 * 1024,
+    };
+    let mut opts =
+        tend_mqtt::mqtt_options(&cfg.url, &cfg.auth, &settings).map_err(|source| LinkError {
+            url: cfg.url.clone(),
+            source,
+        })?;
     opts.set_inflight(200);
-    if let Some(user) = &cfg.username {
-        opts.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
-    }
-    if tls {
-        let mut roots = rustls::RootCertStore::empty();
-        match &cfg.ca_file {
-            Some(ca) => {
-                let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-                use rustls::pki_types::pem::PemObject;
-                for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-                    let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
-                    roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
-                }
-            }
-            None => {
-                for c in rustls_native_certs::load_native_certs().certs {
-                    let _ = roots.add(c);
-                }
-            }
-        }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(config),
-        )));
-    }
     Ok(opts)
 }
 
@@ -153,7 +83,7 @@ pub async fn run(
     cfg: LinkConfig,
     mut diag_out: mpsc::Receiver<Outgoing>,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let opts = options(&cfg)?;
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
     let (batch_tx, batch_rx) = mpsc::channel::<(String, Vec<u8>)>(256);
@@ -246,8 +176,8 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
+                let wait = RECONNECT.delay(failures, 0);
                 failures = failures.saturating_add(1);
-                let wait = Duration::from_millis(200 * 2u64.pow(failures.min(5)));
                 if failures <= 3 || failures % 20 == 0 {
                     tracing::warn!("MQTT broker {}: {}; retrying in {wait:?}", cfg.url, why(&e));
                 }
@@ -435,33 +365,6 @@ fn log_store_error(e: &StoreError) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn broker_urls() {
-        assert_eq!(
-            parse_broker_url("mqtt://127.0.0.1:1884").unwrap(),
-            ("127.0.0.1".into(), 1884, false)
-        );
-        assert_eq!(
-            parse_broker_url("mqtts://gw.example").unwrap(),
-            ("gw.example".into(), 8883, true)
-        );
-        assert_eq!(
-            parse_broker_url("mqtt://[::1]:2000/").unwrap(),
-            ("::1".into(), 2000, false)
-        );
-        for bad in [
-            "tcp://h:1",
-            "mqtt://",
-            "mqtt://h:x",
-            "mqtt://h/path",
-            "h:1883",
-        ] {
-            assert!(parse_broker_url(bad).is_err(), "{bad}");
-        }
-        let e = parse_broker_url("mqtt://user:s3cret@h:1883").unwrap_err();
-        assert!(!e.contains("s3cret"), "{e}");
-    }
 
     #[test]
     fn shared_subscription_filter() {

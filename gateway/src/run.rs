@@ -74,17 +74,11 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Running> {
         BrokerPlan::External { url } => url,
         BrokerPlan::Embedded { listen } => embedded(listen)?,
     };
-    let password = match &cfg.broker.password_file {
-        Some(p) => Some(read_secret(p).map_err(anyhow::Error::msg)?),
-        None => None,
-    };
     let link_cfg = LinkConfig {
-        url: broker_url.clone(),
+        url: tend_mqtt::BrokerUrl::parse(&broker_url)?,
         client_id: format!("tend-gateway-{}", cfg.gateway_id),
         share_group: cfg.broker.share_group.clone(),
-        ca_file: cfg.broker.ca_file.clone(),
-        username: cfg.broker.username.clone(),
-        password,
+        auth: cfg.broker.auth(),
     };
     {
         let gw = gw.clone();
