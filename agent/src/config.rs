@@ -5,6 +5,7 @@ use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tend_mqtt::{BrokerAuth, BrokerUrl, ClientTls};
 use tend_profiles::load::toml_error;
 use tend_profiles::locate::{line_of_path, KeyPath};
 use tend_profiles::schema::TransportKind;
@@ -48,6 +49,21 @@ pub struct UplinkSection {
     /// The password is read from a file so it never sits in the config or a command line.
     pub password_file: Option<PathBuf>,
     pub keep_alive: Option<Dur>,
+}
+
+impl UplinkSection {
+    /// The user name, password file and TLS files of the uplink.
+    pub fn auth(&self) -> BrokerAuth {
+        BrokerAuth {
+            username: self.username.clone(),
+            password_file: self.password_file.clone(),
+            tls: ClientTls {
+                ca_file: self.ca_file.clone(),
+                client_cert: self.client_cert.clone(),
+                client_key: self.client_key.clone(),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +143,8 @@ pub struct DeviceConfig {
     pub serial: Option<String>,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// MQTT device on an `mqtts://` broker: the CA bundle (else the system's roots).
+    pub ca_file: Option<PathBuf>,
     /// How often to read the device (serial, Modbus). Default 1 s.
     pub poll_interval: Option<Dur>,
     /// Overrides the profile's reply timeout.
@@ -134,6 +152,18 @@ pub struct DeviceConfig {
 }
 
 impl DeviceConfig {
+    /// The user name, password file and CA file of an MQTT device's broker.
+    pub fn broker_auth(&self) -> BrokerAuth {
+        BrokerAuth {
+            username: self.username.clone(),
+            password_file: self.password_file.clone(),
+            tls: ClientTls {
+                ca_file: self.ca_file.clone(),
+                ..ClientTls::default()
+            },
+        }
+    }
+
     pub fn poll_interval(&self) -> Duration {
         self.poll_interval
             .map(|d| d.0)
@@ -193,24 +223,17 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
         resolve(p);
     }
     let up = root.key("uplink");
-    let broker = &config.uplink.broker;
-    if !(broker.starts_with("mqtt://") || broker.starts_with("mqtts://")) {
-        return Err(err(
-            &up.key("broker"),
-            format!("{broker:?} is not an mqtt:// or mqtts:// URL"),
-        ));
-    }
-    if config.uplink.client_cert.is_some() != config.uplink.client_key.is_some() {
-        return Err(err(
-            &up.key("client_key"),
-            "client_cert and client_key go together".into(),
-        ));
-    }
+    let broker = BrokerUrl::parse(&config.uplink.broker)
+        .map_err(|e| err(&up.key("broker"), e.to_string()))?;
+    config
+        .uplink
+        .auth()
+        .check(&broker)
+        .map_err(|e| err(&up.key(e.config_key()), e.to_string()))?;
     for (key, p) in [
         ("ca_file", &config.uplink.ca_file),
         ("client_cert", &config.uplink.client_cert),
         ("client_key", &config.uplink.client_key),
-        ("password_file", &config.uplink.password_file),
     ] {
         if let Some(p) = p {
             if !p.is_file() {
@@ -220,6 +243,10 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
                 ));
             }
         }
+    }
+    if let Some(p) = &config.uplink.password_file {
+        tend_mqtt::read_secret("password file", p)
+            .map_err(|e| err(&up.key("password_file"), e.to_string()))?;
     }
 
     let mut profiles = ProfileSet::builtin()?;
@@ -272,6 +299,16 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
                 need(d.serial.is_some(), "serial")?;
             }
         }
+        for p in [&mut d.password_file, &mut d.ca_file].into_iter().flatten() {
+            resolve(p);
+        }
+        if let Some(url) = &d.broker {
+            // Checked now: a broker the link cannot use would otherwise fail only later.
+            let url = BrokerUrl::parse(url).map_err(|e| err(&dp.key("broker"), e.to_string()))?;
+            d.broker_auth()
+                .check(&url)
+                .map_err(|e| err(&dp.key(e.config_key()), e.to_string()))?;
+        }
         if let Some(pi) = d.poll_interval {
             if pi.0 < Duration::from_millis(100) {
                 return Err(err(&dp.key("poll_interval"), "at least 100ms".into()));
@@ -306,11 +343,14 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
                 format!("another device already reads {endpoint}"),
             ));
         }
-        if let Some(p) = &mut d.password_file {
-            resolve(p);
+        if let Some(p) = &d.password_file {
+            tend_mqtt::read_secret("password file", p)
+                .map_err(|e| err(&dp.key("password_file"), e.to_string()))?;
+        }
+        if let Some(p) = &d.ca_file {
             if !p.is_file() {
                 return Err(err(
-                    &dp.key("password_file"),
+                    &dp.key("ca_file"),
                     format!("{} is not a readable file", p.display()),
                 ));
             }
@@ -428,6 +468,40 @@ serial = "VM12-00A4471"
         }
         let bad = GOOD.replacen("unit = 1", "unit = 1\nspeed = 3", 1);
         assert_eq!(refuse(&bad).line, line(&bad, "speed = 3"));
+    }
+
+    #[test]
+    fn uplink_broker_and_secrets_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |src: &str| parse("agent.toml", src, dir.path());
+        let with = |extra: &str| {
+            GOOD.replacen(
+                "broker = \"mqtt://127.0.0.1:1883\"\n\n[[device]]",
+                &format!("broker = \"mqtt://127.0.0.1:1883\"\n{extra}\n\n[[device]]"),
+                1,
+            )
+        };
+        // An unreadable (here: missing) password file is refused, naming it; it does not
+        // become an empty password.
+        let src = with("username = \"a\"\npassword_file = \"uplink.pw\"");
+        let e = load(&src).unwrap_err();
+        assert_eq!(e.key, "uplink.password_file", "{e}");
+        assert_eq!(e.line, line(&src, "password_file"), "{e}");
+        assert!(e.message.contains("cannot read the password file"), "{e}");
+        assert!(e.message.contains("uplink.pw"), "{e}");
+        std::fs::write(dir.path().join("uplink.pw"), "\n").unwrap();
+        assert!(load(&src).unwrap_err().message.contains("empty"));
+        std::fs::write(dir.path().join("uplink.pw"), "pw\n").unwrap();
+        assert!(load(&src).is_ok());
+
+        // A password without a user, TLS files without mqtts://, a broker URL with a path.
+        let e = load(&with("password_file = \"uplink.pw\"")).unwrap_err();
+        assert_eq!(e.key, "uplink.password_file", "{e}");
+        std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
+        let e = load(&with("ca_file = \"ca.pem\"")).unwrap_err();
+        assert_eq!(e.key, "uplink.ca_file", "{e}");
+        let src = GOOD.replacen("mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:1883/tend", 1);
+        assert_eq!(load(&src).unwrap_err().key, "uplink.broker");
     }
 
     #[test]

@@ -280,10 +280,8 @@ pub fn target_from_args(args: &ProbeArgs, set: &ProfileSet) -> Result<ProbeTarge
             mqtt::parse_broker(&broker)?;
             let password = match &args.password_file {
                 Some(p) => Some(
-                    std::fs::read_to_string(p)
-                        .map_err(|e| usage(format!("--password-file {}: {e}", p.display())))?
-                        .trim_end_matches(['\r', '\n'])
-                        .to_string(),
+                    tend_mqtt::read_secret("password file", p)
+                        .map_err(|e| usage(format!("--password-file: {e}")))?,
                 ),
                 None => None,
             };
@@ -737,7 +735,8 @@ mod tests {
                 "--transport",
                 "mqtt",
                 "--broker",
-                "mqtts://h",
+                // mqtts:// works now (tend-mqtt); another scheme is still refused.
+                "tcp://h",
                 "--serial",
                 "V",
             ],

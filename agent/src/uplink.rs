@@ -27,19 +27,19 @@
 //!   ignored. The password never appears in a log or an error.
 
 use crate::outbox::{Outbox, OutboxError};
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
-    TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use serde::Serialize;
-use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tend_mqtt::backoff::random_u64;
+use tend_mqtt::{
+    Backoff, BrokerAuth, BrokerUrl, ClientSettings, ClientTls, OptionsError, UrlError,
+    MQTT_MAX_PACKET,
+};
 use tend_wire::{
     encode, topic, Ack, DiagRequest, DiagResponse, Record, SeqRange, UpBatch, MAX_MESSAGE,
     STATUS_OFFLINE, STATUS_ONLINE, VERSION,
@@ -78,8 +78,6 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 const LOG_PREFIX: usize = 32;
 /// Room for the MQTT header and topic around a payload of [`MAX_MESSAGE`].
 const PACKET_SLACK: usize = 1024;
-/// The largest packet MQTT can encode (remaining length 268,435,455 and a 5-byte header).
-const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
 
 /// Where and how to send. [`UplinkConfig::new`] fills in defaults.
 #[derive(Debug, Clone)]
@@ -146,17 +144,12 @@ impl UplinkConfig {
 pub enum UplinkError {
     #[error("uplink: {0}")]
     Config(String),
-    #[error("uplink: broker {url:?}: {why}")]
-    Broker { url: String, why: String },
-    #[error("uplink: cannot read the {what} {path}: {source}")]
-    ReadFile {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("uplink: TLS: {0}")]
-    Tls(String),
+    #[error("uplink: {0}")]
+    Broker(#[from] UrlError),
+    /// A credential or TLS setting that cannot work, or a file behind it that cannot be
+    /// read (named in the message).
+    #[error("uplink: {0}")]
+    Options(#[from] OptionsError),
     #[error("uplink: the outbox failed: {0}")]
     Source(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -303,12 +296,15 @@ impl<S: RecordSource> Uplink<S> {
                     }
                 }
             }
-            let delay = backoff(
-                self.cfg.reconnect_min,
-                self.cfg.reconnect_max,
-                attempt,
-                random_u64(),
-            );
+            let policy = Backoff {
+                min: self.cfg.reconnect_min,
+                max: self.cfg.reconnect_max,
+                factor: 2,
+                // A random point in the upper half: agents cut off together do not all
+                // come back at once.
+                jitter: 0.5,
+            };
+            let delay = policy.delay(attempt, random_u64());
             attempt = attempt.saturating_add(1);
             tracing::debug!(?delay, "uplink: reconnecting after a pause");
             tokio::select! {
@@ -817,167 +813,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// `min · 2^attempt`, capped at `max`, then a random point in its upper half (never
-/// below `min`), so that agents cut off together do not all come back at once.
-fn backoff(min: Duration, max: Duration, attempt: u32, random: u64) -> Duration {
-    let max = max.max(min);
-    let base = min
-        .saturating_mul(1u32 << attempt.min(20))
-        .min(max)
-        .max(Duration::from_millis(1));
-    let half = base / 2;
-    let spread = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-    let jittered = half + Duration::from_nanos(random % spread.saturating_add(1));
-    jittered.clamp(min, max)
-}
-
-fn random_u64() -> u64 {
-    // Each RandomState has fresh keys: random enough for jitter, without a dependency.
-    let mut h = RandomState::new().build_hasher();
-    h.write_u64(0x7465_6e64);
-    h.finish()
-}
-
-/// `(host, port, tls)` of `mqtt://host[:port]` / `mqtts://host[:port]`.
-fn parse_broker(url: &str) -> Result<(String, u16, bool), UplinkError> {
-    let bad = |why: &str| UplinkError::Broker {
-        url: url.to_string(),
-        why: why.to_string(),
-    };
-    let (rest, tls) = if let Some(r) = url.strip_prefix("mqtt://") {
-        (r, false)
-    } else if let Some(r) = url.strip_prefix("mqtts://") {
-        (r, true)
-    } else {
-        return Err(bad("expected mqtt://host:port or mqtts://host:port"));
-    };
-    if rest.contains('@') {
-        // Not echoed: the URL may hold a password.
-        return Err(UplinkError::Config(
-            "credentials in the broker URL are not supported (use username and password_file)"
-                .into(),
-        ));
-    }
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.is_empty() || rest.contains('/') {
-        return Err(bad("expected mqtt://host:port or mqtts://host:port"));
-    }
-    let default_port = if tls { 8883 } else { 1883 };
-    let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
-        let (h, after) = inner.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| bad("the port is not a number"))?,
-            None if after.is_empty() => default_port,
-            None => return Err(bad("expected [address]:port")),
-        };
-        (h.to_string(), port)
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse().map_err(|_| bad("the port is not a number"))?,
-            ),
-            None => (rest.to_string(), default_port),
-        }
-    };
-    if host.is_empty() {
-        return Err(bad("no host"));
-    }
-    Ok((host, port, tls))
-}
-
-fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, UplinkError> {
-    std::fs::read(path).map_err(|source| UplinkError::ReadFile {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// The password file's content without its trailing line break. Errors name the file,
-/// never its content.
-fn read_password(path: &Path) -> Result<String, UplinkError> {
-    let bytes = read_file("password file", path)?;
-    let mut text = String::from_utf8(bytes).map_err(|_| {
-        UplinkError::Config(format!("the password file {} is not UTF-8", path.display()))
-    })?;
-    if text.ends_with('\n') {
-        text.pop();
-        if text.ends_with('\r') {
-            text.pop();
-        }
-    }
-    Ok(text)
-}
-
-/// A rustls client config with the ring provider: the CA bundle (or the system's roots)
-/// and an optional client certificate.
-fn tls_config(cfg: &UplinkConfig) -> Result<rustls::ClientConfig, UplinkError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let tls_err = |what: String| UplinkError::Tls(what);
-    let mut roots = rustls::RootCertStore::empty();
-    match &cfg.ca_file {
-        Some(path) => {
-            let pem = read_file("CA file", path)?;
-            let certs = CertificateDer::pem_slice_iter(&pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| tls_err(format!("CA file {}: {e}", path.display())))?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(tls_err(format!(
-                    "CA file {}: no usable certificate",
-                    path.display()
-                )));
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                return Err(tls_err(
-                    "no ca_file given and no system CA certificates found".into(),
-                ));
-            }
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| tls_err(e.to_string()))?
-    .with_root_certificates(roots);
-    match (&cfg.client_cert, &cfg.client_key) {
-        (Some(cert), Some(key)) => {
-            let pem = read_file("client certificate", cert)?;
-            let chain = CertificateDer::pem_slice_iter(&pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| tls_err(format!("client certificate {}: {e}", cert.display())))?;
-            if chain.is_empty() {
-                return Err(tls_err(format!(
-                    "client certificate {}: no certificate",
-                    cert.display()
-                )));
-            }
-            let key_pem = read_file("client key", key)?;
-            // The key's own parse error is not shown: it could quote key material.
-            let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
-                tls_err(format!(
-                    "client key {}: no usable private key",
-                    key.display()
-                ))
-            })?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| tls_err(format!("client certificate and key: {e}")))
-        }
-        (None, None) => Ok(builder.with_no_client_auth()),
-        _ => Err(UplinkError::Config(
-            "client_cert and client_key go together".into(),
-        )),
-    }
-}
-
 /// Everything about the connection that can be checked before connecting.
 fn mqtt_options(cfg: &UplinkConfig) -> Result<MqttOptions, UplinkError> {
     if !topic::valid_agent_id(&cfg.agent_id) {
@@ -986,105 +821,39 @@ fn mqtt_options(cfg: &UplinkConfig) -> Result<MqttOptions, UplinkError> {
             cfg.agent_id
         )));
     }
-    let (host, port, tls) = parse_broker(&cfg.broker)?;
-    let mut opts = MqttOptions::new(cfg.agent_id.clone(), host, port);
-    opts.set_clean_session(true);
-    // rumqttc accepts whole seconds only (or zero, which disables keep-alive).
-    let ka = if cfg.keep_alive.is_zero() {
-        Duration::ZERO
-    } else {
-        Duration::from_secs(cfg.keep_alive.as_secs().clamp(1, u64::from(u16::MAX)))
+    let url = BrokerUrl::parse(&cfg.broker)?;
+    let auth = BrokerAuth {
+        username: cfg.username.clone(),
+        password_file: cfg.password_file.clone(),
+        tls: ClientTls {
+            ca_file: cfg.ca_file.clone(),
+            client_cert: cfg.client_cert.clone(),
+            client_key: cfg.client_key.clone(),
+        },
     };
-    opts.set_keep_alive(ka);
+    let settings = ClientSettings {
+        client_id: cfg.agent_id.clone(),
+        keep_alive: cfg.keep_alive,
+        // Any incoming packet MQTT allows is read, and a payload over MAX_MESSAGE is then
+        // refused by the decoders: with a smaller limit, one oversize message retained on
+        // the ack or diag/req topic would end the connection at every reconnect, and no
+        // ack could ever arrive again.
+        max_incoming: MQTT_MAX_PACKET,
+        max_outgoing: MAX_MESSAGE + PACKET_SLACK,
+    };
+    let mut opts = tend_mqtt::mqtt_options(&url, &auth, &settings)?;
     opts.set_last_will(LastWill::new(
         topic::status(&cfg.agent_id),
         STATUS_OFFLINE,
         QoS::AtLeastOnce,
         true,
     ));
-    // Any incoming packet MQTT allows is read, and a payload over MAX_MESSAGE is then
-    // refused by the decoders: with a smaller limit, one oversize message retained on the
-    // ack or diag/req topic would end the connection at every reconnect, and no ack could
-    // ever arrive again.
-    opts.set_max_packet_size(MQTT_MAX_PACKET, MAX_MESSAGE + PACKET_SLACK);
-    match (&cfg.username, &cfg.password_file) {
-        (Some(user), pw) => {
-            let password = match pw {
-                Some(p) => read_password(p)?,
-                None => String::new(),
-            };
-            opts.set_credentials(user.clone(), password);
-        }
-        (None, Some(_)) => {
-            return Err(UplinkError::Config(
-                "password_file needs a username (MQTT 3.1.1 has no password without one)".into(),
-            ))
-        }
-        (None, None) => {}
-    }
-    if tls {
-        let config = tls_config(cfg)?;
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(config),
-        )));
-    } else if cfg.ca_file.is_some() || cfg.client_cert.is_some() || cfg.client_key.is_some() {
-        return Err(UplinkError::Config(
-            "ca_file / client_cert / client_key need an mqtts:// broker".into(),
-        ));
-    }
     Ok(opts)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn broker_urls() {
-        assert_eq!(
-            parse_broker("mqtt://127.0.0.1:1884").unwrap(),
-            ("127.0.0.1".into(), 1884, false)
-        );
-        assert_eq!(
-            parse_broker("mqtts://gw.example").unwrap(),
-            ("gw.example".into(), 8883, true)
-        );
-        assert_eq!(
-            parse_broker("mqtt://[::1]:2000/").unwrap(),
-            ("::1".into(), 2000, false)
-        );
-        for bad in [
-            "tcp://h:1",
-            "mqtt://",
-            "mqtt://h:x",
-            "mqtt://h/path",
-            "h:1883",
-        ] {
-            assert!(parse_broker(bad).is_err(), "{bad}");
-        }
-        let e = parse_broker("mqtt://user:s3cret@h:1883").unwrap_err();
-        assert!(!e.to_string().contains("s3cret"), "{e}");
-    }
-
-    #[test]
-    fn backoff_stays_in_bounds_and_grows() {
-        let min = Duration::from_millis(500);
-        let max = Duration::from_secs(30);
-        for attempt in 0..40 {
-            for r in [0, 1, u64::MAX / 3, u64::MAX] {
-                let d = backoff(min, max, attempt, r);
-                assert!(d >= min && d <= max, "{attempt} {r} {d:?}");
-            }
-        }
-        assert!(backoff(min, max, 0, 0) < Duration::from_secs(1));
-        assert!(backoff(min, max, 10, 0) >= Duration::from_secs(15));
-        // min > max does not panic.
-        let d = backoff(Duration::from_secs(5), Duration::from_secs(1), 3, 7);
-        assert_eq!(d, Duration::from_secs(5));
-        let a = random_u64();
-        let b = random_u64();
-        assert_ne!(a, b);
-    }
 
     #[test]
     fn acks_are_clipped_to_what_was_sent() {
@@ -1111,46 +880,42 @@ mod tests {
     }
 
     #[test]
-    fn password_file_loses_only_its_line_break() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("pw");
-        std::fs::write(&p, "s3cret \r\n").unwrap();
-        assert_eq!(read_password(&p).unwrap(), "s3cret ");
-        std::fs::write(&p, "s3cret").unwrap();
-        assert_eq!(read_password(&p).unwrap(), "s3cret");
-        std::fs::write(&p, [0xff, 0xfe, b's']).unwrap();
-        let e = read_password(&p).unwrap_err().to_string();
-        assert!(e.contains("not UTF-8"), "{e}");
-        let e = read_password(&dir.path().join("missing"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("password file"), "{e}");
-    }
-
-    #[test]
     fn config_checks() {
+        use tend_mqtt::{SecretError, TlsError};
         let mut cfg = UplinkConfig::new("agent-1", "site", "mqtt://127.0.0.1:1883");
         assert!(mqtt_options(&cfg).is_ok());
         cfg.agent_id = "a/b".into();
         assert!(matches!(mqtt_options(&cfg), Err(UplinkError::Config(_))));
         cfg.agent_id = "agent-1".into();
         cfg.password_file = Some("/nonexistent".into());
-        assert!(matches!(mqtt_options(&cfg), Err(UplinkError::Config(_))));
+        assert!(matches!(
+            mqtt_options(&cfg),
+            Err(UplinkError::Options(OptionsError::PasswordWithoutUser))
+        ));
         cfg.username = Some("u".into());
         assert!(matches!(
             mqtt_options(&cfg),
-            Err(UplinkError::ReadFile { .. })
+            Err(UplinkError::Options(OptionsError::Secret(
+                SecretError::Unreadable { .. }
+            )))
         ));
         cfg.password_file = None;
         cfg.ca_file = Some("/nonexistent".into());
-        assert!(matches!(mqtt_options(&cfg), Err(UplinkError::Config(_))));
+        assert!(matches!(
+            mqtt_options(&cfg),
+            Err(UplinkError::Options(
+                OptionsError::TlsFilesWithoutTls { .. }
+            ))
+        ));
         cfg.broker = "mqtts://127.0.0.1".into();
         assert!(matches!(
             mqtt_options(&cfg),
-            Err(UplinkError::ReadFile {
-                what: "CA file",
-                ..
-            })
+            Err(UplinkError::Options(OptionsError::Tls(
+                TlsError::Unreadable {
+                    what: "CA file",
+                    ..
+                }
+            )))
         ));
         cfg.keep_alive = Duration::from_millis(300);
         cfg.ca_file = None;
@@ -1160,5 +925,10 @@ mod tests {
             mqtt_options(&cfg).unwrap().keep_alive(),
             Duration::from_secs(1)
         );
+        // Credentials in the URL are refused without echoing them.
+        cfg.broker = "mqtt://user:s3cret@h:1883".into();
+        let e = mqtt_options(&cfg).unwrap_err();
+        assert!(matches!(e, UplinkError::Broker(_)), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 }

@@ -250,20 +250,15 @@ fn firmware_and_schema_must_agree() {
 
 #[test]
 fn broker_urls() {
-    assert_eq!(
-        mqtt::parse_broker("mqtt://127.0.0.1:1883").unwrap(),
-        ("127.0.0.1".into(), 1883)
-    );
-    assert_eq!(
-        mqtt::parse_broker("broker.local").unwrap(),
-        ("broker.local".into(), 1883)
-    );
-    assert_eq!(
-        mqtt::parse_broker("tcp://[::1]:1884").unwrap(),
-        ("::1".into(), 1884)
-    );
+    let u = mqtt::parse_broker("mqtt://127.0.0.1:1883").unwrap();
+    assert_eq!((u.host(), u.port(), u.is_tls()), ("127.0.0.1", 1883, false));
+    // A device on a TLS broker is read over TLS (it was refused before tend-mqtt).
+    let u = mqtt::parse_broker("mqtts://[::1]:8884").unwrap();
+    assert_eq!((u.host(), u.port(), u.is_tls()), ("::1", 8884, true));
+    // One grammar for every broker URL: no bare host, no other scheme.
     for bad in [
-        "mqtts://h:8883",
+        "broker.local",
+        "tcp://[::1]:1884",
         "http://h",
         "mqtt://",
         "mqtt://h:port",

@@ -8,15 +8,17 @@
 //! profile allows is dropped before any parsing. Nothing is published.
 
 use super::{family_first, DeviceRead, Stats, TransportError};
-use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event, Packet, QoS};
 use std::time::{Duration, Instant};
+use tend_mqtt::options::options_with;
+use tend_mqtt::{BrokerUrl, ClientSettings, ClientTls, Credentials};
 use tend_profiles::engine::DecodeError;
 use tend_profiles::ProfileSet;
 
 /// Where the broker is and whose status to read.
 #[derive(Debug, Clone)]
 pub struct MqttSource {
-    /// `mqtt://host:port`, `tcp://host:port` or `host:port` (port 1883 when omitted).
+    /// `mqtt://host[:port]` or `mqtts://host[:port]` (the system's CA roots).
     pub broker: String,
     /// The device's serial number, substituted for `{serial}` in the profile's topics.
     pub serial: String,
@@ -24,47 +26,10 @@ pub struct MqttSource {
     pub password: Option<String>,
 }
 
-/// Host and port of a broker URL. TLS (`mqtts://`) is refused here rather than silently
-/// sent in clear text.
-pub fn parse_broker(url: &str) -> Result<(String, u16), TransportError> {
-    let bad = |why: &str| TransportError::Config(format!("broker {url:?}: {why}"));
-    let rest = if let Some(r) = url.strip_prefix("mqtt://") {
-        r
-    } else if let Some(r) = url.strip_prefix("tcp://") {
-        r
-    } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
-        return Err(bad("TLS brokers are not supported by this build yet"));
-    } else if url.contains("://") {
-        return Err(bad("expected mqtt://host:port"));
-    } else {
-        url
-    };
-    let rest = rest.trim_end_matches('/');
-    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
-        return Err(bad("expected mqtt://host:port"));
-    }
-    // `[::1]:1883`, `host:1883`, `host`.
-    let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
-        let (h, after) = inner.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| bad("port is not a number"))?,
-            None if after.is_empty() => 1883,
-            None => return Err(bad("expected mqtt://host:port")),
-        };
-        (h.to_string(), port)
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse().map_err(|_| bad("port is not a number"))?,
-            ),
-            None => (rest.to_string(), 1883),
-        }
-    };
-    if host.is_empty() {
-        return Err(bad("no host"));
-    }
-    Ok((host, port))
+/// The broker URL (`mqtt://host[:port]` or `mqtts://host[:port]`), in the one grammar of
+/// [`tend_mqtt::BrokerUrl`].
+pub fn parse_broker(url: &str) -> Result<BrokerUrl, TransportError> {
+    BrokerUrl::parse(url).map_err(|e| TransportError::Config(e.to_string()))
 }
 
 /// What the last will topic said, if anything arrived there.
@@ -132,19 +97,23 @@ pub async fn read_status(
         .max()
         .unwrap_or(16 * 1024) as usize;
 
-    let (host, port) = parse_broker(&src.broker)?;
-    let mut opts = MqttOptions::new(client_id(), host.clone(), port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_clean_session(true);
-    // Accept packets well above the device limit so an oversize message is dropped by us
-    // (and counted) instead of tearing the connection down.
-    let incoming = (max_payload * 8).max(256 * 1024);
-    opts.set_max_packet_size(incoming, 64 * 1024);
-    if let Some(user) = &src.username {
-        opts.set_credentials(user.clone(), src.password.clone().unwrap_or_default());
-    }
+    let url = parse_broker(&src.broker)?;
+    let credentials = src.username.as_ref().map(|user| Credentials {
+        username: user.clone(),
+        password: src.password.clone().unwrap_or_default(),
+    });
+    let settings = ClientSettings {
+        client_id: client_id(),
+        keep_alive: Duration::from_secs(30),
+        // Accept packets well above the device limit so an oversize message is dropped by
+        // us (and counted) instead of tearing the connection down.
+        max_incoming: (max_payload * 8).max(256 * 1024),
+        max_outgoing: 64 * 1024,
+    };
+    let opts = options_with(&url, credentials, &ClientTls::default(), &settings)
+        .map_err(|e| TransportError::Config(e.to_string()))?;
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
-    let target = format!("{host}:{port}");
+    let target = url.authority();
     let mut stats = Stats::default();
     let mut presence = None;
     let mut last_problem: Option<String> = None;
