@@ -384,12 +384,23 @@ pub fn uplink_config(c: &crate::config::AgentConfig) -> crate::uplink::UplinkCon
     u
 }
 
+/// Why the running agent stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
+    #[error(transparent)]
+    Uplink(#[from] crate::uplink::UplinkError),
+    #[error("uplink task failed: {0}")]
+    UplinkTask(tokio::task::JoinError),
+}
+
 /// Runs the agent until `shutdown`: reads every device, keeps every record durable until
 /// the gateway acknowledges it, and answers diagnostics. Returns once the outbox is closed.
 pub async fn run(
     loaded: Loaded,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let started = Started::start(&loaded).await?;
     let diag = {
         let shared = started.shared.clone();
@@ -434,7 +445,7 @@ pub async fn run(
     let stopped = started.stop().await;
     match result {
         Ok(r) => r?,
-        Err(e) => anyhow::bail!("uplink task failed: {e}"),
+        Err(e) => return Err(RunError::UplinkTask(e)),
     }
     stopped?;
     Ok(())
