@@ -11,10 +11,9 @@
 //! task for one device, a standing subscription. Nothing is published but the commands a
 //! profile lists as diagnostics, to the device's command topic.
 
-use super::link::{DeviceRequest, LinkContext, Observation, RequestError};
+use super::link::{DeviceRequest, LinkContext, RequestError};
 use super::{family_first, reopen_backoff, DeviceRead, Stats, TransportError};
 use crate::device::{DeviceConfig, MqttLink};
-use crate::run::Shared;
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -349,17 +348,10 @@ type PendingCommand = (
 /// than three status periods is a failed read each period. Profile-listed commands
 /// (`selftest`, `errlog`) are published to the device's command topic and answered from
 /// its reply topic.
-pub async fn mqtt_link(d: DeviceConfig, link: MqttLink, cx: LinkContext) {
-    let LinkContext {
-        set,
-        shared,
-        out,
-        mut requests,
-    } = cx;
-    let out = LinkOut { shared, out };
+pub async fn mqtt_link(d: DeviceConfig, link: MqttLink, mut cx: LinkContext) {
     let serial = link.serial.clone();
     let broker = link.broker.clone();
-    let Ok(family) = set.family(&d.profile) else {
+    let Ok(family) = cx.set.family(&d.profile) else {
         return;
     };
     let topics = DeviceTopics::of(family, &serial);
@@ -367,7 +359,7 @@ pub async fn mqtt_link(d: DeviceConfig, link: MqttLink, cx: LinkContext) {
     let (host, port) = match crate::transport::mqtt::parse_broker(&broker) {
         Ok(hp) => hp,
         Err(e) => {
-            let _ = out.send(&d.id, Err(e)).await;
+            let _ = cx.send(&d.id, Err(e)).await;
             return;
         }
     };
@@ -428,11 +420,11 @@ pub async fn mqtt_link(d: DeviceConfig, link: MqttLink, cx: LinkContext) {
         let next_expiry = state.next_expiry();
         let go_on = tokio::select! {
             ev = events.recv() => match ev {
-                Some(ev) => state.on_event(ev, &set, &out).await,
+                Some(ev) => state.on_event(ev, &cx).await,
                 None => false,
             },
-            _ = tokio::time::sleep_until(next_expiry) => state.on_expiry(&out).await,
-            Some(req) = requests.recv() => {
+            _ = tokio::time::sleep_until(next_expiry) => state.on_expiry(&cx).await,
+            Some(req) = cx.requests.recv() => {
                 state.on_request(req).await;
                 true
             }
@@ -442,25 +434,6 @@ pub async fn mqtt_link(d: DeviceConfig, link: MqttLink, cx: LinkContext) {
         }
     }
     poller.abort();
-}
-
-/// Where an MQTT device's reads and statistics go.
-struct LinkOut {
-    shared: Arc<Shared>,
-    out: mpsc::Sender<Observation>,
-}
-
-impl LinkOut {
-    async fn send(&self, device: &str, result: Result<DeviceRead, TransportError>) -> bool {
-        self.out
-            .send(Observation {
-                device: device.to_string(),
-                at: jiff::Timestamp::now(),
-                result,
-            })
-            .await
-            .is_ok()
-    }
 }
 
 /// What the link task of one MQTT device knows between events.
@@ -490,12 +463,7 @@ impl MqttDevice {
     }
 
     /// Handles one event of the broker connection; false once the recorder is gone.
-    async fn on_event(
-        &mut self,
-        ev: Result<Event, String>,
-        set: &ProfileSet,
-        out: &LinkOut,
-    ) -> bool {
+    async fn on_event(&mut self, ev: Result<Event, String>, cx: &LinkContext) -> bool {
         let topics = &self.topics;
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -512,13 +480,13 @@ impl MqttDevice {
                     self.stats.oversize += 1;
                     return true;
                 }
-                let result = crate::transport::mqtt::decode(set, &self.model, &p.payload);
+                let result = crate::transport::mqtt::decode(&cx.set, &self.model, &p.payload);
                 if let Ok(r) = &result {
                     self.known = Some(r.profile.clone());
                     self.silent_deadline = TokioInstant::now() + topics.period * 3;
                 }
-                out.shared.set_stats(&self.device, self.stats.clone());
-                return out.send(&self.device, result).await;
+                cx.shared.set_stats(&self.device, self.stats.clone());
+                return cx.send(&self.device, result).await;
             }
             Ok(Event::Incoming(Packet::Publish(p))) if Some(&p.topic) == topics.lwt.as_ref() => {
                 // The device's last will: it is gone now, not three periods from now.
@@ -529,7 +497,7 @@ impl MqttDevice {
                         after: Duration::ZERO,
                         detail: String::new(),
                     };
-                    return out.send(&self.device, Err(err)).await;
+                    return cx.send(&self.device, Err(err)).await;
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) if Some(&p.topic) == topics.reply.as_ref() => {
@@ -581,7 +549,7 @@ impl MqttDevice {
 
     /// Expires commands past their deadline; a device silent past its deadline is a
     /// failed read. False once the recorder is gone.
-    async fn on_expiry(&mut self, out: &LinkOut) -> bool {
+    async fn on_expiry(&mut self, cx: &LinkContext) -> bool {
         let now = TokioInstant::now();
         let expired: Vec<String> = self
             .pending
@@ -596,7 +564,7 @@ impl MqttDevice {
         }
         if self.silent_deadline <= now {
             self.stats.timeouts += 1;
-            out.shared.set_stats(&self.device, self.stats.clone());
+            cx.shared.set_stats(&self.device, self.stats.clone());
             let period = self.topics.period;
             self.silent_deadline = now + period;
             let err = TransportError::Timeout {
@@ -608,7 +576,7 @@ impl MqttDevice {
                     .map(|e| format!("; broker: {e}"))
                     .unwrap_or_default(),
             };
-            return out.send(&self.device, Err(err)).await;
+            return cx.send(&self.device, Err(err)).await;
         }
         true
     }
