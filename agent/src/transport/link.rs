@@ -212,3 +212,162 @@ async fn read<S: DeviceSource>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Unit 1 answers at once; unit 2 is dead and costs `dead_timeout` per attempt. With
+    /// `closed`, the source asks for a hold-off after every failure.
+    struct FakeSource {
+        profile: Arc<Profile>,
+        dead_timeout: Duration,
+        closed: bool,
+        attempts: Arc<AtomicU32>,
+    }
+
+    impl DeviceSource for FakeSource {
+        async fn identify(
+            &mut self,
+            unit: &Unit,
+            _set: &ProfileSet,
+        ) -> Result<(Identity, Arc<Profile>), TransportError> {
+            if unit.address == 2 {
+                self.attempts.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(self.dead_timeout).await;
+                return Err(TransportError::Timeout {
+                    what: "unit 2".into(),
+                    after: self.dead_timeout,
+                    detail: String::new(),
+                });
+            }
+            let identity = Identity {
+                firmware: "5.2.1".into(),
+                serial: None,
+            };
+            Ok((identity, self.profile.clone()))
+        }
+
+        async fn poll(
+            &mut self,
+            _unit: &Unit,
+            _profile: &Profile,
+        ) -> Result<Snapshot, TransportError> {
+            Ok(Snapshot::default())
+        }
+
+        async fn diagnostic(
+            &mut self,
+            unit: &Unit,
+            _profile: &Profile,
+            name: &str,
+        ) -> Result<serde_json::Value, TransportError> {
+            Ok(serde_json::json!({ "unit": unit.address, "name": name }))
+        }
+
+        fn stats(&self, _unit: &Unit) -> Stats {
+            Stats::default()
+        }
+
+        fn hold_off(&self) -> Option<Duration> {
+            self.closed.then_some(Duration::from_millis(400))
+        }
+    }
+
+    fn unit(address: u8) -> Unit {
+        Unit {
+            device: format!("dev-{address}"),
+            model: "aeris/av-500".into(),
+            address,
+            poll_interval: Duration::from_millis(20),
+            reply_timeout: None,
+        }
+    }
+
+    struct Running {
+        reads: mpsc::Receiver<Observation>,
+        requests: mpsc::Sender<DeviceRequest>,
+        attempts: Arc<AtomicU32>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn start(closed: bool) -> Running {
+        let set = Arc::new(ProfileSet::builtin().expect("built-in profiles"));
+        let profile = set.family("aeris/av-500").expect("av-500")[0].clone();
+        let attempts = Arc::new(AtomicU32::new(0));
+        let source = FakeSource {
+            profile,
+            dead_timeout: Duration::from_millis(100),
+            closed,
+            attempts: attempts.clone(),
+        };
+        let (out, reads) = mpsc::channel(256);
+        let (requests, rx) = mpsc::channel(4);
+        let cx = LinkContext {
+            set,
+            shared: Arc::new(Shared::default()),
+            out,
+            requests: rx,
+        };
+        let task = tokio::spawn(run_polled(source, vec![unit(1), unit(2)], cx));
+        Running {
+            reads,
+            requests,
+            attempts,
+            task,
+        }
+    }
+
+    async fn ask(r: &Running, device: &str) -> Result<serde_json::Value, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        r.requests
+            .send(DeviceRequest {
+                device: device.into(),
+                name: "status-registers".into(),
+                reply,
+            })
+            .await
+            .expect("link running");
+        answer.await.expect("answered")
+    }
+
+    #[tokio::test]
+    async fn a_dead_unit_costs_its_timeout_and_requests_reach_the_owning_unit() {
+        let mut r = start(false);
+        let (mut good, mut failed) = (0, 0);
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        while let Ok(Some(obs)) = tokio::time::timeout_at(deadline, r.reads.recv()).await {
+            match (obs.device.as_str(), obs.result.is_ok()) {
+                ("dev-1", true) => good += 1,
+                ("dev-2", false) => failed += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Unit 2 costs 100 ms per attempt; unit 1 is read between its attempts.
+        assert!(failed >= 2, "{failed} failures of the dead unit");
+        assert!(
+            good >= failed,
+            "{good} reads of the live unit, {failed} failures"
+        );
+        let answer = ask(&r, "dev-1").await.expect("unit 1 answers");
+        assert_eq!(answer["unit"], 1);
+        assert!(matches!(
+            ask(&r, "dev-2").await,
+            Err(RequestError::NotAnswered)
+        ));
+        r.task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_failed_link_is_left_alone_for_its_hold_off() {
+        let mut r = start(true);
+        let deadline = Instant::now() + Duration::from_millis(1000);
+        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, r.reads.recv()).await {}
+        // 100 ms per attempt and 400 ms held off after it: at most 3 in a second, where
+        // a 20 ms poll interval alone would allow 9.
+        let n = r.attempts.load(Ordering::SeqCst);
+        assert!((1..=3).contains(&n), "{n} attempts");
+        r.task.abort();
+    }
+}
