@@ -5,11 +5,13 @@
 //! every transport keeps [`Stats`] for remote diagnostics.
 //!
 //! [`link`] holds the link task that drives a transport, and the [`link::DeviceSource`]
-//! trait a request/response transport implements to get it.
+//! trait a request/response transport implements to get it: a new polled transport is a
+//! new module here with one `DeviceSource` impl, and a variant of
+//! [`crate::device::Transport`] for its config keys.
 //!
 //! No transport can write to a device: the serial transport sends only `Q|` requests the
-//! profile lists, the Modbus transport has no write call at all, and the MQTT source only
-//! subscribes.
+//! profile lists, the Modbus transport has no write call at all, and the MQTT source
+//! subscribes and publishes only the commands its profile lists as diagnostics.
 
 pub mod link;
 pub mod modbus;
