@@ -629,6 +629,52 @@ mod tests {
     }
 
     #[test]
+    fn flags_and_config_reach_a_device_the_same_way() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--transport", "modbus-tcp", "--address", "10.0.0.5"],
+                "transport = \"modbus-tcp\"\naddress = \"10.0.0.5\"",
+            ),
+            (
+                &["--transport", "modbus-rtu", "--port", "/dev/ttyUSB0"],
+                "transport = \"modbus-rtu\"\nport = \"/dev/ttyUSB0\"",
+            ),
+            (
+                &[
+                    "--transport",
+                    "modbus-rtu",
+                    "--port",
+                    "/dev/ttyUSB0",
+                    "--parity",
+                    "odd",
+                    "--baud",
+                    "9600",
+                    "--unit",
+                    "4",
+                ],
+                "transport = \"modbus-rtu\"\nport = \"/dev/ttyUSB0\"\nparity = \"odd\"\nbaud = 9600\nunit = 4",
+            ),
+        ];
+        for (flags, keys) in cases {
+            let mut argv = vec!["--profile", "aeris/av-500"];
+            argv.extend_from_slice(flags);
+            let probed = target(&argv).unwrap().link;
+            let src = format!(
+                "agent_id = \"a\"\nsite_id = \"s\"\ndata_dir = \"d\"\n[uplink]\nbroker = \"mqtt://h\"\n\
+                 [[device]]\nid = \"v\"\nprofile = \"aeris/av-500\"\n{keys}\n"
+            );
+            let l = crate::config::parse("agent.toml", &src, std::path::Path::new("/tmp")).unwrap();
+            let d = &l.config.devices[0];
+            let family = l.profiles.family(&d.profile).unwrap();
+            assert_eq!(
+                d.transport.resolve(&family[0].doc.transport),
+                probed,
+                "{keys}"
+            );
+        }
+    }
+
+    #[test]
     fn mqtt_waits_one_status_interval_by_default() {
         let t = target(&[
             "--profile",
