@@ -1,6 +1,8 @@
 //! The agent's configuration file (`tend-agent run --config agent.toml`): what it reads,
 //! where it keeps its outbox and where it sends. Every error names file, line and key.
 
+pub use crate::device::DeviceConfig;
+use crate::device::{LinkTarget, MqttLink, Transport};
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -94,83 +96,6 @@ fn default_commit_window() -> Dur {
     Dur(Duration::from_millis(2))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum TransportName {
-    Serial,
-    ModbusRtu,
-    ModbusTcp,
-    Mqtt,
-}
-
-impl TransportName {
-    /// The profile transport this link carries.
-    pub fn profile_kind(self) -> TransportKind {
-        match self {
-            TransportName::Serial => TransportKind::Serial,
-            TransportName::ModbusRtu | TransportName::ModbusTcp => TransportKind::Modbus,
-            TransportName::Mqtt => TransportKind::Mqtt,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ParityName {
-    None,
-    Even,
-    Odd,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceConfig {
-    /// The id the fleet file uses for this device.
-    pub id: String,
-    /// `vendor/model`; the device's firmware picks the profile of that model.
-    pub profile: String,
-    pub transport: TransportName,
-    /// Serial port path (serial, modbus-rtu).
-    pub port: Option<String>,
-    pub baud: Option<u32>,
-    pub parity: Option<ParityName>,
-    /// Modbus unit id.
-    pub unit: Option<u8>,
-    /// Modbus TCP `host:port`.
-    pub address: Option<String>,
-    /// MQTT device: the broker it publishes to and its serial number.
-    pub broker: Option<String>,
-    pub serial: Option<String>,
-    pub username: Option<String>,
-    pub password_file: Option<PathBuf>,
-    /// MQTT device on an `mqtts://` broker: the CA bundle (else the system's roots).
-    pub ca_file: Option<PathBuf>,
-    /// How often to read the device (serial, Modbus). Default 1 s.
-    pub poll_interval: Option<Dur>,
-    /// Overrides the profile's reply timeout.
-    pub reply_timeout: Option<Dur>,
-}
-
-impl DeviceConfig {
-    /// The user name, password file and CA file of an MQTT device's broker.
-    pub fn broker_auth(&self) -> BrokerAuth {
-        BrokerAuth {
-            username: self.username.clone(),
-            password_file: self.password_file.clone(),
-            tls: ClientTls {
-                ca_file: self.ca_file.clone(),
-                ..ClientTls::default()
-            },
-        }
-    }
-
-    pub fn poll_interval(&self) -> Duration {
-        self.poll_interval
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(1))
-    }
-}
-
 /// A loaded, checked configuration and the profiles its devices use.
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -187,29 +112,19 @@ pub fn load(path: &Path) -> Result<Loaded, ProfileError> {
 
 /// Parses and checks config text; `file` names it in errors, `base` resolves relative paths.
 pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError> {
-    let mut config: AgentConfig = toml::from_str(src).map_err(|e| toml_error(file, src, &e))?;
-    let err = |path: &KeyPath, message: String| ProfileError {
-        file: file.to_string(),
-        line: line_of_path(src, path),
-        key: path.to_string(),
-        message,
-    };
+    let cx = Located { file, src };
+    let mut config: AgentConfig = toml::from_str(src).map_err(|e| located(&cx, base, &e))?;
     let root = KeyPath::root();
     if !tend_wire::topic::valid_agent_id(&config.agent_id) {
-        return Err(err(
+        return Err(cx.err(
             &root.key("agent_id"),
-            "must be 1-64 letters, digits, '-', '_' or '.' (it is an MQTT topic level)".into(),
+            "must be 1-64 letters, digits, '-', '_' or '.' (it is an MQTT topic level)",
         ));
     }
     if config.site_id.trim().is_empty() {
-        return Err(err(&root.key("site_id"), "must not be empty".into()));
+        return Err(cx.err(&root.key("site_id"), "must not be empty"));
     }
-    let resolve = |p: &mut PathBuf| {
-        if p.is_relative() {
-            *p = base.join(&*p);
-        }
-    };
-    resolve(&mut config.data_dir);
+    resolve(base, &mut config.data_dir);
     for p in [
         &mut config.profiles_dir,
         &mut config.uplink.ca_file,
@@ -220,34 +135,9 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
     .into_iter()
     .flatten()
     {
-        resolve(p);
+        resolve(base, p);
     }
-    let up = root.key("uplink");
-    let broker = BrokerUrl::parse(&config.uplink.broker)
-        .map_err(|e| err(&up.key("broker"), e.to_string()))?;
-    config
-        .uplink
-        .auth()
-        .check(&broker)
-        .map_err(|e| err(&up.key(e.config_key()), e.to_string()))?;
-    for (key, p) in [
-        ("ca_file", &config.uplink.ca_file),
-        ("client_cert", &config.uplink.client_cert),
-        ("client_key", &config.uplink.client_key),
-    ] {
-        if let Some(p) = p {
-            if !p.is_file() {
-                return Err(err(
-                    &up.key(key),
-                    format!("{} is not a readable file", p.display()),
-                ));
-            }
-        }
-    }
-    if let Some(p) = &config.uplink.password_file {
-        tend_mqtt::read_secret("password file", p)
-            .map_err(|e| err(&up.key("password_file"), e.to_string()))?;
-    }
+    check_uplink(&cx, &config.uplink)?;
 
     let mut profiles = ProfileSet::builtin()?;
     if let Some(dir) = &config.profiles_dir {
@@ -259,104 +149,250 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
     for (i, d) in config.devices.iter_mut().enumerate() {
         let dp = root.key("device").index(i);
         if !tend_wire::topic::valid_agent_id(&d.id) {
-            return Err(err(
+            return Err(cx.err(
                 &dp.key("id"),
-                "must be 1-64 letters, digits, '-', '_' or '.'".into(),
+                "must be 1-64 letters, digits, '-', '_' or '.'",
             ));
         }
         if !ids.insert(d.id.clone()) {
-            return Err(err(
-                &dp.key("id"),
-                format!("device `{}` is listed twice", d.id),
-            ));
+            return Err(cx.err(&dp.key("id"), format!("device `{}` is listed twice", d.id)));
         }
-        let family = profiles
-            .family(&d.profile)
-            .map_err(|e| err(&dp.key("profile"), e.to_string()))?;
-        let kind = family[0].transport_kind();
-        if kind != d.transport.profile_kind() {
-            return Err(err(
-                &dp.key("transport"),
-                format!("{} is read over {kind:?}, not {:?}", d.profile, d.transport)
-                    .to_lowercase(),
-            ));
-        }
-        let need = |ok: bool, key: &str| -> Result<(), ProfileError> {
-            if ok {
-                Ok(())
-            } else {
-                Err(err(
-                    &dp.key(key),
-                    format!("a {:?} device needs `{key}`", d.transport).to_lowercase(),
-                ))
-            }
-        };
-        match d.transport {
-            TransportName::Serial | TransportName::ModbusRtu => need(d.port.is_some(), "port")?,
-            TransportName::ModbusTcp => need(d.address.is_some(), "address")?,
-            TransportName::Mqtt => {
-                need(d.broker.is_some(), "broker")?;
-                need(d.serial.is_some(), "serial")?;
-            }
-        }
-        for p in [&mut d.password_file, &mut d.ca_file].into_iter().flatten() {
-            resolve(p);
-        }
-        if let Some(url) = &d.broker {
-            // Checked now: a broker the link cannot use would otherwise fail only later.
-            let url = BrokerUrl::parse(url).map_err(|e| err(&dp.key("broker"), e.to_string()))?;
-            d.broker_auth()
-                .check(&url)
-                .map_err(|e| err(&dp.key(e.config_key()), e.to_string()))?;
-        }
-        if let Some(pi) = d.poll_interval {
-            if pi.0 < Duration::from_millis(100) {
-                return Err(err(&dp.key("poll_interval"), "at least 100ms".into()));
-            }
-        }
-        if d.unit == Some(0) {
-            return Err(err(&dp.key("unit"), "Modbus unit ids are 1 to 247".into()));
-        }
-        // One device per link and unit: two entries reading the same unit would double
-        // every record.
-        let endpoint = match d.transport {
-            TransportName::Serial => format!("serial {}", d.port.as_deref().unwrap_or("")),
-            TransportName::ModbusRtu => format!(
-                "rtu {} unit {}",
-                d.port.as_deref().unwrap_or(""),
-                d.unit.unwrap_or(1)
-            ),
-            TransportName::ModbusTcp => format!(
-                "tcp {} unit {}",
-                d.address.as_deref().unwrap_or(""),
-                d.unit.unwrap_or(1)
-            ),
-            TransportName::Mqtt => format!(
-                "mqtt {} {}",
-                d.broker.as_deref().unwrap_or(""),
-                d.serial.as_deref().unwrap_or("")
-            ),
-        };
+        let endpoint = check_device(&cx, &dp, d, &profiles, base)?;
         if !endpoints.insert(endpoint.clone()) {
-            return Err(err(
+            return Err(cx.err(
                 &dp.key("id"),
                 format!("another device already reads {endpoint}"),
             ));
         }
-        if let Some(p) = &d.password_file {
-            tend_mqtt::read_secret("password file", p)
-                .map_err(|e| err(&dp.key("password_file"), e.to_string()))?;
+    }
+    Ok(Loaded { config, profiles })
+}
+
+/// A relative path in the config is taken from the config file's folder.
+fn resolve(base: &Path, p: &mut PathBuf) {
+    if p.is_relative() {
+        *p = base.join(&*p);
+    }
+}
+
+/// Builds located errors for one config text.
+struct Located<'a> {
+    file: &'a str,
+    src: &'a str,
+}
+
+impl Located<'_> {
+    fn err(&self, path: &KeyPath, message: impl Into<String>) -> ProfileError {
+        ProfileError {
+            file: self.file.to_string(),
+            line: line_of_path(self.src, path),
+            key: path.to_string(),
+            message: message.into(),
         }
-        if let Some(p) = &d.ca_file {
+    }
+}
+
+fn check_uplink(cx: &Located, uplink: &UplinkSection) -> Result<(), ProfileError> {
+    let up = KeyPath::root().key("uplink");
+    let broker =
+        BrokerUrl::parse(&uplink.broker).map_err(|e| cx.err(&up.key("broker"), e.to_string()))?;
+    uplink
+        .auth()
+        .check(&broker)
+        .map_err(|e| cx.err(&up.key(e.config_key()), e.to_string()))?;
+    for (key, p) in [
+        ("ca_file", &uplink.ca_file),
+        ("client_cert", &uplink.client_cert),
+        ("client_key", &uplink.client_key),
+    ] {
+        if let Some(p) = p {
             if !p.is_file() {
-                return Err(err(
-                    &dp.key("ca_file"),
+                return Err(cx.err(
+                    &up.key(key),
                     format!("{} is not a readable file", p.display()),
                 ));
             }
         }
     }
-    Ok(Loaded { config, profiles })
+    if let Some(p) = &uplink.password_file {
+        tend_mqtt::read_secret("password file", p)
+            .map_err(|e| cx.err(&up.key("password_file"), e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Checks one device entry against its profile and resolves its relative paths; returns
+/// what it reads (`tcp host:502 unit 1`), which no other entry may read too.
+fn check_device(
+    cx: &Located,
+    dp: &KeyPath,
+    d: &mut DeviceConfig,
+    profiles: &ProfileSet,
+    base: &Path,
+) -> Result<String, ProfileError> {
+    let family = profiles
+        .family(&d.profile)
+        .map_err(|e| cx.err(&dp.key("profile"), e.to_string()))?;
+    let kind = family[0].transport_kind();
+    if kind != d.transport.profile_kind() {
+        return Err(cx.err(
+            &dp.key("transport"),
+            misfit(&d.profile, kind, d.transport.name()),
+        ));
+    }
+    if let Some(pi) = d.poll_interval {
+        if pi.0 < Duration::from_millis(100) {
+            return Err(cx.err(&dp.key("poll_interval"), "at least 100ms"));
+        }
+    }
+    if d.transport.unit() == Some(0) {
+        return Err(cx.err(&dp.key("unit"), "Modbus unit ids are 1 to 247"));
+    }
+    if let Transport::Mqtt(m) = &mut d.transport {
+        check_mqtt_link(cx, dp, m, base)?;
+    }
+    // One device per link and unit: two entries reading the same unit would double every
+    // record.
+    Ok(match d.transport.resolve(&family[0].doc.transport) {
+        t @ LinkTarget::Modbus { unit, .. } => format!("{} unit {unit}", t.link_key()),
+        t => t.link_key(),
+    })
+}
+
+/// An MQTT device's broker: its URL, credentials and CA file, checked now (a broker the
+/// link cannot use would otherwise fail only later, and for good).
+fn check_mqtt_link(
+    cx: &Located,
+    dp: &KeyPath,
+    m: &mut MqttLink,
+    base: &Path,
+) -> Result<(), ProfileError> {
+    for p in [&mut m.password_file, &mut m.ca_file].into_iter().flatten() {
+        resolve(base, p);
+    }
+    let url = BrokerUrl::parse(&m.broker).map_err(|e| cx.err(&dp.key("broker"), e.to_string()))?;
+    m.broker_auth()
+        .check(&url)
+        .map_err(|e| cx.err(&dp.key(e.config_key()), e.to_string()))?;
+    if let Some(p) = &m.password_file {
+        tend_mqtt::read_secret("password file", p)
+            .map_err(|e| cx.err(&dp.key("password_file"), e.to_string()))?;
+    }
+    if let Some(p) = &m.ca_file {
+        if !p.is_file() {
+            return Err(cx.err(
+                &dp.key("ca_file"),
+                format!("{} is not a readable file", p.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A TOML or serde error, located. Inside a `[[device]]` table the transport's keys are
+/// read through a tagged enum, which serde buffers: its errors carry the table's position
+/// and often no key, so the key is found here from the message.
+///
+/// A device whose transport does not fit its profile is reported as that: its other keys
+/// then follow from the wrong transport, and the unknown key is only the symptom.
+fn located(cx: &Located, base: &Path, e: &toml::de::Error) -> ProfileError {
+    let src = cx.src;
+    let mut err = toml_error(cx.file, src, e);
+    let Some(i) = device_table_at(src, err.line) else {
+        return err;
+    };
+    let dp = KeyPath::root().key("device").index(i);
+    if let Some(message) = transport_misfit(src, base, i) {
+        return cx.err(&dp.key("transport"), message);
+    }
+    let message = e.message();
+    let key = quoted_after(message, "unknown field `")
+        .or_else(|| quoted_after(message, "missing field `"))
+        .or_else(|| {
+            message
+                .contains("variant")
+                .then(|| quoted_after(message, "`"))
+                .flatten()
+                .and_then(|v| key_with_value(src, i, &v))
+        })
+        .or_else(|| quoted_value(message).and_then(|v| key_with_value(src, i, &v)));
+    if let Some(key) = key {
+        let path = dp.key(&key);
+        err.line = line_of_path(src, &path);
+        err.key = path.to_string();
+    } else if !err.key.starts_with("device[") {
+        err.key = dp.to_string();
+    }
+    err
+}
+
+/// Why device `i`'s transport cannot read its profile's model, if it cannot; read from
+/// the raw text, for a config that does not deserialize.
+fn transport_misfit(src: &str, base: &Path, i: usize) -> Option<String> {
+    let doc: toml::Table = toml::from_str(src).ok()?;
+    let device = doc.get("device")?.as_array()?.get(i)?.as_table()?;
+    let profile = device.get("profile")?.as_str()?;
+    let transport = device.get("transport")?.as_str()?;
+    let written = match transport {
+        "serial" => TransportKind::Serial,
+        "modbus-rtu" | "modbus-tcp" => TransportKind::Modbus,
+        "mqtt" => TransportKind::Mqtt,
+        _ => return None,
+    };
+    let mut profiles = ProfileSet::builtin().ok()?;
+    if let Some(dir) = doc.get("profiles_dir").and_then(|d| d.as_str()) {
+        profiles.load_dir(&base.join(dir)).ok()?;
+    }
+    let kind = profiles.family(profile).ok()?.first()?.transport_kind();
+    (kind != written).then(|| misfit(profile, kind, transport))
+}
+
+fn misfit(profile: &str, kind: TransportKind, transport: &str) -> String {
+    format!("{profile} is read over {kind:?}, not {transport}").to_lowercase()
+}
+
+/// The text between `prefix` and the next backtick.
+fn quoted_after(message: &str, prefix: &str) -> Option<String> {
+    let rest = &message[message.find(prefix)? + prefix.len()..];
+    Some(rest.split('`').next()?.to_string())
+}
+
+/// The value a serde message quotes: `` `300` `` or `"text"`.
+fn quoted_value(message: &str) -> Option<String> {
+    if let Some(v) = quoted_after(message, "`") {
+        return Some(v);
+    }
+    let start = message.find('"')? + 1;
+    let end = start + message[start..].find('"')?;
+    Some(message[start..end].to_string())
+}
+
+/// The key of device `i` whose value is written as `value`, if exactly one is.
+fn key_with_value(src: &str, i: usize, value: &str) -> Option<String> {
+    let doc: toml::Table = toml::from_str(src).ok()?;
+    let table = doc.get("device")?.as_array()?.get(i)?.as_table()?;
+    let mut keys = table.iter().filter(|(_, v)| match v {
+        toml::Value::String(s) => s == value,
+        other => other.to_string() == value,
+    });
+    let (key, _) = keys.next()?;
+    keys.next().is_none().then(|| key.clone())
+}
+
+/// Which `[[device]]` table (0-based) the 1-based `line` is in, if any.
+fn device_table_at(src: &str, line: usize) -> Option<usize> {
+    let mut index = None;
+    let mut count = 0;
+    for l in src.lines().take(line) {
+        let l = l.trim();
+        if l.starts_with("[[device]]") {
+            index = Some(count);
+            count += 1;
+        } else if l.starts_with('[') {
+            index = None;
+        }
+    }
+    index
 }
 
 #[cfg(test)]
@@ -471,37 +507,87 @@ serial = "VM12-00A4471"
     }
 
     #[test]
-    fn uplink_broker_and_secrets_are_checked_at_load() {
-        let dir = tempfile::tempdir().unwrap();
-        let load = |src: &str| parse("agent.toml", src, dir.path());
-        let with = |extra: &str| {
-            GOOD.replacen(
-                "broker = \"mqtt://127.0.0.1:1883\"\n\n[[device]]",
-                &format!("broker = \"mqtt://127.0.0.1:1883\"\n{extra}\n\n[[device]]"),
-                1,
-            )
-        };
-        // An unreadable (here: missing) password file is refused, naming it; it does not
-        // become an empty password.
-        let src = with("username = \"a\"\npassword_file = \"uplink.pw\"");
-        let e = load(&src).unwrap_err();
-        assert_eq!(e.key, "uplink.password_file", "{e}");
-        assert_eq!(e.line, line(&src, "password_file"), "{e}");
-        assert!(e.message.contains("cannot read the password file"), "{e}");
-        assert!(e.message.contains("uplink.pw"), "{e}");
-        std::fs::write(dir.path().join("uplink.pw"), "\n").unwrap();
-        assert!(load(&src).unwrap_err().message.contains("empty"));
-        std::fs::write(dir.path().join("uplink.pw"), "pw\n").unwrap();
-        assert!(load(&src).is_ok());
+    fn transport_keys_are_checked_per_transport() {
+        // (replace, with, key, line of)
+        let cases: &[(&str, &str, &str, &str)] = &[
+            // A key of another transport.
+            (
+                "unit = 1",
+                "unit = 1\nparity = \"even\"",
+                "device[0].parity",
+                "parity = ",
+            ),
+            (
+                "port = \"/dev/ttyUSB0\"",
+                "port = 5",
+                "device[1].port",
+                "port = 5",
+            ),
+            ("unit = 1", "unit = 300", "device[0].unit", "unit = 300"),
+            (
+                "unit = 1",
+                "unit = \"one\"",
+                "device[0].unit",
+                "unit = \"one\"",
+            ),
+            (
+                "transport = \"modbus-tcp\"",
+                "transport = \"modbus-tcpx\"",
+                "device[0].transport",
+                "modbus-tcpx",
+            ),
+            (
+                "transport = \"serial\"\n",
+                "",
+                "device[1].transport",
+                "id = \"ward3-pump\"",
+            ),
+            (
+                "serial = \"VM12-00A4471\"",
+                "serial = \"VM12-00A4471\"\nbaud = 9600",
+                "device[2].baud",
+                "baud = 9600",
+            ),
+        ];
+        for (from, to, key, at) in cases {
+            assert!(GOOD.contains(from), "{from}");
+            let bad = GOOD.replacen(from, to, 1);
+            let e = refuse(&bad);
+            assert_eq!(e.key, *key, "{from:?} -> {to:?}: {e}");
+            let want = if key.ends_with("transport") && to.is_empty() {
+                // A missing key is reported at its table.
+                line(&bad, at) - 1
+            } else {
+                line(&bad, at)
+            };
+            assert_eq!(e.line, want, "{from:?} -> {to:?}: {e}");
+        }
+        let bad = GOOD.replacen("unit = 1", "unit = 1\nparity = \"even\"", 1);
+        let e = refuse(&bad);
+        assert!(e.message.contains("unknown field `parity`"), "{e}");
+    }
 
-        // A password without a user, TLS files without mqtts://, a broker URL with a path.
-        let e = load(&with("password_file = \"uplink.pw\"")).unwrap_err();
-        assert_eq!(e.key, "uplink.password_file", "{e}");
-        std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
-        let e = load(&with("ca_file = \"ca.pem\"")).unwrap_err();
-        assert_eq!(e.key, "uplink.ca_file", "{e}");
-        let src = GOOD.replacen("mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:1883/tend", 1);
-        assert_eq!(load(&src).unwrap_err().key, "uplink.broker");
+    #[test]
+    fn rtu_defaults_come_from_the_profile() {
+        let src = GOOD.replacen(
+            "transport = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\nunit = 1",
+            "transport = \"modbus-rtu\"\nport = \"/dev/ttyUSB1\"",
+            1,
+        );
+        let l = parse("agent.toml", &src, Path::new("/etc/tend")).unwrap();
+        let d = &l.config.devices[0];
+        let family = l.profiles.family(&d.profile).unwrap();
+        assert_eq!(
+            d.transport.resolve(&family[0].doc.transport),
+            LinkTarget::Modbus {
+                endpoint: crate::transport::modbus::Endpoint::Rtu {
+                    path: "/dev/ttyUSB1".into(),
+                    baud: 19200,
+                    parity: tend_profiles::schema::Parity::Even,
+                },
+                unit: 1,
+            }
+        );
     }
 
     #[test]

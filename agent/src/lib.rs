@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod device;
 pub mod episodes;
 pub mod monitor;
 pub mod outbox;

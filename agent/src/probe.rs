@@ -10,6 +10,7 @@
 //! Exit codes: 0 read and printed; 1 the device could not be read (timeout, exception,
 //! refused, unsupported firmware...); 2 bad arguments.
 
+use crate::device::{LinkTarget, ModbusRtuLink, ModbusTcpLink, MqttLink, SerialLink, Transport};
 use crate::transport::modbus::{Endpoint, ModbusBus};
 use crate::transport::mqtt::{self, MqttSource, Presence};
 use crate::transport::serial::SerialDevice;
@@ -58,10 +59,21 @@ pub enum ParityArg {
     Odd,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = tend_profiles::units::Dur::parse(s)?.0;
+/// A duration flag that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DurationArgError {
+    #[error("{0}")]
+    Unreadable(String),
+    #[error("must be longer than zero")]
+    Zero,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, DurationArgError> {
+    let d = tend_profiles::units::Dur::parse(s)
+        .map_err(|e| DurationArgError::Unreadable(e.to_string()))?
+        .0;
     if d.is_zero() {
-        return Err("must be longer than zero".into());
+        return Err(DurationArgError::Zero);
     }
     Ok(d)
 }
@@ -107,6 +119,9 @@ pub struct ProbeArgs {
     /// File holding the MQTT password (kept off the command line, where `ps` shows it).
     #[arg(long)]
     pub password_file: Option<PathBuf>,
+    /// CA bundle for an `mqtts://` broker (else the system's roots).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
     /// Give up after this long in all (`10s`); for mqtt the default also covers one status
     /// interval of the device.
     #[arg(long, value_parser = parse_duration)]
@@ -126,58 +141,13 @@ pub struct ProbeArgs {
     pub json: bool,
 }
 
-/// How to reach the device.
-#[derive(Debug, Clone)]
-pub enum Link {
-    Serial {
-        port: String,
-        baud: Option<u32>,
-    },
-    ModbusRtu {
-        port: String,
-        baud: u32,
-        parity: Parity,
-        unit: u8,
-    },
-    ModbusTcp {
-        address: String,
-        unit: u8,
-    },
-    Mqtt(MqttSource),
-}
-
-impl Link {
-    fn describe(&self) -> String {
-        match self {
-            Link::Serial { port, baud } => match baud {
-                Some(b) => format!("serial {port} at {b} baud"),
-                None => format!("serial {port}"),
-            },
-            Link::ModbusRtu {
-                port,
-                baud,
-                parity,
-                unit,
-            } => format!(
-                "modbus-rtu {} unit {unit}",
-                Endpoint::Rtu {
-                    path: port.clone(),
-                    baud: *baud,
-                    parity: *parity,
-                }
-            ),
-            Link::ModbusTcp { address, unit } => format!("modbus-tcp {address} unit {unit}"),
-            Link::Mqtt(m) => format!("mqtt {} serial {}", m.broker, m.serial),
-        }
-    }
-}
-
 /// A checked probe request.
 #[derive(Debug, Clone)]
 pub struct ProbeTarget {
     /// `vendor/model`.
     pub model: String,
-    pub link: Link,
+    /// The device's link, defaults filled in from the profile as `run` fills them.
+    pub link: LinkTarget,
     /// Deadline of the whole probe.
     pub timeout: Duration,
     pub reply_timeout: Option<Duration>,
@@ -199,6 +169,46 @@ pub struct ProbeReport {
 
 fn usage(msg: impl Into<String>) -> TransportError {
     TransportError::Config(msg.into())
+}
+
+/// The transport the flags describe, with exactly that transport's keys: the value a
+/// `[[device]]` entry of the agent's config holds.
+pub fn transport_from_args(args: &ProbeArgs) -> Result<Transport, TransportError> {
+    let need = |v: &Option<String>, flag: &str| {
+        v.clone().filter(|s| !s.trim().is_empty()).ok_or_else(|| {
+            usage(format!(
+                "--transport {} needs {flag}",
+                args.transport.name()
+            ))
+        })
+    };
+    Ok(match args.transport {
+        TransportArg::Serial => Transport::Serial(SerialLink {
+            port: need(&args.port, "--port")?,
+            baud: args.baud,
+        }),
+        TransportArg::ModbusRtu => Transport::ModbusRtu(ModbusRtuLink {
+            port: need(&args.port, "--port")?,
+            baud: args.baud,
+            parity: args.parity.map(|p| match p {
+                ParityArg::None => Parity::None,
+                ParityArg::Even => Parity::Even,
+                ParityArg::Odd => Parity::Odd,
+            }),
+            unit: args.unit,
+        }),
+        TransportArg::ModbusTcp => Transport::ModbusTcp(ModbusTcpLink {
+            address: need(&args.address, "--address")?,
+            unit: args.unit,
+        }),
+        TransportArg::Mqtt => Transport::Mqtt(MqttLink {
+            broker: need(&args.broker, "--broker")?,
+            serial: need(&args.serial, "--serial")?,
+            username: args.username.clone(),
+            password_file: args.password_file.clone(),
+            ca_file: args.ca_file.clone(),
+        }),
+    })
 }
 
 /// Checks the arguments against the profile set and builds the target.
@@ -227,72 +237,21 @@ pub fn target_from_args(args: &ProbeArgs, set: &ProfileSet) -> Result<ProbeTarge
             args.transport.name()
         )));
     }
-    let need = |v: &Option<String>, flag: &str| {
-        v.clone().filter(|s| !s.trim().is_empty()).ok_or_else(|| {
-            usage(format!(
-                "--transport {} needs {flag}",
-                args.transport.name()
-            ))
-        })
-    };
-    let unit = || -> Result<u8, TransportError> {
-        let u = args.unit.or(t.default_unit).unwrap_or(1);
-        if u == 0 && args.transport == TransportArg::ModbusRtu {
+    let link = transport_from_args(args)?.resolve(t);
+    match &link {
+        LinkTarget::Modbus {
+            endpoint: Endpoint::Rtu { .. },
+            unit: 0,
+        } => {
             return Err(usage(
                 "--unit 0 is the broadcast address; a read needs 1-247",
-            ));
+            ))
         }
-        Ok(u)
-    };
-    let link = match args.transport {
-        TransportArg::Serial => Link::Serial {
-            port: need(&args.port, "--port")?,
-            baud: args.baud,
-        },
-        TransportArg::ModbusRtu => Link::ModbusRtu {
-            port: need(&args.port, "--port")?,
-            baud: args.baud.or(t.baud).unwrap_or(19200),
-            parity: match args.parity {
-                Some(ParityArg::None) => Parity::None,
-                Some(ParityArg::Even) => Parity::Even,
-                Some(ParityArg::Odd) => Parity::Odd,
-                None => t.parity.unwrap_or(Parity::Even),
-            },
-            unit: unit()?,
-        },
-        TransportArg::ModbusTcp => {
-            let a = need(&args.address, "--address")?;
-            let address = if a.parse::<std::net::SocketAddr>().is_ok()
-                || a.rsplit_once(':').is_some_and(|(h, p)| {
-                    !h.is_empty() && !h.contains(':') && p.parse::<u16>().is_ok()
-                }) {
-                a
-            } else {
-                format!("{a}:{}", t.tcp_port.unwrap_or(502))
-            };
-            Link::ModbusTcp {
-                address,
-                unit: unit()?,
-            }
+        LinkTarget::Mqtt(m) => {
+            mqtt::parse_broker(&m.broker)?;
         }
-        TransportArg::Mqtt => {
-            let broker = need(&args.broker, "--broker")?;
-            mqtt::parse_broker(&broker)?;
-            let password = match &args.password_file {
-                Some(p) => Some(
-                    tend_mqtt::read_secret("password file", p)
-                        .map_err(|e| usage(format!("--password-file: {e}")))?,
-                ),
-                None => None,
-            };
-            Link::Mqtt(MqttSource {
-                broker,
-                serial: need(&args.serial, "--serial")?,
-                username: args.username.clone(),
-                password,
-            })
-        }
-    };
+        _ => {}
+    }
     if let Some(d) = &args.diagnostic {
         if !family.iter().any(|p| p.diagnostic_names().any(|n| n == d)) {
             let names: Vec<&str> = family.iter().flat_map(|p| p.diagnostic_names()).collect();
@@ -302,7 +261,7 @@ pub fn target_from_args(args: &ProbeArgs, set: &ProfileSet) -> Result<ProbeTarge
                 names.join(", ")
             )));
         }
-        if matches!(link, Link::Mqtt(_)) {
+        if matches!(link, LinkTarget::Mqtt(_)) {
             return Err(usage(
                 "diagnostics of an MQTT device are commands to it; probe does not send them",
             ));
@@ -314,7 +273,7 @@ pub fn target_from_args(args: &ProbeArgs, set: &ProfileSet) -> Result<ProbeTarge
         .unwrap_or(Duration::from_secs(10));
     let timeout = args.timeout.unwrap_or(match link {
         // The device publishes on its own schedule: wait one interval and some.
-        Link::Mqtt(_) => status_interval + Duration::from_secs(5),
+        LinkTarget::Mqtt(_) => status_interval + Duration::from_secs(5),
         _ => Duration::from_secs(10),
     });
     Ok(ProbeTarget {
@@ -344,8 +303,8 @@ async fn probe_inner(
 ) -> Result<ProbeReport, TransportError> {
     let model = target.model.as_str();
     let (read, stats, presence, diagnostic) = match &target.link {
-        Link::Serial { port, baud } => {
-            let mut dev = SerialDevice::open(port, *baud, set, model)?;
+        LinkTarget::Serial { port, baud } => {
+            let mut dev = SerialDevice::open(port, Some(*baud), set, model)?;
             if let Some(t) = target.reply_timeout {
                 dev.set_reply_timeout(t);
             }
@@ -359,27 +318,15 @@ async fn probe_inner(
             };
             (read, dev.stats().clone(), None, diagnostic)
         }
-        Link::ModbusRtu {
-            port,
-            baud,
-            parity,
-            unit,
-        } => {
-            let mut bus = ModbusBus::new(Endpoint::Rtu {
-                path: port.clone(),
-                baud: *baud,
-                parity: *parity,
-            });
+        LinkTarget::Modbus { endpoint, unit } => {
+            let mut bus = ModbusBus::new(endpoint.clone());
             modbus_read(&mut bus, *unit, target, set).await?
         }
-        Link::ModbusTcp { address, unit } => {
-            let mut bus = ModbusBus::new(Endpoint::Tcp(address.clone()));
-            modbus_read(&mut bus, *unit, target, set).await?
-        }
-        Link::Mqtt(src) => {
+        LinkTarget::Mqtt(link) => {
+            let src = MqttSource::from_link(link)?;
             // The whole deadline is the wait; the outer timeout is only a backstop.
             let wait = target.timeout.saturating_sub(Duration::from_millis(100));
-            let r = mqtt::read_status(src, set, model, wait).await?;
+            let r = mqtt::read_status(&src, set, model, wait).await?;
             (r.read, r.stats, r.presence, None)
         }
     };
@@ -646,7 +593,7 @@ mod tests {
         ])
         .unwrap();
         assert!(
-            matches!(&t.link, Link::ModbusTcp { address, unit: 1 } if address == "10.0.0.5:502")
+            matches!(&t.link, LinkTarget::Modbus { endpoint: Endpoint::Tcp(address), unit: 1 } if address == "10.0.0.5:502")
         );
         let t = target(&[
             "--profile",
@@ -659,11 +606,13 @@ mod tests {
         .unwrap();
         assert!(matches!(
             &t.link,
-            Link::ModbusRtu {
-                baud: 19200,
-                parity: Parity::Even,
+            LinkTarget::Modbus {
+                endpoint: Endpoint::Rtu {
+                    baud: 19200,
+                    parity: Parity::Even,
+                    ..
+                },
                 unit: 1,
-                ..
             }
         ));
         assert_eq!(t.timeout, Duration::from_secs(10));
@@ -678,7 +627,55 @@ mod tests {
             "3",
         ])
         .unwrap();
-        assert!(matches!(&t.link, Link::ModbusTcp { address, unit: 3 } if address == "[::1]:1502"));
+        assert!(
+            matches!(&t.link, LinkTarget::Modbus { endpoint: Endpoint::Tcp(address), unit: 3 } if address == "[::1]:1502")
+        );
+    }
+
+    #[test]
+    fn flags_and_config_reach_a_device_the_same_way() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--transport", "modbus-tcp", "--address", "10.0.0.5"],
+                "transport = \"modbus-tcp\"\naddress = \"10.0.0.5\"",
+            ),
+            (
+                &["--transport", "modbus-rtu", "--port", "/dev/ttyUSB0"],
+                "transport = \"modbus-rtu\"\nport = \"/dev/ttyUSB0\"",
+            ),
+            (
+                &[
+                    "--transport",
+                    "modbus-rtu",
+                    "--port",
+                    "/dev/ttyUSB0",
+                    "--parity",
+                    "odd",
+                    "--baud",
+                    "9600",
+                    "--unit",
+                    "4",
+                ],
+                "transport = \"modbus-rtu\"\nport = \"/dev/ttyUSB0\"\nparity = \"odd\"\nbaud = 9600\nunit = 4",
+            ),
+        ];
+        for (flags, keys) in cases {
+            let mut argv = vec!["--profile", "aeris/av-500"];
+            argv.extend_from_slice(flags);
+            let probed = target(&argv).unwrap().link;
+            let src = format!(
+                "agent_id = \"a\"\nsite_id = \"s\"\ndata_dir = \"d\"\n[uplink]\nbroker = \"mqtt://h\"\n\
+                 [[device]]\nid = \"v\"\nprofile = \"aeris/av-500\"\n{keys}\n"
+            );
+            let l = crate::config::parse("agent.toml", &src, std::path::Path::new("/tmp")).unwrap();
+            let d = &l.config.devices[0];
+            let family = l.profiles.family(&d.profile).unwrap();
+            assert_eq!(
+                d.transport.resolve(&family[0].doc.transport),
+                probed,
+                "{keys}"
+            );
+        }
     }
 
     #[test]

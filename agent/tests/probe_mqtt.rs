@@ -279,6 +279,7 @@ async fn oversize_status_is_dropped_unparsed_then_a_good_one_is_read() {
         serial: serial.into(),
         username: None,
         password: None,
+        ca_file: None,
     };
     let reader =
         tokio::spawn(

@@ -4,10 +4,16 @@
 //! profile's [`Snapshot`] is the only thing that leaves. Every request has a timeout and
 //! every transport keeps [`Stats`] for remote diagnostics.
 //!
+//! [`link`] holds the link task that drives a transport, and the [`link::DeviceSource`]
+//! trait a request/response transport implements to get it: a new polled transport is a
+//! new module here with one `DeviceSource` impl, and a variant of
+//! [`crate::device::Transport`] for its config keys.
+//!
 //! No transport can write to a device: the serial transport sends only `Q|` requests the
-//! profile lists, the Modbus transport has no write call at all, and the MQTT source only
-//! subscribes.
+//! profile lists, the Modbus transport has no write call at all, and the MQTT source
+//! subscribes and publishes only the commands its profile lists as diagnostics.
 
+pub mod link;
 pub mod modbus;
 pub mod mqtt;
 pub mod serial;
@@ -192,6 +198,12 @@ pub(crate) fn family_first(
         .first()
         .cloned()
         .ok_or_else(|| TransportError::Config(format!("no profile for model `{model}`")))
+}
+
+/// Back-off before reopening a link that failed: grows to a minute, so a dead port is
+/// retried without spinning.
+pub(crate) fn reopen_backoff(failures: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << failures.min(7))).min(Duration::from_secs(60))
 }
 
 /// A profile duration or a fallback.

@@ -434,3 +434,36 @@ async fn resolve(target: &str) -> Result<SocketAddr, TransportError> {
         .next()
         .ok_or_else(|| fail("the name resolves to no address".into()))
 }
+
+/// The units of one Modbus link, polled by one link task.
+impl super::link::DeviceSource for ModbusBus {
+    async fn identify(
+        &mut self,
+        unit: &super::link::Unit,
+        set: &ProfileSet,
+    ) -> Result<(Identity, Arc<Profile>), TransportError> {
+        ModbusBus::identify(self, unit.address, set, &unit.model, unit.reply_timeout).await
+    }
+
+    async fn poll(
+        &mut self,
+        unit: &super::link::Unit,
+        profile: &Profile,
+    ) -> Result<Snapshot, TransportError> {
+        ModbusBus::poll(self, unit.address, profile, unit.reply_timeout).await
+    }
+
+    async fn diagnostic(
+        &mut self,
+        unit: &super::link::Unit,
+        profile: &Profile,
+        name: &str,
+    ) -> Result<serde_json::Value, TransportError> {
+        let words = ModbusBus::diagnostic(self, unit.address, profile, name).await?;
+        Ok(serde_json::json!({ "registers": words }))
+    }
+
+    fn stats(&self, unit: &super::link::Unit) -> Stats {
+        ModbusBus::stats(self, unit.address)
+    }
+}

@@ -407,3 +407,115 @@ impl<P: AsyncRead + AsyncWrite + Unpin> SerialDevice<P> {
         }
     }
 }
+
+/// A serial device as its link task reads it: the port is opened on the first read and
+/// again after an I/O failure, with a growing back-off while it cannot be opened.
+#[derive(Debug)]
+pub struct SerialSource {
+    port: String,
+    baud: u32,
+    reply_timeout: Option<Duration>,
+    dev: Option<SerialDevice>,
+    /// Failed reads since the last good one; sets the back-off.
+    failures: u32,
+    /// Statistics of the port as last opened: they outlive a closed port.
+    last_stats: Stats,
+}
+
+impl SerialSource {
+    pub fn new(port: &str, baud: u32, reply_timeout: Option<Duration>) -> Self {
+        Self {
+            port: port.to_string(),
+            baud,
+            reply_timeout,
+            dev: None,
+            failures: 0,
+            last_stats: Stats::default(),
+        }
+    }
+
+    fn open(&mut self, set: &ProfileSet, model: &str) -> Result<&mut SerialDevice, TransportError> {
+        if self.dev.is_none() {
+            let mut dv = SerialDevice::open(&self.port, Some(self.baud), set, model)?;
+            if let Some(t) = self.reply_timeout {
+                dv.set_reply_timeout(t);
+            }
+            self.dev = Some(dv);
+        }
+        match self.dev.as_mut() {
+            Some(dv) => Ok(dv),
+            None => Err(TransportError::Protocol("port not open".into())),
+        }
+    }
+}
+
+impl super::link::DeviceSource for SerialSource {
+    /// Identifies at connect and after every failed poll: the device may have come back
+    /// with other firmware.
+    async fn identify(
+        &mut self,
+        unit: &super::link::Unit,
+        set: &ProfileSet,
+    ) -> Result<(Identity, Arc<Profile>), TransportError> {
+        let result = match self.open(set, &unit.model) {
+            Ok(dv) => {
+                let r = dv.identify(set, &unit.model).await;
+                self.last_stats = dv.stats().clone();
+                r
+            }
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            self.failures += 1;
+        }
+        result
+    }
+
+    async fn poll(
+        &mut self,
+        _unit: &super::link::Unit,
+        profile: &Profile,
+    ) -> Result<Snapshot, TransportError> {
+        let Some(dv) = self.dev.as_mut() else {
+            return Err(TransportError::Protocol("port not open".into()));
+        };
+        let result = dv.poll(profile).await;
+        self.last_stats = dv.stats().clone();
+        match &result {
+            Ok(_) => self.failures = 0,
+            Err(e) => {
+                self.failures += 1;
+                // A broken port is closed and opened again after the back-off.
+                if matches!(e, TransportError::Io { .. } | TransportError::Open { .. }) {
+                    self.dev = None;
+                }
+            }
+        }
+        result
+    }
+
+    async fn diagnostic(
+        &mut self,
+        _unit: &super::link::Unit,
+        profile: &Profile,
+        name: &str,
+    ) -> Result<serde_json::Value, TransportError> {
+        let Some(dv) = self.dev.as_mut() else {
+            return Err(TransportError::Protocol("port not open".into()));
+        };
+        let fields = dv.diagnostic(profile, name).await?;
+        Ok(serde_json::Value::Object(
+            fields.into_iter().map(|(k, v)| (k, v.into())).collect(),
+        ))
+    }
+
+    fn stats(&self, _unit: &super::link::Unit) -> Stats {
+        self.last_stats.clone()
+    }
+
+    fn hold_off(&self) -> Option<Duration> {
+        self.dev
+            .is_none()
+            .then(|| super::reopen_backoff(self.failures))
+    }
+}
