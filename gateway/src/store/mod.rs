@@ -8,9 +8,9 @@
 //! - the tickets with their forwarding state, and the forwarder's outbox of jobs.
 //!
 //! This module holds the domain types and the [`GatewayStore`] trait that ingest, the
-//! ledger, the forwarder, the hotline API and the CLI use. [`RedbStore`] (one redb file,
-//! the default for one gateway) is its implementation; a shared SQL store implements the
-//! same trait. What a store must guarantee is written on the trait; what a batch changes
+//! ledger, the forwarder and the hotline API use (the CLI reaches the store through the
+//! API). [`RedbStore`] (one redb file, the default for one gateway) is its implementation;
+//! a shared SQL store implements the same trait. What a store must guarantee is written on the trait; what a batch changes
 //! is decided by pure code ([`crate::ingest::plan`], the `TicketRecord` bookkeeping
 //! below), so an implementation only loads, writes and commits.
 
@@ -427,4 +427,102 @@ pub trait GatewayStore: Send + Sync + std::fmt::Debug {
     /// Notes the backend's status of a ticket ([`TicketRecord::set_backend_status`]); a
     /// key not stored is ignored.
     fn set_backend_status(&self, key: &str, status: &str) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn ticket() -> TicketRecord {
+        TicketRecord {
+            key: "tend-t:1".into(),
+            device: "vent".into(),
+            agent: "a1".into(),
+            kind: SignalKind::Fault,
+            code: "ALM1.4".into(),
+            class: FaultClass::Major,
+            episodes: vec!["a1/vent/ALM1.4/1".into()],
+            open: true,
+            detected_at: at(0),
+            created_at: at(1),
+            body: serde_json::json!({}),
+            ticket_id: None,
+            backend_status: None,
+            forward: Forwarding::pending(),
+            events: vec![TicketEventRecord {
+                idempotency_key: "tend-e:1".into(),
+                kind: "fault_cleared".into(),
+                body: serde_json::json!({}),
+                forward: Forwarding::pending(),
+            }],
+        }
+    }
+
+    fn job(event: Option<&str>) -> Job {
+        Job {
+            id: 1,
+            ticket_key: "tend-t:1".into(),
+            event: event.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_retry_keeps_the_job_and_a_later_send_keeps_the_last_error() {
+        let mut t = ticket();
+        let retry = JobOutcome::Retry {
+            error: "503".into(),
+            next_attempt: at(10),
+        };
+        assert!(t.record_outcome(&job(None), &retry, at(5)));
+        assert_eq!(t.forward.state, ForwardState::Pending);
+        assert_eq!(t.forward.next_attempt, Some(at(10)));
+        let sent = JobOutcome::Sent {
+            ticket_id: "T-9".into(),
+        };
+        assert!(!t.record_outcome(&job(None), &sent, at(11)));
+        assert_eq!(t.forward.state, ForwardState::Sent);
+        assert_eq!((t.forward.attempts, t.forward.sent_at), (2, Some(at(11))));
+        assert_eq!(t.forward.last_error.as_deref(), Some("503"));
+        assert_eq!(t.ticket_id.as_deref(), Some("T-9"));
+    }
+
+    #[test]
+    fn an_events_outcome_is_its_own_and_never_changes_the_ticket_id() {
+        let mut t = ticket();
+        let sent = JobOutcome::Sent {
+            ticket_id: "T-9".into(),
+        };
+        assert!(!t.record_outcome(&job(Some("tend-e:1")), &sent, at(3)));
+        assert_eq!(t.events[0].forward.state, ForwardState::Sent);
+        assert_eq!(t.forward, Forwarding::pending());
+        assert_eq!(t.ticket_id, None);
+    }
+
+    #[test]
+    fn requeue_puts_back_only_what_failed_create_first() {
+        let mut t = ticket();
+        let failed = JobOutcome::Failed {
+            error: "400".into(),
+        };
+        t.record_outcome(&job(None), &failed, at(2));
+        t.record_outcome(&job(Some("tend-e:1")), &failed, at(3));
+        assert_eq!(t.requeue_failed(), [None, Some("tend-e:1".to_string())]);
+        assert_eq!(t.forward.state, ForwardState::Pending);
+        assert_eq!(t.events[0].forward.state, ForwardState::Pending);
+        assert!(t.requeue_failed().is_empty(), "nothing failed any more");
+    }
+
+    #[test]
+    fn resolved_or_closed_in_the_backend_ends_the_ticket() {
+        let mut t = ticket();
+        t.set_backend_status("acknowledged");
+        assert!(t.open);
+        t.set_backend_status("closed");
+        assert!(!t.open);
+        assert_eq!(t.backend_status.as_deref(), Some("closed"));
+    }
 }

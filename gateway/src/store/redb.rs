@@ -110,16 +110,6 @@ impl RedbStore {
         }
     }
 
-    /// Reads one ticket inside a write transaction.
-    fn ticket_in(
-        &self,
-        tickets: &Table<'_, &'static str, &'static [u8]>,
-        key: &str,
-    ) -> Result<Option<TicketRecord>, StoreError> {
-        let v = tickets.get(key).map_err(self.error("read ticket"))?;
-        Ok(v.and_then(|v| decode(v.value())))
-    }
-
     /// Every row of a table of JSON values, in key order, unreadable ones skipped.
     fn all<K: ::redb::Key + 'static, T: DeserializeOwned>(
         &self,
@@ -205,7 +195,7 @@ impl<'t> Tables<'t> {
             }
             let mut mine = BTreeMap::new();
             for key in keys {
-                if let Some(t) = s.ticket_in(&self.tickets, &key)? {
+                if let Some(t) = self.ticket(&key)? {
                     mine.insert(key, t);
                 }
             }
@@ -252,6 +242,14 @@ impl<'t> Tables<'t> {
             self.queue(&job.ticket_key, job.event.clone())?;
         }
         Ok(())
+    }
+
+    fn ticket(&self, key: &str) -> Result<Option<TicketRecord>, StoreError> {
+        let v = self
+            .tickets
+            .get(key)
+            .map_err(self.store.error("read ticket"))?;
+        Ok(v.and_then(|v| decode(v.value())))
     }
 
     fn put_ticket(&mut self, key: &str, t: &TicketRecord) -> Result<(), StoreError> {
@@ -421,7 +419,7 @@ impl GatewayStore for RedbStore {
         now: Timestamp,
     ) -> Result<(), StoreError> {
         self.write(|t| {
-            let keep = match self.ticket_in(&t.tickets, &job.ticket_key)? {
+            let keep = match t.ticket(&job.ticket_key)? {
                 Some(mut ticket) => {
                     let keep = ticket.record_outcome(job, outcome, now);
                     t.put_ticket(&job.ticket_key, &ticket)?;
@@ -439,7 +437,7 @@ impl GatewayStore for RedbStore {
 
     fn requeue(&self, key: &str) -> Result<bool, StoreError> {
         self.write(|t| {
-            let Some(mut ticket) = self.ticket_in(&t.tickets, key)? else {
+            let Some(mut ticket) = t.ticket(key)? else {
                 return Ok(false);
             };
             for event in ticket.requeue_failed() {
@@ -452,7 +450,7 @@ impl GatewayStore for RedbStore {
 
     fn set_backend_status(&self, key: &str, status: &str) -> Result<(), StoreError> {
         self.write(|t| {
-            if let Some(mut ticket) = self.ticket_in(&t.tickets, key)? {
+            if let Some(mut ticket) = t.ticket(key)? {
                 ticket.set_backend_status(status);
                 t.put_ticket(key, &ticket)?;
             }
