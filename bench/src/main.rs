@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use tend::{device_id, Gateway, GatewayPlan};
 use tend_agent::outbox::{Outbox, OutboxConfig};
 use tend_devsim::{Av500Config, Av500Handle, Av500Sim, Av500State};
+use tend_gateway::store::{GatewayStore, RedbStore};
 use tend_profiles::Value;
 use tend_wire::{EpisodeChange, Record, RecordBody, UpBatch, WireReading};
 
@@ -506,7 +507,7 @@ async fn drain(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyho
             anyhow::bail!("the backlog did not drain within 600 s");
         };
         // Loss: every seq of the backlog must be in the gateway's store.
-        let store = tend_gateway::store::Store::open(&gw_data)?;
+        let store = RedbStore::open(&gw_data)?;
         let mut lost = 0u64;
         for s in first..=last {
             if !store.has_record(tend::AGENT_ID, s)? {
@@ -689,7 +690,7 @@ fn breakdown(
         .map(|p| UpBatch::decode(p))
         .collect::<Result<_, _>>()?;
     let decode_cpu = thread_cpu() - c0;
-    let store = tend_gateway::store::Store::open(dir)?;
+    let store = RedbStore::open(dir)?;
     let cx = tend_gateway::ingest::IngestContext {
         gateway: "gw-bench".into(),
         fleet: tend_gateway::fleet::Fleet::parse("fleet.toml", &tend::fleet(devices))?,

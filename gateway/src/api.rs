@@ -140,7 +140,10 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "hotline API: store read failed");
-        ApiError::internal(format!("the gateway's store could not be read: {}", e.what))
+        ApiError::internal(format!(
+            "the gateway's store could not be read: {}",
+            e.what()
+        ))
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::diag::DiagClient;
 use crate::ingest::IngestContext;
 use crate::metrics::Metrics;
-use crate::store::{DeviceLive, Store};
+use crate::store::{DeviceLive, GatewayStore};
 use jiff::Timestamp;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,8 @@ pub struct AgentStatus {
 
 #[derive(Clone, Debug)]
 pub struct Gateway {
-    pub store: Arc<Store>,
+    /// The store (redb by default), shared by ingest, the forwarder and the API.
+    pub store: Arc<dyn GatewayStore>,
     pub cx: Arc<IngestContext>,
     pub metrics: Arc<Metrics>,
     pub diag: DiagClient,

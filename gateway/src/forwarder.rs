@@ -6,7 +6,7 @@
 //!   Idempotency-Key and the exact body stored when it was decided, so a retry (also after
 //!   a restart) never opens a second ticket. An event waits until its ticket has a backend
 //!   id, and the events of one ticket go in order.
-//! - Every outcome is stored before the next job ([`Store::finish_job`]): sent, failed for
+//! - Every outcome is stored before the next job ([`GatewayStore::finish_job`]): sent, failed for
 //!   good (400, 409, 413, 404 for an event: kept and shown with the backend's reason, never
 //!   resent unchanged), or to be retried.
 //! - A transient outcome (5xx, 429, no answer, timeout) pauses the whole backend, not just
@@ -20,7 +20,7 @@
 use crate::app::Gateway;
 use crate::config::{read_secret, BackendSection};
 use crate::metrics::Metrics;
-use crate::store::{ForwardState, Job, JobOutcome, Store, StoreError};
+use crate::store::{ForwardState, GatewayStore, Job, JobOutcome, StoreError};
 use jiff::{SignedDuration, Timestamp};
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
@@ -378,11 +378,11 @@ impl Jitter {
 }
 
 async fn blocking<T: Send + 'static>(
-    store: &Arc<Store>,
-    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    store: &Arc<dyn GatewayStore>,
+    f: impl FnOnce(&dyn GatewayStore) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, String> {
     let s = store.clone();
-    match tokio::task::spawn_blocking(move || f(&s)).await {
+    match tokio::task::spawn_blocking(move || f(s.as_ref())).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(e) => Err(format!("store task: {e}")),
     }

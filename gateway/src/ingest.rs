@@ -1,24 +1,30 @@
-//! Ingest: applies an agent's batch to the store in one transaction and says which
-//! sequence numbers are now stored, so the gateway acks exactly those.
+//! Ingest: what a group of agents' batches changes in the store, decided by pure code, and
+//! which sequence numbers are then stored, so the gateway acks exactly those.
 //!
 //! A record already stored (the agent replays after a reconnect, or resends when an ack
 //! was lost) is acknowledged again but applied once. Records are applied by the agent's
 //! time, not arrival: the live picture keeps the newest, the ledger and the life record
 //! slot old ones in where they belong.
+//!
+//! A store applies a group in one transaction in three steps: it loads what the group
+//! touches ([`Needs::of`] says what, [`Stored`] holds it), [`plan`] turns the batches
+//! against that into [`Changes`] and one [`Applied`] per batch, and the store writes the
+//! changes and commits. [`plan`] reads no disk and no clock, so every store shares it and
+//! it is tested on its own.
 
 use crate::fleet::Fleet;
 use crate::store::{
-    next, ns, state_code, DeviceLive, Forwarding, Job, LifeEvent, LiveIdentity, LiveReading, Store,
-    StoreError, TicketEventRecord, TicketRecord, DEVICES, DEVICE_TICKETS, HISTORY, META, OUTBOX,
-    SEEN, TICKETS, TRANSITIONS,
+    to_json, DeviceLive, Forwarding, LifeEvent, LiveIdentity, LiveReading, StoreError,
+    TicketEventRecord, TicketRecord,
 };
-use crate::ticket::{decide, Action, DeviceFacts, DeviceIdentity, TicketContext};
+use crate::ticket::{
+    decide, Action, DeviceFacts, DeviceIdentity, EventRequest, TicketContext, TicketRequest,
+};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
-use redb::ReadableTable;
-use std::collections::BTreeMap;
-use tend_profiles::ProfileSet;
-use tend_wire::{ranges_of, EpisodeChange, Record, RecordBody, SeqRange, UpBatch};
+use std::collections::{BTreeMap, BTreeSet};
+use tend_profiles::{DeviceState, ProfileSet};
+use tend_wire::{ranges_of, EpisodeChange, EpisodeEvent, Record, RecordBody, SeqRange, UpBatch};
 
 /// What ingest needs besides the store.
 #[derive(Debug, Clone)]
@@ -55,393 +61,492 @@ impl Applied {
     }
 }
 
-impl Store {
-    /// Applies `batch` in one durable transaction. `now` is the gateway's clock, used only
-    /// to stamp when a ticket was decided.
-    pub fn apply(
-        &self,
-        batch: &UpBatch,
-        cx: &IngestContext,
-        now: Timestamp,
-    ) -> Result<Applied, StoreError> {
-        let mut all = self.apply_many(std::slice::from_ref(batch), cx, now)?;
-        Ok(all.pop().unwrap_or_default())
-    }
+/// What a store must load, inside its transaction, before it can [`plan`] a group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Needs<'a> {
+    /// Every (agent, seq) of the group: which are stored already?
+    pub records: BTreeSet<(&'a str, u64)>,
+    /// Every device the group's records are about (not the agent's own entry, ""): their
+    /// live pictures.
+    pub devices: BTreeSet<&'a str>,
+    /// The devices with an episode change in the group: all their tickets.
+    pub tickets_of: BTreeSet<&'a str>,
+}
 
-    /// Applies several batches, in order, in one durable transaction (group commit: one
-    /// fsync for all of them): all are stored or none is. A record that comes twice, in
-    /// the same group or after, is applied once.
-    pub fn apply_many(
-        &self,
-        batches: &[UpBatch],
-        cx: &IngestContext,
-        now: Timestamp,
-    ) -> Result<Vec<Applied>, StoreError> {
-        let mut out = Vec::with_capacity(batches.len());
-        let txn = self.db().begin_write().map_err(self.error("begin write"))?;
-        {
-            let mut seen = txn.open_table(SEEN).map_err(self.error("open seen"))?;
-            let mut devices = txn
-                .open_table(DEVICES)
-                .map_err(self.error("open devices"))?;
-            let mut transitions = txn
-                .open_table(TRANSITIONS)
-                .map_err(self.error("open transitions"))?;
-            let mut history = txn
-                .open_table(HISTORY)
-                .map_err(self.error("open history"))?;
-            let mut tickets = txn
-                .open_table(TICKETS)
-                .map_err(self.error("open tickets"))?;
-            let mut device_tickets = txn
-                .open_table(DEVICE_TICKETS)
-                .map_err(self.error("open device tickets"))?;
-            let mut outbox = txn.open_table(OUTBOX).map_err(self.error("open outbox"))?;
-            let mut meta = txn.open_table(META).map_err(self.error("open meta"))?;
-
-            let life = |history: &mut redb::Table<'_, (&'static str, i128, u64), &'static [u8]>,
-                        meta: &mut redb::Table<'_, &'static str, u64>,
-                        device: &str,
-                        at: Timestamp,
-                        e: &LifeEvent|
-             -> Result<(), StoreError> {
-                let n = next(meta, "next_history").map_err(self.error("write meta"))?;
-                let bytes = serde_json::to_vec(e).unwrap_or_default();
-                history
-                    .insert((device, ns(at), n), bytes.as_slice())
-                    .map_err(self.error("write history"))?;
-                Ok(())
-            };
-            for batch in batches {
-                let mut applied = Applied::default();
-                let mut live: BTreeMap<String, DeviceLive> = BTreeMap::new();
-                let agent = batch.agent.as_str();
-
-                for r in &batch.records {
-                    if seen
-                        .get((agent, r.seq))
-                        .map_err(self.error("read seen"))?
-                        .is_some()
-                    {
-                        applied.duplicates += 1;
-                        continue;
-                    }
-                    seen.insert((agent, r.seq), ())
-                        .map_err(self.error("write seen"))?;
-                    applied.new_records += 1;
-
-                    // The outbox's drop reports belong to the agent, not a device (device
-                    // ""): counted, never a phantom device.
-                    // (Kept in the life record under "", the agent's own entry.)
-                    if r.device.is_empty() {
-                        if let RecordBody::Dropped { count, .. } = &r.body {
-                            applied.dropped_readings += count;
-                            let e = LifeEvent::ReadingsDropped {
-                                at: r.at,
-                                count: *count,
-                            };
-                            life(&mut history, &mut meta, "", r.at, &e)?;
-                        }
-                        continue;
-                    }
-                    if !live.contains_key(&r.device) {
-                        let d = devices
-                            .get(r.device.as_str())
-                            .map_err(self.error("read device"))?
-                            .and_then(|v| serde_json::from_slice::<DeviceLive>(v.value()).ok())
-                            .unwrap_or_else(|| DeviceLive::new(&r.device, agent, &batch.site));
-                        live.insert(r.device.clone(), d);
-                    }
-                    let Some(d) = live.get_mut(&r.device) else {
-                        continue;
-                    };
-                    d.agent = agent.to_string();
-                    d.site_reported = batch.site.clone();
-                    if d.last_seen.is_none_or(|s| r.at > s) {
-                        d.last_seen = Some(r.at);
-                    }
-                    match &r.body {
-                        RecordBody::Identity {
-                            model,
-                            firmware,
-                            serial,
-                            profile,
-                        } => {
-                            let newer = d.identity.as_ref().is_none_or(|i| r.at >= i.at);
-                            if newer {
-                                d.identity = Some(LiveIdentity {
-                                    model: model.clone(),
-                                    firmware: firmware.clone(),
-                                    serial: serial.clone(),
-                                    profile: profile.clone(),
-                                    at: r.at,
-                                });
-                            }
-                            let e = LifeEvent::Identified {
-                                at: r.at,
-                                firmware: firmware.clone(),
-                                serial: serial.clone(),
-                                profile: profile.clone(),
-                            };
-                            life(&mut history, &mut meta, &r.device, r.at, &e)?;
-                        }
-                        RecordBody::Readings { readings } => {
-                            for w in readings {
-                                let newer = d.readings.get(&w.name).is_none_or(|x| r.at >= x.time);
-                                if newer {
-                                    d.readings.insert(
-                                        w.name.clone(),
-                                        LiveReading {
-                                            name: w.name.clone(),
-                                            value: serde_json::to_value(&w.value)
-                                                .unwrap_or(serde_json::Value::Null),
-                                            unit: w.unit.clone(),
-                                            time: r.at,
-                                        },
-                                    );
-                                }
-                            }
-                        }
-                        RecordBody::State { from, to } => {
-                            transitions
-                                .insert((r.device.as_str(), ns(r.at), r.seq), state_code(*to))
-                                .map_err(self.error("write transition"))?;
-                            if d.state_since.is_none_or(|s| r.at >= s) {
-                                d.state = *to;
-                                d.state_since = Some(r.at);
-                            }
-                            let e = LifeEvent::State {
-                                at: r.at,
-                                from: *from,
-                                to: *to,
-                            };
-                            life(&mut history, &mut meta, &r.device, r.at, &e)?;
-                        }
-                        RecordBody::Dropped { count, .. } => {
-                            d.dropped_readings += count;
-                            let e = LifeEvent::ReadingsDropped {
-                                at: r.at,
-                                count: *count,
-                            };
-                            life(&mut history, &mut meta, &r.device, r.at, &e)?;
-                        }
-                        RecordBody::Episode(ev) => {
-                            match ev.change {
-                                EpisodeChange::Opened => applied.episodes_opened += 1,
-                                EpisodeChange::ClassChanged | EpisodeChange::Cleared => {}
-                            }
-                            apply_episode_to_live(d, r);
-                            let e = LifeEvent::Episode {
-                                at: r.at,
-                                event: ev.clone(),
-                            };
-                            life(&mut history, &mut meta, &r.device, r.at, &e)?;
-
-                            let Some(entry) = cx.fleet.device(&r.device) else {
-                                applied.unknown_device += 1;
-                                continue;
-                            };
-                            // What the agent said the device was when the episode opened wins
-                            // over what this gateway has heard since: the ticket body must be
-                            // the same on every gateway.
-                            let opened_as = ev.opening.as_ref().and_then(|o| {
-                                Some(DeviceIdentity {
-                                    model: o.model.clone()?,
-                                    firmware: o.firmware.clone()?,
-                                    serial: None,
-                                    profile: String::new(),
-                                })
-                            });
-                            let identity = opened_as.or_else(|| {
-                                d.identity.as_ref().map(|i| DeviceIdentity {
-                                    model: i.model.clone(),
-                                    firmware: i.firmware.clone(),
-                                    serial: i.serial.clone(),
-                                    profile: i.profile.clone(),
-                                })
-                            });
-                            let facts =
-                                DeviceFacts::resolve(&entry, identity.as_ref(), &cx.profiles);
-                            let tcx = TicketContext {
-                                gateway: &cx.gateway,
-                                agent,
-                                entry,
-                                facts: &facts,
-                                tz: &cx.tz,
-                            };
-                            // The device's tickets, from this very transaction.
-                            let mut known: BTreeMap<String, TicketRecord> = BTreeMap::new();
-                            let keys: Vec<String> = device_tickets
-                                .range((r.device.as_str(), "")..)
-                                .map_err(self.error("read device tickets"))?
-                                .map_while(|row| {
-                                    let (k, _) = row.ok()?;
-                                    let (dev, key) = k.value();
-                                    (dev == r.device).then(|| key.to_string())
-                                })
-                                .collect();
-                            for k in keys {
-                                if let Some(v) =
-                                    tickets.get(k.as_str()).map_err(self.error("read ticket"))?
-                                {
-                                    if let Ok(t) = serde_json::from_slice::<TicketRecord>(v.value())
-                                    {
-                                        known.insert(k.clone(), t);
-                                    }
-                                }
-                            }
-                            let known_list: Vec<_> =
-                                known.values().map(TicketRecord::known).collect();
-                            let mut touched: Vec<String> = Vec::new();
-                            for action in decide(&tcx, ev, r.at, &known_list) {
-                                match action {
-                                    Action::Create(req) => {
-                                        let body = serde_json::to_value(&req.body)
-                                            .unwrap_or(serde_json::Value::Null);
-                                        let t = TicketRecord {
-                                            key: req.idempotency_key.clone(),
-                                            device: r.device.clone(),
-                                            agent: agent.to_string(),
-                                            kind: req.body.kind,
-                                            code: req.body.fault.code.clone(),
-                                            class: req.body.fault.class,
-                                            episodes: vec![req.episode.clone()],
-                                            open: true,
-                                            detected_at: ev.opened_at,
-                                            created_at: now,
-                                            body,
-                                            ticket_id: None,
-                                            backend_status: None,
-                                            forward: Forwarding::pending(),
-                                            events: Vec::new(),
-                                        };
-                                        let job_id = next(&mut meta, "next_job")
-                                            .map_err(self.error("write meta"))?;
-                                        queue(&mut outbox, self, job_id, &t.key, None)?;
-                                        device_tickets
-                                            .insert((r.device.as_str(), t.key.as_str()), ())
-                                            .map_err(self.error("write device tickets"))?;
-                                        let e = LifeEvent::TicketOpened {
-                                            at: r.at,
-                                            ticket_key: t.key.clone(),
-                                            kind: t.kind,
-                                            code: t.code.clone(),
-                                            class: t.class,
-                                        };
-                                        life(&mut history, &mut meta, &r.device, r.at, &e)?;
-                                        applied.tickets_opened.push(t.key.clone());
-                                        touched.push(t.key.clone());
-                                        known.insert(t.key.clone(), t);
-                                    }
-                                    Action::Event(req) => {
-                                        let Some(t) = known.get_mut(&req.ticket_key) else {
-                                            continue;
-                                        };
-                                        if t.events
-                                            .iter()
-                                            .any(|e| e.idempotency_key == req.idempotency_key)
-                                        {
-                                            continue;
-                                        }
-                                        let kind = req.body.kind.as_str().to_string();
-                                        t.events.push(TicketEventRecord {
-                                            idempotency_key: req.idempotency_key.clone(),
-                                            kind: kind.clone(),
-                                            body: serde_json::to_value(&req.body)
-                                                .unwrap_or(serde_json::Value::Null),
-                                            forward: Forwarding::pending(),
-                                        });
-                                        let job_id = next(&mut meta, "next_job")
-                                            .map_err(self.error("write meta"))?;
-                                        queue(
-                                            &mut outbox,
-                                            self,
-                                            job_id,
-                                            &req.ticket_key,
-                                            Some(req.idempotency_key.clone()),
-                                        )?;
-                                        let e = LifeEvent::TicketEvent {
-                                            at: r.at,
-                                            ticket_key: req.ticket_key.clone(),
-                                            event: kind,
-                                        };
-                                        life(&mut history, &mut meta, &r.device, r.at, &e)?;
-                                        applied.events_queued += 1;
-                                        touched.push(req.ticket_key.clone());
-                                    }
-                                    Action::Attach {
-                                        ticket_key,
-                                        episode,
-                                    } => {
-                                        if let Some(t) = known.get_mut(&ticket_key) {
-                                            if !t.episodes.contains(&episode) {
-                                                t.episodes.push(episode);
-                                            }
-                                            touched.push(ticket_key);
-                                        }
-                                    }
-                                    Action::SetClass { ticket_key, class } => {
-                                        if let Some(t) = known.get_mut(&ticket_key) {
-                                            t.class = class;
-                                            touched.push(ticket_key);
-                                        }
-                                    }
-                                }
-                            }
-                            touched.sort();
-                            touched.dedup();
-                            for k in touched {
-                                if let Some(t) = known.get(&k) {
-                                    let bytes = serde_json::to_vec(t).unwrap_or_default();
-                                    tickets
-                                        .insert(k.as_str(), bytes.as_slice())
-                                        .map_err(self.error("write ticket"))?;
-                                }
-                            }
-                        }
-                    }
+impl<'a> Needs<'a> {
+    pub fn of(batches: &'a [UpBatch]) -> Self {
+        let mut needs = Needs::default();
+        for batch in batches {
+            for r in &batch.records {
+                needs.records.insert((batch.agent.as_str(), r.seq));
+                if r.device.is_empty() {
+                    continue;
                 }
-                for (id, d) in &live {
-                    let bytes = serde_json::to_vec(d).unwrap_or_default();
-                    devices
-                        .insert(id.as_str(), bytes.as_slice())
-                        .map_err(self.error("write device"))?;
+                needs.devices.insert(r.device.as_str());
+                if matches!(r.body, RecordBody::Episode(_)) {
+                    needs.tickets_of.insert(r.device.as_str());
                 }
-                applied.stored = ranges_of(batch.records.iter().map(|r| r.seq));
-                out.push(applied);
             }
         }
-        txn.commit().map_err(self.error("commit"))?;
-        Ok(out)
+        needs
     }
 }
 
-fn queue(
-    outbox: &mut redb::Table<'_, u64, &'static [u8]>,
-    store: &Store,
-    id: u64,
-    ticket_key: &str,
-    event: Option<String>,
-) -> Result<(), StoreError> {
-    let job = Job {
-        id,
-        ticket_key: ticket_key.to_string(),
-        event,
+/// What the store holds of what [`Needs`] asked for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stored<'a> {
+    /// The records asked for that are stored already.
+    pub seen: BTreeSet<(&'a str, u64)>,
+    /// The live pictures of the devices asked for (a device never heard of is absent).
+    pub devices: BTreeMap<String, DeviceLive>,
+    /// The tickets of the devices asked for: device → ticket key → ticket.
+    pub tickets: BTreeMap<String, BTreeMap<String, TicketRecord>>,
+}
+
+/// A state transition for the device's availability ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub device: String,
+    /// Agent time.
+    pub at: Timestamp,
+    /// The record's seq: orders two transitions stamped with the same instant.
+    pub seq: u64,
+    pub to: DeviceState,
+}
+
+/// A line for a device's life record (device "" is the agent's own entry).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LifeEntry {
+    pub device: String,
+    pub at: Timestamp,
+    pub event: LifeEvent,
+}
+
+/// A job for the forwarder's outbox; the store numbers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    pub ticket_key: String,
+    /// The event's Idempotency-Key, or `None` to create the ticket.
+    pub event: Option<String>,
+}
+
+/// What a group of batches changes in the store. Lists are in the order things happened:
+/// a store numbers life entries and jobs in that order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Changes<'a> {
+    /// (agent, seq) of every record stored for the first time.
+    pub seen: Vec<(&'a str, u64)>,
+    /// Every device a new record was about, as it now is.
+    pub devices: BTreeMap<String, DeviceLive>,
+    pub transitions: Vec<Transition>,
+    pub life: Vec<LifeEntry>,
+    /// Every ticket created or changed, as it now is, by key.
+    pub tickets: BTreeMap<String, TicketRecord>,
+    /// (device, ticket key) of every ticket created: the device's list of tickets.
+    pub new_tickets: Vec<(String, String)>,
+    pub jobs: Vec<NewJob>,
+}
+
+/// A group of batches against what is stored: what to write, and one [`Applied`] per
+/// batch, in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan<'a> {
+    pub applied: Vec<Applied>,
+    pub changes: Changes<'a>,
+}
+
+/// Decides what `batches`, applied in order, change against `stored`. `now` (the gateway's
+/// clock) only stamps when a ticket was decided. Later batches see what earlier ones did,
+/// so a record that comes twice in the group is applied once, and a ticket opened by one
+/// batch is the one the next batch's recurrence attaches to.
+///
+/// Fails only when a ticket body cannot be encoded as JSON (nothing is to be written then).
+pub fn plan<'a>(
+    batches: &'a [UpBatch],
+    stored: Stored<'a>,
+    cx: &IngestContext,
+    now: Timestamp,
+) -> Result<Plan<'a>, StoreError> {
+    let mut p = Planner {
+        cx,
+        now,
+        seen: stored.seen,
+        devices: stored.devices,
+        tickets: stored.tickets,
+        touched_devices: BTreeSet::new(),
+        touched_tickets: BTreeSet::new(),
+        changes: Changes::default(),
     };
-    let bytes = serde_json::to_vec(&job).unwrap_or_default();
-    outbox
-        .insert(id, bytes.as_slice())
-        .map_err(store.error("write job"))?;
-    Ok(())
+    let mut applied = Vec::with_capacity(batches.len());
+    for batch in batches {
+        applied.push(p.batch(batch)?);
+    }
+    Ok(Plan {
+        applied,
+        changes: p.finish(),
+    })
+}
+
+/// The group's working view of the store (what is stored plus what the batches so far
+/// changed) and the changes collected.
+struct Planner<'a, 'c> {
+    cx: &'c IngestContext,
+    now: Timestamp,
+    seen: BTreeSet<(&'a str, u64)>,
+    devices: BTreeMap<String, DeviceLive>,
+    /// device → ticket key → ticket.
+    tickets: BTreeMap<String, BTreeMap<String, TicketRecord>>,
+    touched_devices: BTreeSet<String>,
+    /// (device, ticket key).
+    touched_tickets: BTreeSet<(String, String)>,
+    changes: Changes<'a>,
+}
+
+impl<'a> Planner<'a, '_> {
+    fn batch(&mut self, batch: &'a UpBatch) -> Result<Applied, StoreError> {
+        let mut applied = Applied::default();
+        let agent = batch.agent.as_str();
+        for r in &batch.records {
+            if !self.seen.insert((agent, r.seq)) {
+                applied.duplicates += 1;
+                continue;
+            }
+            self.changes.seen.push((agent, r.seq));
+            applied.new_records += 1;
+            self.record(batch, r, &mut applied)?;
+        }
+        applied.stored = ranges_of(batch.records.iter().map(|r| r.seq));
+        Ok(applied)
+    }
+
+    /// A record seen for the first time.
+    fn record(
+        &mut self,
+        batch: &UpBatch,
+        r: &Record,
+        applied: &mut Applied,
+    ) -> Result<(), StoreError> {
+        // The outbox's drop reports belong to the agent, not a device (device ""): counted
+        // and kept in the agent's own life record, never a phantom device.
+        if r.device.is_empty() {
+            if let RecordBody::Dropped { count, .. } = &r.body {
+                applied.dropped_readings += count;
+                self.life(
+                    "",
+                    r.at,
+                    LifeEvent::ReadingsDropped {
+                        at: r.at,
+                        count: *count,
+                    },
+                );
+            }
+            return Ok(());
+        }
+        let d = self
+            .devices
+            .entry(r.device.clone())
+            .or_insert_with(|| DeviceLive::new(&r.device, &batch.agent, &batch.site));
+        self.touched_devices.insert(r.device.clone());
+        let line = update_live(d, &batch.agent, &batch.site, r)?;
+        let identity = d.identity.clone();
+        if let RecordBody::State { to, .. } = &r.body {
+            self.changes.transitions.push(Transition {
+                device: r.device.clone(),
+                at: r.at,
+                seq: r.seq,
+                to: *to,
+            });
+        }
+        if let Some(line) = line {
+            self.life(&r.device, r.at, line);
+        }
+        if let RecordBody::Episode(ev) = &r.body {
+            if matches!(ev.change, EpisodeChange::Opened) {
+                applied.episodes_opened += 1;
+            }
+            self.episode(&batch.agent, r, ev, identity.as_ref(), applied)?;
+        }
+        Ok(())
+    }
+
+    fn life(&mut self, device: &str, at: Timestamp, event: LifeEvent) {
+        self.changes.life.push(LifeEntry {
+            device: device.to_string(),
+            at,
+            event,
+        });
+    }
+
+    /// An episode change of a device: the tickets it opens, the events it adds.
+    fn episode(
+        &mut self,
+        agent: &str,
+        r: &Record,
+        ev: &EpisodeEvent,
+        identity: Option<&LiveIdentity>,
+        applied: &mut Applied,
+    ) -> Result<(), StoreError> {
+        let cx = self.cx;
+        let Some(entry) = cx.fleet.device(&r.device) else {
+            applied.unknown_device += 1;
+            return Ok(());
+        };
+        // What the agent said the device was when the episode opened wins over what this
+        // gateway has heard since: the ticket body must be the same on every gateway.
+        let opened_as = ev.opening.as_ref().and_then(|o| {
+            Some(DeviceIdentity {
+                model: o.model.clone()?,
+                firmware: o.firmware.clone()?,
+                serial: None,
+                profile: String::new(),
+            })
+        });
+        let identity = opened_as.or_else(|| {
+            identity.map(|i| DeviceIdentity {
+                model: i.model.clone(),
+                firmware: i.firmware.clone(),
+                serial: i.serial.clone(),
+                profile: i.profile.clone(),
+            })
+        });
+        let facts = DeviceFacts::resolve(&entry, identity.as_ref(), &cx.profiles);
+        let tcx = TicketContext {
+            gateway: &cx.gateway,
+            agent,
+            entry,
+            facts: &facts,
+            tz: &cx.tz,
+        };
+        let known: Vec<_> = self
+            .tickets
+            .get(&r.device)
+            .map(|k| k.values().map(TicketRecord::known).collect())
+            .unwrap_or_default();
+        for action in decide(&tcx, ev, r.at, &known) {
+            match action {
+                Action::Create(req) => self.create(agent, r, ev, req, applied)?,
+                Action::Event(req) => self.event(r, req, applied)?,
+                Action::Attach {
+                    ticket_key,
+                    episode,
+                } => self.change_ticket(&r.device, ticket_key, |t| {
+                    if !t.episodes.contains(&episode) {
+                        t.episodes.push(episode);
+                    }
+                }),
+                Action::SetClass { ticket_key, class } => {
+                    self.change_ticket(&r.device, ticket_key, |t| t.class = class)
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn create(
+        &mut self,
+        agent: &str,
+        r: &Record,
+        ev: &EpisodeEvent,
+        req: Box<TicketRequest>,
+        applied: &mut Applied,
+    ) -> Result<(), StoreError> {
+        let t = TicketRecord {
+            key: req.idempotency_key.clone(),
+            device: r.device.clone(),
+            agent: agent.to_string(),
+            kind: req.body.kind,
+            code: req.body.fault.code.clone(),
+            class: req.body.fault.class,
+            episodes: vec![req.episode.clone()],
+            open: true,
+            detected_at: ev.opened_at,
+            created_at: self.now,
+            body: to_json("ticket body", &req.body)?,
+            ticket_id: None,
+            backend_status: None,
+            forward: Forwarding::pending(),
+            events: Vec::new(),
+        };
+        self.changes.jobs.push(NewJob {
+            ticket_key: t.key.clone(),
+            event: None,
+        });
+        self.changes
+            .new_tickets
+            .push((r.device.clone(), t.key.clone()));
+        self.life(
+            &r.device,
+            r.at,
+            LifeEvent::TicketOpened {
+                at: r.at,
+                ticket_key: t.key.clone(),
+                kind: t.kind,
+                code: t.code.clone(),
+                class: t.class,
+            },
+        );
+        applied.tickets_opened.push(t.key.clone());
+        self.touched_tickets
+            .insert((r.device.clone(), t.key.clone()));
+        self.tickets
+            .entry(r.device.clone())
+            .or_default()
+            .insert(t.key.clone(), t);
+        Ok(())
+    }
+
+    /// An event on one of the device's tickets; one already recorded is not added again.
+    fn event(
+        &mut self,
+        r: &Record,
+        req: EventRequest,
+        applied: &mut Applied,
+    ) -> Result<(), StoreError> {
+        let Some(t) = self
+            .tickets
+            .get_mut(&r.device)
+            .and_then(|k| k.get_mut(&req.ticket_key))
+        else {
+            return Ok(());
+        };
+        if t.events
+            .iter()
+            .any(|e| e.idempotency_key == req.idempotency_key)
+        {
+            return Ok(());
+        }
+        let kind = req.body.kind.as_str().to_string();
+        t.events.push(TicketEventRecord {
+            idempotency_key: req.idempotency_key.clone(),
+            kind: kind.clone(),
+            body: to_json("ticket event body", &req.body)?,
+            forward: Forwarding::pending(),
+        });
+        self.changes.jobs.push(NewJob {
+            ticket_key: req.ticket_key.clone(),
+            event: Some(req.idempotency_key),
+        });
+        self.life(
+            &r.device,
+            r.at,
+            LifeEvent::TicketEvent {
+                at: r.at,
+                ticket_key: req.ticket_key.clone(),
+                event: kind,
+            },
+        );
+        applied.events_queued += 1;
+        self.touched_tickets
+            .insert((r.device.clone(), req.ticket_key));
+        Ok(())
+    }
+
+    /// Changes one of the device's tickets, if it has it.
+    fn change_ticket(&mut self, device: &str, key: String, f: impl FnOnce(&mut TicketRecord)) {
+        if let Some(t) = self.tickets.get_mut(device).and_then(|k| k.get_mut(&key)) {
+            f(t);
+            self.touched_tickets.insert((device.to_string(), key));
+        }
+    }
+
+    fn finish(mut self) -> Changes<'a> {
+        for id in &self.touched_devices {
+            if let Some(d) = self.devices.remove(id) {
+                self.changes.devices.insert(id.clone(), d);
+            }
+        }
+        for (device, key) in &self.touched_tickets {
+            if let Some(t) = self.tickets.get_mut(device).and_then(|k| k.remove(key)) {
+                self.changes.tickets.insert(key.clone(), t);
+            }
+        }
+        self.changes
+    }
+}
+
+/// What record `r` from `agent` at `site` changes in its device's live picture; returns
+/// the line it adds to the device's life record, if any.
+fn update_live(
+    d: &mut DeviceLive,
+    agent: &str,
+    site: &str,
+    r: &Record,
+) -> Result<Option<LifeEvent>, StoreError> {
+    d.agent = agent.to_string();
+    d.site_reported = site.to_string();
+    if d.last_seen.is_none_or(|s| r.at > s) {
+        d.last_seen = Some(r.at);
+    }
+    let line = match &r.body {
+        RecordBody::Identity {
+            model,
+            firmware,
+            serial,
+            profile,
+        } => {
+            if d.identity.as_ref().is_none_or(|i| r.at >= i.at) {
+                d.identity = Some(LiveIdentity {
+                    model: model.clone(),
+                    firmware: firmware.clone(),
+                    serial: serial.clone(),
+                    profile: profile.clone(),
+                    at: r.at,
+                });
+            }
+            Some(LifeEvent::Identified {
+                at: r.at,
+                firmware: firmware.clone(),
+                serial: serial.clone(),
+                profile: profile.clone(),
+            })
+        }
+        RecordBody::Readings { readings } => {
+            for w in readings {
+                if d.readings.get(&w.name).is_none_or(|x| r.at >= x.time) {
+                    let reading = LiveReading {
+                        name: w.name.clone(),
+                        value: to_json("reading", &w.value)?,
+                        unit: w.unit.clone(),
+                        time: r.at,
+                    };
+                    d.readings.insert(w.name.clone(), reading);
+                }
+            }
+            None
+        }
+        RecordBody::State { from, to } => {
+            if d.state_since.is_none_or(|s| r.at >= s) {
+                d.state = *to;
+                d.state_since = Some(r.at);
+            }
+            Some(LifeEvent::State {
+                at: r.at,
+                from: *from,
+                to: *to,
+            })
+        }
+        RecordBody::Dropped { count, .. } => {
+            d.dropped_readings += count;
+            Some(LifeEvent::ReadingsDropped {
+                at: r.at,
+                count: *count,
+            })
+        }
+        RecordBody::Episode(ev) => {
+            update_open_episodes(d, ev);
+            Some(LifeEvent::Episode {
+                at: r.at,
+                event: ev.clone(),
+            })
+        }
+    };
+    Ok(line)
 }
 
 /// Keeps the open episodes of the live picture: the newest change of each (a replayed old
 /// change never reopens what a newer one cleared; a cleared episode is remembered only in
 /// the life record).
-fn apply_episode_to_live(d: &mut DeviceLive, r: &Record) {
-    let RecordBody::Episode(ev) = &r.body else {
-        return;
-    };
+fn update_open_episodes(d: &mut DeviceLive, ev: &EpisodeEvent) {
     match ev.change {
         EpisodeChange::Opened | EpisodeChange::ClassChanged => {
             d.open_episodes.insert(ev.episode.clone(), ev.clone());
@@ -456,6 +561,9 @@ fn apply_episode_to_live(d: &mut DeviceLive, r: &Record) {
 mod tests {
     use super::*;
     use crate::fleet::Fleet;
+    use crate::store::{GatewayStore, RedbStore};
+    use jiff::SignedDuration;
+    use tend_profiles::{FaultClass, SignalKind};
     use tend_wire::Record;
 
     const FLEET: &str = r#"
@@ -480,38 +588,274 @@ location = "ICU bed 7"
 accepted = "2025-03-01"
 "#;
 
-    fn batch(agent: &str, seqs: std::ops::RangeInclusive<u64>) -> UpBatch {
-        let at: Timestamp = "2026-11-02T00:00:00Z".parse().unwrap();
+    fn cx() -> IngestContext {
+        IngestContext {
+            gateway: "gw-1".into(),
+            fleet: Fleet::parse("fleet.toml", FLEET).unwrap(),
+            profiles: tend_profiles::ProfileSet::builtin().unwrap(),
+            tz: TimeZone::get("Asia/Shanghai").unwrap(),
+        }
+    }
+
+    fn at(min: i64) -> Timestamp {
+        "2026-11-02T00:00:00Z".parse::<Timestamp>().unwrap() + SignedDuration::from_mins(min)
+    }
+
+    fn record(seq: u64, min: i64, device: &str, body: RecordBody) -> Record {
+        Record {
+            seq,
+            at: at(min),
+            device: device.into(),
+            body,
+        }
+    }
+
+    fn readings(seq: u64) -> Record {
+        record(
+            seq,
+            0,
+            "vent",
+            RecordBody::Readings {
+                readings: Vec::new(),
+            },
+        )
+    }
+
+    fn state(seq: u64, min: i64, from: DeviceState, to: DeviceState) -> Record {
+        record(seq, min, "vent", RecordBody::State { from, to })
+    }
+
+    fn episode(seq: u64, min: i64, device: &str, change: EpisodeChange) -> Record {
+        let ev = EpisodeEvent {
+            episode: format!("a1/{device}/ALM1.4/1"),
+            change,
+            code: "ALM1.4".into(),
+            kind: SignalKind::Fault,
+            class: Some(FaultClass::Major),
+            description: "exhalation valve fault".into(),
+            action: None,
+            evidence: BTreeMap::new(),
+            device_available: false,
+            opened_at: at(60),
+            due: None,
+            opening: None,
+        };
+        record(seq, min, device, RecordBody::Episode(ev))
+    }
+
+    fn batch(agent: &str, records: Vec<Record>) -> UpBatch {
         UpBatch {
             v: tend_wire::VERSION,
             agent: agent.into(),
             site: "s-1".into(),
-            records: seqs
-                .map(|seq| Record {
-                    seq,
-                    at,
-                    device: "vent".into(),
-                    body: RecordBody::Readings {
-                        readings: Vec::new(),
-                    },
-                })
-                .collect(),
+            records,
         }
+    }
+
+    fn seqs(agent: &str, seqs: std::ops::RangeInclusive<u64>) -> UpBatch {
+        batch(agent, seqs.map(readings).collect())
+    }
+
+    fn life_kinds(changes: &Changes<'_>) -> Vec<String> {
+        changes
+            .life
+            .iter()
+            .map(|l| {
+                serde_json::to_value(&l.event).unwrap()["type"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn needs_name_every_record_device_and_device_with_an_episode() {
+        let group = [
+            batch(
+                "a1",
+                vec![readings(1), episode(2, 60, "vent", EpisodeChange::Opened)],
+            ),
+            batch(
+                "a2",
+                vec![record(
+                    7,
+                    0,
+                    "",
+                    RecordBody::Dropped {
+                        count: 3,
+                        first_seq: 1,
+                        last_seq: 3,
+                    },
+                )],
+            ),
+        ];
+        let needs = Needs::of(&group);
+        assert_eq!(
+            needs.records,
+            [("a1", 1), ("a1", 2), ("a2", 7)].into_iter().collect()
+        );
+        assert_eq!(needs.devices, ["vent"].into_iter().collect());
+        assert_eq!(needs.tickets_of, ["vent"].into_iter().collect());
+    }
+
+    #[test]
+    fn a_record_seen_before_or_twice_in_the_group_is_acked_and_applied_once() {
+        let group = [seqs("a1", 1..=3), seqs("a2", 1..=2), seqs("a1", 2..=4)];
+        let stored = Stored {
+            seen: [("a1", 1)].into_iter().collect(),
+            ..Stored::default()
+        };
+        let p = plan(&group, stored, &cx(), at(0)).unwrap();
+        let counts: Vec<_> = p
+            .applied
+            .iter()
+            .map(|a| (a.new_records, a.duplicates))
+            .collect();
+        assert_eq!(counts, [(2, 1), (2, 0), (1, 2)]);
+        assert_eq!(p.applied[0].stored, vec![SeqRange { first: 1, last: 3 }]);
+        assert_eq!(p.applied[2].stored, vec![SeqRange { first: 2, last: 4 }]);
+        assert_eq!(
+            p.changes.seen,
+            [("a1", 2), ("a1", 3), ("a2", 1), ("a2", 2), ("a1", 4)]
+        );
+        // One device, written once with what the whole group made of it.
+        assert_eq!(p.changes.devices.len(), 1);
+        assert_eq!(p.changes.devices["vent"].agent, "a1");
+    }
+
+    #[test]
+    fn the_live_picture_keeps_the_newest_state_and_the_ledger_gets_every_transition() {
+        let mut known = DeviceLive::new("vent", "a1", "s-1");
+        known.state = DeviceState::Down;
+        known.state_since = Some(at(60));
+        known.last_seen = Some(at(60));
+        let stored = Stored {
+            devices: [("vent".to_string(), known)].into_iter().collect(),
+            ..Stored::default()
+        };
+        // A late transition (replayed from the agent's outbox) and a newer one.
+        let group = [
+            batch(
+                "a1",
+                vec![state(4, 30, DeviceState::Unknown, DeviceState::Up)],
+            ),
+            batch("a1", vec![state(5, 90, DeviceState::Down, DeviceState::Up)]),
+        ];
+        let p = plan(&group, stored, &cx(), at(100)).unwrap();
+        let d = &p.changes.devices["vent"];
+        assert_eq!((d.state, d.state_since), (DeviceState::Up, Some(at(90))));
+        assert_eq!(d.last_seen, Some(at(90)));
+        let t: Vec<_> = p
+            .changes
+            .transitions
+            .iter()
+            .map(|t| (t.at, t.seq, t.to))
+            .collect();
+        assert_eq!(
+            t,
+            [(at(30), 4, DeviceState::Up), (at(90), 5, DeviceState::Up)]
+        );
+        assert_eq!(life_kinds(&p.changes), ["state", "state"]);
+        assert!(p.changes.tickets.is_empty() && p.changes.jobs.is_empty());
+    }
+
+    #[test]
+    fn an_agents_drop_report_is_counted_in_its_own_record_never_a_device() {
+        let dropped = RecordBody::Dropped {
+            count: 40,
+            first_seq: 1,
+            last_seq: 40,
+        };
+        let group = [batch("a1", vec![record(1, 5, "", dropped)])];
+        let p = plan(&group, Stored::default(), &cx(), at(6)).unwrap();
+        assert_eq!(p.applied[0].dropped_readings, 40);
+        assert!(p.changes.devices.is_empty());
+        assert_eq!(p.changes.life.len(), 1);
+        assert_eq!(p.changes.life[0].device, "");
+    }
+
+    #[test]
+    fn an_episode_opens_one_ticket_and_its_clearing_in_the_next_batch_becomes_its_event() {
+        let group = [
+            batch("a1", vec![episode(1, 60, "vent", EpisodeChange::Opened)]),
+            batch(
+                "a1",
+                vec![
+                    episode(1, 60, "vent", EpisodeChange::Opened), // resent: a duplicate
+                    episode(2, 90, "vent", EpisodeChange::Cleared),
+                ],
+            ),
+        ];
+        let now = at(200);
+        let p = plan(&group, Stored::default(), &cx(), now).unwrap();
+        assert_eq!(p.applied[0].tickets_opened.len(), 1);
+        assert_eq!(p.applied[0].episodes_opened, 1);
+        assert_eq!(
+            (p.applied[1].events_queued, p.applied[1].duplicates),
+            (1, 1)
+        );
+        let key = &p.applied[0].tickets_opened[0];
+        assert_eq!(p.changes.new_tickets, [("vent".to_string(), key.clone())]);
+        // The ticket is written once, as the group left it.
+        let t = &p.changes.tickets[key];
+        assert_eq!((t.created_at, t.detected_at), (now, at(60)));
+        assert_eq!(t.events.len(), 1);
+        assert_eq!(t.events[0].kind, "fault_cleared");
+        assert_eq!(t.body["fault"]["code"], "ALM1.4");
+        let jobs: Vec<_> = p.changes.jobs.iter().map(|j| j.event.is_some()).collect();
+        assert_eq!(jobs, [false, true], "the create, then the event");
+        assert_eq!(
+            life_kinds(&p.changes),
+            ["episode", "ticket_opened", "episode", "ticket_event"]
+        );
+        assert!(p.changes.devices["vent"].open_episodes.is_empty());
+    }
+
+    #[test]
+    fn a_ticket_already_stored_is_not_opened_again() {
+        let first = [batch(
+            "a1",
+            vec![episode(1, 60, "vent", EpisodeChange::Opened)],
+        )];
+        let p = plan(&first, Stored::default(), &cx(), at(61)).unwrap();
+        let tickets = p.changes.tickets.clone();
+        // A later group, against what the first one stored: the same episode from
+        // another agent's outbox (a re-homed device) changes no ticket.
+        let again = [batch(
+            "a2",
+            vec![episode(1, 60, "vent", EpisodeChange::Opened)],
+        )];
+        let stored = Stored {
+            tickets: [("vent".to_string(), tickets)].into_iter().collect(),
+            ..Stored::default()
+        };
+        let p = plan(&again, stored, &cx(), at(62)).unwrap();
+        assert_eq!(p.applied[0].new_records, 1);
+        assert!(!p.applied[0].has_jobs());
+        assert!(p.changes.jobs.is_empty() && p.changes.new_tickets.is_empty());
+    }
+
+    #[test]
+    fn a_device_outside_the_fleet_is_kept_without_tickets() {
+        let group = [batch(
+            "a1",
+            vec![episode(1, 60, "stray", EpisodeChange::Opened)],
+        )];
+        let p = plan(&group, Stored::default(), &cx(), at(61)).unwrap();
+        assert_eq!(p.applied[0].unknown_device, 1);
+        assert!(p.changes.tickets.is_empty() && p.changes.jobs.is_empty());
+        assert_eq!(p.changes.devices["stray"].open_episodes.len(), 1);
     }
 
     #[test]
     fn a_group_of_batches_is_applied_in_order_in_one_transaction() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let cx = IngestContext {
-            gateway: "gw-1".into(),
-            fleet: Fleet::parse("fleet.toml", FLEET).unwrap(),
-            profiles: tend_profiles::ProfileSet::builtin().unwrap(),
-            tz: TimeZone::get("Asia/Shanghai").unwrap(),
-        };
+        let store = RedbStore::open(dir.path()).unwrap();
+        let cx = cx();
         let now = Timestamp::now();
         // Two agents, and a resend overlapping the first batch, in one group.
-        let group = [batch("a1", 1..=3), batch("a2", 1..=2), batch("a1", 2..=4)];
+        let group = [seqs("a1", 1..=3), seqs("a2", 1..=2), seqs("a1", 2..=4)];
         let out = store.apply_many(&group, &cx, now).unwrap();
         assert_eq!(out.len(), 3);
         assert_eq!((out[0].new_records, out[0].duplicates), (3, 0));

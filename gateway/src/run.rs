@@ -7,7 +7,7 @@ use crate::diag::DiagClient;
 use crate::ingest::IngestContext;
 use crate::link::{self, LinkConfig};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::RedbStore;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
@@ -42,7 +42,7 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Running> {
     let cfg = &loaded.config;
     let store = {
         let dir = cfg.data_dir.clone();
-        tokio::task::spawn_blocking(move || Store::open(&dir)).await??
+        tokio::task::spawn_blocking(move || RedbStore::open(&dir)).await??
     };
     let cx = IngestContext {
         // Gateways sharing the agents' traffic sign tickets with their group's name, so a

@@ -19,7 +19,7 @@ use tend_gateway::fleet::Fleet;
 use tend_gateway::ingest::IngestContext;
 use tend_gateway::ledger::month_window;
 use tend_gateway::metrics::Metrics;
-use tend_gateway::store::{JobOutcome, Store};
+use tend_gateway::store::{GatewayStore, JobOutcome, RedbStore};
 use tend_profiles::{DeviceState, FaultClass, ProfileSet, SignalKind, Value as PValue};
 use tend_wire::{
     DiagRequest, DiagResponse, EpisodeChange, EpisodeEvent, Record, RecordBody, UpBatch,
@@ -150,7 +150,8 @@ fn episode(id: &str, code: &str, class: FaultClass, at: Timestamp, available: bo
 impl World {
     async fn start() -> World {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("data")).unwrap());
+        let store: Arc<dyn GatewayStore> =
+            Arc::new(RedbStore::open(&dir.path().join("data")).unwrap());
         let cx = Arc::new(IngestContext {
             gateway: "gw-test".into(),
             fleet: Fleet::parse("fleet.toml", FLEET).unwrap(),

@@ -1,5 +1,5 @@
 //! The forwarder against the backend stand-in, over real HTTP on TCP: agent records go
-//! through `Store::apply` into the outbox, the forwarder sends them.
+//! through `GatewayStore::apply` into the outbox, the forwarder sends them.
 //!
 //! Proves: one ticket per episode with the stored body byte for byte and its events after
 //! it, in order; retries through 503, 429 (no earlier than Retry-After), a hanging
@@ -22,7 +22,7 @@ use tend_gateway::fleet::Fleet;
 use tend_gateway::forwarder::{self, ForwarderConfig};
 use tend_gateway::ingest::IngestContext;
 use tend_gateway::metrics::{Metrics, OutcomeLabel};
-use tend_gateway::store::{ForwardState, Store, TicketRecord};
+use tend_gateway::store::{ForwardState, RedbStore, TicketRecord};
 use tend_profiles::{FaultClass, ProfileSet, SignalKind};
 use tend_wire::{EpisodeChange, EpisodeEvent, Opening, Record, RecordBody, UpBatch};
 use tokio::task::JoinHandle;
@@ -64,7 +64,7 @@ accepted = "2023-01-10"
 const PATIENCE: Duration = Duration::from_secs(20);
 
 fn gateway(dir: &Path) -> Gateway {
-    let store = Store::open(dir).unwrap();
+    let store = RedbStore::open(dir).unwrap();
     let cx = IngestContext {
         gateway: "gw-test".into(),
         fleet: Fleet::parse("fleet.toml", FLEET).unwrap(),

@@ -397,7 +397,8 @@ async fn hostile(external: bool) {
         false,
     )
     .await;
-    let store = tend_gateway::store::Store::open(&dir.path().join("gw/data")).unwrap();
+    use tend_gateway::store::{GatewayStore, RedbStore};
+    let store = RedbStore::open(&dir.path().join("gw/data")).unwrap();
     assert!(store.has_record(EVIL, u64::MAX).unwrap());
     println!(
         "hostile summary: broker={} hostile_messages={sent} malformed_counted={malformed} \

@@ -8,7 +8,7 @@ use jiff::{SignedDuration, Timestamp};
 use std::collections::BTreeMap;
 use tend_gateway::fleet::Fleet;
 use tend_gateway::ingest::IngestContext;
-use tend_gateway::store::Store;
+use tend_gateway::store::{GatewayStore, RedbStore};
 use tend_profiles::{DeviceState, FaultClass, ProfileSet, SignalKind};
 use tend_wire::{EpisodeChange, EpisodeEvent, Record, RecordBody, SeqRange, UpBatch};
 
@@ -96,7 +96,7 @@ fn replay_is_acked_again_applied_once_and_fills_the_gap() {
     let dir = tempfile::tempdir().unwrap();
     let cx = cx();
     let now = at(24 * 60);
-    let store = Store::open(dir.path()).unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
 
     // The agent's first batch: up at 0, the fault at 60 (down), its clearing at 90.
     let first = batch(vec![
@@ -132,7 +132,7 @@ fn replay_is_acked_again_applied_once_and_fills_the_gap() {
 
     // The late records: it was back up at 75 and went into maintenance at 80.
     drop(store);
-    let store = Store::open(dir.path()).unwrap(); // and across a reopen
+    let store = RedbStore::open(dir.path()).unwrap(); // and across a reopen
     let late = batch(vec![
         state(4, 75, DeviceState::Down, DeviceState::Up),
         state(5, 80, DeviceState::Up, DeviceState::Maintenance),
@@ -185,7 +185,7 @@ fn replay_is_acked_again_applied_once_and_fills_the_gap() {
 #[test]
 fn records_of_a_device_outside_the_fleet_are_stored_without_tickets() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
     let mut r = episode(1, 60, EpisodeChange::Opened);
     r.device = "stray".into();
     let a = store.apply(&batch(vec![r]), &cx(), at(61)).unwrap();

@@ -543,7 +543,7 @@ async fn an_hour_of_records_180000_drain_exactly_once_with_bounded_memory() {
 /// and every state change and episode change made during the outage is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_full_while_cut_off_drops_oldest_readings_only_and_reports_them() {
-    use tend_gateway::store::{LifeEvent, Store};
+    use tend_gateway::store::{GatewayStore, LifeEvent, RedbStore};
     const AGENT: &str = "agent-disk-cap";
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -621,7 +621,7 @@ async fn outbox_full_while_cut_off_drops_oldest_readings_only_and_reports_them()
     );
     let max = ostats.next_seq - 1;
     let gw_data = dir.path().join("gw/data");
-    let store = Store::open(&gw_data).unwrap();
+    let store = RedbStore::open(&gw_data).unwrap();
     let missing: Vec<u64> = (1..=max)
         .filter(|s| !store.has_record(AGENT, *s).unwrap())
         .collect();

@@ -824,7 +824,8 @@ pub async fn assert_delivered(
     assert_eq!(stats.records, 0, "unacknowledged records left: {stats:?}");
     let max = stats.next_seq - 1;
     assert!(max > 0);
-    let store = tend_gateway::store::Store::open(gw_data).unwrap();
+    use tend_gateway::store::{GatewayStore, RedbStore};
+    let store = RedbStore::open(gw_data).unwrap();
     let missing: Vec<u64> = (1..=max)
         .filter(|s| !store.has_record(agent, *s).unwrap())
         .collect();
@@ -886,8 +887,8 @@ pub fn assert_one_ticket_per_episode(
     refused: &[String],
 ) -> TicketFigures {
     use std::collections::{BTreeMap, BTreeSet};
-    use tend_gateway::store::{ForwardState, LifeEvent, Store};
-    let store = Store::open(gw_data).unwrap();
+    use tend_gateway::store::{ForwardState, GatewayStore, LifeEvent, RedbStore};
+    let store = RedbStore::open(gw_data).unwrap();
     let tickets = store.tickets().unwrap();
     let mut episodes: BTreeMap<String, String> = BTreeMap::new();
     let mut opened: BTreeMap<String, u32> = BTreeMap::new();

@@ -1,0 +1,528 @@
+//! The gateway's store: everything it must not forget, behind one interface.
+//!
+//! - which (agent, seq) it has stored, so a replayed record is acknowledged again but
+//!   applied once;
+//! - each device's live picture (identity, state, last readings, open episodes) and its
+//!   whole life (every state change, episode change, ticket and maintenance event);
+//! - the availability ledger's transitions, keyed by the agent's time;
+//! - the tickets with their forwarding state, and the forwarder's outbox of jobs.
+//!
+//! This module holds the domain types and the [`GatewayStore`] trait that ingest, the
+//! ledger, the forwarder and the hotline API use (the CLI reaches the store through the
+//! API). [`RedbStore`] (one redb file, the default for one gateway) is its implementation;
+//! a shared SQL store implements the same trait. What a store must guarantee is written on the trait; what a batch changes
+//! is decided by pure code ([`crate::ingest::plan`], the `TicketRecord` bookkeeping
+//! below), so an implementation only loads, writes and commits.
+
+mod redb;
+
+pub use self::redb::RedbStore;
+
+use crate::ingest::{Applied, IngestContext};
+use crate::ledger::Ledger;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tend_profiles::{DeviceState, FaultClass, SignalKind};
+use tend_wire::{EpisodeEvent, UpBatch};
+
+/// Why the store could not do what was asked. Nothing of the operation was committed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed or refused: `store` names it (a file, a database).
+    #[error("store {store}: {what}: {detail}")]
+    Database {
+        store: String,
+        what: &'static str,
+        detail: String,
+    },
+    /// A value could not be encoded for storage: nothing is written rather than empty or
+    /// null bytes.
+    #[error("store: cannot encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl StoreError {
+    /// What the store was doing (`read device`, `commit`, ...), for a short message.
+    pub fn what(&self) -> &'static str {
+        match self {
+            StoreError::Database { what, .. } | StoreError::Encode { what, .. } => what,
+        }
+    }
+}
+
+/// `value` as JSON bytes, or an error naming `what`.
+pub(crate) fn encode<T: Serialize + ?Sized>(
+    what: &'static str,
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Encode { what, source })
+}
+
+/// `value` as a JSON value, or an error naming `what`.
+pub(crate) fn to_json<T: Serialize + ?Sized>(
+    what: &'static str,
+    value: &T,
+) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(value).map_err(|source| StoreError::Encode { what, source })
+}
+
+/// One reading as last seen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveReading {
+    pub name: String,
+    /// JSON, not `Value`: a NaN reading is stored (and shown) as null.
+    pub value: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub unit: Option<String>,
+    pub time: Timestamp,
+}
+
+/// What the device said it is (its agent's Identity record).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveIdentity {
+    pub model: String,
+    pub firmware: String,
+    pub serial: Option<String>,
+    pub profile: String,
+    pub at: Timestamp,
+}
+
+/// A device's live picture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceLive {
+    pub id: String,
+    /// The agent that last reported it.
+    pub agent: String,
+    pub site_reported: String,
+    pub identity: Option<LiveIdentity>,
+    pub state: DeviceState,
+    /// Agent time of the transition into `state`.
+    pub state_since: Option<Timestamp>,
+    /// Agent time of the latest record about the device.
+    pub last_seen: Option<Timestamp>,
+    pub readings: BTreeMap<String, LiveReading>,
+    /// Open episodes by episode id: the latest change seen of each.
+    pub open_episodes: BTreeMap<String, EpisodeEvent>,
+    /// Readings the agent's outbox dropped when full.
+    #[serde(default)]
+    pub dropped_readings: u64,
+}
+
+impl DeviceLive {
+    pub fn new(id: &str, agent: &str, site: &str) -> Self {
+        DeviceLive {
+            id: id.into(),
+            agent: agent.into(),
+            site_reported: site.into(),
+            identity: None,
+            state: DeviceState::Unknown,
+            state_since: None,
+            last_seen: None,
+            readings: BTreeMap::new(),
+            open_episodes: BTreeMap::new(),
+            dropped_readings: 0,
+        }
+    }
+}
+
+/// One line of a device's life record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LifeEvent {
+    Identified {
+        at: Timestamp,
+        firmware: String,
+        serial: Option<String>,
+        profile: String,
+    },
+    State {
+        at: Timestamp,
+        from: DeviceState,
+        to: DeviceState,
+    },
+    Episode {
+        at: Timestamp,
+        event: EpisodeEvent,
+    },
+    TicketOpened {
+        at: Timestamp,
+        ticket_key: String,
+        kind: SignalKind,
+        code: String,
+        class: FaultClass,
+    },
+    TicketEvent {
+        at: Timestamp,
+        ticket_key: String,
+        event: String,
+    },
+    ReadingsDropped {
+        at: Timestamp,
+        count: u64,
+    },
+}
+
+/// Where a ticket or an event stands with the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardState {
+    /// Waiting to be sent (or no backend is configured: kept by the gateway).
+    Pending,
+    /// The backend has it.
+    Sent,
+    /// The backend refused it for good (400, 409, 413, 404): kept, shown, not resent.
+    Failed,
+}
+
+/// Forwarding bookkeeping of a ticket or an event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Forwarding {
+    pub state: ForwardState,
+    pub attempts: u32,
+    /// The backend's last error (status and body) or the transport error.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub next_attempt: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sent_at: Option<Timestamp>,
+}
+
+impl Forwarding {
+    pub fn pending() -> Self {
+        Forwarding {
+            state: ForwardState::Pending,
+            attempts: 0,
+            last_error: None,
+            next_attempt: None,
+            sent_at: None,
+        }
+    }
+}
+
+/// An event on a ticket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TicketEventRecord {
+    pub idempotency_key: String,
+    /// `fault_cleared`, `fault_recurred`, `escalated`, `note`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The exact body sent (built once: a key resent with another body is a 409).
+    pub body: serde_json::Value,
+    pub forward: Forwarding,
+}
+
+/// A ticket the gateway opened (or is opening).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TicketRecord {
+    /// The Idempotency-Key.
+    pub key: String,
+    pub device: String,
+    pub agent: String,
+    pub kind: SignalKind,
+    pub code: String,
+    /// The class now (after escalations).
+    pub class: FaultClass,
+    /// The episode that opened it, then every recurrence attached.
+    pub episodes: Vec<String>,
+    /// Open in the backend (not resolved or closed) as far as the gateway knows.
+    pub open: bool,
+    /// Agent time the fault was detected.
+    pub detected_at: Timestamp,
+    /// Gateway time the ticket was decided.
+    pub created_at: Timestamp,
+    /// The exact body of `POST /api/v1/tickets`.
+    pub body: serde_json::Value,
+    /// The backend's ticket id once created.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ticket_id: Option<String>,
+    /// The backend's status (`open`, `acknowledged`, ...) when last read.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub backend_status: Option<String>,
+    pub forward: Forwarding,
+    pub events: Vec<TicketEventRecord>,
+}
+
+/// A forwarder job: create the ticket `ticket_key`, or send its event `event` (an event's
+/// Idempotency-Key). The bodies live in the ticket record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub ticket_key: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub event: Option<String>,
+}
+
+/// What became of a job when the forwarder tried it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobOutcome {
+    /// Created (or already existed: 200) with this backend ticket id; or the event was
+    /// accepted (`ticket_id` is then the ticket's).
+    Sent { ticket_id: String },
+    /// Transient: try again at `next_attempt`.
+    Retry {
+        error: String,
+        next_attempt: Timestamp,
+    },
+    /// Permanent: kept and shown as failed, not resent.
+    Failed { error: String },
+}
+
+impl TicketRecord {
+    /// What the ticket decision needs to know of it.
+    pub fn known(&self) -> crate::ticket::KnownTicket {
+        crate::ticket::KnownTicket {
+            key: self.key.clone(),
+            device: self.device.clone(),
+            code: self.code.clone(),
+            kind: self.kind,
+            class: self.class,
+            episodes: self.episodes.clone(),
+            open: self.open,
+        }
+    }
+
+    /// Records what the forwarder's attempt at `job` gave: the ticket's (or the event's)
+    /// forwarding state, and the backend's ticket id once a create is sent. Returns
+    /// whether the job stays in the outbox (only a retry does).
+    pub fn record_outcome(&mut self, job: &Job, outcome: &JobOutcome, now: Timestamp) -> bool {
+        let f = match &job.event {
+            None => &mut self.forward,
+            Some(k) => match self.events.iter_mut().find(|e| &e.idempotency_key == k) {
+                Some(e) => &mut e.forward,
+                None => &mut self.forward,
+            },
+        };
+        f.attempts += 1;
+        let keep = match outcome {
+            JobOutcome::Sent { .. } => {
+                // The last error stays: "sent after 503s" is worth seeing.
+                f.state = ForwardState::Sent;
+                f.sent_at = Some(now);
+                f.next_attempt = None;
+                false
+            }
+            JobOutcome::Retry {
+                error,
+                next_attempt,
+            } => {
+                f.last_error = Some(error.clone());
+                f.next_attempt = Some(*next_attempt);
+                true
+            }
+            JobOutcome::Failed { error } => {
+                f.state = ForwardState::Failed;
+                f.last_error = Some(error.clone());
+                f.next_attempt = None;
+                false
+            }
+        };
+        if let (JobOutcome::Sent { ticket_id }, None) = (outcome, &job.event) {
+            self.ticket_id = Some(ticket_id.clone());
+        }
+        keep
+    }
+
+    /// Sets what the backend refused for good back to pending: an operator's decision
+    /// after fixing the cause. Returns the jobs to queue, in order: `None` for the
+    /// ticket's create, `Some(key)` for each event.
+    pub fn requeue_failed(&mut self) -> Vec<Option<String>> {
+        let mut jobs = Vec::new();
+        if self.forward.state == ForwardState::Failed {
+            self.forward.state = ForwardState::Pending;
+            jobs.push(None);
+        }
+        for e in self.events.iter_mut() {
+            if e.forward.state == ForwardState::Failed {
+                e.forward.state = ForwardState::Pending;
+                jobs.push(Some(e.idempotency_key.clone()));
+            }
+        }
+        jobs
+    }
+
+    /// Notes the backend's status (`resolved` and `closed` end the ticket: a fault that
+    /// returns afterwards opens a new ticket rather than a recurrence).
+    pub fn set_backend_status(&mut self, status: &str) {
+        self.backend_status = Some(status.to_string());
+        self.open = !matches!(status, "resolved" | "closed");
+    }
+}
+
+/// The gateway's durable store, as ingest, the ledger, the forwarder, the hotline API and
+/// the CLI see it.
+///
+/// Every method is one transaction: it is done entirely or not at all, and a write has
+/// reached the disk (or the database's commit) when it returns `Ok`. Methods block; async
+/// callers run them on the blocking pool. Unreadable rows are skipped by the reads (one
+/// damaged entry must not hide a whole fleet).
+///
+/// A SQL store implements [`GatewayStore::apply_many`] the way [`RedbStore`] does: in one
+/// transaction, load what the batches touch ([`crate::ingest::Needs`]), let
+/// [`crate::ingest::plan`] decide the changes, write them, commit.
+pub trait GatewayStore: Send + Sync + std::fmt::Debug {
+    /// Applies several batches, in order, in one durable transaction (group commit: one
+    /// fsync for all of them): all are stored or none is. A record that comes twice, in
+    /// the same group or after, is applied once. `now` is the gateway's clock, used only
+    /// to stamp when a ticket was decided. One [`Applied`] per batch, in order.
+    fn apply_many(
+        &self,
+        batches: &[UpBatch],
+        cx: &IngestContext,
+        now: Timestamp,
+    ) -> Result<Vec<Applied>, StoreError>;
+
+    /// Applies one batch in one durable transaction.
+    fn apply(
+        &self,
+        batch: &UpBatch,
+        cx: &IngestContext,
+        now: Timestamp,
+    ) -> Result<Applied, StoreError> {
+        let mut all = self.apply_many(std::slice::from_ref(batch), cx, now)?;
+        Ok(all.pop().unwrap_or_default())
+    }
+
+    /// How many (agent, seq) records are stored.
+    fn records_stored(&self) -> Result<u64, StoreError>;
+
+    /// Whether (agent, seq) is stored.
+    fn has_record(&self, agent: &str, seq: u64) -> Result<bool, StoreError>;
+
+    /// Every device the gateway has heard of.
+    fn devices(&self) -> Result<Vec<DeviceLive>, StoreError>;
+
+    fn device(&self, id: &str) -> Result<Option<DeviceLive>, StoreError>;
+
+    /// The device's availability ledger, rebuilt from its stored transitions and heard up
+    /// to its last record (one consistent read).
+    fn ledger(&self, id: &str) -> Result<Ledger, StoreError>;
+
+    /// The device's life record, oldest first (at most `limit` newest entries).
+    fn history(&self, id: &str, limit: usize) -> Result<Vec<LifeEvent>, StoreError>;
+
+    /// Every ticket, oldest detection first (then by key).
+    fn tickets(&self) -> Result<Vec<TicketRecord>, StoreError>;
+
+    fn ticket(&self, key: &str) -> Result<Option<TicketRecord>, StoreError>;
+
+    /// The forwarder's jobs in the order they were queued.
+    fn jobs(&self) -> Result<Vec<Job>, StoreError>;
+
+    /// Records what the forwarder's attempt at `job` gave ([`TicketRecord::record_outcome`]),
+    /// in one transaction with the job leaving the outbox unless it is to be retried. A job
+    /// whose ticket is not stored is dropped.
+    fn finish_job(&self, job: &Job, outcome: &JobOutcome, now: Timestamp)
+        -> Result<(), StoreError>;
+
+    /// Puts a failed ticket (and its failed events) back in the outbox
+    /// ([`TicketRecord::requeue_failed`]). False when no such ticket is stored.
+    fn requeue(&self, key: &str) -> Result<bool, StoreError>;
+
+    /// Notes the backend's status of a ticket ([`TicketRecord::set_backend_status`]); a
+    /// key not stored is ignored.
+    fn set_backend_status(&self, key: &str, status: &str) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn ticket() -> TicketRecord {
+        TicketRecord {
+            key: "tend-t:1".into(),
+            device: "vent".into(),
+            agent: "a1".into(),
+            kind: SignalKind::Fault,
+            code: "ALM1.4".into(),
+            class: FaultClass::Major,
+            episodes: vec!["a1/vent/ALM1.4/1".into()],
+            open: true,
+            detected_at: at(0),
+            created_at: at(1),
+            body: serde_json::json!({}),
+            ticket_id: None,
+            backend_status: None,
+            forward: Forwarding::pending(),
+            events: vec![TicketEventRecord {
+                idempotency_key: "tend-e:1".into(),
+                kind: "fault_cleared".into(),
+                body: serde_json::json!({}),
+                forward: Forwarding::pending(),
+            }],
+        }
+    }
+
+    fn job(event: Option<&str>) -> Job {
+        Job {
+            id: 1,
+            ticket_key: "tend-t:1".into(),
+            event: event.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_retry_keeps_the_job_and_a_later_send_keeps_the_last_error() {
+        let mut t = ticket();
+        let retry = JobOutcome::Retry {
+            error: "503".into(),
+            next_attempt: at(10),
+        };
+        assert!(t.record_outcome(&job(None), &retry, at(5)));
+        assert_eq!(t.forward.state, ForwardState::Pending);
+        assert_eq!(t.forward.next_attempt, Some(at(10)));
+        let sent = JobOutcome::Sent {
+            ticket_id: "T-9".into(),
+        };
+        assert!(!t.record_outcome(&job(None), &sent, at(11)));
+        assert_eq!(t.forward.state, ForwardState::Sent);
+        assert_eq!((t.forward.attempts, t.forward.sent_at), (2, Some(at(11))));
+        assert_eq!(t.forward.last_error.as_deref(), Some("503"));
+        assert_eq!(t.ticket_id.as_deref(), Some("T-9"));
+    }
+
+    #[test]
+    fn an_events_outcome_is_its_own_and_never_changes_the_ticket_id() {
+        let mut t = ticket();
+        let sent = JobOutcome::Sent {
+            ticket_id: "T-9".into(),
+        };
+        assert!(!t.record_outcome(&job(Some("tend-e:1")), &sent, at(3)));
+        assert_eq!(t.events[0].forward.state, ForwardState::Sent);
+        assert_eq!(t.forward, Forwarding::pending());
+        assert_eq!(t.ticket_id, None);
+    }
+
+    #[test]
+    fn requeue_puts_back_only_what_failed_create_first() {
+        let mut t = ticket();
+        let failed = JobOutcome::Failed {
+            error: "400".into(),
+        };
+        t.record_outcome(&job(None), &failed, at(2));
+        t.record_outcome(&job(Some("tend-e:1")), &failed, at(3));
+        assert_eq!(t.requeue_failed(), [None, Some("tend-e:1".to_string())]);
+        assert_eq!(t.forward.state, ForwardState::Pending);
+        assert_eq!(t.events[0].forward.state, ForwardState::Pending);
+        assert!(t.requeue_failed().is_empty(), "nothing failed any more");
+    }
+
+    #[test]
+    fn resolved_or_closed_in_the_backend_ends_the_ticket() {
+        let mut t = ticket();
+        t.set_backend_status("acknowledged");
+        assert!(t.open);
+        t.set_backend_status("closed");
+        assert!(!t.open);
+        assert_eq!(t.backend_status.as_deref(), Some("closed"));
+    }
+}

@@ -1,0 +1,460 @@
+//! The store in one redb file (`gateway.redb`): the default for one gateway.
+//!
+//! Rows are JSON (devices, life record, tickets, jobs) under keys that keep what belongs
+//! together adjacent: a device's transitions and life record are ranges of
+//! (device, agent time, n). Every [`GatewayStore`] method is one redb transaction, so a
+//! gateway killed at any moment has either all of a group of batches or none of it.
+
+use super::{
+    encode, DeviceLive, GatewayStore, Job, JobOutcome, LifeEvent, StoreError, TicketRecord,
+};
+use crate::ingest::{plan, Applied, Changes, IngestContext, Needs, Stored};
+use crate::ledger::Ledger;
+use ::redb::{Database, ReadableTable, ReadableTableMetadata, Table, TableDefinition};
+use jiff::Timestamp;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tend_profiles::DeviceState;
+use tend_wire::UpBatch;
+
+/// (agent, seq) of every record stored.
+const SEEN: TableDefinition<(&str, u64), ()> = TableDefinition::new("seen");
+/// device id → [`DeviceLive`] (JSON).
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// (device, agent time in ns, seq) → state (`DeviceState` as u8).
+const TRANSITIONS: TableDefinition<(&str, i128, u64), u8> = TableDefinition::new("transitions");
+/// (device, time in ns, unique n) → [`LifeEvent`] (JSON).
+const HISTORY: TableDefinition<(&str, i128, u64), &[u8]> = TableDefinition::new("history");
+/// ticket key → [`TicketRecord`] (JSON).
+const TICKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("tickets");
+/// (device, ticket key): the tickets of a device.
+const DEVICE_TICKETS: TableDefinition<(&str, &str), ()> = TableDefinition::new("device_tickets");
+/// job id → [`Job`] (JSON): what the forwarder still has to send, in order.
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// counters.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+fn state_code(s: DeviceState) -> u8 {
+    match s {
+        DeviceState::Up => 0,
+        DeviceState::Down => 1,
+        DeviceState::Maintenance => 2,
+        DeviceState::Unknown => 3,
+    }
+}
+
+fn state_of(c: u8) -> DeviceState {
+    match c {
+        0 => DeviceState::Up,
+        1 => DeviceState::Down,
+        2 => DeviceState::Maintenance,
+        _ => DeviceState::Unknown,
+    }
+}
+
+fn ns(t: Timestamp) -> i128 {
+    t.as_nanosecond()
+}
+
+/// A stored JSON row, or `None` when it cannot be read (skipped, never fatal).
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    serde_json::from_slice(bytes).ok()
+}
+
+/// The gateway's store in `gateway.redb`.
+pub struct RedbStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl RedbStore {
+    /// Opens (or creates) `dir/gateway.redb`.
+    pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+        let path = dir.join("gateway.redb");
+        let fail = |what: &'static str, detail: String| StoreError::Database {
+            store: path.display().to_string(),
+            what,
+            detail,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Database {
+            store: dir.display().to_string(),
+            what: "create data directory",
+            detail: e.to_string(),
+        })?;
+        let db = Database::create(&path).map_err(|e| fail("open", e.to_string()))?;
+        let store = RedbStore { db, path };
+        let txn = store.db.begin_write().map_err(store.error("begin write"))?;
+        Tables::open(&txn, &store)?;
+        txn.commit().map_err(store.error("commit"))?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn error<E: Into<::redb::Error>>(&self, what: &'static str) -> impl Fn(E) -> StoreError + '_ {
+        move |e: E| StoreError::Database {
+            store: self.path.display().to_string(),
+            what,
+            detail: e.into().to_string(),
+        }
+    }
+
+    /// Every row of a table of JSON values, in key order, unreadable ones skipped.
+    fn all<K: ::redb::Key + 'static, T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<'static, K, &'static [u8]>,
+        what: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let t = txn.open_table(table).map_err(self.error(what))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(self.error(what))? {
+            let (_, v) = row.map_err(self.error(what))?;
+            out.extend(decode(v.value()));
+        }
+        Ok(out)
+    }
+}
+
+/// Every table, open in one write transaction.
+struct Tables<'t> {
+    store: &'t RedbStore,
+    seen: Table<'t, (&'static str, u64), ()>,
+    devices: Table<'t, &'static str, &'static [u8]>,
+    transitions: Table<'t, (&'static str, i128, u64), u8>,
+    history: Table<'t, (&'static str, i128, u64), &'static [u8]>,
+    tickets: Table<'t, &'static str, &'static [u8]>,
+    device_tickets: Table<'t, (&'static str, &'static str), ()>,
+    outbox: Table<'t, u64, &'static [u8]>,
+    meta: Table<'t, &'static str, u64>,
+}
+
+impl<'t> Tables<'t> {
+    /// Opens (creating them the first time) every table.
+    fn open(txn: &'t ::redb::WriteTransaction, store: &'t RedbStore) -> Result<Self, StoreError> {
+        let e = |what| store.error::<::redb::TableError>(what);
+        Ok(Tables {
+            store,
+            seen: txn.open_table(SEEN).map_err(e("open seen"))?,
+            devices: txn.open_table(DEVICES).map_err(e("open devices"))?,
+            transitions: txn.open_table(TRANSITIONS).map_err(e("open transitions"))?,
+            history: txn.open_table(HISTORY).map_err(e("open history"))?,
+            tickets: txn.open_table(TICKETS).map_err(e("open tickets"))?,
+            device_tickets: txn
+                .open_table(DEVICE_TICKETS)
+                .map_err(e("open device tickets"))?,
+            outbox: txn.open_table(OUTBOX).map_err(e("open outbox"))?,
+            meta: txn.open_table(META).map_err(e("open meta"))?,
+        })
+    }
+
+    /// What the store holds of what a group of batches needs.
+    fn load<'a>(&self, needs: &Needs<'a>) -> Result<Stored<'a>, StoreError> {
+        let s = self.store;
+        let mut stored = Stored::default();
+        for &(agent, seq) in &needs.records {
+            if self
+                .seen
+                .get((agent, seq))
+                .map_err(s.error("read seen"))?
+                .is_some()
+            {
+                stored.seen.insert((agent, seq));
+            }
+        }
+        for &id in &needs.devices {
+            let v = self.devices.get(id).map_err(s.error("read device"))?;
+            if let Some(d) = v.and_then(|v| decode::<DeviceLive>(v.value())) {
+                stored.devices.insert(id.to_string(), d);
+            }
+        }
+        for &id in &needs.tickets_of {
+            let mut keys = Vec::new();
+            let range = self
+                .device_tickets
+                .range((id, "")..)
+                .map_err(s.error("read device tickets"))?;
+            for row in range {
+                let (k, _) = row.map_err(s.error("read device tickets"))?;
+                let (device, key) = k.value();
+                if device != id {
+                    break;
+                }
+                keys.push(key.to_string());
+            }
+            let mut mine = BTreeMap::new();
+            for key in keys {
+                if let Some(t) = self.ticket(&key)? {
+                    mine.insert(key, t);
+                }
+            }
+            stored.tickets.insert(id.to_string(), mine);
+        }
+        Ok(stored)
+    }
+
+    /// Writes what a group of batches changed.
+    fn write(&mut self, changes: &Changes<'_>) -> Result<(), StoreError> {
+        let s = self.store;
+        for &(agent, seq) in &changes.seen {
+            self.seen
+                .insert((agent, seq), ())
+                .map_err(s.error("write seen"))?;
+        }
+        for (id, d) in &changes.devices {
+            let bytes = encode("device", d)?;
+            self.devices
+                .insert(id.as_str(), bytes.as_slice())
+                .map_err(s.error("write device"))?;
+        }
+        for t in &changes.transitions {
+            self.transitions
+                .insert((t.device.as_str(), ns(t.at), t.seq), state_code(t.to))
+                .map_err(s.error("write transition"))?;
+        }
+        for line in &changes.life {
+            let n = self.next("next_history")?;
+            let bytes = encode("life record", &line.event)?;
+            self.history
+                .insert((line.device.as_str(), ns(line.at), n), bytes.as_slice())
+                .map_err(s.error("write history"))?;
+        }
+        for (key, t) in &changes.tickets {
+            self.put_ticket(key, t)?;
+        }
+        for (device, key) in &changes.new_tickets {
+            self.device_tickets
+                .insert((device.as_str(), key.as_str()), ())
+                .map_err(s.error("write device tickets"))?;
+        }
+        for job in &changes.jobs {
+            self.queue(&job.ticket_key, job.event.clone())?;
+        }
+        Ok(())
+    }
+
+    fn ticket(&self, key: &str) -> Result<Option<TicketRecord>, StoreError> {
+        let v = self
+            .tickets
+            .get(key)
+            .map_err(self.store.error("read ticket"))?;
+        Ok(v.and_then(|v| decode(v.value())))
+    }
+
+    fn put_ticket(&mut self, key: &str, t: &TicketRecord) -> Result<(), StoreError> {
+        let bytes = encode("ticket", t)?;
+        self.tickets
+            .insert(key, bytes.as_slice())
+            .map_err(self.store.error("write ticket"))?;
+        Ok(())
+    }
+
+    /// Queues a job for the forwarder under the next job id.
+    fn queue(&mut self, ticket_key: &str, event: Option<String>) -> Result<(), StoreError> {
+        let id = self.next("next_job")?;
+        let job = Job {
+            id,
+            ticket_key: ticket_key.to_string(),
+            event,
+        };
+        let bytes = encode("job", &job)?;
+        self.outbox
+            .insert(id, bytes.as_slice())
+            .map_err(self.store.error("write job"))?;
+        Ok(())
+    }
+
+    /// Takes the next value of counter `name` (starting at 1).
+    fn next(&mut self, name: &'static str) -> Result<u64, StoreError> {
+        let e = self.store.error("write meta");
+        let n = self
+            .meta
+            .get(name)
+            .map_err(&e)?
+            .map(|v| v.value())
+            .unwrap_or(0)
+            + 1;
+        self.meta.insert(name, n).map_err(&e)?;
+        Ok(n)
+    }
+}
+
+impl RedbStore {
+    /// Runs `f` on the open tables in one write transaction and commits what it did.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let txn = self.db.begin_write().map_err(self.error("begin write"))?;
+        let out = {
+            let mut tables = Tables::open(&txn, self)?;
+            f(&mut tables)?
+        };
+        txn.commit().map_err(self.error("commit"))?;
+        Ok(out)
+    }
+}
+
+impl GatewayStore for RedbStore {
+    fn apply_many(
+        &self,
+        batches: &[UpBatch],
+        cx: &IngestContext,
+        now: Timestamp,
+    ) -> Result<Vec<Applied>, StoreError> {
+        let needs = Needs::of(batches);
+        self.write(|t| {
+            let stored = t.load(&needs)?;
+            let plan = plan(batches, stored, cx, now)?;
+            t.write(&plan.changes)?;
+            Ok(plan.applied)
+        })
+    }
+
+    fn records_stored(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
+        t.len().map_err(self.error("count seen"))
+    }
+
+    fn has_record(&self, agent: &str, seq: u64) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
+        Ok(t.get((agent, seq))
+            .map_err(self.error("read seen"))?
+            .is_some())
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceLive>, StoreError> {
+        self.all(DEVICES, "read devices")
+    }
+
+    fn device(&self, id: &str) -> Result<Option<DeviceLive>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let t = txn
+            .open_table(DEVICES)
+            .map_err(self.error("open devices"))?;
+        let v = t.get(id).map_err(self.error("read device"))?;
+        Ok(v.and_then(|v| decode(v.value())))
+    }
+
+    fn ledger(&self, id: &str) -> Result<Ledger, StoreError> {
+        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let t = txn
+            .open_table(TRANSITIONS)
+            .map_err(self.error("open transitions"))?;
+        let mut ledger = Ledger::new();
+        let range = t
+            .range((id, i128::MIN, 0)..=(id, i128::MAX, u64::MAX))
+            .map_err(self.error("read transitions"))?;
+        for row in range {
+            let (k, v) = row.map_err(self.error("read transitions"))?;
+            let (_, at, seq) = k.value();
+            if let Ok(at) = Timestamp::from_nanosecond(at) {
+                ledger.transition(at, seq, state_of(v.value()));
+            }
+        }
+        let devices = txn
+            .open_table(DEVICES)
+            .map_err(self.error("open devices"))?;
+        if let Some(v) = devices.get(id).map_err(self.error("read device"))? {
+            if let Some(at) = decode::<DeviceLive>(v.value()).and_then(|d| d.last_seen) {
+                ledger.heard(at);
+            }
+        }
+        Ok(ledger)
+    }
+
+    fn history(&self, id: &str, limit: usize) -> Result<Vec<LifeEvent>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let t = txn
+            .open_table(HISTORY)
+            .map_err(self.error("open history"))?;
+        let range = t
+            .range((id, i128::MIN, 0)..=(id, i128::MAX, u64::MAX))
+            .map_err(self.error("read history"))?;
+        let mut out = Vec::new();
+        for row in range.rev().take(limit) {
+            let (_, v) = row.map_err(self.error("read history"))?;
+            out.extend(decode(v.value()));
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn tickets(&self) -> Result<Vec<TicketRecord>, StoreError> {
+        let mut out: Vec<TicketRecord> = self.all(TICKETS, "read tickets")?;
+        out.sort_by(|a, b| (a.detected_at, &a.key).cmp(&(b.detected_at, &b.key)));
+        Ok(out)
+    }
+
+    fn ticket(&self, key: &str) -> Result<Option<TicketRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let t = txn
+            .open_table(TICKETS)
+            .map_err(self.error("open tickets"))?;
+        let v = t.get(key).map_err(self.error("read ticket"))?;
+        Ok(v.and_then(|v| decode(v.value())))
+    }
+
+    fn jobs(&self) -> Result<Vec<Job>, StoreError> {
+        self.all(OUTBOX, "read outbox")
+    }
+
+    fn finish_job(
+        &self,
+        job: &Job,
+        outcome: &JobOutcome,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.write(|t| {
+            let keep = match t.ticket(&job.ticket_key)? {
+                Some(mut ticket) => {
+                    let keep = ticket.record_outcome(job, outcome, now);
+                    t.put_ticket(&job.ticket_key, &ticket)?;
+                    keep
+                }
+                // A job without its ticket cannot be sent; drop the orphan job.
+                None => false,
+            };
+            if !keep {
+                t.outbox.remove(job.id).map_err(self.error("remove job"))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn requeue(&self, key: &str) -> Result<bool, StoreError> {
+        self.write(|t| {
+            let Some(mut ticket) = t.ticket(key)? else {
+                return Ok(false);
+            };
+            for event in ticket.requeue_failed() {
+                t.queue(key, event)?;
+            }
+            t.put_ticket(key, &ticket)?;
+            Ok(true)
+        })
+    }
+
+    fn set_backend_status(&self, key: &str, status: &str) -> Result<(), StoreError> {
+        self.write(|t| {
+            if let Some(mut ticket) = t.ticket(key)? {
+                ticket.set_backend_status(status);
+                t.put_ticket(key, &ticket)?;
+            }
+            Ok(())
+        })
+    }
+}
