@@ -209,9 +209,10 @@ pub struct TicketRequest {
 }
 
 impl TicketRequest {
-    pub fn body_json(&self) -> Vec<u8> {
-        // Plain structs of strings, numbers and string-keyed maps: cannot fail.
-        serde_json::to_vec(&self.body).unwrap_or_default()
+    /// The body as sent. Plain structs of strings, numbers and string-keyed maps: a
+    /// failure would be a bug, and is an error rather than empty bytes.
+    pub fn body_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&self.body)
     }
 }
 
@@ -369,8 +370,9 @@ pub struct EventRequest {
 }
 
 impl EventRequest {
-    pub fn body_json(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.body).unwrap_or_default()
+    /// The body as sent (an error rather than empty bytes, as for a ticket).
+    pub fn body_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&self.body)
     }
 }
 
