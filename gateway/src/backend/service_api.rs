@@ -176,20 +176,26 @@ impl ServiceApi {
         let now = Timestamp::now();
         match &answered {
             Ok(a) => classify(target, a.as_answer(), now),
-            Err(error) => classify(target, Answer::NoAnswer { error }, now),
+            Err(e) => classify(
+                target,
+                Answer::NoAnswer {
+                    error: &describe(e),
+                },
+                now,
+            ),
         }
     }
 
-    /// Sends `req` and reads what came back; a transport failure described.
-    async fn answer_of(&self, req: reqwest::RequestBuilder) -> Result<HttpAnswer, String> {
-        let resp = req.send().await.map_err(|e| describe(&e))?;
+    /// Sends `req` and reads what came back.
+    async fn answer_of(&self, req: reqwest::RequestBuilder) -> Result<HttpAnswer, reqwest::Error> {
+        let resp = req.send().await?;
         let status = resp.status().as_u16();
         let retry_after = resp
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = read_body(resp).await.map_err(|e| describe(&e))?;
+        let body = read_body(resp).await?;
         Ok(HttpAnswer {
             status,
             retry_after,
@@ -235,7 +241,12 @@ impl TicketBackend for ServiceApi {
             let now = Timestamp::now();
             match &answered {
                 Ok(a) => classify_status_read(a.as_answer(), now),
-                Err(error) => classify_status_read(Answer::NoAnswer { error }, now),
+                Err(e) => classify_status_read(
+                    Answer::NoAnswer {
+                        error: &describe(e),
+                    },
+                    now,
+                ),
             }
         })
     }
