@@ -1,6 +1,7 @@
 //! The gateway's configuration file (`tend-gateway run --config gateway.toml`). Every
 //! error names file, line and key; relative paths are taken from the file's folder.
 
+use crate::backend::BackendKind;
 use crate::fleet::Fleet;
 use jiff::tz::TimeZone;
 use serde::Deserialize;
@@ -95,6 +96,10 @@ impl BrokerSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSection {
+    /// Which ticket system (`"service-api"`, the default: the documented service backend
+    /// API). The settings below are that API's.
+    #[serde(default)]
+    pub kind: BackendKind,
     /// The ticket system's base URL (`https://service.example.com`); the API paths
     /// (`/api/v1/tickets`) are appended.
     pub url: String,
@@ -473,6 +478,21 @@ token_file = "api.token"
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn backend_kind_defaults_to_the_service_api_and_an_unknown_one_is_located() {
+        let d = dir();
+        let l = parse("gw.toml", GOOD, d.path()).unwrap();
+        assert_eq!(l.config.backend.unwrap().kind, BackendKind::ServiceApi);
+        let src = GOOD.replace("[backend]\n", "[backend]\nkind = \"service-api\"\n");
+        let l = parse("gw.toml", &src, d.path()).unwrap();
+        assert_eq!(l.config.backend.unwrap().kind, BackendKind::ServiceApi);
+        let src = GOOD.replace("[backend]\n", "[backend]\nkind = \"jira\"\n");
+        let e = parse("gw.toml", &src, d.path()).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (11, "backend.kind"), "{e}");
+        assert!(e.to_string().starts_with("gw.toml:11: "), "{e}");
+        assert!(e.message.contains("service-api"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod backend;
 pub mod backend_standin;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;

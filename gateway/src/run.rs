@@ -93,10 +93,10 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Running> {
     // The forwarder; without a backend, tickets stay in the store and the API shows them.
     match &cfg.backend {
         Some(b) => {
-            let fcfg =
-                crate::forwarder::ForwarderConfig::from_section(b).map_err(anyhow::Error::msg)?;
+            let backend = crate::backend::from_section(b)?;
+            let fcfg = crate::forwarder::ForwarderConfig::from_section(b);
             let (gw, sd) = (gw.clone(), shutdown.clone());
-            tasks.push(tokio::spawn(crate::forwarder::run(gw, fcfg, sd)));
+            tasks.push(tokio::spawn(crate::forwarder::run(gw, backend, fcfg, sd)));
         }
         None => tracing::info!("no backend configured: tickets are kept by the gateway"),
     }

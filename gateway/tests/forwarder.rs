@@ -16,6 +16,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tend_gateway::app::Gateway;
+use tend_gateway::backend::service_api::{ServiceApi, ServiceApiConfig};
+use tend_gateway::backend::{BoxFuture, Reply, TicketBackend};
 use tend_gateway::backend_standin::{self, Backend, Received, Scripted};
 use tend_gateway::diag::DiagClient;
 use tend_gateway::fleet::Fleet;
@@ -84,14 +86,24 @@ fn gateway(dir: &Path) -> Gateway {
     }
 }
 
+/// How a test reaches the stand-in and paces the forwarder.
+struct Config {
+    api: ServiceApiConfig,
+    pace: ForwarderConfig,
+}
+
 /// Short backoffs so retries happen within a test.
-fn config(backend: &Backend, token: &str) -> ForwarderConfig {
-    ForwarderConfig {
-        timeout: Duration::from_secs(3),
-        status_poll: Duration::from_secs(3600),
-        min_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_secs(1),
-        ..ForwarderConfig::new(backend.url(), token)
+fn config(backend: &Backend, token: &str) -> Config {
+    Config {
+        api: ServiceApiConfig {
+            timeout: Duration::from_secs(3),
+            ..ServiceApiConfig::new(backend.url(), token)
+        },
+        pace: ForwarderConfig {
+            status_poll: Duration::from_secs(3600),
+            min_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+        },
     }
 }
 
@@ -107,9 +119,15 @@ impl Running {
     }
 }
 
-fn start(gw: &Gateway, cfg: ForwarderConfig) -> Running {
+fn start(gw: &Gateway, cfg: Config) -> Running {
+    let api = ServiceApi::new(cfg.api).unwrap();
     let stop = CancellationToken::new();
-    let task = tokio::spawn(forwarder::run(gw.clone(), cfg, stop.clone()));
+    let task = tokio::spawn(forwarder::run(
+        gw.clone(),
+        Box::new(api),
+        cfg.pace,
+        stop.clone(),
+    ));
     Running { stop, task }
 }
 
@@ -413,7 +431,7 @@ async fn three_503_then_success_is_still_one_ticket_and_the_backend_is_paused() 
     );
     let (a, b) = (&keys[0], &keys[1]);
     let cfg = config(&backend, TOKEN);
-    let min = cfg.min_backoff;
+    let min = cfg.pace.min_backoff;
     let fwd = start(&gw, cfg);
     let ta = sent(&gw, a).await;
     sent(&gw, b).await;
@@ -513,10 +531,8 @@ async fn a_request_hanging_past_the_timeout_is_retried_into_one_ticket() {
             ),
         )],
     );
-    let cfg = ForwarderConfig {
-        timeout: Duration::from_millis(300),
-        ..config(&backend, TOKEN)
-    };
+    let mut cfg = config(&backend, TOKEN);
+    cfg.api.timeout = Duration::from_millis(300);
     let fwd = start(&gw, cfg);
     let stored = sent(&gw, &keys[0]).await;
     fwd.stop().await;
@@ -739,7 +755,7 @@ async fn wrong_credentials_lose_nothing_and_the_fixed_token_delivers() {
     );
     let key = &keys[0];
     let cfg = config(&backend, "not-the-token");
-    let slow = cfg.max_backoff;
+    let slow = cfg.pace.max_backoff;
     let fwd = start(&gw, cfg);
     until("two refusals stored", || {
         (ticket(&gw, key).forward.attempts >= 2).then_some(())
@@ -933,10 +949,8 @@ async fn the_backends_status_is_read_back() {
         )],
     );
     let key = &keys[0];
-    let cfg = ForwarderConfig {
-        status_poll: Duration::from_millis(100),
-        ..config(&backend, TOKEN)
-    };
+    let mut cfg = config(&backend, TOKEN);
+    cfg.pace.status_poll = Duration::from_millis(100);
     let fwd = start(&gw, cfg);
     let id = sent(&gw, key).await.ticket_id.unwrap();
     until("status open read back", || {
@@ -1195,11 +1209,9 @@ async fn a_pause_over_before_the_forwarder_sleeps_does_not_stall_it() {
             ),
         )],
     );
-    let cfg = ForwarderConfig {
-        min_backoff: Duration::ZERO,
-        max_backoff: Duration::ZERO,
-        ..config(&backend, TOKEN)
-    };
+    let mut cfg = config(&backend, TOKEN);
+    cfg.pace.min_backoff = Duration::ZERO;
+    cfg.pace.max_backoff = Duration::ZERO;
     let fwd = start(&gw, cfg);
     // Well within the 30 s idle wake-up.
     let stored = until_else(
@@ -1214,4 +1226,156 @@ async fn a_pause_over_before_the_forwarder_sleeps_does_not_stall_it() {
     fwd.stop().await;
     assert_eq!(stored.forward.attempts, 4);
     assert_eq!(backend.tickets().len(), 1);
+}
+
+/// A ticket system in memory, behind the forwarder's only view of a backend: creates
+/// answer as scripted (then accepted), events are accepted, statuses read as set.
+#[derive(Default)]
+struct Memory {
+    creates: std::sync::Mutex<std::collections::VecDeque<Reply<String>>>,
+    /// What was asked, in order: `create <key>`, `event <ticket id> <key>`, `status <id>`.
+    calls: std::sync::Mutex<Vec<(Timestamp, String)>>,
+    /// (key, document) of every event accepted.
+    events: std::sync::Mutex<Vec<(String, Value)>>,
+    status: std::sync::Mutex<String>,
+}
+
+struct MemoryBackend(Arc<Memory>);
+
+impl Memory {
+    fn called(&self, what: String) {
+        self.calls.lock().unwrap().push((Timestamp::now(), what));
+    }
+
+    fn calls(&self) -> Vec<(Timestamp, String)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl TicketBackend for MemoryBackend {
+    fn location(&self) -> &str {
+        "memory"
+    }
+
+    fn create_ticket<'a>(
+        &'a self,
+        key: &'a str,
+        _document: &'a Value,
+    ) -> BoxFuture<'a, Reply<String>> {
+        self.0.called(format!("create {key}"));
+        let next = self.0.creates.lock().unwrap().pop_front();
+        Box::pin(async move { next.unwrap_or_else(|| Reply::Accepted("MEM-1".into())) })
+    }
+
+    fn add_event<'a>(
+        &'a self,
+        ticket_id: &'a str,
+        key: &'a str,
+        document: &'a Value,
+    ) -> BoxFuture<'a, Reply<()>> {
+        self.0.called(format!("event {ticket_id} {key}"));
+        self.0
+            .events
+            .lock()
+            .unwrap()
+            .push((key.to_string(), document.clone()));
+        Box::pin(async { Reply::Accepted(()) })
+    }
+
+    fn ticket_status<'a>(&'a self, ticket_id: &'a str) -> BoxFuture<'a, Reply<String>> {
+        self.0.called(format!("status {ticket_id}"));
+        let status = self.0.status.lock().unwrap().clone();
+        Box::pin(async move { Reply::Accepted(status) })
+    }
+}
+
+/// The forwarder driven through the backend trait alone: a pause the backend asks for is
+/// honoured, refused credentials wait the longest backoff, the event waits for its ticket's
+/// id, and the status read back closes the ticket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forwarder_needs_nothing_but_the_backend_trait() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path());
+    let memory = Arc::new(Memory::default());
+    *memory.status.lock().unwrap() = "closed".into();
+    memory.creates.lock().unwrap().extend([
+        Reply::RetryLater {
+            retry_after: Some(Duration::from_millis(300)),
+            reason: "busy".into(),
+        },
+        Reply::Unauthorized {
+            retry_after: None,
+            reason: "401 Unauthorized".into(),
+        },
+    ]);
+    let opened = t("2026-11-28T02:15:02Z");
+    let ev = |seq, at, change| {
+        (
+            seq,
+            at,
+            episode("icu7-vent", "ALM1.4", 1, change, FaultClass::Major, opened),
+        )
+    };
+    let keys = feed(
+        &gw,
+        vec![
+            ev(1, opened, EpisodeChange::Opened),
+            ev(2, t("2026-11-28T02:41:10Z"), EpisodeChange::Cleared),
+        ],
+    );
+    let key = &keys[0];
+    let pace = ForwarderConfig {
+        status_poll: Duration::from_millis(50),
+        min_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(400),
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(forwarder::run(
+        gw.clone(),
+        Box::new(MemoryBackend(memory.clone())),
+        pace.clone(),
+        stop.clone(),
+    ));
+    let stored = until("ticket closed by the status read", || {
+        let t = ticket(&gw, key);
+        (!t.open
+            && t.events
+                .iter()
+                .all(|e| e.forward.state == ForwardState::Sent))
+        .then_some(t)
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+
+    assert_eq!(stored.ticket_id.as_deref(), Some("MEM-1"));
+    assert_eq!(stored.backend_status.as_deref(), Some("closed"));
+    assert_eq!(stored.forward.state, ForwardState::Sent);
+    assert_eq!(stored.forward.attempts, 3);
+    let calls = memory.calls();
+    let what: Vec<&str> = calls.iter().map(|(_, w)| w.as_str()).collect();
+    let event_key = &stored.events[0].idempotency_key;
+    assert_eq!(
+        what[..4],
+        [
+            format!("create {key}"),
+            format!("create {key}"),
+            format!("create {key}"),
+            format!("event MEM-1 {event_key}"),
+        ]
+    );
+    assert!(what[4..].iter().all(|w| *w == "status MEM-1"), "{what:?}");
+    // Not before the backend's Retry-After, then not before the longest backoff.
+    let gap = |i: usize| Duration::try_from(calls[i + 1].0.duration_since(calls[i].0)).unwrap();
+    assert!(gap(0) >= Duration::from_millis(300), "{:?}", gap(0));
+    assert!(gap(1) >= pace.max_backoff, "{:?}", gap(1));
+    // The event went as stored.
+    let events = memory.events.lock().unwrap().clone();
+    assert_eq!(
+        events,
+        vec![(event_key.clone(), stored.events[0].body.clone())]
+    );
+    assert_eq!(attempts(&gw, "retry"), 2);
+    assert_eq!(attempts(&gw, "sent"), 2);
+    assert!(gw.store.jobs().unwrap().is_empty());
 }

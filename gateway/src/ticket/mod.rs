@@ -9,8 +9,6 @@
 //! opens a second ticket. A body is built once, from the record that first needs it, and
 //! kept with its key in the forwarder's outbox: a key sent twice with two bodies is a 409.
 
-mod sha256;
-
 use crate::fleet::{Customer, DeviceEntry, ServiceArea, Site};
 use crate::sla::{
     clinical_impact, deadlines, effective_class, rfc3339, warranty, ClinicalImpact, SlaJson,
@@ -28,7 +26,15 @@ pub const SCHEMA: &str = "service-ticket/1";
 /// Longest Idempotency-Key the backend accepts.
 pub const MAX_KEY: usize = 128;
 
-pub use sha256::hex as sha256_hex;
+/// Lower-case hex of the SHA-256 of `data` (`ring`, as rustls uses): the fixed-length
+/// tail of an over-long or unusual key, and how the hotline token is compared.
+pub fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// What an agent's Identity record said about a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,9 +209,10 @@ pub struct TicketRequest {
 }
 
 impl TicketRequest {
-    pub fn body_json(&self) -> Vec<u8> {
-        // Plain structs of strings, numbers and string-keyed maps: cannot fail.
-        serde_json::to_vec(&self.body).unwrap_or_default()
+    /// The body as sent. Plain structs of strings, numbers and string-keyed maps: a
+    /// failure would be a bug, and is an error rather than empty bytes.
+    pub fn body_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&self.body)
     }
 }
 
@@ -312,7 +319,7 @@ fn key_of(prefix: &str, hashed_prefix: &str, tail: &str) -> String {
         k
     } else {
         // The hashed form has its own prefix, so it never equals a readable key.
-        format!("{hashed_prefix}{}", sha256::hex(tail.as_bytes()))
+        format!("{hashed_prefix}{}", sha256_hex(tail.as_bytes()))
     }
 }
 
@@ -363,8 +370,9 @@ pub struct EventRequest {
 }
 
 impl EventRequest {
-    pub fn body_json(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.body).unwrap_or_default()
+    /// The body as sent (an error rather than empty bytes, as for a ticket).
+    pub fn body_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&self.body)
     }
 }
 
@@ -608,4 +616,29 @@ pub fn decide(
         actions.push(Action::Event(cleared_event(&key, ev, at, cx.tz)));
     }
     actions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sha256_hex;
+
+    #[test]
+    fn sha256_standard_vectors() {
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            sha256_hex(b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
+        );
+        assert_eq!(
+            sha256_hex(&vec![b'a'; 1_000_000]),
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"
+        );
+    }
 }
