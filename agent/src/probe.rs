@@ -59,7 +59,9 @@ pub enum ParityArg {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = tend_profiles::units::Dur::parse(s)?.0;
+    let d = tend_profiles::units::Dur::parse(s)
+        .map_err(|e| e.to_string())?
+        .0;
     if d.is_zero() {
         return Err("must be longer than zero".into());
     }
