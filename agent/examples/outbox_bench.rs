@@ -79,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
         at: Timestamp::now(),
         device: "icu7-vent".into(),
         body: reading(12345),
-    });
+    })?;
     println!(
         "outbox_bench: {} appenders, {} s x {} runs, commit window {:?}, record {} bytes, dir {}",
         a.appenders,
@@ -160,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
         let (Some(first), Some(last)) = (page.first(), page.last()) else {
             break;
         };
-        let batch = tend_wire::encode(&page);
+        let batch = tend_wire::encode(&page)?;
         std::hint::black_box(batch);
         after = Some(last.seq);
         sent += page.len();

@@ -909,7 +909,7 @@ mod tests {
                 device: "d\"1".into(),
                 body,
             };
-            assert_eq!(&stored[1..], tend_wire::encode(&rec).as_slice());
+            assert_eq!(&stored[1..], tend_wire::encode(&rec).unwrap().as_slice());
             assert_eq!(decode_stored(&stored), Some(rec));
         }
         assert_eq!(decode_stored(b""), None);

@@ -152,6 +152,8 @@ pub enum UplinkError {
     Options(#[from] OptionsError),
     #[error("uplink: the outbox failed: {0}")]
     Source(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("uplink: {0}")]
+    Encode(#[from] tend_wire::EncodeError),
 }
 
 /// Where the uplink reads records and deletes acknowledged ones. [`Outbox`] is the real
@@ -578,7 +580,7 @@ impl<S: RecordSource> Runner<S> {
             // must not be lost, so it stays in the outbox and the cursor moves past it.
             let payload = loop {
                 batch.records = std::mem::take(&mut records);
-                let payload = encode(&batch);
+                let payload = encode(&batch)?;
                 if payload.len() <= MAX_MESSAGE {
                     break Some(payload);
                 }
@@ -696,7 +698,13 @@ impl<S: RecordSource> Runner<S> {
         let topic = self.topics.diag_resp.clone();
         if self.diag_tasks.len() >= MAX_DIAG_CONCURRENT {
             let resp = response(&req, Err("the agent is busy with other diagnostics".into()));
-            if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, encode(&resp)) {
+            let sent = match encode(&resp) {
+                Ok(payload) => client
+                    .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = sent {
                 tracing::debug!(error = %e, "uplink: cannot send a busy answer");
             }
             return;
@@ -711,10 +719,14 @@ impl<S: RecordSource> Runner<S> {
             let resp = response(&req, answer);
             // If this connection is gone by now the answer is lost, and the hotline
             // reports a timeout: a diagnostic is asked again, not queued.
-            if let Err(e) = client
-                .publish(topic, QoS::AtLeastOnce, false, encode(&resp))
-                .await
-            {
+            let sent = match encode(&resp) {
+                Ok(payload) => client
+                    .publish(topic, QoS::AtLeastOnce, false, payload)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = sent {
                 tracing::debug!(error = %e, "uplink: cannot send a diagnostic answer");
             }
         });

@@ -89,7 +89,10 @@ async fn seqs_are_monotonic_and_durable_across_reopen() {
             body: state()
         }
     );
-    let bytes: usize = recs.iter().map(|r| tend_wire::encode(r).len()).sum();
+    let bytes: usize = recs
+        .iter()
+        .map(|r| tend_wire::encode(r).unwrap().len())
+        .sum();
     assert_eq!(s.bytes, bytes as u64);
     // Acked records leave, but their seqs are never handed out again.
     assert_eq!(
@@ -201,12 +204,14 @@ async fn pending_pages_with_after_and_byte_limit() {
     assert!(ob.pending(None, 0, 1 << 20).unwrap().is_empty());
     // A byte limit smaller than one record still yields one, so nothing can stall.
     assert_eq!(seqs(ob.pending(Some(4), 10, 1).unwrap()), vec![5]);
-    let one = tend_wire::encode(&ob.pending(None, 1, 1 << 20).unwrap()[0]).len();
+    let one = tend_wire::encode(&ob.pending(None, 1, 1 << 20).unwrap()[0])
+        .unwrap()
+        .len();
     let page = ob.pending(None, 100, one * 3 + one / 2).unwrap();
     assert_eq!(page.len(), 3);
     assert!(
         page.iter()
-            .map(|r| tend_wire::encode(r).len())
+            .map(|r| tend_wire::encode(r).unwrap().len())
             .sum::<usize>()
             <= one * 3 + one / 2
     );
@@ -291,7 +296,10 @@ async fn cap_drops_oldest_readings_first_and_keeps_every_state() {
     assert_eq!(reported, gone.len() as u64);
     assert_eq!(s.dropped_total, reported);
     assert!(!s.over_cap);
-    let bytes: usize = recs.iter().map(|r| tend_wire::encode(r).len()).sum();
+    let bytes: usize = recs
+        .iter()
+        .map(|r| tend_wire::encode(r).unwrap().len())
+        .sum();
     assert_eq!(s.bytes, bytes as u64);
     ob.close().await.unwrap();
     // The drop total survives a restart.

@@ -92,7 +92,7 @@ impl RecordSource for MemSource {
         let mut out = Vec::new();
         let mut bytes = 0;
         for r in m.records.range(start..).map(|(_, r)| r) {
-            let len = encode(r).len();
+            let len = encode(r).unwrap().len();
             if out.len() >= max || (!out.is_empty() && bytes + len > max_bytes) {
                 break;
             }
@@ -189,7 +189,7 @@ impl Gateway {
                                                 topic::ack(agent),
                                                 QoS::AtLeastOnce,
                                                 false,
-                                                encode(&ack),
+                                                encode(&ack).unwrap(),
                                             )
                                             .unwrap();
                                     }
@@ -230,7 +230,7 @@ impl Gateway {
 
     async fn ack(&self, agent: &str, ranges: Vec<SeqRange>) {
         let ack = Ack { v: VERSION, ranges };
-        self.raw(&topic::ack(agent), encode(&ack)).await;
+        self.raw(&topic::ack(agent), encode(&ack).unwrap()).await;
     }
 
     async fn raw(&self, topic: &str, payload: Vec<u8>) {
@@ -710,9 +710,10 @@ async fn diagnostics_round_trip_and_malformed_messages_are_ignored() {
         device: "icu7-vent".into(),
         request: request.into(),
     };
-    gw.raw(&req_t, encode(&ask("r1", "outbox"))).await;
-    gw.raw(&req_t, encode(&ask("r2", "selftest"))).await;
-    gw.raw(&req_t, encode(&ask("r3", "slow"))).await;
+    gw.raw(&req_t, encode(&ask("r1", "outbox")).unwrap()).await;
+    gw.raw(&req_t, encode(&ask("r2", "selftest")).unwrap())
+        .await;
+    gw.raw(&req_t, encode(&ask("r3", "slow")).unwrap()).await;
     wait_until("three answers", || gw.seen(|s| s.diag.len() >= 3)).await;
     let answers: BTreeMap<String, DiagResponse> =
         gw.seen(|s| s.diag.iter().map(|r| (r.id.clone(), r.clone())).collect());

@@ -779,7 +779,7 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
         };
         batches.push((
             tend_wire::topic::up(&agent),
-            Bytes::from(tend_wire::encode(&b)),
+            Bytes::from(tend_wire::encode(&b)?),
             n,
         ));
         left -= n;

@@ -6,9 +6,10 @@
 use crate::modbus::{self, ReadRequest, RegisterImage, Table, WordOrder};
 use crate::model::{DeviceState, FaultClass, SignalKind, Value};
 use crate::schema::{
-    ConditionDef, FirmwareFormat, PointDef, PointType, ProfileDoc, RuleDef, RuleKind, TransportKind,
+    BitDef, ConditionDef, FirmwareFormat, PointDef, PointType, ProfileDoc, RuleDef, RuleKind,
+    TransportKind,
 };
-use crate::serial_frame::{self, FrameEvent, Reply};
+use crate::serial_frame::{self, FrameEvent, RejectReason, Reply, ReplyError};
 use jiff::Timestamp;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -445,6 +446,7 @@ impl Profile {
             .collect()
     }
 
+    /// Adds the signals one rule raises on this snapshot to `out`.
     fn eval_rule(
         &self,
         idx: usize,
@@ -457,209 +459,264 @@ impl Profile {
         let Some(v) = snap.values.get(&r.point) else {
             return;
         };
-        let mk = |code: String, class: Option<FaultClass>, desc: String, action: Option<String>| {
-            Signal {
-                code,
-                kind: r.signal,
-                class,
-                description: desc,
-                action,
-                evidence: self.evidence(snap, &[&r.point]),
-                due: None,
-            }
-        };
-        // The signal of a rule that names its own code (threshold, rate, equals, date).
-        let own = || {
-            mk(
-                r.code.clone().unwrap_or_default(),
-                r.class,
-                r.description.clone().unwrap_or_default(),
-                r.action.clone(),
-            )
+        let rule = RuleSignals {
+            profile: self,
+            rule: r,
+            snap,
         };
         match r.kind {
-            RuleKind::Bits => {
-                let Some(word) = v.as_f64() else { return };
-                let word = word as u64;
-                let prefix = r.code_prefix.as_deref().unwrap_or(&r.point);
-                // Grouped bits: the set bit of the highest class stands for its group.
-                let mut groups: Vec<(&str, &crate::schema::BitDef)> = Vec::new();
-                for bit in 0..64u8 {
-                    if word & (1u64 << bit) == 0 {
-                        continue;
-                    }
-                    let code = format!("{prefix}.{bit}");
-                    match r.bits.iter().find(|b| b.bit == bit) {
-                        Some(b) if b.not_a_fault => {}
-                        Some(b) if b.group.is_some() => {
-                            let g = b.group.as_deref().unwrap_or_default();
-                            match groups.iter_mut().find(|(name, _)| *name == g) {
-                                Some(slot) if b.class > slot.1.class => slot.1 = b,
-                                Some(_) => {}
-                                None => groups.push((g, b)),
-                            }
-                        }
-                        Some(b) => {
-                            out.push(mk(code, b.class, b.description.clone(), b.action.clone()))
-                        }
-                        None => out.push(mk(
-                            code,
-                            r.unlisted_class,
-                            format!(
-                                "{} bit {bit}",
-                                r.unlisted_description
-                                    .as_deref()
-                                    .unwrap_or("unlisted technical alarm")
-                            ),
-                            r.action.clone(),
-                        )),
-                    }
-                }
-                for (g, b) in groups {
-                    let mut sig = mk(
-                        format!("{prefix}.{g}"),
-                        b.class,
-                        b.description.clone(),
-                        b.action.clone(),
-                    );
-                    sig.evidence.insert("bit".into(), serde_json::json!(b.bit));
-                    out.push(sig);
-                }
+            RuleKind::Bits => rule.bits(v, out),
+            RuleKind::Codes => rule.codes(v, out),
+            RuleKind::Threshold => out.extend(rule.threshold(v, now, idx, st)),
+            RuleKind::Rate => out.extend(rule.rate(v, now, idx, st)),
+            RuleKind::Equals => out.extend(rule.equals(v)),
+            RuleKind::DateDue => out.extend(rule.date_due(v, now)),
+        }
+    }
+}
+
+/// One rule evaluated against one snapshot: builds the signals it raises, one method per
+/// rule kind.
+struct RuleSignals<'a> {
+    profile: &'a Profile,
+    rule: &'a RuleDef,
+    snap: &'a Snapshot,
+}
+
+impl RuleSignals<'_> {
+    fn signal(
+        &self,
+        code: String,
+        class: Option<FaultClass>,
+        description: String,
+        action: Option<String>,
+    ) -> Signal {
+        Signal {
+            code,
+            kind: self.rule.signal,
+            class,
+            description,
+            action,
+            evidence: self.profile.evidence(self.snap, &[&self.rule.point]),
+            due: None,
+        }
+    }
+
+    /// The signal of a rule that names its own code (threshold, rate, equals, date).
+    fn own(&self) -> Signal {
+        let r = self.rule;
+        self.signal(
+            r.code.clone().unwrap_or_default(),
+            r.class,
+            r.description.clone().unwrap_or_default(),
+            r.action.clone(),
+        )
+    }
+
+    /// A bit field: each set bit a signal, except bits that are not faults; grouped bits
+    /// are one signal per group, at the class of the highest set bit.
+    fn bits(&self, v: &Value, out: &mut Vec<Signal>) {
+        let r = self.rule;
+        let Some(word) = v.as_f64() else { return };
+        let word = word as u64;
+        let prefix = r.code_prefix.as_deref().unwrap_or(&r.point);
+        // Grouped bits: the set bit of the highest class stands for its group.
+        let mut groups: Vec<(&str, &BitDef)> = Vec::new();
+        for bit in 0..64u8 {
+            if word & (1u64 << bit) == 0 {
+                continue;
             }
-            RuleKind::Codes => {
-                let codes: Vec<String> = match v {
-                    Value::Num(n) if *n == 0.0 || !n.is_finite() => Vec::new(),
-                    Value::Num(n) => vec![format!("{}", *n as i64)],
-                    Value::Text(t) if t.is_empty() || t == "0" => Vec::new(),
-                    Value::Text(t) => vec![t.clone()],
-                    Value::Codes(c) => c.clone(),
-                };
-                for c in codes {
-                    let code = match &r.code_prefix {
-                        Some(p) => format!("{p}.{c}"),
-                        None => c.clone(),
-                    };
-                    if let Some(def) = r.codes.iter().find(|d| d.code == c) {
-                        out.push(mk(
-                            code,
-                            Some(def.class),
-                            def.description.clone(),
-                            def.action.clone(),
-                        ));
-                        continue;
-                    }
-                    let num = c.parse::<i64>().ok();
-                    let class = num
-                        .and_then(|n| r.ranges.iter().find(|rg| rg.from <= n && n <= rg.to))
-                        .map(|rg| rg.class)
-                        .or_else(|| {
-                            r.prefixes
-                                .iter()
-                                .filter(|p| c.starts_with(&p.prefix))
-                                .max_by_key(|p| p.prefix.len())
-                                .map(|p| p.class)
-                        })
-                        .or(r.otherwise_class);
-                    let what = r
-                        .unlisted_description
-                        .as_deref()
-                        .unwrap_or("unlisted error code");
-                    out.push(mk(code, class, format!("{what} {c}"), r.action.clone()));
-                }
-            }
-            RuleKind::Threshold => {
-                let Some(x) = v.as_f64() else { return };
-                let limit_point = r
-                    .at_least_point
-                    .as_ref()
-                    .and_then(|p| snap.values.get(p))
-                    .and_then(Value::as_f64);
-                let (crossed, back) = threshold_test(r, x, limit_point);
-                let ts = st.thresholds.entry(idx).or_default();
-                if crossed {
-                    let since = *ts.since.get_or_insert(now);
-                    let held = now.duration_since(since).as_secs_f64();
-                    match r.for_ {
-                        Some(d) if held <= d.as_secs_f64() => {}
-                        _ => ts.active = true,
-                    }
-                } else {
-                    ts.since = None;
-                    if back {
-                        ts.active = false;
+            let code = format!("{prefix}.{bit}");
+            match r.bits.iter().find(|b| b.bit == bit) {
+                Some(b) if b.not_a_fault => {}
+                Some(b) if b.group.is_some() => {
+                    let g = b.group.as_deref().unwrap_or_default();
+                    match groups.iter_mut().find(|(name, _)| *name == g) {
+                        Some(slot) if b.class > slot.1.class => slot.1 = b,
+                        Some(_) => {}
+                        None => groups.push((g, b)),
                     }
                 }
-                if ts.active {
-                    let mut extra: Vec<&str> = Vec::new();
-                    if let Some(p) = &r.at_least_point {
-                        extra.push(p);
-                    }
-                    let mut s = own();
-                    s.evidence.extend(self.evidence(snap, &extra));
-                    out.push(s);
+                Some(b) => {
+                    out.push(self.signal(code, b.class, b.description.clone(), b.action.clone()))
                 }
-            }
-            RuleKind::Rate => {
-                let (Some(x), Some(fall), Some(win)) = (v.as_f64(), r.falls_by, r.window) else {
-                    return;
-                };
-                let w = st.rates.entry(idx).or_default();
-                let win_ms = (win.0.as_millis() as i64).max(RATE_BUCKETS);
-                let bucket_ms = win_ms / RATE_BUCKETS;
-                let t = now.as_millisecond();
-                let b = t.div_euclid(bucket_ms);
-                while w
-                    .buckets
-                    .front()
-                    .is_some_and(|(ob, _)| (b - ob) * bucket_ms > win_ms)
-                {
-                    w.buckets.pop_front();
-                }
-                match w.buckets.back_mut() {
-                    Some((lb, m)) if *lb == b => *m = m.max(x),
-                    _ => w.buckets.push_back((b, x)),
-                }
-                let peak = w.buckets.iter().map(|(_, m)| *m).fold(f64::MIN, f64::max);
-                if peak - x > fall {
-                    let mut s = own();
-                    s.evidence
-                        .insert("window_peak".into(), serde_json::json!(peak));
-                    s.evidence
-                        .insert("window".into(), serde_json::json!(win.to_string()));
-                    out.push(s);
-                }
-            }
-            RuleKind::Equals => {
-                if r.equals.as_ref().is_some_and(|e| value_equals(v, e)) {
-                    out.push(own());
-                }
-            }
-            RuleKind::DateDue => {
-                let (Some(text), Some(every)) = (v.as_text(), r.every) else {
-                    return;
-                };
-                let Ok(last) = text.parse::<jiff::civil::Date>() else {
-                    return;
-                };
-                let days = (every.as_secs_f64() / 86400.0).round() as i64;
-                let lead_days = r
-                    .lead
-                    .map(|l| (l.as_secs_f64() / 86400.0).round() as i64)
-                    .unwrap_or(0);
-                let Ok(due) = last.checked_add(jiff::Span::new().days(days)) else {
-                    return;
-                };
-                let today = now.to_zoned(jiff::tz::TimeZone::UTC).date();
-                let Ok(warn_from) = due.checked_sub(jiff::Span::new().days(lead_days)) else {
-                    return;
-                };
-                if today >= warn_from {
-                    let mut s = own();
-                    s.due = Some(due.to_string());
-                    out.push(s);
-                }
+                None => out.push(self.signal(
+                    code,
+                    r.unlisted_class,
+                    format!(
+                        "{} bit {bit}",
+                        r.unlisted_description
+                            .as_deref()
+                            .unwrap_or("unlisted technical alarm")
+                    ),
+                    r.action.clone(),
+                )),
             }
         }
+        for (g, b) in groups {
+            let mut sig = self.signal(
+                format!("{prefix}.{g}"),
+                b.class,
+                b.description.clone(),
+                b.action.clone(),
+            );
+            sig.evidence.insert("bit".into(), serde_json::json!(b.bit));
+            out.push(sig);
+        }
+    }
+
+    /// An error-code point: each code a signal, classed by the table, else a range, else
+    /// the longest matching prefix, else `otherwise_class`.
+    fn codes(&self, v: &Value, out: &mut Vec<Signal>) {
+        let r = self.rule;
+        let codes: Vec<String> = match v {
+            Value::Num(n) if *n == 0.0 || !n.is_finite() => Vec::new(),
+            Value::Num(n) => vec![format!("{}", *n as i64)],
+            Value::Text(t) if t.is_empty() || t == "0" => Vec::new(),
+            Value::Text(t) => vec![t.clone()],
+            Value::Codes(c) => c.clone(),
+        };
+        for c in codes {
+            let code = match &r.code_prefix {
+                Some(p) => format!("{p}.{c}"),
+                None => c.clone(),
+            };
+            if let Some(def) = r.codes.iter().find(|d| d.code == c) {
+                out.push(self.signal(
+                    code,
+                    Some(def.class),
+                    def.description.clone(),
+                    def.action.clone(),
+                ));
+                continue;
+            }
+            let num = c.parse::<i64>().ok();
+            let class = num
+                .and_then(|n| r.ranges.iter().find(|rg| rg.from <= n && n <= rg.to))
+                .map(|rg| rg.class)
+                .or_else(|| {
+                    r.prefixes
+                        .iter()
+                        .filter(|p| c.starts_with(&p.prefix))
+                        .max_by_key(|p| p.prefix.len())
+                        .map(|p| p.class)
+                })
+                .or(r.otherwise_class);
+            let what = r
+                .unlisted_description
+                .as_deref()
+                .unwrap_or("unlisted error code");
+            out.push(self.signal(code, class, format!("{what} {c}"), r.action.clone()));
+        }
+    }
+
+    /// A value past a limit, for longer than `for` when given; it clears once the value
+    /// is back past the hysteresis band.
+    fn threshold(
+        &self,
+        v: &Value,
+        now: Timestamp,
+        idx: usize,
+        st: &mut RuleState,
+    ) -> Option<Signal> {
+        let r = self.rule;
+        let x = v.as_f64()?;
+        let limit_point = r
+            .at_least_point
+            .as_ref()
+            .and_then(|p| self.snap.values.get(p))
+            .and_then(Value::as_f64);
+        let (crossed, back) = threshold_test(r, x, limit_point);
+        let ts = st.thresholds.entry(idx).or_default();
+        if crossed {
+            let since = *ts.since.get_or_insert(now);
+            let held = now.duration_since(since).as_secs_f64();
+            match r.for_ {
+                Some(d) if held <= d.as_secs_f64() => {}
+                _ => ts.active = true,
+            }
+        } else {
+            ts.since = None;
+            if back {
+                ts.active = false;
+            }
+        }
+        if !ts.active {
+            return None;
+        }
+        let mut extra: Vec<&str> = Vec::new();
+        if let Some(p) = &r.at_least_point {
+            extra.push(p);
+        }
+        let mut s = self.own();
+        s.evidence.extend(self.profile.evidence(self.snap, &extra));
+        Some(s)
+    }
+
+    /// A value that fell by more than `falls_by` from its peak within `window`.
+    fn rate(&self, v: &Value, now: Timestamp, idx: usize, st: &mut RuleState) -> Option<Signal> {
+        let r = self.rule;
+        let (Some(x), Some(fall), Some(win)) = (v.as_f64(), r.falls_by, r.window) else {
+            return None;
+        };
+        let w = st.rates.entry(idx).or_default();
+        let win_ms = (win.0.as_millis() as i64).max(RATE_BUCKETS);
+        let bucket_ms = win_ms / RATE_BUCKETS;
+        let t = now.as_millisecond();
+        let b = t.div_euclid(bucket_ms);
+        while w
+            .buckets
+            .front()
+            .is_some_and(|(ob, _)| (b - ob) * bucket_ms > win_ms)
+        {
+            w.buckets.pop_front();
+        }
+        match w.buckets.back_mut() {
+            Some((lb, m)) if *lb == b => *m = m.max(x),
+            _ => w.buckets.push_back((b, x)),
+        }
+        let peak = w.buckets.iter().map(|(_, m)| *m).fold(f64::MIN, f64::max);
+        if peak - x <= fall {
+            return None;
+        }
+        let mut s = self.own();
+        s.evidence
+            .insert("window_peak".into(), serde_json::json!(peak));
+        s.evidence
+            .insert("window".into(), serde_json::json!(win.to_string()));
+        Some(s)
+    }
+
+    fn equals(&self, v: &Value) -> Option<Signal> {
+        let hit = self
+            .rule
+            .equals
+            .as_ref()
+            .is_some_and(|e| value_equals(v, e));
+        hit.then(|| self.own())
+    }
+
+    /// A date point plus `every` is the due date; the signal rises `lead` before it.
+    fn date_due(&self, v: &Value, now: Timestamp) -> Option<Signal> {
+        let r = self.rule;
+        let (Some(text), Some(every)) = (v.as_text(), r.every) else {
+            return None;
+        };
+        let last = text.parse::<jiff::civil::Date>().ok()?;
+        let days = (every.as_secs_f64() / 86400.0).round() as i64;
+        let lead_days = r
+            .lead
+            .map(|l| (l.as_secs_f64() / 86400.0).round() as i64)
+            .unwrap_or(0);
+        let due = last.checked_add(jiff::Span::new().days(days)).ok()?;
+        let today = now.to_zoned(jiff::tz::TimeZone::UTC).date();
+        let warn_from = due.checked_sub(jiff::Span::new().days(lead_days)).ok()?;
+        if today < warn_from {
+            return None;
+        }
+        let mut s = self.own();
+        s.due = Some(due.to_string());
+        Some(s)
     }
 }
 
@@ -709,7 +766,25 @@ fn map_value(p: &PointDef, v: Value) -> Value {
     }
 }
 
-fn parse_text(p: &PointDef, raw: &str) -> Result<Value, String> {
+/// Why a listed point's raw value was not understood; it becomes a snapshot issue.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+enum PointValueError {
+    #[error("{0:?} is not a number")]
+    NotNumber(String),
+    #[error("{0:?} is not a hexadecimal mask")]
+    NotHex(String),
+    #[error("{0:?} is not a YYYY-MM-DD date")]
+    NotDate(String),
+    #[error("expected {expected}, got {got}")]
+    JsonType {
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("point type {0:?} cannot be read from JSON")]
+    NotJson(PointType),
+}
+
+fn parse_text(p: &PointDef, raw: &str) -> Result<Value, PointValueError> {
     let raw = raw.trim();
     let shown: String = raw.chars().take(24).collect();
     match p.ty {
@@ -718,50 +793,51 @@ fn parse_text(p: &PointDef, raw: &str) -> Result<Value, String> {
             .ok()
             .filter(|f| f.is_finite())
             .map(Value::Num)
-            .ok_or_else(|| format!("{shown:?} is not a number")),
+            .ok_or(PointValueError::NotNumber(shown)),
         PointType::Hex => {
             if raw.is_empty() || raw.len() > 16 {
-                return Err(format!("{shown:?} is not a hexadecimal mask"));
+                return Err(PointValueError::NotHex(shown));
             }
             u64::from_str_radix(raw, 16)
                 .map(|n| Value::Num(n as f64))
-                .map_err(|_| format!("{shown:?} is not a hexadecimal mask"))
+                .map_err(|_| PointValueError::NotHex(shown))
         }
         PointType::Date => raw
             .parse::<jiff::civil::Date>()
             .map(|d| Value::Text(d.to_string()))
-            .map_err(|_| format!("{shown:?} is not a YYYY-MM-DD date")),
+            .map_err(|_| PointValueError::NotDate(shown)),
         _ => Ok(map_value(p, Value::Text(raw.to_string()))),
     }
 }
 
-fn json_value(p: &PointDef, raw: &serde_json::Value) -> Result<Value, String> {
+fn json_value(p: &PointDef, raw: &serde_json::Value) -> Result<Value, PointValueError> {
     use serde_json::Value as J;
-    let kind = |v: &J| match v {
-        J::Null => "null",
-        J::Bool(_) => "a boolean",
-        J::Number(_) => "a number",
-        J::String(_) => "a string",
-        J::Array(_) => "an array",
-        J::Object(_) => "an object",
+    let expected = |expected: &'static str| PointValueError::JsonType {
+        expected,
+        got: match raw {
+            J::Null => "null",
+            J::Bool(_) => "a boolean",
+            J::Number(_) => "a number",
+            J::String(_) => "a string",
+            J::Array(_) => "an array",
+            J::Object(_) => "an object",
+        },
     };
     match p.ty {
         PointType::Number => raw
             .as_f64()
             .map(Value::Num)
-            .ok_or_else(|| format!("expected a number, got {}", kind(raw))),
+            .ok_or_else(|| expected("a number")),
         PointType::Bool => raw
             .as_bool()
             .map(|b| Value::Num(b as u8 as f64))
-            .ok_or_else(|| format!("expected a boolean, got {}", kind(raw))),
+            .ok_or_else(|| expected("a boolean")),
         PointType::Text | PointType::Date => raw
             .as_str()
             .map(|s| Value::Text(s.chars().take(120).collect()))
-            .ok_or_else(|| format!("expected a string, got {}", kind(raw))),
+            .ok_or_else(|| expected("a string")),
         PointType::Codes => {
-            let arr = raw
-                .as_array()
-                .ok_or_else(|| format!("expected an array, got {}", kind(raw)))?;
+            let arr = raw.as_array().ok_or_else(|| expected("an array"))?;
             let mut codes = Vec::new();
             for el in arr.iter().take(256) {
                 if let (Some(wp), Some(we)) = (&p.where_pointer, &p.where_equals) {
@@ -781,28 +857,38 @@ fn json_value(p: &PointDef, raw: &serde_json::Value) -> Result<Value, String> {
             codes.dedup();
             Ok(Value::Codes(codes))
         }
-        other => Err(format!("point type {other:?} cannot be read from JSON")),
+        other => Err(PointValueError::NotJson(other)),
     }
+}
+
+/// Why a sequence of serial reply frames could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FramesError {
+    #[error("negative reply ERR={0}")]
+    Negative(String),
+    #[error(transparent)]
+    Reply(#[from] ReplyError),
+    #[error(transparent)]
+    Rejected(#[from] RejectReason),
 }
 
 /// Reads a sequence of serial reply frames (as on the wire) into reply fields by kind.
 /// Used by golden vectors and `probe`.
 pub fn replies_from_frames(
     frames: &[Vec<u8>],
-) -> Result<BTreeMap<String, BTreeMap<String, String>>, String> {
+) -> Result<BTreeMap<String, BTreeMap<String, String>>, FramesError> {
     let mut reader = serial_frame::FrameReader::new();
     let mut out = BTreeMap::new();
     for f in frames {
         for ev in reader.push(f) {
             match ev {
-                FrameEvent::Frame(fr) => match serial_frame::parse_reply(&fr.body) {
-                    Ok(Reply::Answer { kind, fields }) => {
+                FrameEvent::Frame(fr) => match serial_frame::parse_reply(&fr.body)? {
+                    Reply::Answer { kind, fields } => {
                         out.insert(kind, fields);
                     }
-                    Ok(Reply::Negative(code)) => return Err(format!("negative reply ERR={code}")),
-                    Err(e) => return Err(e.to_string()),
+                    Reply::Negative(code) => return Err(FramesError::Negative(code)),
                 },
-                FrameEvent::Rejected(r) => return Err(r.to_string()),
+                FrameEvent::Rejected(r) => return Err(r.into()),
                 FrameEvent::Noise(_) => {}
             }
         }

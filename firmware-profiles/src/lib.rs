@@ -9,6 +9,7 @@
 pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod golden;
 pub mod load;
 pub mod locate;
 pub mod modbus;

@@ -1,37 +1,26 @@
 //! Loading profiles: TOML text to a checked [`Profile`], with every error naming file,
 //! line and key; the set of profiles an agent knows; and firmware selection.
 
-use crate::engine::{firmware_major, replies_from_frames, Profile, RuleState};
+use crate::engine::{firmware_major, Profile};
+pub use crate::golden::{run_golden, GoldenError};
 use crate::locate::{line_of, line_of_path, KeyPath};
-use crate::modbus::RegisterImage;
+use crate::model::SignalKind;
 use crate::schema::{
-    ConditionDef, GoldenDef, PointDef, PointType, ProfileDoc, RuleDef, RuleKind, TransportKind,
+    ConditionDef, PointDef, PointType, ProfileDoc, RuleDef, RuleKind, TransportDef, TransportKind,
 };
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A profile that cannot be used, and where it says so.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A profile (or config) that cannot be used, and where it says so.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: key `{key}`: {message}")]
 pub struct ProfileError {
     pub file: String,
     pub line: usize,
     pub key: String,
     pub message: String,
 }
-
-impl fmt::Display for ProfileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}: key `{}`: {}",
-            self.file, self.line, self.key, self.message
-        )
-    }
-}
-
-impl std::error::Error for ProfileError {}
 
 /// Builds located errors for one file.
 struct Ctx<'a> {
@@ -46,6 +35,20 @@ impl Ctx<'_> {
             line: line_of_path(self.src, path),
             key: path.to_string(),
             message: message.into(),
+        }
+    }
+
+    /// `Ok` when `ok`, else the error `message` at `path`.
+    fn require(
+        &self,
+        ok: bool,
+        path: &KeyPath,
+        message: impl Into<String>,
+    ) -> Result<(), ProfileError> {
+        if ok {
+            Ok(())
+        } else {
+            Err(self.err(path, message))
         }
     }
 }
@@ -147,9 +150,26 @@ pub fn parse_profile(file: &str, src: &str) -> Result<Profile, ProfileError> {
     Ok(profile)
 }
 
+/// Checks what serde cannot: meaning across keys. Returns the firmware major version the
+/// profile covers. Sections are checked in file order, so the first error is the first
+/// problem a reader of the file meets.
 fn validate(cx: &Ctx, d: &ProfileDoc) -> Result<u32, ProfileError> {
-    let root = KeyPath::root();
-    let dev = root.key("device");
+    let major = check_device(cx, d)?;
+    check_transport(cx, &d.transport)?;
+    check_identify(cx, d)?;
+    let names = check_points(cx, d)?;
+    for (i, r) in d.rules.iter().enumerate() {
+        check_rule(cx, &KeyPath::root().key("rule").index(i), r, &names)?;
+    }
+    check_availability(cx, d, &names)?;
+    check_diagnostics(cx, d)?;
+    Ok(major)
+}
+
+/// `[device]`: the id, the firmware family (returned as its major number) and the
+/// silence limit of an always-on device.
+fn check_device(cx: &Ctx, d: &ProfileDoc) -> Result<u32, ProfileError> {
+    let dev = KeyPath::root().key("device");
     let parts: Vec<&str> = d.device.id.split('/').collect();
     if parts.len() != 2
         || parts.iter().any(|p| {
@@ -181,16 +201,18 @@ fn validate(cx: &Ctx, d: &ProfileDoc) -> Result<u32, ProfileError> {
             "an always-on device needs the silence that raises monitoring_lost",
         ));
     }
+    Ok(major)
+}
 
-    // Transport.
-    let tp = root.key("transport");
-    let t = &d.transport;
-    let need = |ok: bool, key: &str, what: &str| -> Result<(), ProfileError> {
-        if ok {
-            Ok(())
-        } else {
-            Err(cx.err(&tp.key(key), format!("a {what} transport needs `{key}`")))
-        }
+/// `[transport]`: the keys each transport kind needs, and their limits.
+fn check_transport(cx: &Ctx, t: &TransportDef) -> Result<(), ProfileError> {
+    let tp = KeyPath::root().key("transport");
+    let need = |ok: bool, key: &str, what: &str| {
+        cx.require(
+            ok,
+            &tp.key(key),
+            format!("a {what} transport needs `{key}`"),
+        )
     };
     if t.reply_timeout.is_none() && t.kind != TransportKind::Mqtt {
         return Err(cx.err(
@@ -212,20 +234,21 @@ fn validate(cx: &Ctx, d: &ProfileDoc) -> Result<u32, ProfileError> {
                 "modbus",
             )?;
             if let Some(m) = t.max_registers {
-                if !(1..=125).contains(&m) {
-                    return Err(cx.err(
-                        &tp.key("max_registers"),
-                        "Modbus allows 1 to 125 registers per read",
-                    ));
-                }
+                cx.require(
+                    (1..=125).contains(&m),
+                    &tp.key("max_registers"),
+                    "Modbus allows 1 to 125 registers per read",
+                )?;
             }
         }
         TransportKind::Mqtt => {
             need(t.status_topic.is_some(), "status_topic", "mqtt")?;
             if let Some(topic) = &t.status_topic {
-                if !topic.contains("{serial}") {
-                    return Err(cx.err(&tp.key("status_topic"), "must contain `{serial}`"));
-                }
+                cx.require(
+                    topic.contains("{serial}"),
+                    &tp.key("status_topic"),
+                    "must contain `{serial}`",
+                )?;
             }
             need(
                 t.schema_pointer.is_some() == t.schema.is_some(),
@@ -235,38 +258,36 @@ fn validate(cx: &Ctx, d: &ProfileDoc) -> Result<u32, ProfileError> {
             need(t.max_payload.is_some(), "max_payload", "mqtt")?;
         }
     }
+    Ok(())
+}
 
-    // Identification.
-    let idp = root.key("identify");
+/// `[identify]`: how the transport kind reads the firmware before the profile is known.
+fn check_identify(cx: &Ctx, d: &ProfileDoc) -> Result<(), ProfileError> {
+    let idp = KeyPath::root().key("identify");
     let id = &d.identify;
-    match t.kind {
-        TransportKind::Serial => {
-            if id.request.is_none() || id.firmware_key.is_none() {
-                return Err(cx.err(
-                    &idp.key("firmware_key"),
-                    "a serial device is identified by `request` and `firmware_key`",
-                ));
-            }
-        }
-        TransportKind::Modbus => {
-            if id.firmware_table.is_none() || id.firmware_address.is_none() {
-                return Err(cx.err(
-                    &idp.key("firmware_address"),
-                    "a Modbus device is identified by `firmware_table` and `firmware_address`",
-                ));
-            }
-        }
-        TransportKind::Mqtt => {
-            if id.firmware_pointer.is_none() {
-                return Err(cx.err(
-                    &idp.key("firmware_pointer"),
-                    "an MQTT device is identified by `firmware_pointer`",
-                ));
-            }
-        }
+    match d.transport.kind {
+        TransportKind::Serial => cx.require(
+            id.request.is_some() && id.firmware_key.is_some(),
+            &idp.key("firmware_key"),
+            "a serial device is identified by `request` and `firmware_key`",
+        ),
+        TransportKind::Modbus => cx.require(
+            id.firmware_table.is_some() && id.firmware_address.is_some(),
+            &idp.key("firmware_address"),
+            "a Modbus device is identified by `firmware_table` and `firmware_address`",
+        ),
+        TransportKind::Mqtt => cx.require(
+            id.firmware_pointer.is_some(),
+            &idp.key("firmware_pointer"),
+            "an MQTT device is identified by `firmware_pointer`",
+        ),
     }
+}
 
-    // Points.
+/// `[[point]]` and `device.evidence`: unique names, each point readable on its transport
+/// and none reading PHI. Returns the point names, which rules and conditions refer to.
+fn check_points<'d>(cx: &Ctx, d: &'d ProfileDoc) -> Result<BTreeSet<&'d str>, ProfileError> {
+    let root = KeyPath::root();
     let mut names = BTreeSet::new();
     let phi: BTreeSet<&str> = d.device.phi.iter().map(String::as_str).collect();
     for (i, p) in d.points.iter().enumerate() {
@@ -277,7 +298,7 @@ fn validate(cx: &Ctx, d: &ProfileDoc) -> Result<u32, ProfileError> {
                 format!("point `{}` is listed twice", p.name),
             ));
         }
-        check_point(cx, &pp, p, t.kind, d)?;
+        check_point(cx, &pp, p, d.transport.kind, d)?;
         let field = p
             .key
             .as_deref()
@@ -296,30 +317,40 @@ fn validate(cx: &Ctx, d: &ProfileDoc) -> Result<u32, ProfileError> {
     for (i, e) in d.device.evidence.iter().enumerate() {
         if !names.contains(e.as_str()) {
             return Err(cx.err(
-                &dev.key("evidence").index(i),
+                &root.key("device").key("evidence").index(i),
                 format!("no point named `{e}`"),
             ));
         }
     }
+    Ok(names)
+}
 
-    // Rules.
-    for (i, r) in d.rules.iter().enumerate() {
-        check_rule(cx, &root.key("rule").index(i), r, &names)?;
-    }
+/// `[availability]`: every condition well formed and naming a known point.
+fn check_availability(
+    cx: &Ctx,
+    d: &ProfileDoc,
+    names: &BTreeSet<&str>,
+) -> Result<(), ProfileError> {
     let conds = [
         ("down_when", &d.availability.down_when),
         ("maintenance_when", &d.availability.maintenance_when),
     ];
     for (key, list) in conds {
         for (i, c) in list.iter().enumerate() {
-            check_condition(cx, &root.key("availability").key(key).index(i), c, &names)?;
+            let cp = KeyPath::root().key("availability").key(key).index(i);
+            check_condition(cx, &cp, c, names)?;
         }
     }
+    Ok(())
+}
 
-    // Diagnostics.
+/// `[[diagnostic]]`: unique names apart from the agent's built-ins, and a read-only
+/// request in the transport's terms.
+fn check_diagnostics(cx: &Ctx, d: &ProfileDoc) -> Result<(), ProfileError> {
+    let t = &d.transport;
     let mut dnames = BTreeSet::new();
     for (i, g) in d.diagnostics.iter().enumerate() {
-        let gp = root.key("diagnostic").index(i);
+        let gp = KeyPath::root().key("diagnostic").index(i);
         if ["readings", "transport", "episodes", "outbox"].contains(&g.name.as_str()) {
             return Err(cx.err(
                 &gp.key("name"),
@@ -332,26 +363,23 @@ fn validate(cx: &Ctx, d: &ProfileDoc) -> Result<u32, ProfileError> {
                 format!("diagnostic `{}` is listed twice", g.name),
             ));
         }
-        let ok = match t.kind {
-            TransportKind::Serial => g.request.as_deref().is_some_and(|r| r.starts_with("Q|")),
-            TransportKind::Mqtt => g.command.is_some(),
-            TransportKind::Modbus => {
+        let (ok, key) = match t.kind {
+            TransportKind::Serial => (
+                g.request.as_deref().is_some_and(|r| r.starts_with("Q|")),
+                "request",
+            ),
+            TransportKind::Mqtt => (g.command.is_some(), "command"),
+            TransportKind::Modbus => (
                 g.table.is_some()
                     && g.start.is_some()
                     && g.count
-                        .is_some_and(|c| c >= 1 && c <= t.max_registers.unwrap_or(125))
-            }
+                        .is_some_and(|c| c >= 1 && c <= t.max_registers.unwrap_or(125)),
+                "count",
+            ),
         };
-        if !ok {
-            let key = match t.kind {
-                TransportKind::Serial => "request",
-                TransportKind::Mqtt => "command",
-                TransportKind::Modbus => "count",
-            };
-            return Err(cx.err(&gp.key(key), "a read-only request needs `request = \"Q|...\"` (serial), `command` (mqtt) or `table`, `start` and `count` within the device's limit (modbus)"));
-        }
+        cx.require(ok, &gp.key(key), "a read-only request needs `request = \"Q|...\"` (serial), `command` (mqtt) or `table`, `start` and `count` within the device's limit (modbus)")?;
     }
-    Ok(major)
+    Ok(())
 }
 
 fn check_point(
@@ -442,6 +470,8 @@ fn check_point(
     Ok(())
 }
 
+/// One `[[rule]]`: its point exists, the keys its kind needs are there, and a fault rule
+/// that names its own code has a service class.
 fn check_rule(
     cx: &Ctx,
     rp: &KeyPath,
@@ -451,158 +481,181 @@ fn check_rule(
     if !names.contains(r.point.as_str()) {
         return Err(cx.err(&rp.key("point"), format!("no point named `{}`", r.point)));
     }
-    let is_fault = r.signal == crate::model::SignalKind::Fault;
-    let need = |ok: bool, key: &str, what: &str| -> Result<(), ProfileError> {
-        if ok {
-            Ok(())
-        } else {
-            Err(cx.err(&rp.key(key), what.to_string()))
-        }
-    };
+    let rule = RuleCheck { cx, rp, r };
     match r.kind {
-        RuleKind::Bits => {
-            need(
-                r.unlisted_class.is_some(),
-                "unlisted_class",
-                "a bit field rule needs `unlisted_class` for bits the manual does not list",
-            )?;
-            let mut seen = BTreeSet::new();
-            for (i, b) in r.bits.iter().enumerate() {
-                let bp = rp.key("bits").index(i);
-                if b.bit >= 64 || !seen.insert(b.bit) {
-                    return Err(cx.err(
-                        &bp.key("bit"),
-                        format!("bit {} is out of range or listed twice", b.bit),
-                    ));
-                }
-                if let Some(g) = &b.group {
-                    let ok = !g.is_empty()
-                        && g.len() <= 32
-                        && g.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                        && !g.chars().all(|c| c.is_ascii_digit());
-                    if !ok {
-                        return Err(cx.err(
-                            &bp.key("group"),
-                            "a group is a name of letters, digits and '_' (not a bit number)",
-                        ));
-                    }
-                    if b.not_a_fault {
-                        return Err(cx.err(
-                            &bp.key("group"),
-                            "a bit that is not a fault belongs to no group",
-                        ));
-                    }
-                }
-                if b.class.is_none() && !b.not_a_fault {
-                    return Err(cx.err(
-                        &bp.key("class"),
-                        "a listed bit needs its service class, or `not_a_fault = true`",
-                    ));
-                }
-            }
-        }
-        RuleKind::Codes => {
-            need(
-                r.otherwise_class.is_some(),
-                "otherwise_class",
-                "a code table needs `otherwise_class`: an unknown code is never dropped",
-            )?;
-            for (i, rg) in r.ranges.iter().enumerate() {
-                if rg.from > rg.to {
-                    return Err(cx.err(
-                        &rp.key("ranges").index(i).key("from"),
-                        "range `from` is after `to`",
-                    ));
-                }
-            }
-        }
-        RuleKind::Threshold => {
-            let limits = [
-                r.above.is_some(),
-                r.below.is_some(),
-                r.at_least.is_some(),
-                r.at_least_point.is_some(),
-            ];
-            need(
-                limits.iter().filter(|b| **b).count() == 1,
-                "above",
-                "a threshold needs exactly one of `above`, `below`, `at_least`, `at_least_point`",
-            )?;
-            if let Some(p) = &r.at_least_point {
-                need(
-                    names.contains(p.as_str()),
-                    "at_least_point",
-                    &format!("no point named `{p}`"),
-                )?;
-            }
-            need(
-                r.code.is_some(),
-                "code",
-                "a threshold rule needs the `code` of its signal",
-            )?;
-            need(
-                r.hysteresis.is_none_or(|h| h >= 0.0),
-                "hysteresis",
-                "hysteresis cannot be negative",
-            )?;
-        }
-        RuleKind::Rate => {
-            need(
-                r.falls_by.is_some_and(|f| f > 0.0),
-                "falls_by",
-                "a rate rule needs a positive `falls_by`",
-            )?;
-            need(
-                r.window.is_some_and(|w| w.0.as_secs() > 0),
-                "window",
-                "a rate rule needs a `window`",
-            )?;
-            need(
-                r.code.is_some(),
-                "code",
-                "a rate rule needs the `code` of its signal",
-            )?;
-        }
-        RuleKind::Equals => {
-            need(
-                matches!(
-                    r.equals,
-                    Some(toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::String(_))
-                ),
-                "equals",
-                "an equals rule needs a number or text in `equals`",
-            )?;
-            need(
-                r.code.is_some(),
-                "code",
-                "an equals rule needs the `code` of its signal",
-            )?;
-        }
-        RuleKind::DateDue => {
-            need(
-                r.every.is_some(),
-                "every",
-                "a date rule needs the interval `every`",
-            )?;
-            need(
-                r.code.is_some(),
-                "code",
-                "a date rule needs the `code` of its signal",
-            )?;
-        }
+        RuleKind::Bits => rule.bits()?,
+        RuleKind::Codes => rule.codes()?,
+        RuleKind::Threshold => rule.threshold(names)?,
+        RuleKind::Rate => rule.rate()?,
+        RuleKind::Equals => rule.equals()?,
+        RuleKind::DateDue => rule.date_due()?,
     }
     if matches!(
         r.kind,
         RuleKind::Threshold | RuleKind::Rate | RuleKind::Equals
-    ) && is_fault
+    ) && r.signal == SignalKind::Fault
     {
-        need(
+        rule.need(
             r.class.is_some(),
             "class",
             "a fault rule needs its service `class`",
         )?;
     }
     Ok(())
+}
+
+/// One rule being checked, with the keys of its kind: one method per rule kind.
+struct RuleCheck<'a> {
+    cx: &'a Ctx<'a>,
+    rp: &'a KeyPath,
+    r: &'a RuleDef,
+}
+
+impl RuleCheck<'_> {
+    /// `key` of this rule must be there (or right): else `what`, located at the key.
+    fn need(&self, ok: bool, key: &str, what: &str) -> Result<(), ProfileError> {
+        self.cx.require(ok, &self.rp.key(key), what)
+    }
+
+    fn bits(&self) -> Result<(), ProfileError> {
+        let (cx, r) = (self.cx, self.r);
+        self.need(
+            r.unlisted_class.is_some(),
+            "unlisted_class",
+            "a bit field rule needs `unlisted_class` for bits the manual does not list",
+        )?;
+        let mut seen = BTreeSet::new();
+        for (i, b) in r.bits.iter().enumerate() {
+            let bp = self.rp.key("bits").index(i);
+            if b.bit >= 64 || !seen.insert(b.bit) {
+                return Err(cx.err(
+                    &bp.key("bit"),
+                    format!("bit {} is out of range or listed twice", b.bit),
+                ));
+            }
+            if let Some(g) = &b.group {
+                let ok = !g.is_empty()
+                    && g.len() <= 32
+                    && g.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && !g.chars().all(|c| c.is_ascii_digit());
+                cx.require(
+                    ok,
+                    &bp.key("group"),
+                    "a group is a name of letters, digits and '_' (not a bit number)",
+                )?;
+                cx.require(
+                    !b.not_a_fault,
+                    &bp.key("group"),
+                    "a bit that is not a fault belongs to no group",
+                )?;
+            }
+            cx.require(
+                b.class.is_some() || b.not_a_fault,
+                &bp.key("class"),
+                "a listed bit needs its service class, or `not_a_fault = true`",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn codes(&self) -> Result<(), ProfileError> {
+        let r = self.r;
+        self.need(
+            r.otherwise_class.is_some(),
+            "otherwise_class",
+            "a code table needs `otherwise_class`: an unknown code is never dropped",
+        )?;
+        for (i, rg) in r.ranges.iter().enumerate() {
+            self.cx.require(
+                rg.from <= rg.to,
+                &self.rp.key("ranges").index(i).key("from"),
+                "range `from` is after `to`",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn threshold(&self, names: &BTreeSet<&str>) -> Result<(), ProfileError> {
+        let r = self.r;
+        let limits = [
+            r.above.is_some(),
+            r.below.is_some(),
+            r.at_least.is_some(),
+            r.at_least_point.is_some(),
+        ];
+        self.need(
+            limits.iter().filter(|b| **b).count() == 1,
+            "above",
+            "a threshold needs exactly one of `above`, `below`, `at_least`, `at_least_point`",
+        )?;
+        if let Some(p) = &r.at_least_point {
+            self.need(
+                names.contains(p.as_str()),
+                "at_least_point",
+                &format!("no point named `{p}`"),
+            )?;
+        }
+        self.need(
+            r.code.is_some(),
+            "code",
+            "a threshold rule needs the `code` of its signal",
+        )?;
+        self.need(
+            r.hysteresis.is_none_or(|h| h >= 0.0),
+            "hysteresis",
+            "hysteresis cannot be negative",
+        )
+    }
+
+    fn rate(&self) -> Result<(), ProfileError> {
+        let r = self.r;
+        self.need(
+            r.falls_by.is_some_and(|f| f > 0.0),
+            "falls_by",
+            "a rate rule needs a positive `falls_by`",
+        )?;
+        self.need(
+            r.window.is_some_and(|w| w.0.as_secs() > 0),
+            "window",
+            "a rate rule needs a `window`",
+        )?;
+        self.need(
+            r.code.is_some(),
+            "code",
+            "a rate rule needs the `code` of its signal",
+        )
+    }
+
+    fn equals(&self) -> Result<(), ProfileError> {
+        let r = self.r;
+        self.need(
+            matches!(
+                r.equals,
+                Some(toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::String(_))
+            ),
+            "equals",
+            "an equals rule needs a number or text in `equals`",
+        )?;
+        self.need(
+            r.code.is_some(),
+            "code",
+            "an equals rule needs the `code` of its signal",
+        )
+    }
+
+    fn date_due(&self) -> Result<(), ProfileError> {
+        let r = self.r;
+        self.need(
+            r.every.is_some(),
+            "every",
+            "a date rule needs the interval `every`",
+        )?;
+        self.need(
+            r.code.is_some(),
+            "code",
+            "a date rule needs the `code` of its signal",
+        )
+    }
 }
 
 fn check_condition(
@@ -627,123 +680,6 @@ fn check_condition(
         }
         if c.equals.is_none() {
             return Err(cx.err(&cp.key("equals"), "a point condition needs `equals`"));
-        }
-    }
-    Ok(())
-}
-
-/// Runs one golden vector; `Err` says what differs.
-pub fn run_golden(p: &Profile, g: &GoldenDef) -> Result<(), String> {
-    let now: jiff::Timestamp = g
-        .now
-        .as_deref()
-        .unwrap_or("2026-11-28T10:15:00Z")
-        .parse()
-        .map_err(|e| format!("`now` is not an RFC 3339 time: {e}"))?;
-    let (snap, identity) = match p.doc.transport.kind {
-        TransportKind::Serial => {
-            let frames: Vec<Vec<u8>> = g.frames.iter().map(|f| f.as_bytes().to_vec()).collect();
-            let replies = replies_from_frames(&frames)?;
-            let req = p.doc.identify.request.clone().unwrap_or_default();
-            let identity = replies.get(&req).map(|info| p.identify_serial(info));
-            (p.decode_serial(&replies), identity)
-        }
-        TransportKind::Modbus => {
-            let mut image = RegisterImage::new();
-            for r in &g.registers {
-                image.insert(r.table, r.start, &r.words);
-            }
-            let identity =
-                Some(p.identify_registers(&image)).filter(|i| i.is_ok() || g.firmware.is_some());
-            (p.decode_registers(&image), identity)
-        }
-        TransportKind::Mqtt => {
-            let json = g
-                .json
-                .as_deref()
-                .ok_or("an MQTT golden vector needs `json`")?;
-            let identity = Some(p.identify_json(json.as_bytes()));
-            (
-                p.decode_json(json.as_bytes()).map_err(|e| e.to_string())?,
-                identity,
-            )
-        }
-    };
-    if let Some(want) = &g.firmware {
-        let got = identity
-            .ok_or("no identity reply in the vector")?
-            .map_err(|e| e.to_string())?;
-        if &got.firmware != want {
-            return Err(format!("firmware {:?}, expected {want:?}", got.firmware));
-        }
-        if firmware_major(&got.firmware) != Some(p.firmware_major) {
-            return Err(format!(
-                "firmware {} is not covered by this profile ({})",
-                got.firmware, p.doc.device.firmware
-            ));
-        }
-        if let Some(sn) = &g.serial {
-            if got.serial.as_ref() != Some(sn) {
-                return Err(format!("serial {:?}, expected {sn:?}", got.serial));
-            }
-        }
-    }
-    if !snap.issues.is_empty() {
-        return Err(format!("decoding problems: {}", snap.issues.join("; ")));
-    }
-    let ev = p.evaluate(&snap, now, &mut RuleState::default());
-    for (name, want) in &g.readings {
-        let got = ev
-            .readings
-            .iter()
-            .find(|r| &r.name == name)
-            .map(|r| &r.value)
-            .ok_or_else(|| format!("reading `{name}` missing"))?;
-        let ok = match (got, want) {
-            (crate::model::Value::Num(n), toml::Value::Integer(i)) => (n - *i as f64).abs() < 1e-6,
-            (crate::model::Value::Num(n), toml::Value::Float(f)) => {
-                (n - f).abs() < 1e-4 || (n.is_nan() && f.is_nan())
-            }
-            (crate::model::Value::Text(t), toml::Value::String(s)) => t == s,
-            (crate::model::Value::Codes(c), toml::Value::Array(a)) => {
-                c.len() == a.len() && c.iter().zip(a).all(|(x, y)| y.as_str() == Some(x.as_str()))
-            }
-            _ => false,
-        };
-        if !ok {
-            return Err(format!("reading `{name}` is {got}, expected {want}"));
-        }
-    }
-    if let Some(want) = &g.signals {
-        let mut want = want.clone();
-        want.sort();
-        let got: Vec<String> = ev.signals.iter().map(|s| s.code.clone()).collect();
-        if got != want {
-            return Err(format!("signals {got:?}, expected {want:?}"));
-        }
-    }
-    for (code, class) in &g.classes {
-        let s = ev
-            .signals
-            .iter()
-            .find(|s| &s.code == code)
-            .ok_or_else(|| format!("signal {code} missing"))?;
-        if s.class != Some(*class) {
-            return Err(format!(
-                "signal {code} has class {:?}, expected {class}",
-                s.class
-            ));
-        }
-    }
-    if let Some(want) = g.state {
-        if ev.state != want {
-            return Err(format!("state {}, expected {want}", ev.state));
-        }
-    }
-    let out = serde_json::to_string(&(&snap, &ev)).unwrap_or_default();
-    for a in &g.absent {
-        if out.contains(a.as_str()) {
-            return Err(format!("{a:?} appears in the decoded output"));
         }
     }
     Ok(())

@@ -77,6 +77,10 @@ pub enum Parity {
     Odd,
 }
 
+/// The keys of every transport kind in one struct; `load` checks that a kind has the
+/// keys it needs. Not a serde tagged enum on `kind`: serde buffers such a table, and toml
+/// then reports every error inside it at the table's start instead of the key's line
+/// (`tests/invalid_profiles.rs` pins the precise lines).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TransportDef {
@@ -292,6 +296,9 @@ pub struct PrefixDef {
     pub class: FaultClass,
 }
 
+/// One `[[rule]]`. The keys of every rule kind in one struct, checked per kind in `load`,
+/// for the reason given at [`TransportDef`]: a tagged enum would report any error inside
+/// a rule at the first `[[rule]]` with key `rule`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RuleDef {

@@ -5,20 +5,39 @@ use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::time::Duration;
 
+/// A duration or size that cannot be read; the text is quoted back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error("duration {0:?} has no unit (ms, s, m, h, d)")]
+    DurationNoUnit(String),
+    #[error("duration {0:?} does not start with a number")]
+    DurationNoNumber(String),
+    #[error("duration {text:?}: unknown unit {unit:?} (ms, s, m, h, d)")]
+    DurationUnit { text: String, unit: String },
+    #[error("duration {0:?} is out of range")]
+    DurationRange(String),
+    #[error("size {0:?} does not start with a whole number")]
+    SizeNoNumber(String),
+    #[error("size {text:?}: unknown unit {unit:?} (B, KiB, MiB, GiB)")]
+    SizeUnit { text: String, unit: String },
+    #[error("size {0:?} is out of range")]
+    SizeRange(String),
+}
+
 /// A duration written as a number followed by `ms`, `s`, `m`, `h` or `d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Dur(pub Duration);
 
 impl Dur {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, UnitError> {
         let s = s.trim();
         let split = s
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("duration {s:?} has no unit (ms, s, m, h, d)"))?;
+            .ok_or_else(|| UnitError::DurationNoUnit(s.into()))?;
         let (num, unit) = s.split_at(split);
         let n: f64 = num
             .parse()
-            .map_err(|_| format!("duration {s:?} does not start with a number"))?;
+            .map_err(|_| UnitError::DurationNoNumber(s.into()))?;
         let secs = match unit.trim() {
             "ms" => n / 1000.0,
             "s" => n,
@@ -26,13 +45,14 @@ impl Dur {
             "h" => n * 3600.0,
             "d" => n * 86400.0,
             u => {
-                return Err(format!(
-                    "duration {s:?}: unknown unit {u:?} (ms, s, m, h, d)"
-                ))
+                return Err(UnitError::DurationUnit {
+                    text: s.into(),
+                    unit: u.into(),
+                })
             }
         };
         if !secs.is_finite() || !(0.0..=1e10).contains(&secs) {
-            return Err(format!("duration {s:?} is out of range"));
+            return Err(UnitError::DurationRange(s.into()));
         }
         Ok(Dur(Duration::from_secs_f64(secs)))
     }
@@ -77,13 +97,11 @@ impl Serialize for Dur {
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, UnitError> {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("size {s:?} does not start with a whole number"))?;
+        let n: u64 = num.parse().map_err(|_| UnitError::SizeNoNumber(s.into()))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" => 1 << 10,
@@ -92,11 +110,16 @@ impl ByteSize {
             "KB" | "kB" => 1000,
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
-            u => return Err(format!("size {s:?}: unknown unit {u:?} (B, KiB, MiB, GiB)")),
+            u => {
+                return Err(UnitError::SizeUnit {
+                    text: s.into(),
+                    unit: u.into(),
+                })
+            }
         };
         n.checked_mul(mult)
             .map(ByteSize)
-            .ok_or_else(|| format!("size {s:?} is out of range"))
+            .ok_or_else(|| UnitError::SizeRange(s.into()))
     }
 }
 
@@ -127,6 +150,15 @@ mod tests {
         assert!(Dur::parse("5 weeks").is_err());
         assert!(Dur::parse("s").is_err());
         assert!(Dur::parse("1e400s").is_err());
+        // Config and profile errors quote these messages: they read as before.
+        assert_eq!(
+            Dur::parse("5 weeks").unwrap_err().to_string(),
+            r#"duration "5 weeks": unknown unit "weeks" (ms, s, m, h, d)"#
+        );
+        assert_eq!(
+            Dur::parse("5").unwrap_err().to_string(),
+            r#"duration "5" has no unit (ms, s, m, h, d)"#
+        );
     }
 
     #[test]
@@ -135,5 +167,9 @@ mod tests {
         assert_eq!(ByteSize::parse("256MiB").unwrap().0, 256 << 20);
         assert!(ByteSize::parse("12XB").is_err());
         assert!(ByteSize::parse("99999999999999999999GiB").is_err());
+        assert_eq!(
+            ByteSize::parse("12XB").unwrap_err().to_string(),
+            r#"size "12XB": unknown unit "XB" (B, KiB, MiB, GiB)"#
+        );
     }
 }

@@ -199,3 +199,46 @@ fn not_toml_at_all() {
     let e = refuse("\u{0}\u{1}\u{2}");
     assert!(!e.message.is_empty());
 }
+
+/// Errors serde finds inside a rule or the transport name the key's own line. (Why
+/// `RuleDef` and `TransportDef` are flat structs, not serde tagged enums: an internally
+/// tagged enum buffers the table, and every error inside it is then reported at the
+/// start of the `[[rule]]` array with key `rule`.)
+#[test]
+fn errors_inside_rules_and_transport_name_the_line() {
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "hm-2-2",
+            "falls_by = 0.5",
+            "falls_by = \"x\"",
+            "rule.falls_by",
+        ),
+        (
+            "hm-2-2",
+            "window = \"24h\"",
+            "window = \"24 fortnights\"",
+            "rule.window",
+        ),
+        (
+            "hm-2-2",
+            "falls_by = 0.5",
+            "falls_by = 0.5\nfals_by = 1",
+            "rule.fals_by",
+        ),
+        (
+            "lip-300-3",
+            "baud = 9600",
+            "baud = \"fast\"",
+            "transport.baud",
+        ),
+    ];
+    for (profile, from, to, key) in cases {
+        let src = builtin(profile);
+        assert!(src.contains(from), "{profile}: {from:?} not found");
+        let bad = src.replacen(from, to, 1);
+        let e = refuse(&bad);
+        assert_eq!(&e.key, key, "{profile} {from:?}->{to:?}: got {e}");
+        let written = to.lines().last().unwrap_or(to);
+        assert_eq!(e.line, line_of(&bad, written), "{e}");
+    }
+}

@@ -266,45 +266,57 @@ fn main() {
             ),
         ],
     };
-    s.add(tend_wire::encode(&batch));
+    s.add(tend_wire::encode(&batch).unwrap());
     for r in &batch.records {
         let one = UpBatch {
             records: vec![r.clone()],
             ..batch.clone()
         };
-        s.add(tend_wire::encode(&one));
+        s.add(tend_wire::encode(&one).unwrap());
     }
-    s.add(tend_wire::encode(&Ack {
-        v: VERSION,
-        ranges: vec![
-            SeqRange { first: 1, last: 5 },
-            SeqRange { first: 9, last: 9 },
-        ],
-    }));
-    s.add(tend_wire::encode(&DiagRequest {
-        v: VERSION,
-        id: "d-1".into(),
-        device: "icu7-vent".into(),
-        request: "status-registers".into(),
-    }));
-    s.add(tend_wire::encode(&DiagResponse {
-        v: VERSION,
-        id: "d-1".into(),
-        device: "icu7-vent".into(),
-        request: "status-registers".into(),
-        ok: true,
-        answer: serde_json::json!({"input": [1, 16, 0]}),
-        error: None,
-    }));
-    s.add(tend_wire::encode(&DiagResponse {
-        v: VERSION,
-        id: "d-2".into(),
-        device: "icu7-vent".into(),
-        request: "x".into(),
-        ok: false,
-        answer: Default::default(),
-        error: Some("no such diagnostic".into()),
-    }));
+    s.add(
+        tend_wire::encode(&Ack {
+            v: VERSION,
+            ranges: vec![
+                SeqRange { first: 1, last: 5 },
+                SeqRange { first: 9, last: 9 },
+            ],
+        })
+        .unwrap(),
+    );
+    s.add(
+        tend_wire::encode(&DiagRequest {
+            v: VERSION,
+            id: "d-1".into(),
+            device: "icu7-vent".into(),
+            request: "status-registers".into(),
+        })
+        .unwrap(),
+    );
+    s.add(
+        tend_wire::encode(&DiagResponse {
+            v: VERSION,
+            id: "d-1".into(),
+            device: "icu7-vent".into(),
+            request: "status-registers".into(),
+            ok: true,
+            answer: serde_json::json!({"input": [1, 16, 0]}),
+            error: None,
+        })
+        .unwrap(),
+    );
+    s.add(
+        tend_wire::encode(&DiagResponse {
+            v: VERSION,
+            id: "d-2".into(),
+            device: "icu7-vent".into(),
+            request: "x".into(),
+            ok: false,
+            answer: Default::default(),
+            error: Some("no such diagnostic".into()),
+        })
+        .unwrap(),
+    );
     for t in [
         tend_wire::topic::up("agent-icu-a"),
         tend_wire::topic::ack("a"),

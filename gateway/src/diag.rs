@@ -28,6 +28,8 @@ pub enum DiagError {
     Timeout { agent: String, secs: u64 },
     #[error("the gateway is not connected to the broker")]
     NotConnected,
+    #[error(transparent)]
+    Encode(#[from] tend_wire::EncodeError),
 }
 
 /// A request to publish: the agent's `diag/req` topic and the encoded message.
@@ -80,7 +82,7 @@ impl DiagClient {
         };
         let out = Outgoing {
             agent: agent.to_string(),
-            payload: tend_wire::encode(&msg),
+            payload: tend_wire::encode(&msg)?,
         };
         if self.publish.send(out).await.is_err() {
             self.lock().remove(&id);

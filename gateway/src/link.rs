@@ -337,15 +337,14 @@ async fn acknowledge(
                     v: VERSION,
                     ranges: a.stored,
                 };
-                if let Err(e) = client
-                    .publish(
-                        topic::ack(&agent),
-                        QoS::AtLeastOnce,
-                        false,
-                        tend_wire::encode(&ack),
-                    )
-                    .await
-                {
+                let sent = match tend_wire::encode(&ack) {
+                    Ok(payload) => client
+                        .publish(topic::ack(&agent), QoS::AtLeastOnce, false, payload)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = sent {
                     tracing::warn!("ack to {agent} not queued: {e}");
                 }
             }

@@ -39,6 +39,7 @@ fn batch(agent: &str, records: Vec<Record>) -> Vec<u8> {
         site: "s-main".into(),
         records,
     })
+    .unwrap()
 }
 
 fn readings(seq: u64, at: Timestamp, device: &str) -> Record {

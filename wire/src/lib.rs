@@ -308,10 +308,17 @@ impl DiagResponse {
     }
 }
 
+/// A message that could not be written as JSON. The wire types hold plain data and maps
+/// with string keys, so it does not happen for them; it is an error rather than empty
+/// bytes so that nothing empty is ever published or stored in its place. It keeps the
+/// text only, so that errors carrying it stay comparable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot encode a wire message: {0}")]
+pub struct EncodeError(String);
+
 /// Encodes any wire message.
-pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
-    // Serialising these types cannot fail: no maps with non-string keys, no foreign types.
-    serde_json::to_vec(msg).unwrap_or_default()
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
+    serde_json::to_vec(msg).map_err(|e| EncodeError(e.to_string()))
 }
 
 #[cfg(test)]
@@ -388,7 +395,7 @@ mod tests {
                 },
             ],
         };
-        let bytes = encode(&b);
+        let bytes = encode(&b).unwrap();
         assert_eq!(UpBatch::decode(&bytes).unwrap(), b);
         let text = String::from_utf8(bytes).unwrap();
         assert!(text.contains("\"type\":\"episode\""), "{text}");
@@ -422,6 +429,24 @@ mod tests {
         );
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(UpBatch::decode(deep.as_bytes()).is_err());
+    }
+
+    /// A value JSON cannot hold is an error, not an empty message.
+    #[test]
+    fn unencodable_is_an_error() {
+        let bad = BTreeMap::from([((1u8, 2u8), "a map with tuple keys")]);
+        let e = encode(&bad).unwrap_err();
+        assert!(
+            e.to_string().starts_with("cannot encode a wire message: "),
+            "{e}"
+        );
+        // A reading that is not a number JSON knows still encodes.
+        let r = WireReading {
+            name: "x".into(),
+            value: Value::Num(f64::NAN),
+            unit: None,
+        };
+        assert!(!encode(&r).unwrap().is_empty());
     }
 
     #[test]

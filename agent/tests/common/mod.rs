@@ -122,8 +122,13 @@ pub fn fake_gateway(
                     let c = client.clone();
                     let topic = tend_wire::topic::ack(&batch.agent);
                     tokio::spawn(async move {
-                        c.publish(topic, QoS::AtLeastOnce, false, tend_wire::encode(&ack))
-                            .await
+                        c.publish(
+                            topic,
+                            QoS::AtLeastOnce,
+                            false,
+                            tend_wire::encode(&ack).unwrap(),
+                        )
+                        .await
                     });
                 }
                 Ok(_) => {}
