@@ -10,31 +10,68 @@ use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// Reads a PEM certificate chain and its private key. A key's own parse error is not
-/// shown: it could quote key material.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
-    let pem = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+/// Why the hotline API's certificate and key cannot be served. A key's own parse error
+/// is not kept: it could quote key material.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerTlsError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    NotPem {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{}: no certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: no usable private key", path.display())]
+    NoKey { path: PathBuf },
+    #[error("{0}")]
+    Protocols(#[source] rustls::Error),
+    #[error("certificate and key: {0}")]
+    CertificateAndKey(#[source] rustls::Error),
+}
+
+/// Reads a PEM certificate chain and its private key.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, ServerTlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| ServerTlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let pem = read(cert)?;
     let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+        .map_err(|source| ServerTlsError::NotPem {
+            path: cert.to_path_buf(),
+            source,
+        })?;
     if chain.is_empty() {
-        return Err(format!("{}: no certificate", cert.display()));
+        return Err(ServerTlsError::NoCertificate {
+            path: cert.to_path_buf(),
+        });
     }
-    let key_pem = std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|_| format!("{}: no usable private key", key.display()))?;
+    let key_pem = read(key)?;
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| ServerTlsError::NoKey {
+        path: key.to_path_buf(),
+    })?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
+    .map_err(ServerTlsError::Protocols)?
     .with_no_client_auth()
     .with_single_cert(chain, key_der)
-    .map_err(|e| format!("certificate and key: {e}"))?;
+    .map_err(ServerTlsError::CertificateAndKey)?;
     Ok(Arc::new(config))
 }
 
