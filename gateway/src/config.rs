@@ -537,6 +537,59 @@ token_file = "api.token"
     }
 
     #[test]
+    fn each_section_check_names_its_own_key() {
+        let d = dir();
+        let cases = [
+            (
+                "token_file = \"api.token\"",
+                "token_file = \"api.token\"\ntls_cert = \"api.token\"",
+                17,
+                "api.tls_cert",
+                "go together",
+            ),
+            (
+                "token_file = \"api.token\"",
+                "token_file = \"api.token\"\ntls_key = \"api.token\"",
+                17,
+                "api.tls_key",
+                "go together",
+            ),
+            (
+                "token_file = \"backend.token\"",
+                "token_file = \"backend.token\"\nca_file = \"missing.pem\"",
+                13,
+                "backend.ca_file",
+                "is not a readable file",
+            ),
+            (
+                "listen = \"127.0.0.1:1883\"",
+                "listen = \"127.0.0.1:1883\"\nshare_group = \"a/b\"",
+                9,
+                "broker.share_group",
+                "letters, digits",
+            ),
+            (
+                "embedded = true",
+                "embedded = false",
+                6,
+                "broker.url",
+                "needs the external broker's url",
+            ),
+        ];
+        for (from, to, line, key, says) in cases {
+            let src = GOOD.replace(from, to);
+            let e = parse("gw.toml", &src, d.path()).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (line, key), "{to}: {e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+        // The backend token is read at load, as the hotline's is.
+        std::fs::write(d.path().join("backend.token"), "\n").unwrap();
+        let e = parse("gw.toml", GOOD, d.path()).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (12, "backend.token_file"), "{e}");
+        assert!(e.message.contains("is empty"), "{e}");
+    }
+
+    #[test]
     fn backend_kind_defaults_to_the_service_api_and_an_unknown_one_is_located() {
         let d = dir();
         let l = parse("gw.toml", GOOD, d.path()).unwrap();

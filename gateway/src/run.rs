@@ -41,7 +41,8 @@ impl Running {
     }
 }
 
-/// Why the gateway could not start; nothing is left running.
+/// Why the gateway could not start (the process is expected to exit: tasks already
+/// started are not stopped).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]

@@ -34,7 +34,7 @@ pub enum ServerTlsError {
     NoCertificate { path: PathBuf },
     #[error("{}: no usable private key", path.display())]
     NoKey { path: PathBuf },
-    #[error("{0}")]
+    #[error("TLS protocol versions: {0}")]
     Protocols(#[source] rustls::Error),
     #[error("certificate and key: {0}")]
     CertificateAndKey(#[source] rustls::Error),
@@ -120,5 +120,34 @@ pub async fn serve_tls(
                 _ = sd.cancelled() => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_file_and_never_quote_a_key() {
+        let d = tempfile::tempdir().unwrap();
+        let (cert, key) = (d.path().join("server.pem"), d.path().join("server.key"));
+        let e = server_config(&cert, &key).unwrap_err();
+        assert!(matches!(e, ServerTlsError::Read { .. }), "{e}");
+        assert!(e.to_string().contains("server.pem"), "{e}");
+        std::fs::write(&cert, "not a certificate\n").unwrap();
+        let e = server_config(&cert, &key).unwrap_err();
+        assert!(matches!(e, ServerTlsError::NoCertificate { .. }), "{e}");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = server_config(&cert, &key).unwrap_err().to_string();
+        assert!(!e.contains("c2VjcmV0"), "{e}");
     }
 }
