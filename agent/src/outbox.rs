@@ -144,8 +144,12 @@ pub enum OutboxError {
     },
     /// A commit failed; every caller in that commit gets this and none of its records
     /// or acks took effect.
-    #[error("outbox {path}: commit failed: {message}")]
-    Commit { path: PathBuf, message: String },
+    #[error("outbox {path}: commit failed: {source}")]
+    Commit {
+        path: PathBuf,
+        #[source]
+        source: CommitError,
+    },
     #[error("outbox {path}: file format {found} is not supported (this build reads {FORMAT})")]
     Format { path: PathBuf, found: u64 },
     #[error("outbox {path}: cannot encode record: {source}")]
@@ -160,6 +164,21 @@ pub enum OutboxError {
     Panicked { path: PathBuf, what: &'static str },
     #[error("outbox {path}: the writer has stopped (closed, or its commit failed fatally)")]
     Closed { path: PathBuf },
+}
+
+/// Why one writer commit failed. Every caller in the batch gets a copy, hence the `Arc`s.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    #[error("{what}: {source}")]
+    Storage {
+        what: &'static str,
+        #[source]
+        source: Arc<redb::Error>,
+    },
+    #[error("encode drop report: {0}")]
+    EncodeDropReport(#[source] Arc<serde_json::Error>),
+    #[error("writer already closed")]
+    WriterClosed,
 }
 
 /// What the writer is asked to do.
@@ -229,9 +248,12 @@ fn storage<'a, E: Into<redb::Error>>(
     }
 }
 
-/// For the writer, whose errors become one message for every caller of a batch.
-fn failed<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
-    move |err| format!("{what}: {err}")
+/// For the writer, whose errors go to every caller of a batch.
+fn failed<E: Into<redb::Error>>(what: &'static str) -> impl Fn(E) -> CommitError {
+    move |err| CommitError::Storage {
+        what,
+        source: Arc::new(err.into()),
+    }
 }
 
 impl Outbox {
@@ -643,7 +665,7 @@ impl Writer {
         let mut st = self.state.clone();
         let result = match self.db.as_ref() {
             Some(db) => write_batch(db, &batch, &mut st, self.max_bytes),
-            None => Err("writer already closed".to_string()),
+            None => Err(CommitError::WriterClosed),
         };
         match result {
             Ok(outcomes) => {
@@ -672,11 +694,11 @@ impl Writer {
                     }
                 }
             }
-            Err(message) => {
-                tracing::error!(path = %self.path.display(), error = %message, "outbox commit failed");
+            Err(failure) => {
+                tracing::error!(path = %self.path.display(), error = %failure, "outbox commit failed");
                 let err = || OutboxError::Commit {
                     path: self.path.clone(),
-                    message: message.clone(),
+                    source: failure.clone(),
                 };
                 for op in batch {
                     match op {
@@ -724,14 +746,13 @@ fn json_len(stored: &[u8]) -> u64 {
     stored.len().saturating_sub(1) as u64
 }
 
-/// One transaction for the whole batch. Errors are strings because one failure is
-/// reported to every caller in the batch.
+/// One transaction for the whole batch; one failure is reported to every caller in it.
 fn write_batch(
     db: &Database,
     batch: &[Op],
     st: &mut State,
     max_bytes: u64,
-) -> Result<Vec<Outcome>, String> {
+) -> Result<Vec<Outcome>, CommitError> {
     let mut txn = db.begin_write().map_err(failed("begin write"))?;
     txn.set_durability(Durability::Immediate);
     let mut outcomes = Vec::with_capacity(batch.len());
@@ -802,57 +823,7 @@ fn write_batch(
         }
 
         if st.bytes > max_bytes {
-            let target = max_bytes.saturating_sub(drop_slack(max_bytes));
-            let (mut count, mut first, mut last) = (0u64, None, 0u64);
-            // Oldest first, skipping what may not be dropped. Everything below
-            // `scan_from` is known to be undroppable (new records only ever go on top),
-            // so a file full of states is walked once, not on every commit.
-            let mut exhausted = true;
-            for item in records
-                .extract_from_if(st.scan_from.., |_, v| v.first() == Some(&TAG_READING))
-                .map_err(failed("drop readings"))?
-            {
-                let (k, v) = item.map_err(failed("drop readings"))?;
-                let seq = k.value();
-                st.records = st.records.saturating_sub(1);
-                st.bytes = st.bytes.saturating_sub(json_len(v.value()));
-                count += 1;
-                first.get_or_insert(seq);
-                last = seq;
-                if st.bytes <= target {
-                    exhausted = false;
-                    break;
-                }
-            }
-            st.scan_from = if exhausted { st.next_seq } else { last + 1 };
-            if let Some(first_seq) = first {
-                let body = RecordBody::Dropped {
-                    count,
-                    first_seq,
-                    last_seq: last,
-                };
-                let unnumbered = serde_json::to_vec(&Unnumbered {
-                    at: Timestamp::now(),
-                    device: AGENT_DEVICE,
-                    body: &body,
-                })
-                .map_err(|x| format!("encode drop report: {x}"))?;
-                let seq = st.next_seq;
-                st.next_seq += 1;
-                let stored = number(TAG_KEEP, seq, &unnumbered);
-                records
-                    .insert(seq, stored.as_slice())
-                    .map_err(failed("insert drop report"))?;
-                st.records += 1;
-                st.bytes += json_len(&stored);
-                st.dropped_total += count;
-                tracing::warn!(
-                    count,
-                    first_seq,
-                    last_seq = last,
-                    "outbox full: dropped the oldest readings"
-                );
-            }
+            drop_oldest_readings(&mut records, st, max_bytes)?;
         }
         st.over_cap = st.bytes > max_bytes;
         st.oldest_seq = records
@@ -872,6 +843,67 @@ fn write_batch(
     }
     txn.commit().map_err(failed("commit"))?;
     Ok(outcomes)
+}
+
+/// Deletes the oldest readings until the stored bytes are a little below the cap, and
+/// writes one `Dropped` record for them (nothing when only undroppable records remain).
+fn drop_oldest_readings(
+    records: &mut redb::Table<u64, &[u8]>,
+    st: &mut State,
+    max_bytes: u64,
+) -> Result<(), CommitError> {
+    let target = max_bytes.saturating_sub(drop_slack(max_bytes));
+    let (mut count, mut first, mut last) = (0u64, None, 0u64);
+    // Oldest first, skipping what may not be dropped. Everything below
+    // `scan_from` is known to be undroppable (new records only ever go on top),
+    // so a file full of states is walked once, not on every commit.
+    let mut exhausted = true;
+    for item in records
+        .extract_from_if(st.scan_from.., |_, v| v.first() == Some(&TAG_READING))
+        .map_err(failed("drop readings"))?
+    {
+        let (k, v) = item.map_err(failed("drop readings"))?;
+        let seq = k.value();
+        st.records = st.records.saturating_sub(1);
+        st.bytes = st.bytes.saturating_sub(json_len(v.value()));
+        count += 1;
+        first.get_or_insert(seq);
+        last = seq;
+        if st.bytes <= target {
+            exhausted = false;
+            break;
+        }
+    }
+    st.scan_from = if exhausted { st.next_seq } else { last + 1 };
+    if let Some(first_seq) = first {
+        let body = RecordBody::Dropped {
+            count,
+            first_seq,
+            last_seq: last,
+        };
+        let unnumbered = serde_json::to_vec(&Unnumbered {
+            at: Timestamp::now(),
+            device: AGENT_DEVICE,
+            body: &body,
+        })
+        .map_err(|x| CommitError::EncodeDropReport(Arc::new(x)))?;
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let stored = number(TAG_KEEP, seq, &unnumbered);
+        records
+            .insert(seq, stored.as_slice())
+            .map_err(failed("insert drop report"))?;
+        st.records += 1;
+        st.bytes += json_len(&stored);
+        st.dropped_total += count;
+        tracing::warn!(
+            count,
+            first_seq,
+            last_seq = last,
+            "outbox full: dropped the oldest readings"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

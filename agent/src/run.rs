@@ -411,7 +411,7 @@ pub async fn run(
             async move {
                 answer_diagnostic(&shared, Some(&outbox), &req, Duration::from_secs(8))
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(crate::uplink::HandlerError::from)
             }
         })
     };

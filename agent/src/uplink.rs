@@ -51,17 +51,21 @@ use tokio::time::Instant;
 /// A boxed, sendable future (what a [`DiagHandler`] returns).
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// Why a [`DiagHandler`] gives no answer: whatever error its owner has; its text is shown
+/// to the hotline.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Answers one diagnostic request: `Ok(answer)` or `Err(why)` (shown to the hotline).
 /// The uplink fills in the response's id, device and request itself, so a handler cannot
 /// get the correlation wrong, and bounds the wait with `diag_timeout`.
 pub type DiagHandler =
-    Arc<dyn Fn(DiagRequest) -> BoxFuture<Result<serde_json::Value, String>> + Send + Sync>;
+    Arc<dyn Fn(DiagRequest) -> BoxFuture<Result<serde_json::Value, HandlerError>> + Send + Sync>;
 
 /// Wraps an async closure as a [`DiagHandler`].
 pub fn diag_handler<F, Fut>(f: F) -> DiagHandler
 where
     F: Fn(DiagRequest) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<serde_json::Value, String>> + Send + 'static,
+    Fut: Future<Output = Result<serde_json::Value, HandlerError>> + Send + 'static,
 {
     Arc::new(move |req| Box::pin(f(req)))
 }
@@ -697,7 +701,7 @@ impl<S: RecordSource> Runner<S> {
         let client = client.clone();
         let topic = self.topics.diag_resp.clone();
         if self.diag_tasks.len() >= MAX_DIAG_CONCURRENT {
-            let resp = response(&req, Err("the agent is busy with other diagnostics".into()));
+            let resp = response(&req, Err(Unanswered::Busy));
             let sent = match encode(&resp) {
                 Ok(payload) => client
                     .try_publish(topic, QoS::AtLeastOnce, false, payload)
@@ -713,8 +717,8 @@ impl<S: RecordSource> Runner<S> {
         let timeout = self.diag_timeout;
         self.diag_tasks.spawn(async move {
             let answer = match tokio::time::timeout(timeout, handler(req.clone())).await {
-                Ok(a) => a,
-                Err(_) => Err(format!("no answer within {timeout:?}")),
+                Ok(a) => a.map_err(Unanswered::Handler),
+                Err(_) => Err(Unanswered::Timeout(timeout)),
             };
             let resp = response(&req, answer);
             // If this connection is gone by now the answer is lost, and the hotline
@@ -733,10 +737,21 @@ impl<S: RecordSource> Runner<S> {
     }
 }
 
-fn response(req: &DiagRequest, answer: Result<serde_json::Value, String>) -> DiagResponse {
+/// Why a diagnostic request got no answer; the text goes back in the response.
+#[derive(Debug, thiserror::Error)]
+enum Unanswered {
+    #[error("the agent is busy with other diagnostics")]
+    Busy,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Handler(HandlerError),
+}
+
+fn response(req: &DiagRequest, answer: Result<serde_json::Value, Unanswered>) -> DiagResponse {
     let (ok, answer, error) = match answer {
         Ok(a) => (true, a, None),
-        Err(e) => (false, serde_json::Value::Null, Some(e)),
+        Err(e) => (false, serde_json::Value::Null, Some(e.to_string())),
     };
     DiagResponse {
         v: VERSION,

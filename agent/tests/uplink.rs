@@ -334,7 +334,7 @@ fn test_config(agent: &str, broker: String) -> UplinkConfig {
 }
 
 fn no_diag() -> DiagHandler {
-    diag_handler(|_req: DiagRequest| async { Err("no diagnostics here".to_string()) })
+    diag_handler(|_req: DiagRequest| async { Err("no diagnostics here".into()) })
 }
 
 /// A running uplink: its stats, the notify to poke, and a way to stop it.
@@ -679,7 +679,7 @@ async fn diagnostics_round_trip_and_malformed_messages_are_ignored() {
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 Ok(serde_json::Value::Null)
             }
-            other => Err(format!("`{other}` is not listed")),
+            other => Err(format!("`{other}` is not listed").into()),
         }
     });
     let mut cfg = test_config(agent, b.url());

@@ -694,6 +694,25 @@ struct DiagBody {
     request: String,
 }
 
+/// Why a diagnostic request's body says nothing usable.
+#[derive(Debug, thiserror::Error)]
+enum BadDiagBody {
+    #[error("the body must be JSON like {{\"request\": \"readings\"}}: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// Too large, or not readable: axum's text and status.
+    #[error("{}", .0.body_text())]
+    Unreadable(#[source] BytesRejection),
+}
+
+impl BadDiagBody {
+    fn status(&self) -> StatusCode {
+        match self {
+            BadDiagBody::NotJson(_) => StatusCode::BAD_REQUEST,
+            BadDiagBody::Unreadable(e) => e.status(),
+        }
+    }
+}
+
 /// How a diagnostic call ended, before it is audited and answered.
 struct DiagOutcome {
     status: StatusCode,
@@ -726,13 +745,12 @@ async fn diagnostics(
         Err(e) => return path_error(e).into_response(),
     };
     // What the caller asked for, as far as it can be read (for the audit log).
-    let parsed: Result<DiagBody, String> = match &body {
-        Ok(b) => serde_json::from_slice::<DiagBody>(b)
-            .map_err(|e| format!("the body must be JSON like {{\"request\": \"readings\"}}: {e}")),
-        Err(e) => Err(e.body_text()),
+    let parsed = match body {
+        Ok(b) => serde_json::from_slice::<DiagBody>(&b).map_err(BadDiagBody::NotJson),
+        Err(e) => Err(BadDiagBody::Unreadable(e)),
     };
     let request = parsed.as_ref().ok().map(|b| clip(&b.request, 128));
-    let out = run_diagnostic(&st.gw, &id, parsed, body.as_ref().err()).await;
+    let out = run_diagnostic(&st.gw, &id, parsed).await;
     Metrics::outcome(&st.gw.metrics.diagnostics, out.label);
     let entry = AuditEntry {
         at: Timestamp::now(),
@@ -752,8 +770,7 @@ async fn diagnostics(
 async fn run_diagnostic(
     gw: &Gateway,
     id: &str,
-    parsed: Result<DiagBody, String>,
-    body_error: Option<&BytesRejection>,
+    parsed: Result<DiagBody, BadDiagBody>,
 ) -> DiagOutcome {
     let g = gw.clone();
     let idc = id.to_string();
@@ -783,10 +800,7 @@ async fn run_diagnostic(
     }
     let req = match parsed {
         Ok(b) => b.request,
-        Err(message) => {
-            let status = body_error.map_or(StatusCode::BAD_REQUEST, |e| e.status());
-            return DiagOutcome::refused(status, message);
-        }
+        Err(bad) => return DiagOutcome::refused(bad.status(), bad.to_string()),
     };
     let allowed = diag::allowed(&listed);
     if !allowed.iter().any(|a| a == &req) {

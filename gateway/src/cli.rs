@@ -15,6 +15,7 @@ use crate::config;
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -92,7 +93,8 @@ pub struct HotlineArgs {
 }
 
 /// Why a hotline command failed: the message for stderr and the exit code.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
 pub struct Failure {
     /// 1 for a failed call, 2 for an unusable configuration or command line.
     pub code: i32,
@@ -114,23 +116,20 @@ impl Failure {
     }
 }
 
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
 /// Runs [`HotlineArgs`]: see [`run`].
-pub async fn run_args(args: &HotlineArgs) -> anyhow::Result<i32> {
+pub async fn run_args(args: &HotlineArgs) -> std::io::Result<i32> {
     run(&args.target, &args.command, args.json).await
 }
 
 /// Runs one hotline command, prints its table (or JSON) on stdout, or a message on
-/// stderr, and returns the exit code (0, 1 for a failed call, 2 for a bad config).
-pub async fn run(target: &ApiTarget, cmd: &HotlineCommand, json: bool) -> anyhow::Result<i32> {
+/// stderr, and returns the exit code (0, 1 for a failed call, 2 for a bad config). The
+/// error is stdout refusing the output (a closed pipe): there is nobody left to tell.
+pub async fn run(target: &ApiTarget, cmd: &HotlineCommand, json: bool) -> std::io::Result<i32> {
     match output(target, cmd, json).await {
         Ok(text) => {
-            print!("{text}");
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
             Ok(0)
         }
         Err(f) => {
@@ -187,7 +186,7 @@ pub fn resolve(target: &ApiTarget) -> Result<Endpoint, Failure> {
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
         .ok_or_else(|| Failure::usage(format!("{base:?} is not an http:// or https:// URL")))?;
-    let token = config::read_secret(&token_file).map_err(Failure::usage)?;
+    let token = config::read_secret(&token_file).map_err(|e| Failure::usage(e.to_string()))?;
     Ok(Endpoint {
         base,
         token,
@@ -271,7 +270,7 @@ pub async fn output(
     };
     let v = call(&ep, method, u, body).await?;
     if json {
-        let mut s = serde_json::to_string_pretty(&v).unwrap_or_default();
+        let mut s = pretty(&v);
         s.push('\n');
         return Ok(s);
     }
@@ -424,6 +423,12 @@ pub fn short_time(v: &Value) -> String {
         }
         None => t,
     }
+}
+
+/// `v` as indented JSON.
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v)
+        .expect("a serde_json::Value always serialises: its keys are strings")
 }
 
 fn as_array(v: &Value) -> &[Value] {
@@ -712,7 +717,7 @@ pub fn render_diag(v: &Value) -> String {
         "{} {}:\n{}\n",
         s(&v["device"]),
         s(&v["request"]),
-        serde_json::to_string_pretty(&v["answer"]).unwrap_or_default()
+        pretty(&v["answer"])
     )
 }
 

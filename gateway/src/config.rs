@@ -158,13 +158,30 @@ pub fn load(path: &Path) -> Result<Loaded, ProfileError> {
     parse(&file, &src, base)
 }
 
+/// Why a token file cannot be used. The message names the file, never its content.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is empty", path.display())]
+    Empty { path: PathBuf },
+}
+
 /// Reads a secret (token, password) from a file: trimmed, never empty, never logged.
-pub fn read_secret(path: &Path) -> Result<String, String> {
-    let s = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+pub fn read_secret(path: &Path) -> Result<String, SecretFileError> {
+    let s = std::fs::read_to_string(path).map_err(|source| SecretFileError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let s = s.trim().to_string();
     if s.is_empty() {
-        return Err(format!("{} is empty", path.display()));
+        return Err(SecretFileError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(s)
 }
@@ -172,178 +189,24 @@ pub fn read_secret(path: &Path) -> Result<String, String> {
 /// Parses and checks config text; `file` names it in errors, `base` resolves relative paths.
 pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError> {
     let mut config: GatewayConfig = toml::from_str(src).map_err(|e| toml_error(file, src, &e))?;
-    let err = |path: &KeyPath, message: String| ProfileError {
-        file: file.to_string(),
-        line: line_of_path(src, path),
-        key: path.to_string(),
-        message,
-    };
-    let root = KeyPath::root();
+    let at = Locator { file, src };
     if !tend_wire::topic::valid_agent_id(&config.gateway_id) {
-        return Err(err(
-            &root.key("gateway_id"),
-            "must be 1-64 letters, digits, '-', '_' or '.'".into(),
-        ));
+        return Err(at.error(&KeyPath::root().key("gateway_id"), ID_RULE));
     }
-    let resolve = |p: &mut PathBuf| {
-        if p.is_relative() {
-            *p = base.join(&*p);
-        }
-    };
-    resolve(&mut config.data_dir);
-    resolve(&mut config.fleet);
-    resolve(&mut config.api.token_file);
-    for p in [&mut config.api.tls_cert, &mut config.api.tls_key]
-        .into_iter()
-        .flatten()
-    {
-        resolve(p);
-    }
-    for p in [
-        &mut config.profiles_dir,
-        &mut config.broker.ca_file,
-        &mut config.broker.client_cert,
-        &mut config.broker.client_key,
-        &mut config.broker.password_file,
-    ]
-    .into_iter()
-    .flatten()
-    {
-        resolve(p);
-    }
-    if let Some(b) = &mut config.backend {
-        resolve(&mut b.token_file);
-        if let Some(p) = &mut b.ca_file {
-            resolve(p);
-        }
-    }
-
+    config.resolve_paths(base);
     let tz = TimeZone::get(&config.timezone).map_err(|e| {
-        err(
-            &root.key("timezone"),
+        at.error(
+            &KeyPath::root().key("timezone"),
             format!("{:?} is not a known time zone: {e}", config.timezone),
         )
     })?;
-
-    let br = root.key("broker");
-    if let Some(url) = &config.broker.url {
-        let url = BrokerUrl::parse(url).map_err(|e| err(&br.key("url"), e.to_string()))?;
-        config
-            .broker
-            .auth()
-            .check(&url)
-            .map_err(|e| err(&br.key(e.config_key()), e.to_string()))?;
-        if config.broker.embedded == Some(true) {
-            return Err(err(
-                &br.key("embedded"),
-                "embedded = true and url are exclusive: run the broker here or use the one at url"
-                    .into(),
-            ));
-        }
-        if config.broker.listen.is_some() {
-            return Err(err(
-                &br.key("listen"),
-                "listen is for the embedded broker; this config names an external one (url)".into(),
-            ));
-        }
-    } else if config.broker.embedded == Some(false) {
-        return Err(err(
-            &br.key("url"),
-            "embedded = false needs the external broker's url".into(),
-        ));
-    } else if !config.broker.auth().tls.is_empty() {
-        // The gateway reaches its embedded broker over mqtt:// on this machine.
-        return Err(err(
-            &br.key("ca_file"),
-            "ca_file / client_cert / client_key are for an external mqtts:// broker (url)".into(),
-        ));
-    } else if config.broker.password_file.is_some() && config.broker.username.is_none() {
-        return Err(err(
-            &br.key("password_file"),
-            OptionsError::PasswordWithoutUser.to_string(),
-        ));
-    }
-    if let Some(g) = &config.broker.share_group {
-        if !tend_wire::topic::valid_agent_id(g) {
-            return Err(err(
-                &br.key("share_group"),
-                "must be 1-64 letters, digits, '-', '_' or '.'".into(),
-            ));
-        }
-    }
-    #[cfg(not(feature = "embedded-broker"))]
-    if config.broker.url.is_none() {
-        return Err(err(
-            &br.key("url"),
-            "this build has no embedded broker (feature embedded-broker); name an external one"
-                .into(),
-        ));
-    }
-
-    let mut files: Vec<(KeyPath, &PathBuf)> = vec![
-        (root.key("api").key("token_file"), &config.api.token_file),
-        (root.key("fleet"), &config.fleet),
-    ];
-    for (key, p) in [
-        ("ca_file", &config.broker.ca_file),
-        ("client_cert", &config.broker.client_cert),
-        ("client_key", &config.broker.client_key),
-    ] {
-        if let Some(p) = p {
-            files.push((br.key(key), p));
-        }
-    }
-    let api = root.key("api");
-    if config.api.tls_cert.is_some() != config.api.tls_key.is_some() {
-        return Err(err(
-            &api.key(if config.api.tls_cert.is_some() {
-                "tls_cert"
-            } else {
-                "tls_key"
-            }),
-            "tls_cert and tls_key go together".into(),
-        ));
-    }
-    if let (Some(c), Some(k)) = (&config.api.tls_cert, &config.api.tls_key) {
-        files.push((api.key("tls_cert"), c));
-        files.push((api.key("tls_key"), k));
-    }
+    check_broker(&config.broker, &at)?;
+    check_api(&config.api, &at)?;
     if let Some(b) = &config.backend {
-        let bk = root.key("backend");
-        if !(b.url.starts_with("http://") || b.url.starts_with("https://")) {
-            return Err(err(
-                &bk.key("url"),
-                format!("{:?} is not an http:// or https:// URL", b.url),
-            ));
-        }
-        files.push((bk.key("token_file"), &b.token_file));
-        if let Some(p) = &b.ca_file {
-            files.push((bk.key("ca_file"), p));
-        }
+        check_backend(b, &at)?;
     }
-    for (key, p) in files {
-        if !p.is_file() {
-            return Err(err(&key, format!("{} is not a readable file", p.display())));
-        }
-    }
-    for (key, p) in [
-        (
-            root.key("api").key("token_file"),
-            Some(&config.api.token_file),
-        ),
-        (
-            root.key("backend").key("token_file"),
-            config.backend.as_ref().map(|b| &b.token_file),
-        ),
-    ] {
-        if let Some(p) = p {
-            read_secret(p).map_err(|m| err(&key, m))?;
-        }
-    }
-    if let Some(p) = &config.broker.password_file {
-        tend_mqtt::read_secret("password file", p)
-            .map_err(|e| err(&br.key("password_file"), e.to_string()))?;
-    }
+    check_files_exist(&config, &at)?;
+    check_secrets(&config, &at)?;
 
     let fleet = Fleet::load(&config.fleet)?;
     let mut profiles = ProfileSet::builtin()?;
@@ -356,6 +219,199 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
         profiles,
         tz,
     })
+}
+
+/// What a gateway id and a share group may be (both are MQTT topic levels).
+const ID_RULE: &str = "must be 1-64 letters, digits, '-', '_' or '.'";
+
+/// The config text being checked: turns a key path into a located error.
+struct Locator<'a> {
+    file: &'a str,
+    src: &'a str,
+}
+
+impl Locator<'_> {
+    fn error(&self, path: &KeyPath, message: impl Into<String>) -> ProfileError {
+        ProfileError {
+            file: self.file.to_string(),
+            line: line_of_path(self.src, path),
+            key: path.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Relative paths are taken from the config file's folder `base`.
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.data_dir);
+        resolve(&mut self.fleet);
+        resolve(&mut self.api.token_file);
+        for p in [
+            &mut self.api.tls_cert,
+            &mut self.api.tls_key,
+            &mut self.profiles_dir,
+            &mut self.broker.ca_file,
+            &mut self.broker.client_cert,
+            &mut self.broker.client_key,
+            &mut self.broker.password_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(p);
+        }
+        if let Some(b) = &mut self.backend {
+            resolve(&mut b.token_file);
+            if let Some(p) = &mut b.ca_file {
+                resolve(p);
+            }
+        }
+    }
+}
+
+/// `[broker]`: an external broker's URL, credentials and TLS files, or the embedded
+/// broker's settings, never a mix of both.
+fn check_broker(broker: &BrokerSection, at: &Locator) -> Result<(), ProfileError> {
+    let br = KeyPath::root().key("broker");
+    if let Some(url) = &broker.url {
+        let url = BrokerUrl::parse(url).map_err(|e| at.error(&br.key("url"), e.to_string()))?;
+        broker
+            .auth()
+            .check(&url)
+            .map_err(|e| at.error(&br.key(e.config_key()), e.to_string()))?;
+        if broker.embedded == Some(true) {
+            return Err(at.error(
+                &br.key("embedded"),
+                "embedded = true and url are exclusive: run the broker here or use the one at url",
+            ));
+        }
+        if broker.listen.is_some() {
+            return Err(at.error(
+                &br.key("listen"),
+                "listen is for the embedded broker; this config names an external one (url)",
+            ));
+        }
+    } else if broker.embedded == Some(false) {
+        return Err(at.error(
+            &br.key("url"),
+            "embedded = false needs the external broker's url",
+        ));
+    } else if !broker.auth().tls.is_empty() {
+        // The gateway reaches its embedded broker over mqtt:// on this machine.
+        return Err(at.error(
+            &br.key("ca_file"),
+            "ca_file / client_cert / client_key are for an external mqtts:// broker (url)",
+        ));
+    } else if broker.password_file.is_some() && broker.username.is_none() {
+        return Err(at.error(
+            &br.key("password_file"),
+            OptionsError::PasswordWithoutUser.to_string(),
+        ));
+    }
+    if let Some(g) = &broker.share_group {
+        if !tend_wire::topic::valid_agent_id(g) {
+            return Err(at.error(&br.key("share_group"), ID_RULE));
+        }
+    }
+    #[cfg(not(feature = "embedded-broker"))]
+    if broker.url.is_none() {
+        return Err(at.error(
+            &br.key("url"),
+            "this build has no embedded broker (feature embedded-broker); name an external one",
+        ));
+    }
+    Ok(())
+}
+
+/// `[api]`: HTTPS needs both the certificate and the key.
+fn check_api(api: &ApiSection, at: &Locator) -> Result<(), ProfileError> {
+    if api.tls_cert.is_some() != api.tls_key.is_some() {
+        let given = if api.tls_cert.is_some() {
+            "tls_cert"
+        } else {
+            "tls_key"
+        };
+        return Err(at.error(
+            &KeyPath::root().key("api").key(given),
+            "tls_cert and tls_key go together",
+        ));
+    }
+    Ok(())
+}
+
+/// `[backend]`: the ticket system is reached over HTTP(S).
+fn check_backend(backend: &BackendSection, at: &Locator) -> Result<(), ProfileError> {
+    if !(backend.url.starts_with("http://") || backend.url.starts_with("https://")) {
+        return Err(at.error(
+            &KeyPath::root().key("backend").key("url"),
+            format!("{:?} is not an http:// or https:// URL", backend.url),
+        ));
+    }
+    Ok(())
+}
+
+/// Every file the config names must be there, so a typo shows at load, not at first use.
+fn check_files_exist(config: &GatewayConfig, at: &Locator) -> Result<(), ProfileError> {
+    let root = KeyPath::root();
+    let (br, api, bk) = (root.key("broker"), root.key("api"), root.key("backend"));
+    let mut files: Vec<(KeyPath, &PathBuf)> = vec![
+        (api.key("token_file"), &config.api.token_file),
+        (root.key("fleet"), &config.fleet),
+    ];
+    let broker = &config.broker;
+    let optional = [
+        (br.key("ca_file"), broker.ca_file.as_ref()),
+        (br.key("client_cert"), broker.client_cert.as_ref()),
+        (br.key("client_key"), broker.client_key.as_ref()),
+        (api.key("tls_cert"), config.api.tls_cert.as_ref()),
+        (api.key("tls_key"), config.api.tls_key.as_ref()),
+        (
+            bk.key("token_file"),
+            config.backend.as_ref().map(|b| &b.token_file),
+        ),
+        (
+            bk.key("ca_file"),
+            config.backend.as_ref().and_then(|b| b.ca_file.as_ref()),
+        ),
+    ];
+    files.extend(optional.into_iter().filter_map(|(k, p)| Some((k, p?))));
+    for (key, p) in files {
+        if !p.is_file() {
+            return Err(at.error(&key, format!("{} is not a readable file", p.display())));
+        }
+    }
+    Ok(())
+}
+
+/// The tokens and the broker password are read once here, so an empty or unreadable
+/// secret stops the load instead of the first call that needs it.
+fn check_secrets(config: &GatewayConfig, at: &Locator) -> Result<(), ProfileError> {
+    let root = KeyPath::root();
+    for (key, p) in [
+        (
+            root.key("api").key("token_file"),
+            Some(&config.api.token_file),
+        ),
+        (
+            root.key("backend").key("token_file"),
+            config.backend.as_ref().map(|b| &b.token_file),
+        ),
+    ] {
+        if let Some(p) = p {
+            read_secret(p).map_err(|e| at.error(&key, e.to_string()))?;
+        }
+    }
+    if let Some(p) = &config.broker.password_file {
+        tend_mqtt::read_secret("password file", p)
+            .map_err(|e| at.error(&root.key("broker").key("password_file"), e.to_string()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -478,6 +534,59 @@ token_file = "api.token"
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn each_section_check_names_its_own_key() {
+        let d = dir();
+        let cases = [
+            (
+                "token_file = \"api.token\"",
+                "token_file = \"api.token\"\ntls_cert = \"api.token\"",
+                17,
+                "api.tls_cert",
+                "go together",
+            ),
+            (
+                "token_file = \"api.token\"",
+                "token_file = \"api.token\"\ntls_key = \"api.token\"",
+                17,
+                "api.tls_key",
+                "go together",
+            ),
+            (
+                "token_file = \"backend.token\"",
+                "token_file = \"backend.token\"\nca_file = \"missing.pem\"",
+                13,
+                "backend.ca_file",
+                "is not a readable file",
+            ),
+            (
+                "listen = \"127.0.0.1:1883\"",
+                "listen = \"127.0.0.1:1883\"\nshare_group = \"a/b\"",
+                9,
+                "broker.share_group",
+                "letters, digits",
+            ),
+            (
+                "embedded = true",
+                "embedded = false",
+                6,
+                "broker.url",
+                "needs the external broker's url",
+            ),
+        ];
+        for (from, to, line, key, says) in cases {
+            let src = GOOD.replace(from, to);
+            let e = parse("gw.toml", &src, d.path()).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (line, key), "{to}: {e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+        // The backend token is read at load, as the hotline's is.
+        std::fs::write(d.path().join("backend.token"), "\n").unwrap();
+        let e = parse("gw.toml", GOOD, d.path()).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (12, "backend.token_file"), "{e}");
+        assert!(e.message.contains("is empty"), "{e}");
     }
 
     #[test]

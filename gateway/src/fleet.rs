@@ -167,7 +167,7 @@ impl Fleet {
 
         for (i, c) in doc.customers.into_iter().enumerate() {
             let p = root.key("customer").index(i);
-            check_id(&c.id).map_err(|m| err(&p.key("id"), m))?;
+            check_id(&c.id).map_err(|m| err(&p.key("id"), m.to_string()))?;
             if fleet.customers.contains_key(&c.id) {
                 return Err(err(
                     &p.key("id"),
@@ -179,7 +179,7 @@ impl Fleet {
 
         for (i, s) in doc.sites.into_iter().enumerate() {
             let p = root.key("site").index(i);
-            check_id(&s.id).map_err(|m| err(&p.key("id"), m))?;
+            check_id(&s.id).map_err(|m| err(&p.key("id"), m.to_string()))?;
             if fleet.sites.contains_key(&s.id) {
                 return Err(err(
                     &p.key("id"),
@@ -198,7 +198,7 @@ impl Fleet {
         let mut serials = BTreeSet::new();
         for (i, d) in doc.devices.into_iter().enumerate() {
             let p = root.key("device").index(i);
-            check_id(&d.id).map_err(|m| err(&p.key("id"), m))?;
+            check_id(&d.id).map_err(|m| err(&p.key("id"), m.to_string()))?;
             if fleet.devices.contains_key(&d.id) {
                 return Err(err(
                     &p.key("id"),
@@ -270,11 +270,20 @@ impl Fleet {
     }
 }
 
-fn check_id(id: &str) -> Result<(), String> {
+/// What is wrong with a customer, site or device id (the caller names the key).
+#[derive(Debug, thiserror::Error)]
+enum BadId {
+    #[error("must not be empty")]
+    Empty,
+    #[error("{0:?} has leading or trailing spaces")]
+    Padded(String),
+}
+
+fn check_id(id: &str) -> Result<(), BadId> {
     if id.trim().is_empty() {
-        Err("must not be empty".into())
+        Err(BadId::Empty)
     } else if id.trim() != id {
-        Err(format!("{id:?} has leading or trailing spaces"))
+        Err(BadId::Padded(id.to_string()))
     } else {
         Ok(())
     }

@@ -2,14 +2,18 @@
 //! forwarder and the hotline API, started together and stopped together.
 
 use crate::app::Gateway;
-use crate::config::{read_secret, BrokerPlan, Loaded};
+use crate::backend::BackendError;
+use crate::config::{read_secret, BrokerPlan, Loaded, SecretFileError};
 use crate::diag::DiagClient;
 use crate::ingest::IngestContext;
 use crate::link::{self, LinkConfig};
 use crate::metrics::Metrics;
-use crate::store::RedbStore;
+use crate::store::{RedbStore, StoreError};
+use crate::tls::ServerTlsError;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use tend_mqtt::UrlError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -37,12 +41,49 @@ impl Running {
     }
 }
 
+/// Why the gateway could not start (the process is expected to exit: tasks already
+/// started are not stopped).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("opening the store: {0}")]
+    StoreTask(#[source] tokio::task::JoinError),
+    #[cfg(feature = "embedded-broker")]
+    #[error(transparent)]
+    Broker(#[from] tend_mqtt::broker::BrokerError),
+    #[error("this build has no embedded broker (feature embedded-broker)")]
+    NoEmbeddedBroker,
+    #[error(transparent)]
+    BrokerUrl(#[from] UrlError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    ApiToken(#[from] SecretFileError),
+    #[error("audit log {}: {source}", path.display())]
+    Audit {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("hotline API on {listen}: {source}")]
+    Listen {
+        listen: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    ApiTls(#[from] ServerTlsError),
+}
+
 /// Starts everything the config describes.
-pub async fn start(loaded: Loaded) -> anyhow::Result<Running> {
+pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let cfg = &loaded.config;
     let store = {
         let dir = cfg.data_dir.clone();
-        tokio::task::spawn_blocking(move || RedbStore::open(&dir)).await??
+        tokio::task::spawn_blocking(move || RedbStore::open(&dir))
+            .await
+            .map_err(StartError::StoreTask)??
     };
     let cx = IngestContext {
         // Gateways sharing the agents' traffic sign tickets with their group's name, so a
@@ -102,16 +143,20 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Running> {
     }
 
     // The hotline API. Bound here, so a config with port 0 still reports the real one.
-    let token = read_secret(&cfg.api.token_file).map_err(anyhow::Error::msg)?;
+    let token = read_secret(&cfg.api.token_file)?;
     let audit_path = cfg.data_dir.join("audit.log");
-    let audit = crate::audit::Audit::open(&audit_path)
-        .map_err(|e| anyhow::anyhow!("audit log {}: {e}", audit_path.display()))?;
-    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+    let audit = crate::audit::Audit::open(&audit_path).map_err(|source| StartError::Audit {
+        path: audit_path.clone(),
+        source,
+    })?;
+    let listen = cfg.api.listen;
+    let listen_error = |source| StartError::Listen { listen, source };
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("hotline API on {}: {e}", cfg.api.listen))?;
-    let api_addr = listener.local_addr()?;
+        .map_err(listen_error)?;
+    let api_addr = listener.local_addr().map_err(listen_error)?;
     let tls = match (&cfg.api.tls_cert, &cfg.api.tls_key) {
-        (Some(c), Some(k)) => Some(crate::tls::server_config(c, k).map_err(anyhow::Error::msg)?),
+        (Some(c), Some(k)) => Some(crate::tls::server_config(c, k)?),
         _ => None,
     };
     let api_url = format!(
@@ -143,12 +188,12 @@ pub async fn start(loaded: Loaded) -> anyhow::Result<Running> {
 }
 
 #[cfg(feature = "embedded-broker")]
-fn embedded(listen: SocketAddr) -> anyhow::Result<String> {
+fn embedded(listen: SocketAddr) -> Result<String, StartError> {
     let addr = crate::broker::start(listen)?;
     Ok(format!("mqtt://{addr}"))
 }
 
 #[cfg(not(feature = "embedded-broker"))]
-fn embedded(_listen: SocketAddr) -> anyhow::Result<String> {
-    anyhow::bail!("this build has no embedded broker (feature embedded-broker)")
+fn embedded(_listen: SocketAddr) -> Result<String, StartError> {
+    Err(StartError::NoEmbeddedBroker)
 }

@@ -10,31 +10,68 @@ use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// Reads a PEM certificate chain and its private key. A key's own parse error is not
-/// shown: it could quote key material.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
-    let pem = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+/// Why the hotline API's certificate and key cannot be served. A key's own parse error
+/// is not kept: it could quote key material.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerTlsError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    NotPem {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{}: no certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: no usable private key", path.display())]
+    NoKey { path: PathBuf },
+    #[error("TLS protocol versions: {0}")]
+    Protocols(#[source] rustls::Error),
+    #[error("certificate and key: {0}")]
+    CertificateAndKey(#[source] rustls::Error),
+}
+
+/// Reads a PEM certificate chain and its private key.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, ServerTlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| ServerTlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let pem = read(cert)?;
     let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+        .map_err(|source| ServerTlsError::NotPem {
+            path: cert.to_path_buf(),
+            source,
+        })?;
     if chain.is_empty() {
-        return Err(format!("{}: no certificate", cert.display()));
+        return Err(ServerTlsError::NoCertificate {
+            path: cert.to_path_buf(),
+        });
     }
-    let key_pem = std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|_| format!("{}: no usable private key", key.display()))?;
+    let key_pem = read(key)?;
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| ServerTlsError::NoKey {
+        path: key.to_path_buf(),
+    })?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
+    .map_err(ServerTlsError::Protocols)?
     .with_no_client_auth()
     .with_single_cert(chain, key_der)
-    .map_err(|e| format!("certificate and key: {e}"))?;
+    .map_err(ServerTlsError::CertificateAndKey)?;
     Ok(Arc::new(config))
 }
 
@@ -83,5 +120,34 @@ pub async fn serve_tls(
                 _ = sd.cancelled() => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_file_and_never_quote_a_key() {
+        let d = tempfile::tempdir().unwrap();
+        let (cert, key) = (d.path().join("server.pem"), d.path().join("server.key"));
+        let e = server_config(&cert, &key).unwrap_err();
+        assert!(matches!(e, ServerTlsError::Read { .. }), "{e}");
+        assert!(e.to_string().contains("server.pem"), "{e}");
+        std::fs::write(&cert, "not a certificate\n").unwrap();
+        let e = server_config(&cert, &key).unwrap_err();
+        assert!(matches!(e, ServerTlsError::NoCertificate { .. }), "{e}");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = server_config(&cert, &key).unwrap_err().to_string();
+        assert!(!e.contains("c2VjcmV0"), "{e}");
     }
 }

@@ -357,7 +357,7 @@ pub async fn mqtt_link(d: DeviceConfig, link: MqttLink, mut cx: LinkContext) {
     let (client, mut eventloop) = AsyncClient::new(opts, 32);
     // The event loop runs in its own task: cancelling its poll mid-handshake would drop
     // the connection.
-    let (ev_tx, mut events) = mpsc::channel::<Result<Event, String>>(64);
+    let (ev_tx, mut events) = mpsc::channel::<Result<Event, ConnectionError>>(64);
     let poller = tokio::spawn(async move {
         let mut failures = 0u32;
         loop {
@@ -370,7 +370,7 @@ pub async fn mqtt_link(d: DeviceConfig, link: MqttLink, mut cx: LinkContext) {
                 }
                 Err(e) => {
                     failures += 1;
-                    if ev_tx.send(Err(e.to_string())).await.is_err() {
+                    if ev_tx.send(Err(e)).await.is_err() {
                         return;
                     }
                     tokio::time::sleep(MQTT_RECONNECT.delay(failures - 1, 0)).await;
@@ -422,7 +422,8 @@ struct MqttDevice {
     silent_deadline: TokioInstant,
     pending: BTreeMap<String, PendingCommand>,
     next_id: u64,
-    last_error: Option<String>,
+    /// Why the broker connection last failed, told when the device falls silent.
+    last_error: Option<ConnectionError>,
 }
 
 impl MqttDevice {
@@ -437,7 +438,7 @@ impl MqttDevice {
     }
 
     /// Handles one event of the broker connection; false once the recorder is gone.
-    async fn on_event(&mut self, ev: Result<Event, String>, cx: &LinkContext) -> bool {
+    async fn on_event(&mut self, ev: Result<Event, ConnectionError>, cx: &LinkContext) -> bool {
         let topics = &self.topics;
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {

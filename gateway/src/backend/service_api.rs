@@ -8,7 +8,7 @@
 //! answer means, per the API's table. The token is never logged, nor are bodies.
 
 use super::{clip, parse_retry_after, Reply, TicketBackend};
-use crate::config::{read_secret, BackendSection};
+use crate::config::{read_secret, BackendSection, SecretFileError};
 use futures::future::BoxFuture;
 use jiff::Timestamp;
 use std::path::{Path, PathBuf};
@@ -48,7 +48,7 @@ impl std::fmt::Debug for ServiceApiConfig {
 pub enum SetupError {
     /// The token file (the message names the file, never the token).
     #[error("backend token: {0}")]
-    Token(String),
+    Token(#[source] SecretFileError),
     #[error("backend url {url:?}: {reason}")]
     Url { url: String, reason: String },
     #[error("cannot read {}: {source}", path.display())]
@@ -81,8 +81,7 @@ impl ServiceApiConfig {
     /// From the config file's `[backend]` section: reads the token file and checks the URL
     /// and the CA file, so mistakes show at start.
     pub fn from_section(s: &BackendSection) -> Result<Self, SetupError> {
-        // Whatever error type the secret reader has, only its text crosses here.
-        let token = read_secret(&s.token_file).map_err(|e| SetupError::Token(e.to_string()))?;
+        let token = read_secret(&s.token_file).map_err(SetupError::Token)?;
         let url = reqwest::Url::parse(&s.url).map_err(|e| SetupError::Url {
             url: s.url.clone(),
             reason: e.to_string(),
