@@ -10,7 +10,6 @@
 pub mod api;
 pub mod app;
 pub mod audit;
-pub mod backend_standin;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod cli;

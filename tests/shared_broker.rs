@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tend_devsim::av500::{device_state, Av500Config, Av500Sim};
-use tend_gateway::backend_standin;
+use tend_testkit::backend_standin;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_share_the_traffic_and_open_each_ticket_once() {
@@ -33,6 +33,7 @@ async fn two_gateways_share_the_traffic_and_open_each_ticket_once() {
     for id in ["gw-a", "gw-b"] {
         gws.push(
             GatewayProc::spawn(
+                gateway_bin(),
                 &dir.path().join(id),
                 &GatewaySpec {
                     id,
@@ -79,7 +80,7 @@ poll_interval = "100ms"
         ),
     )
     .unwrap();
-    let mut agent = spawn_agent(&cfg, &agent_dir.join("agent.log"));
+    let mut agent = spawn_agent(agent_bin(), &cfg, &agent_dir.join("agent.log"));
 
     // Five faults of the ventilator, one after another, each raised and cleared.
     let bits = [3u16, 4, 5, 6, 7];
