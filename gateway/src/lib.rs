@@ -11,10 +11,10 @@ pub mod api;
 pub mod app;
 pub mod audit;
 pub mod backend;
-pub mod backend_standin;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod cli;
+pub mod command_line;
 pub mod config;
 pub mod diag;
 pub mod fleet;
