@@ -219,9 +219,17 @@ pub(crate) fn check(cx: &Ctx, d: &ProfileDoc, major: u32) -> Result<(), ProfileE
 /// The field names to remove from a diagnostic answer of a device of `model`: the
 /// diagnostic's `drop_fields`, the profile's `device.phi` names and the manual's PHI
 /// fields for every firmware of the model.
+/// A pointer entry strips its last key wherever it appears (more than it needs, never
+/// less); register entries do not apply to a JSON answer.
 pub fn answer_phi(model: &str, device_phi: &[String], drop_fields: &[String]) -> Vec<String> {
     let mut out: Vec<String> = drop_fields.to_vec();
-    out.extend(device_phi.iter().cloned());
+    for entry in device_phi.iter().filter_map(|s| PhiEntry::parse(s)) {
+        match entry {
+            PhiEntry::Name(n) => out.push(n.to_string()),
+            PhiEntry::Pointer(p) => out.extend(segments(p).last()),
+            PhiEntry::Registers { .. } => {}
+        }
+    }
     out.extend(manual::phi_fields(model).into_iter().map(String::from));
     out.sort();
     out.dedup();
@@ -275,6 +283,19 @@ mod tests {
         assert!(PhiEntry::parse("holding:9-3").is_none());
         assert!(PhiEntry::parse("input:x").is_none());
         assert!(PhiEntry::Name("a/b").covers(&FieldRead::Pointer("/a~1b")));
+    }
+
+    #[test]
+    fn answer_phi_joins_the_three_lists() {
+        let own = [
+            "/ward/bed".to_string(),
+            "input:3".to_string(),
+            "nurse".into(),
+        ];
+        let got = answer_phi("acme/x", &own, &["token".to_string()]);
+        assert_eq!(got, ["bed", "nurse", "token"]);
+        let got = answer_phi("lumen/lip-300", &[], &[]);
+        assert_eq!(got, ["PID"]);
     }
 
     #[test]
