@@ -287,7 +287,8 @@ fn check_identify(cx: &Ctx, d: &ProfileDoc) -> Result<(), ProfileError> {
 }
 
 /// `[[point]]` and `device.evidence`: unique names, each point readable on its transport
-/// (PHI is checked in [`crate::phi`], over every field). Returns the point names, which rules and conditions refer to.
+/// (PHI is checked in [`crate::phi`], over every field read). Returns the point names,
+/// which rules and conditions refer to.
 fn check_points<'d>(cx: &Ctx, d: &'d ProfileDoc) -> Result<BTreeSet<&'d str>, ProfileError> {
     let root = KeyPath::root();
     let mut names = BTreeSet::new();
