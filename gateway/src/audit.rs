@@ -269,7 +269,10 @@ mod tests {
         let last = lines(&path);
         assert_eq!(last.last(), Some(&entry(99)));
         let before = lines(&a.rotated_path(1));
-        assert_eq!(before.last().unwrap().request, Some(format!("readings-{}", 99 - last.len())));
+        assert_eq!(
+            before.last().unwrap().request,
+            Some(format!("readings-{}", 99 - last.len()))
+        );
         // Reopening knows the size already there.
         drop(a);
         let b = Audit::open_capped(&path, one * 10).unwrap();

@@ -649,7 +649,12 @@ token_file = "api.token"
         assert_eq!(api.idle_timeout, Dur(Duration::from_secs(60)));
         assert_eq!(api.tls_handshake_timeout, Dur(Duration::from_secs(10)));
         assert_eq!(api.audit_max_size, ByteSize(64 << 20));
-        let set = |extra: &str| GOOD.replace("token_file = \"api.token\"", &format!("token_file = \"api.token\"\n{extra}"));
+        let set = |extra: &str| {
+            GOOD.replace(
+                "token_file = \"api.token\"",
+                &format!("token_file = \"api.token\"\n{extra}"),
+            )
+        };
         let l = parse(
             "gw.toml",
             &set("max_connections = 500\nidle_timeout = \"5s\"\naudit_max_size = \"1MiB\""),
@@ -661,10 +666,22 @@ token_file = "api.token"
         assert_eq!(l.config.api.audit_max_size, ByteSize(1 << 20));
         for (extra, key, says) in [
             ("max_connections = 0", "api.max_connections", "at least 1"),
-            ("header_read_timeout = \"0s\"", "api.header_read_timeout", "more than 0s"),
+            (
+                "header_read_timeout = \"0s\"",
+                "api.header_read_timeout",
+                "more than 0s",
+            ),
             ("idle_timeout = \"0ms\"", "api.idle_timeout", "more than 0s"),
-            ("tls_handshake_timeout = \"0s\"", "api.tls_handshake_timeout", "more than 0s"),
-            ("audit_max_size = \"1KiB\"", "api.audit_max_size", "at least 4KiB"),
+            (
+                "tls_handshake_timeout = \"0s\"",
+                "api.tls_handshake_timeout",
+                "more than 0s",
+            ),
+            (
+                "audit_max_size = \"1KiB\"",
+                "api.audit_max_size",
+                "at least 4KiB",
+            ),
             ("audit_max_size = \"lots\"", "api.audit_max_size", "size"),
         ] {
             let e = parse("gw.toml", &set(extra), d.path()).unwrap_err();

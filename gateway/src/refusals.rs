@@ -241,8 +241,14 @@ mod tests {
             b.wrong(a, t0);
         }
         assert_eq!(b.by_addr.len(), MAX_ADDRESSES + 1);
-        assert!(b.wait(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), t0).is_some());
-        assert_eq!(b.wait(ip(1), t0), None, "known addresses keep their own count");
+        assert!(b
+            .wait(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), t0)
+            .is_some());
+        assert_eq!(
+            b.wait(ip(1), t0),
+            None,
+            "known addresses keep their own count"
+        );
     }
 
     #[test]
@@ -267,7 +273,11 @@ mod tests {
         // ip(2) had nothing pending and is forgotten; ip(1) had a line just now.
         assert_eq!(t.by_addr.len(), 1);
         assert_eq!(t.refused(ip(1), 401, minute), Refused::Counted);
-        assert_eq!(t.due(minute, true).len(), 1, "shutdown writes what is pending");
+        assert_eq!(
+            t.due(minute, true).len(),
+            1,
+            "shutdown writes what is pending"
+        );
         assert_eq!(
             t.refused(ip(1), 401, minute + AUDIT_EVERY),
             Refused::WriteNow { count: 1 }

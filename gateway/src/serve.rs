@@ -127,9 +127,12 @@ impl Connection {
     async fn run(self, tcp: tokio::net::TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
         let activity = Arc::new(Activity::new());
         let Some(acceptor) = tls else {
-            return self.drive(Watched::new(tcp, activity.clone()), activity).await;
+            return self
+                .drive(Watched::new(tcp, activity.clone()), activity)
+                .await;
         };
-        let handshake = tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor.accept(tcp));
+        let handshake =
+            tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor.accept(tcp));
         let stream = tokio::select! {
             _ = self.shutdown.cancelled() => return,
             r = handshake => match r {
@@ -144,7 +147,8 @@ impl Connection {
                 }
             },
         };
-        self.drive(Watched::new(stream, activity.clone()), activity).await
+        self.drive(Watched::new(stream, activity.clone()), activity)
+            .await
     }
 
     async fn drive<S>(self, io: Watched<S>, activity: Arc<Activity>)
@@ -161,8 +165,8 @@ impl Connection {
             .timer(TokioTimer::new())
             .header_read_timeout(self.limits.header_read_timeout);
         builder.http2().timer(TokioTimer::new());
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app));
+        let conn =
+            builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app));
         tokio::pin!(conn);
         let peer = self.peer;
         tokio::select! {
