@@ -351,3 +351,49 @@ async fn rotation_keeps_the_audit_log_under_its_cap() {
     assert_eq!(last.last().unwrap()["device"], "dev-99");
     gw.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_but_slow_answers_are_not_cut() {
+    use axum::routing::get;
+    use tend_gateway::serve::{serve, Limits};
+    // A handler that takes longer than the idle timeout, as a diagnostic waiting for its
+    // agent does.
+    let router = axum::Router::new().route(
+        "/slow",
+        get(|| async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            "done"
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let server = tokio::spawn(serve(listener, router, None, limits, shutdown.clone()));
+
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    // The answer comes whole, then the connection, idle, is closed by the server.
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the idle connection was not closed");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("done"), "{text}");
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
