@@ -142,8 +142,8 @@ pub struct ApiSection {
     /// A client must send a request's headers within this.
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: Dur,
-    /// A connection with no request in flight and nothing sent or received for this
-    /// long is closed.
+    /// A connection with no request in flight and none begun or ended for this long is
+    /// closed (bytes trickling in or out do not keep it open).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Dur,
     /// A TLS handshake must finish within this.

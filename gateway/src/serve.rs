@@ -3,6 +3,11 @@
 //! the kernel's backlog; descriptors stay for the broker), a header-read timeout against
 //! slow senders, an idle timeout, a TLS-handshake timeout, and accept errors (such as
 //! running out of descriptors) that back off and are logged at most once a minute.
+//!
+//! Idle means no request in flight and none begun or ended for `idle_timeout`, whatever
+//! bytes trickle: so a keep-alive connection nobody uses, an HTTP/2 client dribbling a
+//! header frame (the header-read timeout is HTTP/1's) and a client reading an answer a
+//! byte at a time are all let go, while a diagnostic waiting for its agent is never cut.
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::{self, Next};
@@ -13,12 +18,10 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +35,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// A request's headers must arrive within this (HTTP/1).
     pub header_read_timeout: Duration,
-    /// A connection with no request in flight and no bytes moving for this long is closed.
+    /// A connection with no request in flight and none begun or ended for this long is
+    /// closed.
     pub idle_timeout: Duration,
     /// A TLS handshake must finish within this.
     pub tls_handshake_timeout: Duration,
@@ -125,11 +129,8 @@ struct Connection {
 
 impl Connection {
     async fn run(self, tcp: tokio::net::TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
-        let activity = Arc::new(Activity::new());
         let Some(acceptor) = tls else {
-            return self
-                .drive(Watched::new(tcp, activity.clone()), activity)
-                .await;
+            return self.drive(tcp).await;
         };
         let handshake =
             tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor.accept(tcp));
@@ -147,14 +148,14 @@ impl Connection {
                 }
             },
         };
-        self.drive(Watched::new(stream, activity.clone()), activity)
-            .await
+        self.drive(stream).await
     }
 
-    async fn drive<S>(self, io: Watched<S>, activity: Arc<Activity>)
+    async fn drive<S>(self, io: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let activity = Arc::new(Activity::new());
         let app = self
             .router
             .layer(Extension(ConnectInfo::<SocketAddr>(self.peer)))
@@ -193,7 +194,8 @@ async fn busy(State(activity): State<Arc<Activity>>, req: Request, next: Next) -
     next.run(req).await
 }
 
-/// When a connection last moved bytes and how many of its requests are being handled.
+/// When a connection's last request began or ended (or it was accepted), and how many of
+/// its requests are being handled.
 #[derive(Debug)]
 struct Activity {
     born: Instant,
@@ -241,6 +243,7 @@ struct Busy(Arc<Activity>);
 
 impl Busy {
     fn new(activity: Arc<Activity>) -> Self {
+        activity.touch();
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
         Busy(activity)
     }
@@ -250,71 +253,6 @@ impl Drop for Busy {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A stream that notes in its [`Activity`] every time bytes move.
-struct Watched<S> {
-    inner: S,
-    activity: Arc<Activity>,
-}
-
-impl<S> Watched<S> {
-    fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Watched { inner, activity }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -397,3 +397,43 @@ async fn idle_connections_are_closed_but_slow_answers_are_not_cut() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_dribbling_a_frame_is_let_go() {
+    use tend_gateway::serve::{serve, Limits};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let router = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
+    let server = tokio::spawn(serve(listener, router, None, limits, shutdown.clone()));
+    // HTTP/2 with prior knowledge: the preface, then a frame header a byte at a time (the
+    // HTTP/1 header-read timeout does not apply; the idle timeout does).
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let frame = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    let mut i = 0;
+    let cut = loop {
+        if s.write_all(&frame[i % frame.len()..][..1]).await.is_err() {
+            break true;
+        }
+        i += 1;
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            _ => {}
+        }
+        if started.elapsed() > Duration::from_secs(50) {
+            break false;
+        }
+    };
+    assert!(cut, "a dribbling HTTP/2 client kept its connection");
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
