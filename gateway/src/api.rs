@@ -277,10 +277,16 @@ fn refusal(request: String, remote: Option<SocketAddr>, message: &str, status: u
 }
 
 /// A refused action is still a hotline action: on record, through the audit log's
-/// per-address tally (one line a minute at most, not one fsync per request).
+/// per-address tally (one line a minute at most, not one fsync per request). Only
+/// counted here when nothing is due, so a flood costs no disk and no thread.
 async fn on_record(st: &ApiState, ip: IpAddr, entry: AuditEntry, now: Instant) {
+    let write = st.audit.count_refusal(ip, entry.status, now);
+    if write.is_nothing() {
+        return;
+    }
     let audit = st.audit.clone();
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || audit.refused(ip, entry, now)).await {
+    let written = tokio::task::spawn_blocking(move || audit.write_refusal(entry, write, now));
+    if let Ok(Err(e)) = written.await {
         tracing::error!(error = %e, "audit log could not be written");
     }
 }

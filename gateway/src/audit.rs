@@ -49,6 +49,23 @@ pub struct AuditEntry {
     pub count: Option<u64>,
 }
 
+/// What a refused request needs written (from [`Audit::count_refusal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct RefusalWrite {
+    /// Write the request's own line, standing for this many refusals.
+    now_count: Option<u64>,
+    /// Write the lines other addresses are owed.
+    sweep: bool,
+}
+
+impl RefusalWrite {
+    /// Nothing to write: the refusal was only counted.
+    pub fn is_nothing(&self) -> bool {
+        self.now_count.is_none() && !self.sweep
+    }
+}
+
 #[derive(Debug)]
 struct LogFile {
     file: File,
@@ -135,19 +152,47 @@ impl Audit {
         Ok(())
     }
 
-    /// Records a refused unauthenticated request from `ip`: the first from an address in
-    /// a minute is written now (as `entry`), the rest are counted into a later line. Any
-    /// other address's tally that is due is written too.
-    pub fn refused(&self, ip: IpAddr, entry: AuditEntry, now: Instant) -> io::Result<()> {
-        let verdict = self.lock_tally().refused(ip, entry.status, now);
-        if let Refused::WriteNow { count } = verdict {
+    /// Counts a refused unauthenticated request from `ip` (no I/O) and says what must be
+    /// written for it: the first from an address in a minute is written as it is, the
+    /// rest are counted into a later line; now and then the lines other addresses are
+    /// owed are due too. Hand the answer to [`Audit::write_refusal`] unless it is
+    /// [`RefusalWrite::is_nothing`].
+    pub fn count_refusal(&self, ip: IpAddr, status: u16, now: Instant) -> RefusalWrite {
+        let mut tally = self.lock_tally();
+        let now_count = match tally.refused(ip, status, now) {
+            Refused::WriteNow { count } => Some(count),
+            Refused::Counted => None,
+        };
+        RefusalWrite {
+            now_count,
+            sweep: tally.sweep_due(now),
+        }
+    }
+
+    /// Writes what [`Audit::count_refusal`] asked for; `entry` is the refused request.
+    pub fn write_refusal(
+        &self,
+        entry: AuditEntry,
+        write: RefusalWrite,
+        now: Instant,
+    ) -> io::Result<()> {
+        if let Some(count) = write.now_count {
             let entry = AuditEntry {
                 count: (count > 1).then_some(count),
                 ..entry
             };
             self.append(&entry)?;
         }
-        self.flush_refusals(now, false)
+        if write.sweep {
+            self.flush_refusals(now, false)?;
+        }
+        Ok(())
+    }
+
+    /// [`Audit::count_refusal`] and [`Audit::write_refusal`] in one.
+    pub fn refused(&self, ip: IpAddr, entry: AuditEntry, now: Instant) -> io::Result<()> {
+        let write = self.count_refusal(ip, entry.status, now);
+        self.write_refusal(entry, write, now)
     }
 
     /// Writes the tally lines that are due (all of them with `all`, at shutdown).

@@ -20,6 +20,8 @@ pub const LONGEST_WAIT: Duration = Duration::from_secs(15 * 60);
 pub const FORGET_AFTER: Duration = Duration::from_secs(60 * 60);
 /// At most one audit line per address this often.
 pub const AUDIT_EVERY: Duration = Duration::from_secs(60);
+/// How often refusals look for other addresses' lines that are due (a scan of the table).
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// Addresses tracked at once by each table.
 pub const MAX_ADDRESSES: usize = 1024;
 
@@ -133,6 +135,7 @@ pub struct DueLine {
 #[derive(Debug, Default)]
 pub struct RefusalTally {
     by_addr: HashMap<IpAddr, Tally>,
+    last_sweep: Option<Instant>,
 }
 
 impl RefusalTally {
@@ -165,6 +168,19 @@ impl RefusalTally {
                 Refused::Counted
             }
         }
+    }
+
+    /// Whether it is time to look for due lines ([`RefusalTally::due`]): at most once per
+    /// [`SWEEP_EVERY`], so a flood of refusals does not scan the table each time.
+    pub fn sweep_due(&mut self, now: Instant) -> bool {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.duration_since(t) < SWEEP_EVERY)
+        {
+            return false;
+        }
+        self.last_sweep = Some(now);
+        true
     }
 
     /// The lines owed now: addresses whose minute is over (or all, at shutdown). Addresses
@@ -282,6 +298,15 @@ mod tests {
             t.refused(ip(1), 401, minute + AUDIT_EVERY),
             Refused::WriteNow { count: 1 }
         );
+    }
+
+    #[test]
+    fn due_lines_are_looked_for_now_and_then() {
+        let t0 = Instant::now();
+        let mut t = RefusalTally::default();
+        assert!(t.sweep_due(t0));
+        assert!(!t.sweep_due(t0 + SWEEP_EVERY / 2));
+        assert!(t.sweep_due(t0 + SWEEP_EVERY));
     }
 
     #[test]
