@@ -25,6 +25,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+/// Most bytes of request headers (HTTP/1 read buffer, HTTP/2 header list).
+const HEADER_BYTES: usize = 64 << 10;
+/// Requests one HTTP/2 connection may have in flight.
+const H2_STREAMS: u32 = 32;
 /// How long requests in flight may still take once the gateway stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -161,11 +165,18 @@ impl Connection {
             .layer(Extension(ConnectInfo::<SocketAddr>(self.peer)))
             .layer(middleware::from_fn_with_state(activity.clone(), busy));
         let mut builder = Builder::new(TokioExecutor::new());
+        // Headers are small here: bounding them bounds each connection's memory, so the
+        // cap on connections caps the whole.
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.header_read_timeout);
-        builder.http2().timer(TokioTimer::new());
+            .header_read_timeout(self.limits.header_read_timeout)
+            .max_buf_size(HEADER_BYTES);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(HEADER_BYTES as u32)
+            .max_concurrent_streams(H2_STREAMS);
         let conn =
             builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app));
         tokio::pin!(conn);
