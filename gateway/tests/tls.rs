@@ -22,7 +22,7 @@ async fn hotline_api_over_tls() {
     std::fs::write(
         &config,
         format!(
-            "gateway_id = \"gw-tls\"\ndata_dir = \"data\"\nfleet = \"fleet.toml\"\n\n[broker]\nlisten = \"127.0.0.1:{}\"\n\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\ntls_cert = \"server.pem\"\ntls_key = \"server.key\"\n",
+            "gateway_id = \"gw-tls\"\ndata_dir = \"data\"\nfleet = \"fleet.toml\"\n\n[broker]\nlisten = \"127.0.0.1:{}\"\n\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\ntls_cert = \"server.pem\"\ntls_key = \"server.key\"\ntls_handshake_timeout = \"1s\"\n",
             free_port()
         ),
     )
@@ -75,5 +75,16 @@ async fn hotline_api_over_tls() {
         .send()
         .await;
     assert!(r.is_err() || !r.unwrap().status().is_success());
+    // A client that starts a handshake and stalls is let go (tls_handshake_timeout).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = gw.api.trim_start_matches("https://").to_string();
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(30), stalled.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a stalled TLS handshake was not closed: {closed:?}"
+    );
     gw.kill().await;
 }
