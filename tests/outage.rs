@@ -245,7 +245,21 @@ async fn backend_failures(unavailable: Duration) {
     // Then no answer within the timeout, and another episode.
     mode.store(HANGING, Ordering::SeqCst);
     rig.sim("vent-1").raise(1);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The forwarder is backing off after the 503s: wait until it has tried once in
+    // this phase (a fixed sleep missed it on a loaded machine), then a little more.
+    {
+        let hung = hung.clone();
+        until(
+            "a request left hanging",
+            Duration::from_secs(330),
+            move || {
+                let hung = hung.clone();
+                async move { (hung.load(Ordering::SeqCst) > 0).then_some(()) }
+            },
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     // Then 429 with Retry-After, and another.
     mode.store(THROTTLING, Ordering::SeqCst);
     rig.sim("vent-2").raise(2);
