@@ -498,12 +498,23 @@ fn survives_kill_9() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (started_tx, started) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
-            std::io::BufReader::new(stdout)
+            let mut lines = Vec::new();
+            for l in std::io::BufReader::new(stdout)
                 .lines()
                 .map_while(Result::ok)
-                .collect::<Vec<_>>()
+            {
+                if lines.is_empty() {
+                    let _ = started_tx.send(());
+                }
+                lines.push(l);
+            }
+            lines
         });
+        // The random moment counts from the child's first record, not from the spawn: on
+        // a loaded machine the child may need longer than the whole window to start.
+        let _ = started.recv_timeout(Duration::from_secs(60));
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
