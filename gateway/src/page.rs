@@ -118,7 +118,11 @@ fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -171,7 +175,10 @@ mod tests {
         assert!(!PAGE.contains("<script ") && !PAGE.contains("<style "));
         assert!(!PAGE.contains(" style=") && !PAGE.contains(" onclick="));
         let html = page_html("Asia/Shanghai");
-        assert!(html.contains(r#"content="Asia/Shanghai""#), "zone not filled in");
+        assert!(
+            html.contains(r#"content="Asia/Shanghai""#),
+            "zone not filled in"
+        );
         assert!(!page_html("\"><script>").contains("\"><"));
     }
 
