@@ -32,6 +32,9 @@
 //! included, is appended to the audit log (and made durable) before it is answered.
 //!
 //! Request bodies are limited to 64 KiB; bad JSON is a 400 with the parser's message.
+//!
+//! Every answer carries a Content-Security-Policy, `X-Frame-Options: DENY`,
+//! `X-Content-Type-Options: nosniff` and `Referrer-Policy: no-referrer` ([`crate::page`]).
 
 use crate::app::Gateway;
 use crate::audit::{Audit, AuditEntry};
