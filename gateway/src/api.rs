@@ -3,6 +3,7 @@
 //! | method and path | token | what |
 //! |---|---|---|
 //! | `GET /` | no | the hotline page (it asks for the token and keeps it in `sessionStorage`) |
+//! | `GET /favicon.ico` | no | the page's icon |
 //! | `GET /metrics` | no | Prometheus/OpenMetrics text |
 //! | `GET /api/v1/openapi.json` | yes | this API described in OpenAPI 3.0 |
 //! | `GET /api/v1/devices` | yes | every fleet device (and any device heard of that the fleet lacks) |
@@ -31,6 +32,9 @@
 //! included, is appended to the audit log (and made durable) before it is answered.
 //!
 //! Request bodies are limited to 64 KiB; bad JSON is a 400 with the parser's message.
+//!
+//! Every answer carries a Content-Security-Policy, `X-Frame-Options: DENY`,
+//! `X-Content-Type-Options: nosniff` and `Referrer-Policy: no-referrer` ([`crate::page`]).
 
 use crate::app::Gateway;
 use crate::audit::{Audit, AuditEntry};
@@ -60,8 +64,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The OpenAPI 3.0 description served on `/api/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
-/// The hotline page served on `/`.
-pub const PAGE: &str = include_str!("page.html");
+pub use crate::page::PAGE;
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
 /// How many life-record entries a device's detail carries.
@@ -107,10 +110,13 @@ pub fn router(gw: Gateway, token: String, audit: Audit) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/", get(page))
+        .route("/favicon.ico", get(crate::page::favicon))
         .route("/metrics", get(metrics))
         .nest("/api/v1", api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // CSP, frame, nosniff and referrer headers on every answer, refusals included.
+        .layer(middleware::map_response(crate::page::security_headers))
         .with_state(state)
 }
 
@@ -293,15 +299,8 @@ async fn on_record(st: &ApiState, ip: IpAddr, entry: AuditEntry, now: Instant) {
 
 // ---------- static things ----------
 
-async fn page() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-store"),
-        ],
-        PAGE,
-    )
-        .into_response()
+async fn page(State(st): State<ApiState>) -> Response {
+    crate::page::page_response(st.gw.cx.tz.iana_name().unwrap_or("UTC"))
 }
 
 async fn openapi() -> Response {

@@ -24,6 +24,7 @@ pub mod ledger;
 pub mod limits;
 pub mod link;
 pub mod metrics;
+pub mod page;
 pub mod refusals;
 pub mod run;
 pub mod serve;
