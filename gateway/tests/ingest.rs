@@ -86,6 +86,7 @@ fn batch(records: Vec<Record>) -> UpBatch {
     UpBatch {
         v: tend_wire::VERSION,
         agent: "agent-1".into(),
+        incarnation: "i1".into(),
         site: "s-1".into(),
         records,
     }
