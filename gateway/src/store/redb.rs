@@ -146,8 +146,8 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
     };
     // redb 2 panics on some truncated files (an assertion on the file's length) instead
     // of returning an error. Caught here so the gateway exits with an error naming the
-    // file rather than a panic backtrace; nothing of the failed open outlives the closure.
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Database::create(path)));
+    // file rather than a panic; nothing of the failed open outlives the closure.
+    let opened = quietly(|| Database::create(path));
     match opened {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(::redb::DatabaseError::Storage(::redb::StorageError::Corrupted(detail)))) => {
@@ -173,6 +173,29 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
             Err(damaged(format!("redb could not read it ({text})")))
         }
     }
+}
+
+/// Runs `f`, catching a panic; the panic hook stays silent for a panic on this thread
+/// meanwhile (it is reported as an error, and a "panicked at" line in the log would read
+/// as a crash), and passes on any other thread's. Opens take turns, so each restores the
+/// hook it found.
+fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    use std::sync::{Arc, Mutex};
+    static TURN: Mutex<()> = Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let previous: Arc<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync> =
+        Arc::from(std::panic::take_hook());
+    let me = std::thread::current().id();
+    let others = previous.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().id() != me {
+            others(info);
+        }
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    drop(std::panic::take_hook());
+    std::panic::set_hook(Box::new(move |info| previous(info)));
+    result
 }
 
 /// Every table, open in one write transaction.
