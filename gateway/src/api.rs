@@ -1007,6 +1007,7 @@ mod tests {
             "/api/v1/devices/{id}/diagnostics",
             "/api/v1/tickets",
             "/api/v1/tickets/{key}/retry",
+            "/api/v1/agents",
             "/api/v1/openapi.json",
             "/metrics",
         ] {
