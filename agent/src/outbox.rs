@@ -636,7 +636,7 @@ fn open_database(path: &Path) -> Result<Database, OutboxError> {
     // redb 2 panics on some truncated files instead of returning an error; the panic is
     // caught here so a damaged file is treated as damaged, not as a dead agent. Nothing
     // outlives the closure but its result, so no broken state can be observed.
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Database::create(path)));
+    let opened = quietly(|| Database::create(path));
     match opened {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)))) => {
@@ -660,9 +660,31 @@ fn open_database(path: &Path) -> Result<Database, OutboxError> {
         }),
         Err(panic) => Err(OutboxError::Damaged {
             path: path.to_path_buf(),
-            detail: format!("redb panicked reading it: {}", panic_text(panic.as_ref())),
+            detail: format!("redb could not read it ({})", panic_text(panic.as_ref())),
         }),
     }
+}
+
+/// Runs `f`, catching a panic; the panic hook stays silent for a panic on this thread
+/// meanwhile (it is reported as damage, and a "panicked at" line in the log would read as
+/// a crash), and passes on any other thread's. Opens take turns, so each restores the
+/// hook it found. (The gateway's store does the same.)
+fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static TURN: Mutex<()> = Mutex::new(());
+    let _turn = lock(&TURN);
+    let previous: Arc<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync> =
+        Arc::from(std::panic::take_hook());
+    let me = std::thread::current().id();
+    let others = previous.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().id() != me {
+            others(info);
+        }
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    drop(std::panic::take_hook());
+    std::panic::set_hook(Box::new(move |info| previous(info)));
+    result
 }
 
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {

@@ -149,6 +149,7 @@ async fn a_lost_or_damaged_outbox_starts_a_new_incarnation_and_loses_nothing_aft
         "{}",
         tail(&log, 20)
     );
+    assert!(!text.contains("panicked"), "{}", tail(&log, 20));
     drain_agent(
         &mut agent,
         &cfg,
