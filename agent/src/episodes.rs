@@ -39,6 +39,20 @@ struct SignalCopy {
     due: Option<String>,
 }
 
+impl From<&SignalCopy> for Signal {
+    fn from(c: &SignalCopy) -> Self {
+        Signal {
+            code: c.code.clone(),
+            kind: c.kind,
+            class: c.class,
+            description: c.description.clone(),
+            action: c.action.clone(),
+            evidence: c.evidence.clone(),
+            due: c.due.clone(),
+        }
+    }
+}
+
 impl From<&Signal> for SignalCopy {
     fn from(s: &Signal) -> Self {
         SignalCopy {
@@ -84,6 +98,19 @@ impl EpisodeTracker {
     /// Codes of the open episodes.
     pub fn open_codes(&self) -> impl Iterator<Item = &str> {
         self.open.keys().map(String::as_str)
+    }
+
+    /// The signals of the open episodes that were active at the last evaluation (not
+    /// waiting out their damping), in code order: what a restored monitor holds while its
+    /// device stays silent, as the monitor that stored the memory would have. It needs no
+    /// field beyond what older agents already stored, and an episode counts as active
+    /// unless it was already waiting, so the default is to hold.
+    pub fn active_signals(&self) -> Vec<Signal> {
+        self.open
+            .values()
+            .filter(|o| o.absent_since.is_none())
+            .map(|o| Signal::from(&o.last))
+            .collect()
     }
 
     /// Feeds the signals active at `now` (all of them, every poll) and whether the device
@@ -290,6 +317,38 @@ mod tests {
             .update(t(5), &[sig("ALM.3", FaultClass::Major)], false)
             .is_empty());
         assert_eq!(back.open_codes().collect::<Vec<_>>(), ["ALM.3"]);
+    }
+
+    #[test]
+    fn held_signals_keep_restored_episodes_open() {
+        let mut tr = EpisodeTracker::new("a1", "vent", Duration::from_secs(30));
+        tr.update(
+            t(0),
+            &[
+                sig("ALM1.4", FaultClass::Complex),
+                sig("ERR.1021", FaultClass::Major),
+            ],
+            false,
+        );
+        // ALM1.4 went away just before the restart: its damping is running.
+        tr.update(t(5), &[sig("ERR.1021", FaultClass::Major)], false);
+        let saved = serde_json::to_vec(&tr).unwrap();
+        let mut back: EpisodeTracker = serde_json::from_slice(&saved).unwrap();
+        let held = back.active_signals();
+        assert_eq!(held, [sig("ERR.1021", FaultClass::Major)]);
+        // Held for far longer than the damping time: only the waiting one clears, on time.
+        let mut all = Vec::new();
+        for s in 6..=600 {
+            all.extend(back.update(t(s), &held, false));
+        }
+        assert_eq!(changes(&all), [("ALM1.4", EpisodeChange::Cleared)]);
+        assert_eq!(all[0].episode, "a1/vent/ALM1.4/1795000000000");
+        assert_eq!(back.open_codes().collect::<Vec<_>>(), ["ERR.1021"]);
+        // Heard without it: cleared after the damping time.
+        assert!(back.update(t(601), &[], true).is_empty());
+        assert!(back.update(t(630), &[], true).is_empty());
+        let ev = back.update(t(631), &[], true);
+        assert_eq!(changes(&ev), [("ERR.1021", EpisodeChange::Cleared)]);
     }
 
     #[test]

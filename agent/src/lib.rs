@@ -2,6 +2,7 @@
 //! records, and the tools a field engineer runs (`probe`, `profile check`).
 #![forbid(unsafe_code)]
 
+pub mod command_line;
 pub mod config;
 pub mod device;
 pub mod episodes;

@@ -27,7 +27,8 @@ pub struct DeviceMonitor {
     state: StateTracker,
     episodes: EpisodeTracker,
     /// Signals of the last successful read: kept active while the device is silent, so
-    /// silence neither clears nor reopens a fault.
+    /// silence neither clears nor reopens a fault. After a restart, the signals of the
+    /// restored episodes that were active (see [`EpisodeTracker::active_signals`]).
     last_signals: Vec<Signal>,
     last_readings: Vec<Reading>,
     last_seen: Option<Timestamp>,
@@ -40,7 +41,8 @@ pub struct DeviceMonitor {
 
 /// What must survive a restart: the availability state and the open episodes, so a
 /// restarted agent neither reopens an open fault under a new episode id (a second ticket)
-/// nor repeats a state transition.
+/// nor repeats a state transition, and holds the episodes whose signal was active while
+/// the device stays silent (a broken device switched off is not repaired).
 #[derive(Debug, Serialize, serde::Deserialize)]
 struct Memory {
     device: String,
@@ -146,8 +148,14 @@ impl DeviceMonitor {
         if self.failures < self.unknown_after {
             return out;
         }
-        // Silence is never `down`: a pump in a drawer is switched off, and an always-on
-        // monitor that stops answering is unmonitored, not broken.
+        // Silence never makes a device `down`: a pump in a drawer is switched off, and an
+        // always-on monitor that stops answering is unmonitored, not broken. But a device
+        // already `down` stays `down` until it is heard again: switched off, it is still
+        // broken.
+        let state = match self.state.current() {
+            Some(DeviceState::Down) => DeviceState::Down,
+            _ => DeviceState::Unknown,
+        };
         let mut signals = self.last_signals.clone();
         let profile = self.profile.clone().or_else(|| {
             set.family(&self.model)
@@ -155,9 +163,12 @@ impl DeviceMonitor {
                 .and_then(|f| f.first().cloned())
         });
         if let Some(s) = profile.and_then(|p| p.silence_signal(since, now)) {
-            signals.push(s);
+            // A restored `monitoring_lost` is held already, with the silence it first saw.
+            if !signals.iter().any(|held| held.code == s.code) {
+                signals.push(s);
+            }
         }
-        self.transition_with(now, DeviceState::Unknown, &signals, &mut out);
+        self.transition_with(now, state, &signals, &mut out);
         out
     }
 
@@ -203,7 +214,10 @@ impl DeviceMonitor {
     }
 
     /// Restores what [`DeviceMonitor::memory`] stored; false (and nothing changed) when it
-    /// is unreadable or belongs to another device.
+    /// is unreadable or belongs to another device. The restored episodes whose signal was
+    /// active stand for the last read's signals until the device is heard again, so they
+    /// are held while it stays silent and clear only after it answers without them for the
+    /// damping time.
     pub fn restore(&mut self, bytes: &[u8]) -> bool {
         match serde_json::from_slice::<Memory>(bytes) {
             Ok(m) if m.device == self.device => {
@@ -211,6 +225,7 @@ impl DeviceMonitor {
                 self.state = m.state;
                 self.episodes = m.episodes;
                 self.episodes.set_damping(damping);
+                self.last_signals = self.episodes.active_signals();
                 true
             }
             _ => false,
@@ -318,12 +333,12 @@ mod tests {
     fn silence_is_unknown_then_monitoring_lost_for_always_on() {
         let set = ProfileSet::builtin().unwrap();
         let mut m = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
-        m.observe(t(0), hm2_read(&set, 2, 0x0008));
-        // Two failures: nothing yet. The third: unknown, and the open faults stay open.
+        m.observe(t(0), hm2_read(&set, 1, 0));
+        // Two failures: nothing yet. The third: unknown.
         assert!(m.observe_failure(t(1), &set).is_empty());
         assert!(m.observe_failure(t(2), &set).is_empty());
         let out = m.observe_failure(t(3), &set);
-        assert_eq!(kinds(&out), ["state down->unknown"]);
+        assert_eq!(kinds(&out), ["state up->unknown"]);
         let mut all = Vec::new();
         for s in 4..=400 {
             all.extend(m.observe_failure(t(s), &set));
@@ -335,6 +350,7 @@ mod tests {
         };
         assert_eq!(e.opened_at, t(302));
         assert_eq!(e.kind, tend_profiles::SignalKind::MonitoringLost);
+        assert!(e.device_available);
         // Back: up or down per the data, monitoring_lost clears after damping.
         let out = m.observe(t(401), hm2_read(&set, 1, 0));
         assert_eq!(kinds(&out), ["readings", "state unknown->up"]);
@@ -358,6 +374,132 @@ mod tests {
         let mut other = DeviceMonitor::new("a1", "pump", "lumen/lip-300", Duration::from_secs(10));
         assert!(!other.restore(&saved));
         assert!(!other.restore(b"{"));
+    }
+
+    #[test]
+    fn a_down_device_stays_down_with_its_faults_while_silent() {
+        let set = ProfileSet::builtin().unwrap();
+        let mut m = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        m.observe(t(0), hm2_read(&set, 2, 0x0008));
+        let mut all = Vec::new();
+        for s in 1..=400 {
+            all.extend(m.observe_failure(t(s), &set));
+        }
+        // No state change and no fault cleared; after 5 minutes monitoring_lost, on a
+        // device that is still unavailable.
+        assert_eq!(kinds(&all), ["Opened MONITORING_LOST"]);
+        let RecordBody::Episode(e) = &all[0] else {
+            unreachable!()
+        };
+        assert!(!e.device_available);
+        assert_eq!(m.live().state, Some(DeviceState::Down));
+        assert_eq!(
+            m.live().open_faults,
+            ["ALM.3", "COMPRESSOR_STATE_FAULT", "MONITORING_LOST"]
+        );
+        // Heard again: up or down per the data.
+        let out = m.observe(t(401), hm2_read(&set, 1, 0));
+        assert_eq!(kinds(&out), ["readings", "state down->up"]);
+    }
+
+    /// Episode ids of the episode records among `bodies`, by code.
+    fn episode_ids(bodies: &[RecordBody]) -> Vec<(String, String)> {
+        bodies
+            .iter()
+            .filter_map(|b| match b {
+                RecordBody::Episode(e) => Some((e.code.clone(), e.episode.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn restored_episodes_are_held_while_the_device_stays_silent() {
+        let set = ProfileSet::builtin().unwrap();
+        let damping = Duration::from_secs(10);
+        let mut m = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", damping);
+        let opened = episode_ids(&m.observe(t(0), hm2_read(&set, 2, 0x0008)));
+        assert_eq!(opened.len(), 2);
+        let mut back = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", damping);
+        assert!(back.restore(&m.memory()));
+        // Never heard after the restart: 25 damping times of failed reads (short of the
+        // 5 minutes after which the HM-2's silence is monitoring_lost).
+        let mut all = Vec::new();
+        for s in 1..=250 {
+            all.extend(back.observe_failure(t(s), &set));
+        }
+        assert_eq!(kinds(&all), Vec::<String>::new());
+        assert_eq!(back.live().state, Some(DeviceState::Down));
+        assert_eq!(back.live().open_faults, ["ALM.3", "COMPRESSOR_STATE_FAULT"]);
+        // Heard again without the faults: they clear once they stayed away for the
+        // damping time, as the episodes opened before the restart.
+        let out = back.observe(t(251), hm2_read(&set, 1, 0));
+        assert_eq!(kinds(&out), ["identity 2.5", "readings", "state down->up"]);
+        let out = back.observe(t(260), hm2_read(&set, 1, 0));
+        assert_eq!(kinds(&out), ["readings"]);
+        let out = back.observe(t(261), hm2_read(&set, 1, 0));
+        assert_eq!(
+            kinds(&out),
+            [
+                "readings",
+                "Cleared ALM.3",
+                "Cleared COMPRESSOR_STATE_FAULT"
+            ]
+        );
+        assert_eq!(episode_ids(&out), opened);
+    }
+
+    #[test]
+    fn a_restored_monitoring_lost_is_held_not_reopened() {
+        let set = ProfileSet::builtin().unwrap();
+        let damping = Duration::from_secs(10);
+        let mut m = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", damping);
+        m.observe(t(0), hm2_read(&set, 1, 0));
+        let mut all = Vec::new();
+        for s in 1..=400 {
+            all.extend(m.observe_failure(t(s), &set));
+        }
+        assert_eq!(kinds(&all), ["state up->unknown", "Opened MONITORING_LOST"]);
+        let lost = episode_ids(&all);
+        // Restarted while the monitor is still silent: for longer than its own 5 minutes
+        // of silence, the same monitoring_lost stays open and nothing else happens.
+        let mut back = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", damping);
+        assert!(back.restore(&m.memory()));
+        let mut all = Vec::new();
+        for s in 401..=1000 {
+            all.extend(back.observe_failure(t(s), &set));
+        }
+        assert_eq!(kinds(&all), Vec::<String>::new());
+        assert_eq!(back.live().state, Some(DeviceState::Unknown));
+        assert_eq!(back.live().open_faults, ["MONITORING_LOST"]);
+        back.observe(t(1001), hm2_read(&set, 1, 0));
+        let out = back.observe(t(1011), hm2_read(&set, 1, 0));
+        assert_eq!(kinds(&out), ["readings", "Cleared MONITORING_LOST"]);
+        assert_eq!(episode_ids(&out), lost);
+    }
+
+    #[test]
+    fn memory_stored_before_episode_openings_still_holds() {
+        let set = ProfileSet::builtin().unwrap();
+        let mut m = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        m.observe(t(0), hm2_read(&set, 2, 0x0008));
+        // The memory an older agent wrote: no opening in its episodes.
+        let mut old: serde_json::Value = serde_json::from_slice(&m.memory()).unwrap();
+        for o in old["episodes"]["open"]
+            .as_object_mut()
+            .unwrap()
+            .values_mut()
+        {
+            o.as_object_mut().unwrap().remove("opening").unwrap();
+        }
+        let mut back = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        assert!(back.restore(&serde_json::to_vec(&old).unwrap()));
+        let mut all = Vec::new();
+        for s in 1..=100 {
+            all.extend(back.observe_failure(t(s), &set));
+        }
+        assert_eq!(kinds(&all), Vec::<String>::new());
+        assert_eq!(back.live().open_faults, ["ALM.3", "COMPRESSOR_STATE_FAULT"]);
     }
 
     #[test]

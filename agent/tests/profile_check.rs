@@ -89,3 +89,42 @@ fn missing_path_and_garbage_exit_2() {
     assert_eq!(code, 2);
     assert!(err.contains("junk.toml"), "{err}");
 }
+
+/// One shipped profile with `from` replaced by `to`, checked: exit 2 naming the file,
+/// the line of `to` and `key`.
+fn check_edited(shipped_file: &str, from: &str, to: &str, key: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::read_to_string(format!("{}/{shipped_file}", shipped())).unwrap();
+    assert!(src.contains(from), "{from:?} not in {shipped_file}");
+    let bad = src.replacen(from, to, 1);
+    let line = bad.lines().position(|l| l == to).unwrap() + 1;
+    let file = dir.path().join("edited.toml");
+    std::fs::write(&file, bad).unwrap();
+    let (code, out, err) = check(&[file.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}{err}");
+    let want = format!("{}:{line}: key `{key}`", file.display());
+    assert!(err.contains(&want), "expected {want:?} in {err}");
+    err
+}
+
+#[test]
+fn an_identity_pointer_reading_phi_exits_2() {
+    let err = check_edited(
+        "vistara/vm-12-7.x.toml",
+        "serial_pointers = [\"/serial\", \"/sn\"]",
+        "serial_pointers = [\"/patient/mrn\"]",
+        "identify.serial_pointers[0]",
+    );
+    assert!(err.contains("personal health information"), "{err}");
+}
+
+#[test]
+fn a_device_command_that_is_not_a_read_exits_2() {
+    let err = check_edited(
+        "vistara/vm-12-7.x.toml",
+        "command = \"selftest\"",
+        "command = \"factory_reset\"",
+        "diagnostic[0].command",
+    );
+    assert!(err.contains("not a read-only request"), "{err}");
+}

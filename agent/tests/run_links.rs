@@ -286,3 +286,71 @@ async fn started_agent_makes_records_durable() {
     assert!(recs.iter().all(|r| r.device == "mri"));
     outbox.close().await.unwrap();
 }
+
+/// MQTT diagnostic answers lose the PHI fields of the diagnostic, the profile and the
+/// manual (VS-IOT-12 §2: `patient`, `vitals`), as serial answers do: the VM-12
+/// simulator here adds both objects to every command result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_diagnostic_answers_carry_no_patient_data() {
+    let broker = tend_devsim::broker::spawn_embedded().unwrap();
+    let mut vm_cfg = Vm12Config::v7("127.0.0.1", broker.port());
+    vm_cfg.status_interval = Duration::from_millis(300);
+    let vm = Vm12Sim::spawn(vm_cfg).await.unwrap();
+    vm.update(|s| s.phi_in_replies = true);
+    let src = format!(
+        "agent_id = \"agent-test\"\nsite_id = \"s-1\"\ndata_dir = \"data\"\n[uplink]\nbroker = \"{url}\"\n\
+         [[device]]\nid = \"monitor\"\nprofile = \"vistara/vm-12\"\ntransport = \"mqtt\"\nbroker = \"{url}\"\nserial = \"VM12-00A4471\"\n",
+        url = broker.url(),
+    );
+    let loaded = config::parse("agent.toml", &src, Path::new("/tmp")).unwrap();
+    let shared = Arc::new(Shared::default());
+    let (tx, mut rx) = mpsc::channel(64);
+    let tasks = spawn_links(&loaded, shared.clone(), tx);
+    // Commands go out once a status has identified the firmware.
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a status within 10 s")
+        .unwrap();
+    assert!(first.result.is_ok(), "{:?}", first.result.err());
+    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let tx = shared
+        .links
+        .lock()
+        .unwrap()
+        .get("monitor")
+        .cloned()
+        .unwrap();
+    for name in ["selftest", "errlog"] {
+        let (reply, answer) = oneshot::channel();
+        let req = DeviceRequest {
+            device: "monitor".into(),
+            name: name.into(),
+            reply,
+        };
+        tx.send(req).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let text = answer.to_string();
+        assert!(
+            answer.get("overall").is_some() || answer.get("lines").is_some(),
+            "{text}"
+        );
+        for phi in [
+            "patient",
+            "vitals",
+            "MRN0012931",
+            "ZHANG",
+            "1961-04-02",
+            "118/76",
+        ] {
+            assert!(!text.contains(phi), "{phi} in the {name} answer: {text}");
+        }
+    }
+    drain.abort();
+    for t in tasks {
+        t.abort();
+    }
+}

@@ -15,6 +15,9 @@ use std::time::Duration;
 use tend_agent::uplink::{
     diag_handler, DiagHandler, RecordSource, Uplink, UplinkConfig, UplinkError, UplinkStatus,
 };
+use tend_testkit::certs::{
+    CA_PEM, CLIENT_CERT_PEM, CLIENT_KEY_PEM, OTHER_CA_PEM, SERVER_CERT_PEM, SERVER_KEY_PEM,
+};
 use tend_wire::{
     encode, ranges_of, topic, Ack, DiagRequest, DiagResponse, Record, RecordBody, SeqRange,
     UpBatch, WireReading, VERSION,
@@ -862,82 +865,7 @@ async fn an_unreachable_broker_is_retried_until_shutdown() {
 }
 
 // ---------------------------------------------------------------------------------------
-// TLS. Test-only certificates (P-256, valid until 2126), made with openssl:
-// a CA; a server certificate for localhost / 127.0.0.1 and a client certificate, both
-// signed by it; and an unrelated CA. The keys are throwaway test material.
-
-const CA_PEM: &str = "\
------BEGIN CERTIFICATE-----\n\
-MIIBlTCCATugAwIBAgIUQvtTLYBH/0cR39aqP11r3kmjjcIwCgYIKoZIzj0EAwIw\n\
-FzEVMBMGA1UEAwwMdGVuZCB0ZXN0IENBMCAXDTI2MTEyOTA4MTQ0NloYDzIxMjYx\n\
-MTA1MDgxNDQ2WjAXMRUwEwYDVQQDDAx0ZW5kIHRlc3QgQ0EwWTATBgcqhkjOPQIB\n\
-BggqhkjOPQMBBwNCAATqMWz5dbSqhRPoulnl4ifwz04U3XxX2B90fxG5R4fc7D4/\n\
-1wj8ogTHJmEGIPlsf6mh3hd5UdDeboTpL/IgkScxo2MwYTAdBgNVHQ4EFgQUZ4dr\n\
-0ezeKQG13q0NcVENcuQT8C4wHwYDVR0jBBgwFoAUZ4dr0ezeKQG13q0NcVENcuQT\n\
-8C4wDwYDVR0TAQH/BAUwAwEB/zAOBgNVHQ8BAf8EBAMCAQYwCgYIKoZIzj0EAwID\n\
-SAAwRQIhAL6YWF5Z1SRtx2nIBQpb3BUFZLq2b3Z4nHhjFJ/D7bL2AiAaiYVKL+fW\n\
-DR+kX1KzfZFSMDf+WCMFJVWPnbBzKAPe9A==\n\
------END CERTIFICATE-----\n\
-";
-
-const OTHER_CA_PEM: &str = "\
------BEGIN CERTIFICATE-----\n\
-MIIBljCCAT2gAwIBAgIUbfCT0hfWGXBfADhGC19qsDRAPjYwCgYIKoZIzj0EAwIw\n\
-GDEWMBQGA1UEAwwNc29tZSBvdGhlciBDQTAgFw0yNjExMjkwODE0NDZaGA8yMTI2\n\
-MTEwNTA4MTQ0NlowGDEWMBQGA1UEAwwNc29tZSBvdGhlciBDQTBZMBMGByqGSM49\n\
-AgEGCCqGSM49AwEHA0IABG8tMFm8F/lwsWmgaF5f9RJNIkIz0ai0+vQ2KSXIBPJO\n\
-dXE4XTi0zHXrh/SGrPV5uHI+S5klRDGGjBGw1bKNwNqjYzBhMB0GA1UdDgQWBBRV\n\
-91MzJxRnKgzxyJlcyRCe58GBMzAfBgNVHSMEGDAWgBRV91MzJxRnKgzxyJlcyRCe\n\
-58GBMzAPBgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwIBBjAKBggqhkjOPQQD\n\
-AgNHADBEAiA/j5a0HHpLllvmv7D403nDAqnctZwAmYh/GTnB1jqlWwIgST0aDPJO\n\
-u0XJvANzdMGOQsj9xpLIBSo9/uvHOQOCmmw=\n\
------END CERTIFICATE-----\n\
-";
-
-const SERVER_CERT_PEM: &str = "\
------BEGIN CERTIFICATE-----\n\
-MIIBuzCCAWKgAwIBAgIUWZ2U/Ufqk9Ex3eruX7adoCSuDK8wCgYIKoZIzj0EAwIw\n\
-FzEVMBMGA1UEAwwMdGVuZCB0ZXN0IENBMCAXDTI2MTEyOTA4MTQ0NloYDzIxMjYx\n\
-MTA1MDgxNDQ2WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggq\n\
-hkjOPQMBBwNCAATcJmWWRsg3Eg7h87cgDANcS5BwoG02NrmsT/A536t1t9tc5med\n\
-imVJF7dFNfHA5htwh1OKJfPazUcmUdJmNjZYo4GMMIGJMBoGA1UdEQQTMBGCCWxv\n\
-Y2FsaG9zdIcEfwAAATAJBgNVHRMEAjAAMAsGA1UdDwQEAwIHgDATBgNVHSUEDDAK\n\
-BggrBgEFBQcDATAdBgNVHQ4EFgQU8mIYjBSGbfzt4MYfO56hJYOjOZYwHwYDVR0j\n\
-BBgwFoAUZ4dr0ezeKQG13q0NcVENcuQT8C4wCgYIKoZIzj0EAwIDRwAwRAIgeGkx\n\
-n4Zr4+t7ir5d0bNbWbvw/kB0JlkRp7PkBQa0fhMCID3dTFBLGPbxBedq0/xlKxeq\n\
-6C1t7T54CCsjFw2WZXxH\n\
------END CERTIFICATE-----\n\
-";
-
-const SERVER_KEY_PEM: &str = "\
------BEGIN PRIVATE KEY-----\n\
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgd9xyUaR2swgVhMNN\n\
-UIoNYICN2NBDN4+S90rgTXcaRtGhRANCAATcJmWWRsg3Eg7h87cgDANcS5BwoG02\n\
-NrmsT/A536t1t9tc5medimVJF7dFNfHA5htwh1OKJfPazUcmUdJmNjZY\n\
------END PRIVATE KEY-----\n\
-";
-
-const CLIENT_CERT_PEM: &str = "\
------BEGIN CERTIFICATE-----\n\
-MIIBnTCCAUSgAwIBAgIUWZ2U/Ufqk9Ex3eruX7adoCSuDLAwCgYIKoZIzj0EAwIw\n\
-FzEVMBMGA1UEAwwMdGVuZCB0ZXN0IENBMCAXDTI2MTEyOTA4MTQ0NloYDzIxMjYx\n\
-MTA1MDgxNDQ2WjAUMRIwEAYDVQQDDAlhZ2VudC10bHMwWTATBgcqhkjOPQIBBggq\n\
-hkjOPQMBBwNCAATiHbx3SlNUUAuFWn/Olte49JXMFuQDiOQqb96gXNz4UxNijOUf\n\
-2vAZOLMHtM1kufOF4BixUQVMx2BQByNhC39Ro28wbTAJBgNVHRMEAjAAMAsGA1Ud\n\
-DwQEAwIHgDATBgNVHSUEDDAKBggrBgEFBQcDAjAdBgNVHQ4EFgQUL8tw4dqMYiBd\n\
-SxCjOtsmAVaCysQwHwYDVR0jBBgwFoAUZ4dr0ezeKQG13q0NcVENcuQT8C4wCgYI\n\
-KoZIzj0EAwIDRwAwRAIgL2bPodtW396EJCpE54KYwGMndl1+d9BVaLxOm5v1fP4C\n\
-ID57t5Wic8RjIGrYBL1Va/z4vzLlsBAoABg5eVPRxDLr\n\
------END CERTIFICATE-----\n\
-";
-
-const CLIENT_KEY_PEM: &str = "\
------BEGIN PRIVATE KEY-----\n\
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQguNroWM7NfCEU9faZ\n\
-adKfn9FDh3j4VT9yiHPO//5RegmhRANCAATiHbx3SlNUUAuFWn/Olte49JXMFuQD\n\
-iOQqb96gXNz4UxNijOUf2vAZOLMHtM1kufOF4BixUQVMx2BQByNhC39R\n\
------END PRIVATE KEY-----\n\
-";
+// TLS, with the test certificates of `tend_testkit::certs`.
 
 /// A TLS-terminating proxy in front of the plain embedded broker (rumqttd is built
 /// without TLS here), optionally requiring a client certificate from the test CA.

@@ -540,7 +540,7 @@ async fn latency(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> any
     for run in 0..a.runs {
         sims.reset();
         let dir = work.join(format!("latency-{run}"));
-        let backend = tend_gateway::backend_standin::spawn(token).await?;
+        let backend = tend_testkit::backend_standin::spawn(token).await?;
         let gw = Gateway::start(
             &a.bin,
             &GatewayPlan {
@@ -733,7 +733,7 @@ fn fsync_probe(dir: &Path) -> anyhow::Result<f64> {
     Ok(report::median(&ms))
 }
 
-fn ticket_is(r: &tend_gateway::backend_standin::Received, device: &str, code: &str) -> bool {
+fn ticket_is(r: &tend_testkit::backend_standin::Received, device: &str, code: &str) -> bool {
     r.code() == Some(code)
         && r.body
             .as_ref()

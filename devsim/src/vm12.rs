@@ -140,6 +140,11 @@ pub struct Vm12State {
     pub errlog: Vec<String>,
     /// Disconnected (switched off, network lost): the broker sends the last will.
     pub silent: bool,
+    /// Command results also carry the `patient` and `vitals` objects. VS-IOT-12 §5 shows
+    /// none in a result, but §1 lets later firmware add keys anywhere: tests turn this on
+    /// to prove a receiver strips PHI from command answers. Off by default, as the
+    /// manual's examples are.
+    pub phi_in_replies: bool,
 }
 
 impl Vm12State {
@@ -200,6 +205,7 @@ impl Vm12State {
                 "2026-11-28T09:02:11Z T-301 NIBP pump stalled at 182 mmHg".into(),
             ],
             silent: false,
+            phi_in_replies: false,
         }
     }
 }
@@ -458,6 +464,13 @@ pub fn command_reply(s: &Vm12State, payload: &[u8]) -> Option<String> {
         }
         _ => json!({"id": id, "ok": false, "error": "unsupported"}),
     };
+    let mut reply = reply;
+    if s.phi_in_replies {
+        if let Some(result) = reply.get_mut("result").and_then(Value::as_object_mut) {
+            result.insert("patient".into(), json!(s.patient));
+            result.insert("vitals".into(), json!(s.vitals));
+        }
+    }
     let text = reply.to_string();
     (text.len() <= MAX_PAYLOAD).then_some(text)
 }
@@ -870,5 +883,14 @@ mod tests {
         assert!(command_reply(&s, b"not json").is_none());
         assert!(command_reply(&s, b"[1,2]").is_none());
         assert!(command_reply(&s, &vec![b' '; MAX_PAYLOAD + 1]).is_none());
+        // The manual's results carry no patient data; the opt-in later firmware does.
+        assert!(r.get("patient").is_none());
+        s.phi_in_replies = true;
+        let r: Value =
+            serde_json::from_str(&command_reply(&s, br#"{"id":"p","cmd":"selftest"}"#).unwrap())
+                .unwrap();
+        assert_eq!(r["result"]["patient"]["mrn"], "MRN0012931");
+        assert_eq!(r["result"]["vitals"]["hr"], 72);
+        assert_eq!(r["result"]["overall"], "fail");
     }
 }

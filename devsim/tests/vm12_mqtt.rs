@@ -138,6 +138,25 @@ async fn vm12_fw7_status_events_commands_and_will() {
         .json_on(&sim.topic("cmd/reply"), Duration::from_secs(5))
         .await;
     assert_eq!(r["result"]["lines"].as_array().unwrap().len(), 1);
+    assert!(r["result"].get("patient").is_none(), "{r}");
+    // A later firmware may add keys to a result (§1): the opt-in sends patient data.
+    sim.update(|s| s.phi_in_replies = true);
+    sub.client
+        .publish(
+            sim.topic("cmd"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"id":"r2p","cmd":"errlog","lines":1}"#,
+        )
+        .await
+        .unwrap();
+    let r = sub
+        .json_on(&sim.topic("cmd/reply"), Duration::from_secs(5))
+        .await;
+    assert_eq!(r["id"], "r2p");
+    assert_eq!(r["result"]["patient"]["name"], "ZHANG San");
+    assert_eq!(r["result"]["vitals"]["nibp"], "118/76");
+    sim.update(|s| s.phi_in_replies = false);
     sub.client
         .publish(
             sim.topic("cmd"),

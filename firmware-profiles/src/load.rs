@@ -23,13 +23,13 @@ pub struct ProfileError {
 }
 
 /// Builds located errors for one file.
-struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     file: &'a str,
     src: &'a str,
 }
 
 impl Ctx<'_> {
-    fn err(&self, path: &KeyPath, message: impl Into<String>) -> ProfileError {
+    pub(crate) fn err(&self, path: &KeyPath, message: impl Into<String>) -> ProfileError {
         ProfileError {
             file: self.file.to_string(),
             line: line_of_path(self.src, path),
@@ -39,7 +39,7 @@ impl Ctx<'_> {
     }
 
     /// `Ok` when `ok`, else the error `message` at `path`.
-    fn require(
+    pub(crate) fn require(
         &self,
         ok: bool,
         path: &KeyPath,
@@ -158,11 +158,13 @@ fn validate(cx: &Ctx, d: &ProfileDoc) -> Result<u32, ProfileError> {
     check_transport(cx, &d.transport)?;
     check_identify(cx, d)?;
     let names = check_points(cx, d)?;
+    crate::phi::check(cx, d, major)?;
     for (i, r) in d.rules.iter().enumerate() {
         check_rule(cx, &KeyPath::root().key("rule").index(i), r, &names)?;
     }
     check_availability(cx, d, &names)?;
     check_diagnostics(cx, d)?;
+    check_read_only(cx, d, major)?;
     Ok(major)
 }
 
@@ -285,11 +287,11 @@ fn check_identify(cx: &Ctx, d: &ProfileDoc) -> Result<(), ProfileError> {
 }
 
 /// `[[point]]` and `device.evidence`: unique names, each point readable on its transport
-/// and none reading PHI. Returns the point names, which rules and conditions refer to.
+/// (PHI is checked in [`crate::phi`], over every field read). Returns the point names,
+/// which rules and conditions refer to.
 fn check_points<'d>(cx: &Ctx, d: &'d ProfileDoc) -> Result<BTreeSet<&'d str>, ProfileError> {
     let root = KeyPath::root();
     let mut names = BTreeSet::new();
-    let phi: BTreeSet<&str> = d.device.phi.iter().map(String::as_str).collect();
     for (i, p) in d.points.iter().enumerate() {
         let pp = root.key("point").index(i);
         if !names.insert(p.name.as_str()) {
@@ -299,20 +301,6 @@ fn check_points<'d>(cx: &Ctx, d: &'d ProfileDoc) -> Result<BTreeSet<&'d str>, Pr
             ));
         }
         check_point(cx, &pp, p, d.transport.kind, d)?;
-        let field = p
-            .key
-            .as_deref()
-            .or(p.pointer.as_deref().and_then(|ptr| ptr.split('/').nth(1)));
-        if let Some(f) = field {
-            if phi.contains(f) {
-                return Err(cx.err(
-                    &pp.key(if p.key.is_some() { "key" } else { "pointer" }),
-                    format!(
-                        "`{f}` is personal health information (device.phi): it must never be read"
-                    ),
-                ));
-            }
-        }
     }
     for (i, e) in d.device.evidence.iter().enumerate() {
         if !names.contains(e.as_str()) {
@@ -378,6 +366,92 @@ fn check_diagnostics(cx: &Ctx, d: &ProfileDoc) -> Result<(), ProfileError> {
             ),
         };
         cx.require(ok, &gp.key(key), "a read-only request needs `request = \"Q|...\"` (serial), `command` (mqtt) or `table`, `start` and `count` within the device's limit (modbus)")?;
+    }
+    Ok(())
+}
+
+/// Requests that only read. For a model with a built-in manual ([`crate::manual`]),
+/// every serial request (poll, identification, diagnostics) and every MQTT command is
+/// one the manual declares read-only, with only the arguments it documents. For another
+/// model an MQTT command must cite where its manual declares it read-only
+/// (`manual_ref`); serial diagnostics are `Q|` queries there too (see
+/// [`check_diagnostics`]). Modbus reads are read functions by construction.
+fn check_read_only(cx: &Ctx, d: &ProfileDoc, major: u32) -> Result<(), ProfileError> {
+    let root = KeyPath::root();
+    let diag = |i: usize| root.key("diagnostic").index(i);
+    let mut asked: Vec<(KeyPath, &str)> = Vec::new();
+    match d.transport.kind {
+        TransportKind::Serial => {
+            for (i, r) in d.transport.poll.iter().enumerate() {
+                asked.push((root.key("transport").key("poll").index(i), r));
+            }
+            if let Some(r) = &d.identify.request {
+                asked.push((root.key("identify").key("request"), r));
+            }
+            for (i, g) in d.diagnostics.iter().enumerate() {
+                if let Some(r) = &g.request {
+                    asked.push((diag(i).key("request"), r.strip_prefix("Q|").unwrap_or(r)));
+                }
+            }
+        }
+        TransportKind::Mqtt => {
+            for (i, g) in d.diagnostics.iter().enumerate() {
+                if let Some(c) = &g.command {
+                    asked.push((diag(i).key("command"), c));
+                }
+            }
+        }
+        TransportKind::Modbus => return Ok(()),
+    }
+    let Some(manual) = crate::manual::manual(&d.device.id) else {
+        for (i, g) in d.diagnostics.iter().enumerate() {
+            if g.command.is_some() {
+                cx.require(
+                    g.manual_ref.as_deref().is_some_and(|r| !r.trim().is_empty()),
+                    &diag(i).key("manual_ref"),
+                    "a device command needs `manual_ref`: where the device's manual declares it read-only",
+                )?;
+            }
+        }
+        return Ok(());
+    };
+    let (allowed, source) = manual.read_only_for(major);
+    for (path, name) in asked {
+        if !allowed.iter().any(|r| r.name == name) {
+            let message = match source {
+                Some(source) => format!(
+                    "`{name}` is not a read-only request of {} ({source} declares {})",
+                    manual.document,
+                    allowed
+                        .iter()
+                        .map(|r| r.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => format!(
+                    "`{name}`: {} declares no device requests for firmware {}",
+                    manual.document, d.device.firmware
+                ),
+            };
+            return Err(cx.err(&path, message));
+        }
+    }
+    for (i, g) in d.diagnostics.iter().enumerate() {
+        let Some(req) = allowed
+            .iter()
+            .find(|r| Some(r.name) == g.command.as_deref())
+        else {
+            continue;
+        };
+        if let Some(k) = g.args.keys().find(|k| !req.args.contains(&k.as_str())) {
+            return Err(cx.err(
+                &diag(i).key("args").key(k),
+                format!(
+                    "`{}` is not an argument {} documents for `{}`",
+                    k, manual.document, req.name
+                ),
+            ));
+        }
     }
     Ok(())
 }

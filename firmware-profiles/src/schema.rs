@@ -379,6 +379,10 @@ pub struct DiagnosticDef {
     pub request: Option<String>,
     /// MQTT: the command, e.g. `errlog`, with fixed arguments.
     pub command: Option<String>,
+    /// Where the device's manual declares this request read-only (document and
+    /// section). Needed for an MQTT command of a model tend has no built-in manual for
+    /// (`crate::manual`); the built-in list decides for the others.
+    pub manual_ref: Option<String>,
     #[serde(default)]
     pub args: BTreeMap<String, toml::Value>,
     /// Modbus: a register dump.

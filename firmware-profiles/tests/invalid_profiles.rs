@@ -242,3 +242,242 @@ fn errors_inside_rules_and_transport_name_the_line() {
         assert_eq!(e.line, line_of(&bad, written), "{e}");
     }
 }
+
+/// One refusal: `from` replaced by `to` in a built-in profile (after `edit`, which may
+/// rename the model) is refused at `key`, on the line where `at` is written, with a
+/// message containing `says`.
+fn refused_at(src: &str, from: &str, to: &str, key: &str, at: &str, says: &str) {
+    assert!(src.contains(from), "{from:?} not found");
+    let bad = src.replacen(from, to, 1);
+    let e = refuse(&bad);
+    assert_eq!(e.key, key, "{from:?}->{to:?}: got {e}");
+    assert_eq!(e.line, line_of(&bad, at), "{e}");
+    assert!(e.message.contains(says), "{from:?}->{to:?}: got {e}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("test.toml:{}: key `{key}`", e.line)),
+        "{e}"
+    );
+}
+
+const PHI: &str = "personal health information";
+
+#[test]
+fn an_identity_pointer_reading_phi_is_refused() {
+    let to = "serial_pointers = [\"/serial\", \"/patient/mrn\"]";
+    refused_at(
+        builtin("vm-12-7"),
+        "serial_pointers = [\"/serial\", \"/sn\"]",
+        to,
+        "identify.serial_pointers[1]",
+        to,
+        PHI,
+    );
+}
+
+#[test]
+fn a_serial_identity_key_reading_phi_is_refused() {
+    refused_at(
+        builtin("lip-300-2"),
+        "serial_key = \"SN\"",
+        "serial_key = \"PID\"",
+        "identify.serial_key",
+        "serial_key = \"PID\"",
+        PHI,
+    );
+}
+
+#[test]
+fn a_schema_pointer_reading_phi_is_refused() {
+    refused_at(
+        builtin("vm-12-6"),
+        "schema_pointer = \"/schema\"",
+        "schema_pointer = \"/pt_name\"",
+        "transport.schema_pointer",
+        "schema_pointer = \"/pt_name\"",
+        PHI,
+    );
+}
+
+#[test]
+fn codes_items_and_conditions_reading_phi_are_refused() {
+    refused_at(
+        builtin("vm-12-7"),
+        "item = \"/code\"",
+        "item = \"/vitals\"",
+        "point[5].item",
+        "item = \"/vitals\"",
+        PHI,
+    );
+    refused_at(
+        builtin("vm-12-7"),
+        "where_pointer = \"/status\"",
+        "where_pointer = \"/patient/bed\"",
+        "point[6].where_pointer",
+        "where_pointer = \"/patient/bed\"",
+        PHI,
+    );
+}
+
+#[test]
+fn the_manuals_phi_applies_when_device_phi_leaves_it_out() {
+    // VS-IOT-12 §3 names `hr` (6.x): a 7.x profile may not read it either, though its
+    // own device.phi lists only `patient` and `vitals`.
+    refused_at(
+        builtin("vm-12-7"),
+        "pointer = \"/temps/board_c\"",
+        "pointer = \"/hr\"",
+        "point[4].pointer",
+        "pointer = \"/hr\"",
+        "VS-IOT-12 issue 3 §3",
+    );
+    // A known model's device.phi must list every PHI field its manual names.
+    refused_at(
+        builtin("lip-300-3"),
+        "phi = [\"PID\"]",
+        "phi = []",
+        "device.phi",
+        "phi = []",
+        "omits `PID`, which LM-SDI-300 rev F §5",
+    );
+    refused_at(
+        builtin("vm-12-7"),
+        "phi = [\"patient\", \"vitals\"]",
+        "phi = [\"patient\"]",
+        "device.phi",
+        "phi = [\"patient\"]",
+        "omits `vitals`",
+    );
+}
+
+#[test]
+fn an_unknown_model_is_checked_against_its_own_phi_list() {
+    let src = builtin("vm-12-6");
+    // Without the golden vectors, whose `absent` list holds the heart rate.
+    let src = &src[..src.find("[[golden]]").unwrap()];
+    let other = src.replacen("id = \"vistara/vm-12\"", "id = \"acme/mon-1\"", 1);
+    let reads_hr = other.replacen("pointer = \"/poh\"", "pointer = \"/hr\"", 1);
+    let no_phi = reads_hr.replacen("phi = [\"pt_name\", \"pt_id\", \"hr\"]", "phi = []", 1);
+    // Nothing says `hr` is PHI for this model: its own list is all there is.
+    if let Err(e) = parse_profile("test.toml", &no_phi) {
+        panic!("{e}");
+    }
+    refused_at(
+        &reads_hr,
+        "phi = [\"pt_name\", \"pt_id\", \"hr\"]",
+        "phi = [\"hr\"]",
+        "point[4].pointer",
+        "pointer = \"/hr\"",
+        "(device.phi)",
+    );
+}
+
+#[test]
+fn modbus_phi_is_a_register_range_and_no_read_may_cover_it() {
+    let other = builtin("av-500-5").replacen("id = \"aeris/av-500\"", "id = \"acme/vent\"", 1);
+    refused_at(
+        &other,
+        "phi = []",
+        "phi = [\"holding:5\"]",
+        "identify.serial_address",
+        "serial_address = 3",
+        PHI,
+    );
+    let bad = other.replacen("phi = []", "phi = [\"input:13\"]", 1);
+    let e = refuse(&bad);
+    assert!(
+        e.key.starts_with("point[") && e.key.ends_with(".address"),
+        "{e}"
+    );
+    assert!(e.message.contains("Input registers 13..=13"), "{e}");
+    // A register dump of a diagnostic reads PHI as much as a point does.
+    let bad = other.replacen("phi = []", "phi = [\"input:17-18\"]", 1);
+    let e = refuse(&bad);
+    assert_eq!(e.key, "diagnostic[1].start", "{e}");
+    refused_at(
+        &other,
+        "phi = []",
+        "phi = [\"patient_id\"]",
+        "device.phi[0]",
+        "phi = [\"patient_id\"]",
+        "register range",
+    );
+}
+
+#[test]
+fn mqtt_commands_are_the_manuals_read_only_requests() {
+    refused_at(
+        builtin("vm-12-7"),
+        "command = \"selftest\"",
+        "command = \"factory_reset\"",
+        "diagnostic[0].command",
+        "command = \"factory_reset\"",
+        "not a read-only request of VS-IOT-12 issue 3 (VS-IOT-12 issue 3 §5 declares selftest, errlog)",
+    );
+    refused_at(
+        builtin("vm-12-7"),
+        "args = { lines = 20 }",
+        "args = { lines = 20, clear = true }",
+        "diagnostic[1].args.clear",
+        "args = { lines = 20, clear = true }",
+        "not an argument",
+    );
+    // Firmware 6.x has no commands at all (VS-IOT-12 §5 is for 7.x).
+    let with_cmd = format!(
+        "{}\n[[diagnostic]]\nname = \"selftest\"\ndescription = \"x\"\ncommand = \"selftest\"\n",
+        builtin("vm-12-6")
+    );
+    let e = refuse(&with_cmd);
+    assert_eq!(e.key, "diagnostic[0].command", "{e}");
+    assert!(
+        e.message.contains("no device requests for firmware 6.x"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_unknown_models_command_cites_its_manual() {
+    let other = builtin("vm-12-7").replacen("id = \"vistara/vm-12\"", "id = \"acme/mon-1\"", 1);
+    let e = refuse(&other);
+    assert_eq!(e.key, "diagnostic[0].manual_ref", "{e}");
+    assert_eq!(e.line, line_of(&other, "[[diagnostic]]"), "{e}");
+    let cited = other
+        .replacen(
+            "command = \"selftest\"",
+            "command = \"selftest\"\nmanual_ref = \"ACME-1 §5\"",
+            1,
+        )
+        .replacen(
+            "command = \"errlog\"",
+            "command = \"errlog\"\nmanual_ref = \"ACME-1 §5\"",
+            1,
+        );
+    assert!(parse_profile("test.toml", &cited).is_ok());
+}
+
+#[test]
+fn serial_requests_are_the_manuals_read_only_requests() {
+    refused_at(
+        builtin("lip-300-3"),
+        "request = \"Q|SELFTEST\"",
+        "request = \"Q|CALIBRATE\"",
+        "diagnostic[0].request",
+        "request = \"Q|CALIBRATE\"",
+        "not a read-only request of LM-SDI-300 rev F",
+    );
+    let e = refuse(&builtin("lip-300-3").replacen(
+        "poll = [\"STATUS\", \"COUNTERS\"]",
+        "poll = [\"STATUS\", \"COUNTERS\", \"RESET\"]",
+        1,
+    ));
+    assert_eq!(e.key, "transport.poll[2]", "{e}");
+    assert!(e.message.contains("`RESET`"), "{e}");
+    refused_at(
+        builtin("lip-300-2"),
+        "request = \"INFO\"",
+        "request = \"ZERO\"",
+        "identify.request",
+        "request = \"ZERO\"",
+        "not a read-only request",
+    );
+}

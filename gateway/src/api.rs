@@ -18,6 +18,12 @@
 //! JSON error. The token is compared in constant time (both sides hashed, then compared
 //! without early exit) and never logged. Errors are JSON `{"error": "..."}`.
 //!
+//! After a few wrong tokens from one address ([`crate::refusals`]), that address is
+//! answered 429 with `Retry-After`, its token not looked at, for a wait that doubles with
+//! each further wrong one; a right token forgives. Every refusal counts in
+//! `tend_gateway_auth_failures_total`; refused actions (not reads) go into the audit log
+//! as one line per address a minute with their count.
+//!
 //! Ticket keys contain `/` (`tend-t:<agent>/<device>/<code>/<ms>`); the retry path takes
 //! the key percent-encoded (`%2F`) or as is.
 //!
@@ -33,6 +39,8 @@ use crate::diag::{self, DiagError};
 use crate::fleet::DeviceEntry;
 use crate::ledger::{month_window, TARGET};
 use crate::metrics::{Metrics, StateLabel};
+use crate::refusals::Backoff;
+use crate::serve::Limits;
 use crate::store::{AgentRecord, DeviceLive, ForwardState, Forwarding, StoreError, TicketRecord};
 use crate::ticket::{sha256_hex, DeviceFacts, DeviceIdentity};
 use axum::body::Bytes;
@@ -46,8 +54,9 @@ use axum::{Json, Router};
 use jiff::Timestamp;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// The OpenAPI 3.0 description served on `/api/v1/openapi.json`.
@@ -67,6 +76,15 @@ struct ApiState {
     /// SHA-256 of the token, hex: compared with the caller's the same way.
     token_hash: String,
     audit: Audit,
+    /// Wrong tokens by caller address.
+    backoff: Arc<Mutex<Backoff>>,
+}
+
+impl ApiState {
+    fn backoff(&self) -> std::sync::MutexGuard<'_, Backoff> {
+        // Only counts are kept: a panic elsewhere cannot leave them inconsistent.
+        self.backoff.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The hotline router. Serve it with [`serve`] (which provides the caller's address for
@@ -76,6 +94,7 @@ pub fn router(gw: Gateway, token: String, audit: Audit) -> Router {
         gw,
         token_hash: sha256_hex(token.as_bytes()),
         audit,
+        backoff: Arc::default(),
     };
     let api = Router::new()
         .route("/openapi.json", get(openapi))
@@ -97,19 +116,15 @@ pub fn router(gw: Gateway, token: String, audit: Audit) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled, then lets the requests in
-/// flight finish.
+/// Serves `router` over plain HTTP on `listener` with the default [`Limits`] until
+/// `shutdown` is cancelled, then lets the requests in flight finish. The gateway itself
+/// serves through [`crate::serve::serve`] with the config's limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+    crate::serve::serve(listener, router, None, Limits::default(), shutdown).await
 }
 
 // ---------- errors ----------
@@ -195,42 +210,87 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let remote = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(a)| *a);
+    // Without a known caller (a router served without ConnectInfo) all share one entry.
+    let ip = remote.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    let now = Instant::now();
+    // What a refusal puts on record: actions only, not reads.
+    let action = (req.method() != Method::GET && req.method() != Method::HEAD).then(|| {
+        clip(
+            &format!("{} /api/v1{}", req.method(), req.uri().path()),
+            256,
+        )
+    });
+    let waiting = st.backoff().wait(ip, now);
+    if let Some(wait) = waiting {
+        // Not even looked at: a guesser gets no answer about its token while it waits.
+        st.gw.metrics.auth_failures.inc();
+        if let Some(request) = action {
+            let refusal = refusal(request, remote, "too many wrong tokens", 429);
+            on_record(&st, ip, refusal, now).await;
+        }
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let mut resp = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many wrong tokens from this address; retry in {secs} s"),
+        )
+        .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return resp;
+    }
     let ok = bearer(req.headers()).is_some_and(|t| same(&sha256_hex(t.as_bytes()), &st.token_hash));
     if ok {
+        st.backoff().accepted(ip);
         return next.run(req).await;
     }
+    st.gw.metrics.auth_failures.inc();
     let message = if req.headers().contains_key(header::AUTHORIZATION) {
+        // Only a token presented counts towards the back-off: the page asks without one.
+        st.backoff().wrong(ip, now);
         "wrong token"
     } else {
         "missing Authorization: Bearer <token>"
     };
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        // A refused action is still a hotline action: on record, without the token.
-        let remote = req
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(a)| a.to_string());
-        let entry = AuditEntry {
-            at: Timestamp::now(),
-            action: "unauthorized".into(),
-            device: None,
-            request: Some(clip(
-                &format!("{} /api/v1{}", req.method(), req.uri().path()),
-                256,
-            )),
-            outcome: format!("refused: {message}"),
-            status: 401,
-            remote,
-        };
-        let audit = st.audit.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || audit.append(&entry)).await {
-            tracing::error!(error = %e, "audit log could not be written");
-        }
+    if let Some(request) = action {
+        on_record(&st, ip, refusal(request, remote, message, 401), now).await;
     }
     let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
     resp.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     resp
+}
+
+/// The audit line of one refused action, without the token.
+fn refusal(request: String, remote: Option<SocketAddr>, message: &str, status: u16) -> AuditEntry {
+    AuditEntry {
+        at: Timestamp::now(),
+        action: "unauthorized".into(),
+        device: None,
+        request: Some(request),
+        outcome: format!("refused: {message}"),
+        status,
+        remote: remote.map(|a| a.to_string()),
+        count: None,
+    }
+}
+
+/// A refused action is still a hotline action: on record, through the audit log's
+/// per-address tally (one line a minute at most, not one fsync per request). Only
+/// counted here when nothing is due, so a flood costs no disk and no thread.
+async fn on_record(st: &ApiState, ip: IpAddr, entry: AuditEntry, now: Instant) {
+    let write = st.audit.count_refusal(ip, entry.status, now);
+    if write.is_nothing() {
+        return;
+    }
+    let audit = st.audit.clone();
+    let written = tokio::task::spawn_blocking(move || audit.write_refusal(entry, write, now));
+    if let Ok(Err(e)) = written.await {
+        tracing::error!(error = %e, "audit log could not be written");
+    }
 }
 
 // ---------- static things ----------
@@ -705,6 +765,7 @@ async fn retry(
         outcome,
         status: status.as_u16(),
         remote: remote_of(&remote),
+        count: None,
     };
     write_audit(&st.audit, entry).await?;
     Ok((status, Json(body)).into_response())
@@ -797,6 +858,7 @@ async fn diagnostics(
         outcome: clip(&out.outcome, 512),
         status: out.status.as_u16(),
         remote: remote_of(&remote),
+        count: None,
     };
     if let Err(e) = write_audit(&st.audit, entry).await {
         return e.into_response();

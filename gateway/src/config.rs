@@ -11,7 +11,7 @@ use std::time::Duration;
 use tend_mqtt::{BrokerAuth, BrokerUrl, ClientTls, OptionsError};
 use tend_profiles::load::toml_error;
 use tend_profiles::locate::{line_of_path, KeyPath};
-use tend_profiles::units::Dur;
+use tend_profiles::units::{ByteSize, Dur};
 use tend_profiles::{ProfileError, ProfileSet};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,11 +136,46 @@ pub struct ApiSection {
     /// Serve HTTPS with this PEM certificate chain and key (both or neither).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Concurrent hotline connections; more wait to be accepted. Default: a quarter of
+    /// the process's open-file limit, so the broker keeps descriptors for agents.
+    pub max_connections: Option<usize>,
+    /// A client must send a request's headers within this.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: Dur,
+    /// A connection with no request in flight and none begun or ended for this long is
+    /// closed (bytes trickling in or out do not keep it open).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Dur,
+    /// A TLS handshake must finish within this.
+    #[serde(default = "default_tls_handshake_timeout")]
+    pub tls_handshake_timeout: Dur,
+    /// `audit.log` is rotated before it passes this (to `audit.log.1` ... `.4`).
+    #[serde(default = "default_audit_max_size")]
+    pub audit_max_size: ByteSize,
 }
 
 fn default_diag_timeout() -> Dur {
     Dur(Duration::from_secs(10))
 }
+
+fn default_header_read_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+fn default_idle_timeout() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+
+fn default_tls_handshake_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+fn default_audit_max_size() -> ByteSize {
+    ByteSize(crate::audit::DEFAULT_MAX_SIZE)
+}
+
+/// The smallest `audit_max_size`: a few lines must fit before a rotation.
+const AUDIT_MIN_SIZE: u64 = 4 << 10;
 
 /// A loaded, checked configuration with what it refers to.
 #[derive(Debug, Clone)]
@@ -329,8 +364,24 @@ fn check_broker(broker: &BrokerSection, at: &Locator) -> Result<(), ProfileError
     Ok(())
 }
 
-/// `[api]`: HTTPS needs both the certificate and the key.
+/// `[api]`: HTTPS needs both the certificate and the key; the limits must allow work.
 fn check_api(api: &ApiSection, at: &Locator) -> Result<(), ProfileError> {
+    let key = |k: &str| KeyPath::root().key("api").key(k);
+    if api.max_connections == Some(0) {
+        return Err(at.error(&key("max_connections"), "must be at least 1"));
+    }
+    for (name, d) in [
+        ("header_read_timeout", api.header_read_timeout),
+        ("idle_timeout", api.idle_timeout),
+        ("tls_handshake_timeout", api.tls_handshake_timeout),
+    ] {
+        if d.0.is_zero() {
+            return Err(at.error(&key(name), "must be more than 0s"));
+        }
+    }
+    if api.audit_max_size.0 < AUDIT_MIN_SIZE {
+        return Err(at.error(&key("audit_max_size"), "must be at least 4KiB"));
+    }
     if api.tls_cert.is_some() != api.tls_key.is_some() {
         let given = if api.tls_cert.is_some() {
             "tls_cert"
@@ -587,6 +638,56 @@ token_file = "api.token"
         let e = parse("gw.toml", GOOD, d.path()).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (12, "backend.token_file"), "{e}");
         assert!(e.message.contains("is empty"), "{e}");
+    }
+
+    #[test]
+    fn hotline_limits_have_defaults_and_are_checked() {
+        let d = dir();
+        let api = parse("gw.toml", GOOD, d.path()).unwrap().config.api;
+        assert_eq!(api.max_connections, None);
+        assert_eq!(api.header_read_timeout, Dur(Duration::from_secs(10)));
+        assert_eq!(api.idle_timeout, Dur(Duration::from_secs(60)));
+        assert_eq!(api.tls_handshake_timeout, Dur(Duration::from_secs(10)));
+        assert_eq!(api.audit_max_size, ByteSize(64 << 20));
+        let set = |extra: &str| {
+            GOOD.replace(
+                "token_file = \"api.token\"",
+                &format!("token_file = \"api.token\"\n{extra}"),
+            )
+        };
+        let l = parse(
+            "gw.toml",
+            &set("max_connections = 500\nidle_timeout = \"5s\"\naudit_max_size = \"1MiB\""),
+            d.path(),
+        )
+        .unwrap();
+        assert_eq!(l.config.api.max_connections, Some(500));
+        assert_eq!(l.config.api.idle_timeout, Dur(Duration::from_secs(5)));
+        assert_eq!(l.config.api.audit_max_size, ByteSize(1 << 20));
+        for (extra, key, says) in [
+            ("max_connections = 0", "api.max_connections", "at least 1"),
+            (
+                "header_read_timeout = \"0s\"",
+                "api.header_read_timeout",
+                "more than 0s",
+            ),
+            ("idle_timeout = \"0ms\"", "api.idle_timeout", "more than 0s"),
+            (
+                "tls_handshake_timeout = \"0s\"",
+                "api.tls_handshake_timeout",
+                "more than 0s",
+            ),
+            (
+                "audit_max_size = \"1KiB\"",
+                "api.audit_max_size",
+                "at least 4KiB",
+            ),
+            ("audit_max_size = \"lots\"", "api.audit_max_size", "size"),
+        ] {
+            let e = parse("gw.toml", &set(extra), d.path()).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (17, key), "{extra}: {e}");
+            assert!(e.message.contains(says), "{e}");
+        }
     }
 
     #[test]

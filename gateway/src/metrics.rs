@@ -47,6 +47,8 @@ pub struct Metrics {
     pub devices: Family<StateLabel, Gauge>,
     /// Fleet devices below 99.5 % this month.
     pub below_target: Gauge,
+    /// Hotline requests refused for a missing or wrong token, or while their address waits.
+    pub auth_failures: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -80,6 +82,7 @@ impl Metrics {
             diagnostics: Family::default(),
             devices: Family::default(),
             below_target: Gauge::default(),
+            auth_failures: Counter::default(),
         };
         registry.register("batches", "Batches received from agents", m.batches.clone());
         registry.register(
@@ -142,6 +145,11 @@ impl Metrics {
             "devices_below_target",
             "Fleet devices below 99.5 % availability this month",
             m.below_target.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Hotline requests refused for a missing or wrong token, or while their address waits",
+            m.auth_failures.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -79,6 +79,8 @@ pub enum StartError {
 /// Starts everything the config describes.
 pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let cfg = &loaded.config;
+    // Before the broker and the API open sockets: the hotline gets a share of this.
+    let open_files = crate::limits::raise_open_files();
     let store = {
         let dir = cfg.data_dir.clone();
         tokio::task::spawn_blocking(move || RedbStore::open(&dir))
@@ -145,10 +147,16 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     // The hotline API. Bound here, so a config with port 0 still reports the real one.
     let token = read_secret(&cfg.api.token_file)?;
     let audit_path = cfg.data_dir.join("audit.log");
-    let audit = crate::audit::Audit::open(&audit_path).map_err(|source| StartError::Audit {
-        path: audit_path.clone(),
-        source,
-    })?;
+    let audit = crate::audit::Audit::open_capped(&audit_path, cfg.api.audit_max_size.0).map_err(
+        |source| StartError::Audit {
+            path: audit_path.clone(),
+            source,
+        },
+    )?;
+    tasks.push(tokio::spawn(write_refusal_tallies(
+        audit.clone(),
+        shutdown.clone(),
+    )));
     let listen = cfg.api.listen;
     let listen_error = |source| StartError::Listen { listen, source };
     let listener = tokio::net::TcpListener::bind(listen)
@@ -164,13 +172,15 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         if tls.is_some() { "https" } else { "http" }
     );
     {
+        let limits = crate::serve::Limits::from_section(&cfg.api, open_files);
+        tracing::info!(
+            "hotline API: at most {} connections (open-file limit {open_files})",
+            limits.max_connections
+        );
         let router = crate::api::router(gw.clone(), token, audit);
         let sd = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            let served = match tls {
-                Some(tls) => crate::tls::serve_tls(listener, router, tls, sd).await,
-                None => crate::api::serve(listener, router, sd).await,
-            };
+            let served = crate::serve::serve(listener, router, tls, limits, sd).await;
             if let Err(e) = served {
                 tracing::error!("hotline API stopped: {e}");
             }
@@ -185,6 +195,26 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         shutdown,
         tasks,
     })
+}
+
+/// Writes the audit log's per-address refusal tallies as their minutes end, and what is
+/// left of them at shutdown.
+async fn write_refusal_tallies(audit: crate::audit::Audit, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        let all = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shutdown.cancelled() => true,
+        };
+        let a = audit.clone();
+        let now = std::time::Instant::now();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || a.flush_refusals(now, all)).await {
+            tracing::error!(error = %e, "audit log could not be written");
+        }
+        if all {
+            return;
+        }
+    }
 }
 
 #[cfg(feature = "embedded-broker")]

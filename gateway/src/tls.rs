@@ -1,18 +1,10 @@
-//! HTTPS for the hotline API: the certificate and key from the config, rustls (ring)
-//! under hyper's server, the same axum router as plain HTTP.
+//! HTTPS for the hotline API: the certificate and key from the config, for rustls (ring).
+//! [`crate::serve`] serves the same axum router over it as over plain HTTP.
 
-use axum::extract::ConnectInfo;
-use axum::Extension;
-use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
 
 /// Why the hotline API's certificate and key cannot be served. A key's own parse error
 /// is not kept: it could quote key material.
@@ -73,54 +65,6 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     .with_single_cert(chain, key_der)
     .map_err(ServerTlsError::CertificateAndKey)?;
     Ok(Arc::new(config))
-}
-
-/// Serves `router` over TLS on `listener` until `shutdown`. Each connection gets the
-/// caller's address as `ConnectInfo`, as the plain server gives it.
-pub async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    tls: Arc<rustls::ServerConfig>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("hotline API accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let app = router
-            .clone()
-            .layer(Extension(ConnectInfo::<SocketAddr>(peer)));
-        let sd = shutdown.clone();
-        tokio::spawn(async move {
-            // A client that never finishes its handshake must not hold a task forever.
-            let hs = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
-            let stream = match hs.await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!("hotline API TLS handshake from {peer}: {e}");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = TowerToHyperService::new(app);
-            let builder = Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = sd.cancelled() => {}
-            }
-        });
-    }
 }
 
 #[cfg(test)]

@@ -310,7 +310,7 @@ impl DeviceTopics {
 }
 
 /// A command sent to an MQTT device, waiting for its reply: who asked, the answer fields
-/// that are PHI, and when to give up.
+/// that are PHI (removed at any depth), and when to give up.
 type PendingCommand = (
     oneshot::Sender<Result<serde_json::Value, RequestError>>,
     Vec<String>,
@@ -504,11 +504,7 @@ impl MqttDevice {
         };
         let answer = if reply.get("ok").and_then(|v| v.as_bool()) == Some(true) {
             let mut result = reply.get("result").cloned().unwrap_or_default();
-            if let Some(obj) = result.as_object_mut() {
-                for f in &drop_fields {
-                    obj.remove(f);
-                }
-            }
+            tend_profiles::phi::strip_json(&mut result, &drop_fields);
             Ok(result)
         } else {
             Err(RequestError::DeviceRefused(
@@ -562,6 +558,11 @@ impl MqttDevice {
             .known
             .as_ref()
             .and_then(|p| super::find_diagnostic(p, &req.name).ok().cloned());
+        // Stripped from the answer, as the serial link does: the diagnostic's fields, the
+        // profile's PHI and the manual's PHI for the model.
+        let phi = self.known.as_ref().zip(diag.as_ref()).map(|(p, g)| {
+            tend_profiles::phi::answer_phi(&p.doc.device.id, &p.doc.device.phi, &g.drop_fields)
+        });
         let (Some(diag), Some(topic)) = (diag, self.topics.cmd.as_ref()) else {
             let _ = req.reply.send(Err(RequestError::TakesNoCommands));
             return;
@@ -609,7 +610,7 @@ impl MqttDevice {
                     id,
                     (
                         req.reply,
-                        diag.drop_fields.clone(),
+                        phi.unwrap_or_default(),
                         TokioInstant::now() + timeout,
                     ),
                 );

@@ -89,24 +89,35 @@ pub fn open_line(
             .flow_control(tokio_serial::FlowControl::None)
             .exclusive(exclusive)
     };
-    match builder(true).open_native_async() {
-        Ok(p) => Ok(p),
-        Err(first) if first.to_string().contains("lock") => {
-            match builder(false).open_native_async() {
-                Ok(p) => {
-                    tracing::warn!(port = path, "port is shared with another process (advisory lock held); opened without exclusive access");
-                    Ok(p)
-                }
-                Err(_) => Err(TransportError::Open {
+    // An exclusive lock held by our own previous handle of this port can outlive its
+    // close for a moment: a process spawned elsewhere (between fork and exec) carries a
+    // copy of every descriptor. So a port locked exclusively is tried again briefly before
+    // the refusal counts; the wait is bounded (at most 150 ms, and only on this path).
+    let mut waits = [25u64, 50, 75].into_iter();
+    loop {
+        let first = match builder(true).open_native_async() {
+            Ok(p) => return Ok(p),
+            Err(e) => e,
+        };
+        if !first.to_string().contains("lock") {
+            return Err(TransportError::Open {
+                target: path.to_string(),
+                reason: first.to_string(),
+            });
+        }
+        if let Ok(p) = builder(false).open_native_async() {
+            tracing::warn!(port = path, "port is shared with another process (advisory lock held); opened without exclusive access");
+            return Ok(p);
+        }
+        match waits.next() {
+            Some(ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+            None => {
+                return Err(TransportError::Open {
                     target: path.to_string(),
                     reason: first.to_string(),
-                }),
+                })
             }
         }
-        Err(e) => Err(TransportError::Open {
-            target: path.to_string(),
-            reason: e.to_string(),
-        }),
     }
 }
 

@@ -70,6 +70,7 @@ async fn a_lost_or_damaged_outbox_starts_a_new_incarnation_and_loses_nothing_aft
     let dir = tempfile::tempdir().unwrap();
     let sims = spawn_sims(2).await;
     let mut gw = GatewayProc::spawn(
+        gateway_bin(),
         &dir.path().join("gw"),
         &GatewaySpec {
             id: "gw-inc",
@@ -88,7 +89,7 @@ async fn a_lost_or_damaged_outbox_starts_a_new_incarnation_and_loses_nothing_aft
     std::fs::write(&cfg, &fast).unwrap();
 
     // The first outbox sends a good number of records.
-    let mut agent = spawn_agent(&cfg, &log);
+    let mut agent = spawn_agent(agent_bin(), &cfg, &log);
     until_records(&gw, 200.0, &log).await;
     let _ = agent.start_kill();
     let _ = agent.wait().await;
@@ -98,7 +99,7 @@ async fn a_lost_or_damaged_outbox_starts_a_new_incarnation_and_loses_nothing_aft
     std::fs::remove_file(data.join("outbox.redb")).unwrap();
     let before = metric(&gw.metrics().await, "tend_gateway_records_total");
     std::fs::write(&cfg, &fast).unwrap();
-    agent = spawn_agent(&cfg, &log);
+    agent = spawn_agent(agent_bin(), &cfg, &log);
     until_records(&gw, before + 40.0, &log).await;
     drain_agent(
         &mut agent,
@@ -139,7 +140,7 @@ async fn a_lost_or_damaged_outbox_starts_a_new_incarnation_and_loses_nothing_aft
         .unwrap();
     let before = metric(&gw.metrics().await, "tend_gateway_records_total");
     std::fs::write(&cfg, &fast).unwrap();
-    agent = spawn_agent(&cfg, &log);
+    agent = spawn_agent(agent_bin(), &cfg, &log);
     until_records(&gw, before + 40.0, &log).await;
     let aside = moved_aside(&data, "outbox.redb");
     assert_eq!(aside.len(), 1, "{aside:?}; agent log:\n{}", tail(&log, 20));
@@ -273,6 +274,7 @@ async fn the_same_seq_with_other_content_is_a_conflict_counted_shown_and_not_app
     let dir = tempfile::tempdir().unwrap();
     let sims = spawn_sims(1).await;
     let mut gw = GatewayProc::spawn(
+        gateway_bin(),
         &dir.path().join("gw"),
         &GatewaySpec {
             id: "gw-conflict",
@@ -377,6 +379,7 @@ async fn a_truncated_gateway_store_gives_a_clear_error_and_exit_code() {
     let sims = spawn_sims(1).await;
     let gw_dir = dir.path().join("gw");
     let mut gw = GatewayProc::spawn(
+        gateway_bin(),
         &gw_dir,
         &GatewaySpec {
             id: "gw-cut",
@@ -399,7 +402,7 @@ async fn a_truncated_gateway_store_gives_a_clear_error_and_exit_code() {
         .unwrap()
         .set_len(len / 3)
         .unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tend-gateway"))
+    let out = tokio::process::Command::new(gateway_bin())
         .arg("run")
         .arg("--config")
         .arg(&gw.config)

@@ -287,7 +287,7 @@ async fn hostile(external: bool) {
         _mosquitto = None;
         BrokerChoice::Embedded(free_port())
     };
-    let backend = tend_gateway::backend_standin::spawn(BACKEND_TOKEN)
+    let backend = tend_testkit::backend_standin::spawn(BACKEND_TOKEN)
         .await
         .unwrap();
     let backend_url = backend.url();
@@ -297,6 +297,7 @@ async fn hostile(external: bool) {
         sims_fleet(&sims)
     );
     let mut gw = GatewayProc::spawn(
+        gateway_bin(),
         &dir.path().join("gw"),
         &GatewaySpec {
             id: "gw-hostile",
@@ -311,7 +312,7 @@ async fn hostile(external: bool) {
     let cfg = agent_dir.join("agent.toml");
     let log = agent_dir.join("agent.log");
     std::fs::write(&cfg, sims_agent_toml(REAL, &gw.broker_url, &sims, "100ms")).unwrap();
-    let mut agent = spawn_agent(&cfg, &log);
+    let mut agent = spawn_agent(agent_bin(), &cfg, &log);
     until_all_up_no_fault(&gw, 2, Duration::from_secs(90)).await;
     let malformed_before = metric(&gw.metrics().await, "tend_gateway_malformed_messages_total");
 
@@ -469,7 +470,7 @@ fn invalid_configs_exit_2_naming_file_and_key() {
         let file = d.join(format!("gateway-{}.toml", what.replace(' ', "-")));
         std::fs::write(&file, text).unwrap();
         for sub in ["run", "check"] {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_tend-gateway"))
+            let out = std::process::Command::new(gateway_bin())
                 .args([sub, "--config"])
                 .arg(&file)
                 .output()

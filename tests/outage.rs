@@ -16,7 +16,7 @@
 //!   generous bound while the backlog drains (peak and drain time are printed).
 //!
 //! The CI runs the short variants. The long ones are ignored; run them with
-//! `cargo test --release -p tend-gateway --test outage -- --ignored --nocapture`
+//! `cargo test --release -p tend-e2e --test outage -- --ignored --nocapture`
 //! (or one of them by name). `TEND_OUTAGE_BROKER_S`, `TEND_OUTAGE_503_S` and
 //! `TEND_OUTAGE_BACKLOG` change the short variants' figures.
 
@@ -26,7 +26,7 @@ use common::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tend_gateway::backend_standin::{self, Scripted};
+use tend_testkit::backend_standin::{self, Scripted};
 
 /// Starts a gateway (embedded broker unless `external` is given) with the backend
 /// stand-in, `n` simulators and an agent polling them every 100 ms; returns once every
@@ -57,6 +57,7 @@ impl Rig {
             None => BrokerChoice::Embedded(free_port()),
         };
         let gw = GatewayProc::spawn(
+            gateway_bin(),
             &dir.path().join("gw"),
             &GatewaySpec {
                 id: "gw-outage",
@@ -76,7 +77,7 @@ impl Rig {
             sims_agent_toml(agent_id, &broker_url, &sims, "100ms"),
         )
         .unwrap();
-        let agent = spawn_agent(&agent_cfg, &agent_log);
+        let agent = spawn_agent(agent_bin(), &agent_cfg, &agent_log);
         until_all_up_no_fault(&gw, n, Duration::from_secs(90)).await;
         Rig {
             dir,
@@ -198,7 +199,7 @@ async fn broker_stopped_and_restarted_loses_nothing_duplicates_nothing() {
     broker_outage(Duration::from_secs(env_u64("TEND_OUTAGE_BROKER_S", 5))).await;
 }
 
-/// `cargo test --release -p tend-gateway --test outage -- --ignored --nocapture broker_down_a_minute`
+/// `cargo test --release -p tend-e2e --test outage -- --ignored --nocapture broker_down_a_minute`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a minute-long outage; run by hand (see the module doc)"]
 async fn broker_down_a_minute() {
@@ -300,7 +301,7 @@ async fn backend_503_then_hanging_then_429_every_ticket_once_when_it_recovers() 
     backend_failures(Duration::from_secs(env_u64("TEND_OUTAGE_503_S", 10))).await;
 }
 
-/// `cargo test --release -p tend-gateway --test outage -- --ignored --nocapture backend_503_for_minutes`
+/// `cargo test --release -p tend-e2e --test outage -- --ignored --nocapture backend_503_for_minutes`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes of 503; run by hand (see the module doc)"]
 async fn backend_503_for_minutes() {
@@ -456,9 +457,10 @@ async fn backlog(n: usize) {
     let cfg = agent_dir.join("agent.toml");
     let log = agent_dir.join("agent.log");
     std::fs::write(&cfg, sims_agent_toml(AGENT, &broker_url, &sims, "1h")).unwrap();
-    let mut agent = spawn_agent(&cfg, &log);
+    let mut agent = spawn_agent(agent_bin(), &cfg, &log);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut gw = GatewayProc::spawn(
+        gateway_bin(),
         &dir.path().join("gw"),
         &GatewaySpec {
             id: "gw-backlog",
@@ -524,7 +526,7 @@ async fn agent_cut_off_backlog_drains_exactly_once_with_bounded_memory() {
     backlog(env_u64("TEND_OUTAGE_BACKLOG", 18_000) as usize).await;
 }
 
-/// `cargo test --release -p tend-gateway --test outage -- --ignored --nocapture an_hour_of_records`
+/// `cargo test --release -p tend-e2e --test outage -- --ignored --nocapture an_hour_of_records`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "180,000 records; run by hand in release (see the module doc)"]
 async fn an_hour_of_records_180000_drain_exactly_once_with_bounded_memory() {
@@ -564,7 +566,7 @@ async fn outbox_full_while_cut_off_drops_oldest_readings_only_and_reports_them()
         )
     };
     std::fs::write(&cfg, capped("100ms")).unwrap();
-    let mut agent = spawn_agent(&cfg, &log);
+    let mut agent = spawn_agent(agent_bin(), &cfg, &log);
 
     // No gateway: the outbox fills within a second or two and starts dropping.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -577,6 +579,7 @@ async fn outbox_full_while_cut_off_drops_oldest_readings_only_and_reports_them()
 
     let fleet = sims_fleet(&sims);
     let mut gw = GatewayProc::spawn(
+        gateway_bin(),
         &dir.path().join("gw"),
         &GatewaySpec {
             id: "gw-disk-cap",

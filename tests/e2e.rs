@@ -19,7 +19,7 @@ use std::time::Duration;
 use tend_devsim::av500::{device_state, Av500Config, Av500Sim};
 use tend_devsim::lip300::{Lip300Config, Lip300Sim};
 use tend_devsim::vm12::{Vm12Config, Vm12Sim};
-use tend_gateway::backend_standin::{self, Scripted};
+use tend_testkit::backend_standin::{self, Scripted};
 
 const PID: &str = "P-0048213";
 
@@ -66,6 +66,7 @@ async fn devices_to_backend_one_ticket_per_episode_with_events_retries_and_diagn
     let broker_port = free_port();
     let backend_url = backend.url();
     let mut gw = GatewayProc::spawn(
+        gateway_bin(),
         &dir.path().join("gw"),
         &GatewaySpec {
             id: "gw-e2e",
@@ -127,7 +128,7 @@ serial = "VM12-00A4471"
     )
     .unwrap();
     let agent_log = agent_dir.join("agent.log");
-    let mut agent = spawn_agent(&agent_cfg, &agent_log);
+    let mut agent = spawn_agent(agent_bin(), &agent_cfg, &agent_log);
 
     // The hotline sees every device come up.
     until(

@@ -17,7 +17,7 @@
 //!   the gateway queued arrived once.
 //!
 //! Short version (in `cargo test`): 6 agent kills, 3 gateway kills. Full version:
-//! `TEND_CRASH_AGENT_KILLS=100 TEND_CRASH_GATEWAY_KILLS=20 cargo test --release -p tend-gateway --test crash -- --nocapture`
+//! `TEND_CRASH_AGENT_KILLS=100 TEND_CRASH_GATEWAY_KILLS=20 cargo test --release -p tend-e2e --test crash -- --nocapture`
 //! Other knobs: `TEND_CRASH_SEED` (replays a run's random moments), `TEND_CRASH_DEVICES`.
 
 mod common;
@@ -26,7 +26,7 @@ use common::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tend_gateway::backend_standin;
+use tend_testkit::backend_standin;
 
 const AGENT: &str = "agent-crash";
 
@@ -47,6 +47,7 @@ async fn kill_9_agent_and_gateway_at_random_no_loss_no_duplicate_one_ticket_per_
     let backend_url = backend.url();
     let gw_dir = dir.path().join("gw");
     let mut gw = GatewayProc::spawn(
+        gateway_bin(),
         &gw_dir,
         &GatewaySpec {
             id: "gw-crash",
@@ -68,7 +69,7 @@ async fn kill_9_agent_and_gateway_at_random_no_loss_no_duplicate_one_ticket_per_
         sims_agent_toml(AGENT, &broker_url, &sims, "100ms"),
     )
     .unwrap();
-    let mut agent = spawn_agent(&agent_cfg, &agent_log);
+    let mut agent = spawn_agent(agent_bin(), &agent_cfg, &agent_log);
     until_all_up_no_fault(&gw, n_devices, Duration::from_secs(90)).await;
     eprintln!(
         "crash: devices up after {:.1}s",
@@ -111,11 +112,12 @@ async fn kill_9_agent_and_gateway_at_random_no_loss_no_duplicate_one_ticket_per_
         if rng.range(0, a_left + g_left) < a_left {
             let _ = agent.start_kill();
             let _ = agent.wait().await;
-            agent = spawn_agent(&agent_cfg, &agent_log);
+            agent = spawn_agent(agent_bin(), &agent_cfg, &agent_log);
             a_left -= 1;
         } else {
             gw.kill().await;
-            gw = GatewayProc::start(&gw_dir, &gw.config.clone(), &gw.log.clone()).await;
+            gw = GatewayProc::start(gateway_bin(), &gw_dir, &gw.config.clone(), &gw.log.clone())
+                .await;
             g_left -= 1;
         }
     }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tend_devsim::av500::{device_state, Av500Config, Av500Sim};
-use tend_gateway::backend_standin;
+use tend_testkit::backend_standin;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_share_the_traffic_and_open_each_ticket_once() {
@@ -33,6 +33,7 @@ async fn two_gateways_share_the_traffic_and_open_each_ticket_once() {
     for id in ["gw-a", "gw-b"] {
         gws.push(
             GatewayProc::spawn(
+                gateway_bin(),
                 &dir.path().join(id),
                 &GatewaySpec {
                     id,
@@ -79,7 +80,7 @@ poll_interval = "100ms"
         ),
     )
     .unwrap();
-    let mut agent = spawn_agent(&cfg, &agent_dir.join("agent.log"));
+    let mut agent = spawn_agent(agent_bin(), &cfg, &agent_dir.join("agent.log"));
 
     // Five faults of the ventilator, one after another, each raised and cleared.
     let bits = [3u16, 4, 5, 6, 7];
@@ -146,6 +147,18 @@ poll_interval = "100ms"
         assert_eq!(per_code.get(c), Some(&1), "{per_code:?}");
     }
     for r in backend.requests() {
+        // The one 409 two gateways with separate stores can still cause: a recurrence of
+        // SAFE_STATE, which each gateway attaches to the open SAFE_STATE ticket *it* knows
+        // (they may know different ones), sent under the same episode key to two tickets.
+        // A shared store (DESIGN "Scale-out", the PostgreSQL issue) decides the owning
+        // ticket in one place; until then the forwarder keeps such an event `failed` and
+        // shown. Every ticket create and every event of the valve faults must never 409.
+        let recurrence =
+            r.body.as_ref().and_then(|b| b.get("type")) == Some(&json!("fault_recurred"));
+        if recurrence && r.status == Some(409) {
+            eprintln!("known limit of separate stores: {r:?}");
+            continue;
+        }
         assert_ne!(
             r.status,
             Some(409),

@@ -30,6 +30,20 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// SHA-256 of `bytes` in lowercase hex: the expected `Authorization` header is kept only
+/// as this hash.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest
+        .as_ref()
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 /// The body schema the backend accepts.
 pub const SCHEMA: &str = "service-ticket/1";
 /// Ticket kinds the backend accepts.
@@ -201,7 +215,7 @@ pub async fn spawn(token: &str) -> std::io::Result<Backend> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared {
-        auth_hash: crate::ticket::sha256_hex(format!("Bearer {token}").as_bytes()),
+        auth_hash: sha256_hex(format!("Bearer {token}").as_bytes()),
         data: Mutex::new(Data::default()),
         changed: Notify::new(),
         stopping: Mutex::new(CancellationToken::new()),
@@ -455,7 +469,7 @@ async fn handle(
     };
     let authorized = headers
         .get(header::AUTHORIZATION)
-        .is_some_and(|v| crate::ticket::sha256_hex(v.as_bytes()) == shared.auth_hash);
+        .is_some_and(|v| sha256_hex(v.as_bytes()) == shared.auth_hash);
     let rec = Received {
         at: Instant::now(),
         time: Timestamp::now(),
@@ -638,5 +652,16 @@ impl Data {
         });
         t.updated_at = r.time;
         Answer::json(201, json!({"ticket_id": id, "created": true}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sha256_hex_is_the_standard_digest() {
+        assert_eq!(
+            super::sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

@@ -1,0 +1,114 @@
+//! The `tend-agent` command line (`run`, `probe`, `profile check|list`), in the library so
+//! that the binary and the end-to-end suites' copy of it (`tests/`) are one program.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "tend-agent",
+    version,
+    about = "tend agent: reads device status over serial, Modbus and MQTT, detects technical faults and keeps uptime"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with firmware profiles.
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCommand,
+    },
+    /// Run the agent: read every configured device, keep every record on disk until the
+    /// gateway acknowledges it, answer diagnostics. Stops on Ctrl-C or SIGTERM.
+    Run {
+        /// The agent's config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Read one device once and print its readings, faults and state (commissioning).
+    Probe(Box<crate::probe::ProbeArgs>),
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// Check profiles: schema, cross-references, PHI allow-list and golden vectors.
+    /// Without a path, checks the profiles built into this binary. Exit 0 when all are
+    /// valid, 2 naming file, line and key when not.
+    Check {
+        /// Profile files or directories of profiles.
+        paths: Vec<PathBuf>,
+    },
+    /// List the profiles built into this binary.
+    List,
+}
+
+/// Parses the command line and runs the command: what the binary's `main` does.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Profile {
+            command: ProfileCommand::Check { paths },
+        } => crate::profile_cmd::check(&paths, &mut std::io::stdout(), &mut std::io::stderr()),
+        Command::Profile {
+            command: ProfileCommand::List,
+        } => crate::profile_cmd::list(&mut std::io::stdout()),
+        Command::Probe(args) => crate::probe::main(*args),
+        Command::Run { config } => run(&config),
+    }
+}
+
+fn run(config: &std::path::Path) -> ExitCode {
+    let loaded = match crate::config::load(config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("tend-agent: invalid config: {e}");
+            return ExitCode::from(crate::profile_cmd::EXIT_INVALID);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tend-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let shutdown = async {
+            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+            match term {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        };
+        crate::run::run(loaded, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tend-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

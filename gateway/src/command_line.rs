@@ -1,0 +1,140 @@
+//! The `tend-gateway` command line (`run`, `check`, `hotline`), in the library so that
+//! the binary and the end-to-end suites' copy of it (`tests/`) are one program.
+
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Exit code for an invalid config or fleet file.
+const EXIT_INVALID: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "tend-gateway",
+    version,
+    about = "tend gateway: collects agents' records, keeps the availability ledger, opens repair tickets, serves the hotline"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway: broker (embedded or external), ingest, ledger, tickets, forwarder
+    /// and hotline API. Stops on Ctrl-C or SIGTERM.
+    Run {
+        /// The gateway's config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a config file and the fleet file it names: exit 0 when valid, 2 with file,
+    /// line and key when not.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The hotline from a terminal, through the gateway's API: devices, device, availability,
+    /// tickets, diag, retry. Target with --config gateway.toml, or --api URL --token-file F.
+    Hotline(crate::cli::HotlineArgs),
+}
+
+/// Parses the command line and runs the command: what the binary's `main` does.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Hotline(args) => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("tend-gateway: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(crate::cli::run_args(&args)) {
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(e) => {
+                    eprintln!("tend-gateway: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Check { config } => match crate::config::load(&config) {
+            Ok(l) => {
+                println!(
+                    "{}: valid ({} fleet devices)",
+                    config.display(),
+                    l.fleet.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tend-gateway: invalid config: {e}");
+                ExitCode::from(EXIT_INVALID)
+            }
+        },
+    }
+}
+
+fn run(config: &Path) -> ExitCode {
+    let loaded = match crate::config::load(config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("tend-gateway: invalid config: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tend-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let running = match crate::run::start(loaded).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("tend-gateway: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        println!(
+            "gateway ready broker={} api={}",
+            running.broker_url, running.api_url
+        );
+        wait_for_signal().await;
+        tracing::info!("stopping");
+        running.stop().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,255 @@
+//! Fixtures of the cross-process suites that need this package's own binaries or look
+//! into the stopped processes' files (the agent's outbox, the gateway's store). The rest
+//! comes from `tend-testkit`, re-exported here so a suite needs one `use common::*`.
+#![allow(dead_code, unused_imports)]
+
+use std::path::Path;
+use std::time::Duration;
+pub use tend_testkit::config::*;
+pub use tend_testkit::metrics::*;
+pub use tend_testkit::mosquitto::*;
+pub use tend_testkit::ports::*;
+pub use tend_testkit::procs::*;
+pub use tend_testkit::rng::*;
+pub use tend_testkit::rss::*;
+pub use tend_testkit::sims::*;
+pub use tend_testkit::wait::*;
+pub use tend_testkit::wire_tap::*;
+
+/// The `tend-gateway` command line as this package's binary `e2e-tend-gateway`: cargo
+/// builds it, up to date, before the suites run.
+pub fn gateway_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_e2e-tend-gateway"))
+}
+
+/// The `tend-agent` command line as this package's binary `e2e-tend-agent`.
+pub fn agent_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_e2e-tend-agent"))
+}
+
+/// The agent's last run: SIGKILL, then a restart that polls each device once (`1h`
+/// poll), so its outbox can empty and stay empty; waits until its first polls are
+/// recorded (one record per device at least), the outbox is empty (asked through the
+/// gateway's `outbox` diagnostic on `device`) and has stayed so for a second, and every
+/// ticket is forwarded. The agent's data directory is `data` beside `cfg`.
+pub async fn drain_agent(
+    agent: &mut tokio::process::Child,
+    cfg: &Path,
+    log: &Path,
+    config_text: String,
+    gw: &GatewayProc,
+    device: &str,
+    within: Duration,
+) {
+    use tend_agent::outbox::{Outbox, OutboxConfig};
+    let _ = agent.start_kill();
+    let _ = agent.wait().await;
+    let path = cfg.parent().unwrap().join("data/outbox.redb");
+    let outbox = Outbox::open(OutboxConfig::new(path)).await.unwrap();
+    let before = outbox.stats().next_seq;
+    outbox.close().await.unwrap();
+    let devices = config_text.matches("[[device]]").count() as u64;
+    std::fs::write(cfg, config_text).unwrap();
+    *agent = spawn_agent(agent_bin(), cfg, log);
+    let empty = tokio::time::timeout(within, async {
+        let mut last = None;
+        loop {
+            if let Some(a) = agent_outbox(gw, device).await {
+                let next = a["next_seq"].as_u64().unwrap_or(0);
+                if a["records"] == 0 && next >= before + devices {
+                    if last == Some(next) {
+                        return;
+                    }
+                    last = Some(next);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+            last = None;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
+    if empty.is_err() {
+        panic!(
+            "the agent's outbox did not empty within {within:?}; agent log:\n{}\ngateway log:\n{}",
+            tail(log, 40),
+            tail(&gw.log, 40)
+        );
+    }
+    until("every ticket and event forwarded", within, || async {
+        let (_, t) = gw.try_get("/api/v1/tickets").await?;
+        forwarding_settled(&t).then_some(())
+    })
+    .await;
+}
+
+/// After the agent and the gateway have stopped: the agent's outbox is empty (everything
+/// acked) and the gateway's store holds exactly seqs 1..=max of `agent`, max being the
+/// last seq the outbox gave out. Returns max.
+pub async fn assert_delivered_exactly_once(agent_data: &Path, gw_data: &Path, agent: &str) -> u64 {
+    assert_delivered(agent_data, gw_data, agent, true).await
+}
+
+/// The same, when other agents' records share the store (`only_agent` false): then the
+/// seqs around 1..=max (0, the next hundreds, the largest) must be absent.
+pub async fn assert_delivered(
+    agent_data: &Path,
+    gw_data: &Path,
+    agent: &str,
+    only_agent: bool,
+) -> u64 {
+    use tend_agent::outbox::{Outbox, OutboxConfig};
+    let outbox = Outbox::open(OutboxConfig::new(agent_data.join("outbox.redb")))
+        .await
+        .unwrap();
+    let stats = outbox.stats();
+    outbox.close().await.unwrap();
+    assert_eq!(stats.records, 0, "unacknowledged records left: {stats:?}");
+    let max = stats.next_seq - 1;
+    assert!(max > 0);
+    use tend_gateway::store::{GatewayStore, RedbStore};
+    let store = RedbStore::open(gw_data).unwrap();
+    let missing: Vec<u64> = (1..=max)
+        .filter(|s| !store.has_record(agent, *s).unwrap())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {max} records lost, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    if only_agent {
+        assert_eq!(
+            store.records_stored().unwrap(),
+            max,
+            "records beyond the agent's seqs"
+        );
+    } else {
+        for s in [0, u64::MAX - 1, u64::MAX]
+            .into_iter()
+            .chain(max + 1..=max + 500)
+        {
+            assert!(
+                !store.has_record(agent, s).unwrap(),
+                "seq {s} of {agent} stored"
+            );
+        }
+    }
+    max
+}
+
+/// Figures of the ticket check.
+#[derive(Debug, Default)]
+pub struct TicketFigures {
+    pub episodes: usize,
+    pub tickets: usize,
+    pub backend_tickets: usize,
+    pub events: usize,
+}
+
+/// One ticket per episode, from the stopped gateway's store and the backend stand-in:
+/// every episode of the life records of `devices` opened once and in exactly one ticket;
+/// backend and gateway know the same ticket keys, each once; no two open backend tickets
+/// for one (device, kind, code); every event queued arrived once; no 409. Tickets whose
+/// keys are in `refused` are expected `failed` and absent from the backend.
+pub fn assert_one_ticket_per_episode(
+    gw_data: &Path,
+    backend: &tend_testkit::backend_standin::Backend,
+    devices: &[&str],
+    refused: &[String],
+) -> TicketFigures {
+    use std::collections::{BTreeMap, BTreeSet};
+    use tend_gateway::store::{ForwardState, GatewayStore, LifeEvent, RedbStore};
+    let store = RedbStore::open(gw_data).unwrap();
+    let tickets = store.tickets().unwrap();
+    let mut episodes: BTreeMap<String, String> = BTreeMap::new();
+    let mut opened: BTreeMap<String, u32> = BTreeMap::new();
+    for id in devices {
+        for e in store.history(id, usize::MAX).unwrap() {
+            if let LifeEvent::Episode { event, .. } = e {
+                if event.change == tend_wire::EpisodeChange::Opened {
+                    *opened.entry(event.episode.clone()).or_default() += 1;
+                }
+                episodes.insert(event.episode.clone(), id.to_string());
+            }
+        }
+    }
+    for (ep, n) in &opened {
+        assert_eq!(*n, 1, "episode {ep} opened {n} times in the life record");
+    }
+    for (ep, dev) in &episodes {
+        let owners: Vec<&str> = tickets
+            .iter()
+            .filter(|t| t.episodes.contains(ep))
+            .map(|t| t.key.as_str())
+            .collect();
+        assert_eq!(
+            owners.len(),
+            1,
+            "episode {ep} of {dev} in tickets {owners:?}"
+        );
+    }
+    let bt = backend.tickets();
+    let backend_keys: BTreeSet<&str> = bt.iter().map(|t| t.key.as_str()).collect();
+    assert_eq!(
+        backend_keys.len(),
+        bt.len(),
+        "two backend tickets under one key"
+    );
+    let gw_keys: BTreeSet<&str> = tickets
+        .iter()
+        .filter(|t| !refused.contains(&t.key))
+        .map(|t| t.key.as_str())
+        .collect();
+    assert_eq!(
+        backend_keys, gw_keys,
+        "backend and gateway disagree on the tickets"
+    );
+    let mut per_fault: BTreeMap<(String, String, String), Vec<&str>> = BTreeMap::new();
+    for t in &bt {
+        assert!(t.key.starts_with("tend-t"), "{}", t.key);
+        if t.status == "open" {
+            per_fault
+                .entry((
+                    t.body["device"]["id"].to_string(),
+                    t.body["kind"].to_string(),
+                    t.body["fault"]["code"].to_string(),
+                ))
+                .or_default()
+                .push(&t.key);
+        }
+    }
+    for (k, keys) in &per_fault {
+        assert_eq!(keys.len(), 1, "open tickets {keys:?} for {k:?}");
+    }
+    for t in &tickets {
+        if refused.contains(&t.key) {
+            assert_eq!(t.forward.state, ForwardState::Failed, "{t:#?}");
+            continue;
+        }
+        assert_eq!(t.forward.state, ForwardState::Sent, "{t:#?}");
+        let b = bt.iter().find(|b| b.key == t.key).unwrap();
+        let want: BTreeSet<&str> = t
+            .events
+            .iter()
+            .map(|e| e.idempotency_key.as_str())
+            .collect();
+        let got: BTreeSet<&str> = b.events.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(got.len(), b.events.len(), "an event twice on {}", t.key);
+        assert_eq!(want, got, "events of {}", t.key);
+    }
+    for r in backend.requests() {
+        assert_ne!(
+            r.status,
+            Some(409),
+            "a key reused with another body: {r:#?}"
+        );
+    }
+    TicketFigures {
+        episodes: episodes.len(),
+        tickets: tickets.len(),
+        backend_tickets: bt.len(),
+        events: tickets.iter().map(|t| t.events.len()).sum(),
+    }
+}
