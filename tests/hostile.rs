@@ -36,6 +36,7 @@ fn batch(agent: &str, records: Vec<Record>) -> Vec<u8> {
     encode(&UpBatch {
         v: 1,
         agent: agent.into(),
+        incarnation: "e0".into(),
         site: "s-main".into(),
         records,
     })

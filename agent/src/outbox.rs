@@ -8,7 +8,10 @@
 //!   what was stored and byte accounting is the size on the wire;
 //! - `meta`: the seq counter, record and byte counts, drop and quarantine totals — all
 //!   written in the same transaction as the records they describe, so after a crash the
-//!   counter is never behind a stored seq and seqs never repeat;
+//!   counter is never behind a stored seq and seqs never repeat — and the file's
+//!   *incarnation*: 128 random bits made when the file is created (or first opened by a
+//!   build that has them), sent with every batch, so the gateway can tell this file's
+//!   seqs from those of an outbox that was lost and replaced;
 //! - `quarantine`: records that no longer decode, moved aside (never sent, never fatal).
 //!
 //! Writes go through one writer (on the runtime's blocking pool, because a redb commit
@@ -26,6 +29,11 @@
 //! fault episodes, identities and earlier `Dropped` records are never dropped; if only
 //! they remain over the cap they are all kept, `stats().over_cap` says so and a warning
 //! is logged.
+//!
+//! A file that redb finds damaged when opening it (truncated, corrupt) is moved aside as
+//! `outbox.redb.corrupt-<time>` and a new outbox, with a new incarnation, starts: records
+//! the gateway acknowledged were deleted from the file anyway, what was still waiting
+//! stays in the moved file for whoever wants to dig, and the agent keeps recording.
 
 use jiff::Timestamp;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
@@ -71,6 +79,9 @@ const K_BYTES: &str = "bytes";
 const K_DROPPED: &str = "dropped_total";
 const K_UNDECODABLE: &str = "undecodable_total";
 const K_FORMAT: &str = "format";
+/// The incarnation's two halves (meta holds u64s).
+const K_INCARNATION_HI: &str = "incarnation_hi";
+const K_INCARNATION_LO: &str = "incarnation_lo";
 
 /// How far below the cap a drop event goes: 1/16 of the cap, at most 4 MiB. Dropping
 /// only down to the cap would make one `Dropped` record per commit once the outbox is
@@ -105,6 +116,8 @@ impl OutboxConfig {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct OutboxStats {
+    /// The file's incarnation: its seqs count within it.
+    pub incarnation: String,
     /// Records waiting for an ack.
     pub records: u64,
     /// Their encoded size (JSON bytes).
@@ -129,6 +142,18 @@ pub enum OutboxError {
         #[source]
         source: Box<redb::DatabaseError>,
     },
+    /// redb found the file damaged (or panicked reading it).
+    #[error("outbox {path}: the file is damaged: {detail}")]
+    Damaged { path: PathBuf, detail: String },
+    #[error("outbox {path}: damaged, and cannot be moved aside to {aside}: {source}")]
+    MoveAside {
+        path: PathBuf,
+        aside: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("outbox {path}: no random source for the incarnation")]
+    Random { path: PathBuf },
     #[error("outbox {path}: cannot create directory: {source}")]
     Dir {
         path: PathBuf,
@@ -212,6 +237,7 @@ struct Unnumbered<'a> {
 
 struct Inner {
     path: PathBuf,
+    incarnation: String,
     db: Arc<Database>,
     tx: Mutex<Option<std_mpsc::Sender<Op>>>,
     stats: Arc<Mutex<OutboxStats>>,
@@ -273,6 +299,7 @@ impl Outbox {
                 what: "opening the file",
             })??;
         let db = Arc::new(db);
+        let incarnation = state.incarnation.clone();
         let stats = Arc::new(Mutex::new(state.stats()));
         let (tx, rx) = std_mpsc::channel();
         let writer = Writer {
@@ -287,6 +314,7 @@ impl Outbox {
         Ok(Outbox {
             inner: Arc::new(Inner {
                 path,
+                incarnation,
                 db,
                 tx: Mutex::new(Some(tx)),
                 stats,
@@ -297,6 +325,11 @@ impl Outbox {
     /// The file this outbox lives in.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The file's incarnation (32 hex digits): its seqs count within it.
+    pub fn incarnation(&self) -> &str {
+        &self.inner.incarnation
     }
 
     fn closed(&self) -> OutboxError {
@@ -512,6 +545,8 @@ fn decode_stored(stored: &[u8]) -> Option<Record> {
 /// The counters the writer keeps, mirrored in `meta`.
 #[derive(Debug, Clone, Default)]
 struct State {
+    /// Written once, when the file gets it.
+    incarnation: String,
     next_seq: u64,
     records: u64,
     bytes: u64,
@@ -527,6 +562,7 @@ struct State {
 impl State {
     fn stats(&self) -> OutboxStats {
         OutboxStats {
+            incarnation: self.incarnation.clone(),
             records: self.records,
             bytes: self.bytes,
             next_seq: self.next_seq,
@@ -546,10 +582,121 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<(Database, State), OutboxError> {
             source,
         })?;
     }
-    let db = Database::create(path).map_err(|source| OutboxError::Open {
-        path: path.clone(),
-        source: Box::new(source),
+    match open_file(cfg) {
+        Err(OutboxError::Damaged { detail, .. }) => {
+            let aside = move_aside(path, Timestamp::now())?;
+            tracing::error!(
+                path = %path.display(),
+                moved_to = %aside.display(),
+                problem = %detail,
+                "outbox file is damaged: moved it aside and starting a new outbox (a new incarnation)"
+            );
+            open_file(cfg)
+        }
+        other => other,
+    }
+}
+
+/// Renames a damaged outbox to `<name>.corrupt-<UTC time>` (never over an existing file).
+fn move_aside(path: &Path, now: Timestamp) -> Result<PathBuf, OutboxError> {
+    let stamp = now.strftime("%Y%m%dT%H%M%SZ").to_string();
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".corrupt-{stamp}"));
+    let mut aside = path.with_file_name(&name);
+    let mut n = 1;
+    while aside.exists() {
+        n += 1;
+        aside = path.with_file_name(format!("{}-{n}", name.to_string_lossy()));
+    }
+    std::fs::rename(path, &aside).map_err(|source| OutboxError::MoveAside {
+        path: path.to_path_buf(),
+        aside: aside.clone(),
+        source,
     })?;
+    Ok(aside)
+}
+
+/// 128 random bits as 32 hex digits, split in the two halves meta stores.
+fn new_incarnation(path: &Path) -> Result<(u64, u64), OutboxError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| OutboxError::Random {
+            path: path.to_path_buf(),
+        })?;
+    let (hi, lo) = bytes.split_at(8);
+    let half = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or_default());
+    Ok((half(hi), half(lo)))
+}
+
+/// Opens the database, telling damage (which moving the file aside cures) from every other
+/// failure (locked by another process, permissions: those must stop the agent).
+fn open_database(path: &Path) -> Result<Database, OutboxError> {
+    // redb 2 panics on some truncated files instead of returning an error; the panic is
+    // caught here so a damaged file is treated as damaged, not as a dead agent. Nothing
+    // outlives the closure but its result, so no broken state can be observed.
+    let opened = quietly(|| Database::create(path));
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)))) => {
+            Err(OutboxError::Damaged {
+                path: path.to_path_buf(),
+                detail,
+            })
+        }
+        // What redb says of a file that is not one of its databases (bad header).
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
+            if e.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            Err(OutboxError::Damaged {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })
+        }
+        Ok(Err(source)) => Err(OutboxError::Open {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        }),
+        Err(panic) => Err(OutboxError::Damaged {
+            path: path.to_path_buf(),
+            detail: format!("redb could not read it ({})", panic_text(panic.as_ref())),
+        }),
+    }
+}
+
+/// Runs `f`, catching a panic; the panic hook stays silent for a panic on this thread
+/// meanwhile (it is reported as damage, and a "panicked at" line in the log would read as
+/// a crash), and passes on any other thread's. Opens take turns, so each restores the
+/// hook it found. (The gateway's store does the same.)
+fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static TURN: Mutex<()> = Mutex::new(());
+    let _turn = lock(&TURN);
+    let previous: Arc<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync> =
+        Arc::from(std::panic::take_hook());
+    let me = std::thread::current().id();
+    let others = previous.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().id() != me {
+            others(info);
+        }
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    drop(std::panic::take_hook());
+    std::panic::set_hook(Box::new(move |info| previous(info)));
+    result
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
+fn open_file(cfg: &OutboxConfig) -> Result<(Database, State), OutboxError> {
+    let path = &cfg.path;
+    let db = open_database(path)?;
     let mut txn = db.begin_write().map_err(storage(path, "begin write"))?;
     txn.set_durability(Durability::Immediate);
     let state = {
@@ -557,13 +704,13 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<(Database, State), OutboxError> {
         let records = txn.open_table(RECORDS).map_err(storage(path, what))?;
         txn.open_table(QUARANTINE).map_err(storage(path, what))?;
         let mut meta = txn.open_table(META).map_err(storage(path, what))?;
-        let get = |k: &str| -> Result<Option<u64>, OutboxError> {
+        let get = |meta: &redb::Table<&str, u64>, k: &str| -> Result<Option<u64>, OutboxError> {
             Ok(meta
                 .get(k)
                 .map_err(storage(path, "read meta"))?
                 .map(|v| v.value()))
         };
-        match get(K_FORMAT)? {
+        match get(&meta, K_FORMAT)? {
             None => {}
             Some(FORMAT) => {}
             Some(found) => {
@@ -573,12 +720,25 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<(Database, State), OutboxError> {
                 })
             }
         }
+        let (hi, lo) = match (get(&meta, K_INCARNATION_HI)?, get(&meta, K_INCARNATION_LO)?) {
+            (Some(hi), Some(lo)) => (hi, lo),
+            // A new file, or one from a build before incarnations: it gets one now.
+            _ => {
+                let (hi, lo) = new_incarnation(path)?;
+                meta.insert(K_INCARNATION_HI, hi)
+                    .map_err(storage(path, "write meta"))?;
+                meta.insert(K_INCARNATION_LO, lo)
+                    .map_err(storage(path, "write meta"))?;
+                (hi, lo)
+            }
+        };
         let mut s = State {
-            next_seq: get(K_NEXT_SEQ)?.unwrap_or(1),
-            records: get(K_RECORDS)?.unwrap_or(0),
-            bytes: get(K_BYTES)?.unwrap_or(0),
-            dropped_total: get(K_DROPPED)?.unwrap_or(0),
-            undecodable_total: get(K_UNDECODABLE)?.unwrap_or(0),
+            incarnation: format!("{hi:016x}{lo:016x}"),
+            next_seq: get(&meta, K_NEXT_SEQ)?.unwrap_or(1),
+            records: get(&meta, K_RECORDS)?.unwrap_or(0),
+            bytes: get(&meta, K_BYTES)?.unwrap_or(0),
+            dropped_total: get(&meta, K_DROPPED)?.unwrap_or(0),
+            undecodable_total: get(&meta, K_UNDECODABLE)?.unwrap_or(0),
             oldest_seq: None,
             over_cap: false,
             scan_from: 0,

@@ -10,11 +10,13 @@
 //! - Records are read from a [`RecordSource`] (the [`Outbox`]) oldest first and published
 //!   as [`UpBatch`]es on `up`, at most `max_in_flight_batches` of them unacknowledged.
 //!   A record leaves the outbox only when the gateway's application-level [`Ack`] names
-//!   its seq: the broker's PUBACK proves nothing, a broker may lose what it acknowledged.
+//!   its seq and the outbox's incarnation: the broker's PUBACK proves nothing, a broker
+//!   may lose what it acknowledged, and an ack for another incarnation (an older outbox
+//!   of this agent, or a forgery) is counted and ignored.
 //! - After every (re)connect, and whenever the oldest batch in flight has waited
 //!   `ack_timeout` for its ack, sending starts again from the oldest record still in the
-//!   outbox. Duplicates on the wire are fine (the gateway dedups by agent + seq); loss is
-//!   not.
+//!   outbox. Duplicates on the wire are fine (the gateway dedups by agent, incarnation and
+//!   seq); loss is not.
 //! - Every connection gets a fresh rumqttc event loop, polled in a task of its own: a
 //!   `poll()` cancelled half-way through the handshake drops the connection and fires the
 //!   will, and rumqttc's own reconnect would replay its in-flight publishes on top of
@@ -164,6 +166,8 @@ pub enum UplinkError {
 /// one; tests use an in-memory one.
 pub trait RecordSource: Send + Sync + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
+    /// The incarnation the seqs count within: named in every batch, and acks must name it.
+    fn incarnation(&self) -> &str;
     /// Oldest first, seq > `after`, at most `max` records and about `max_bytes` of JSON.
     fn pending(
         &self,
@@ -178,6 +182,9 @@ pub trait RecordSource: Send + Sync + 'static {
 
 impl RecordSource for Outbox {
     type Error = OutboxError;
+    fn incarnation(&self) -> &str {
+        Outbox::incarnation(self)
+    }
     fn pending(
         &self,
         after: Option<u64>,
@@ -211,6 +218,8 @@ pub struct UplinkStats {
     pub in_flight_batches: usize,
     /// Malformed messages on `ack` or `diag/req`, ignored.
     pub malformed_messages: u64,
+    /// Acks for another outbox incarnation, ignored: nothing was deleted on them.
+    pub foreign_acks: u64,
     pub diag_requests: u64,
     /// Records larger than one MQTT message can carry; they stay in the outbox unsent.
     pub oversized_records: u64,
@@ -577,6 +586,7 @@ impl<S: RecordSource> Runner<S> {
             let mut batch = UpBatch {
                 v: VERSION,
                 agent: self.agent.clone(),
+                incarnation: self.source.incarnation().to_string(),
                 site: self.site.clone(),
                 records: Vec::new(),
             };
@@ -671,6 +681,14 @@ impl<S: RecordSource> Runner<S> {
     }
 
     async fn acked(&mut self, sending: &mut Sending, ack: Ack) -> Result<(), UplinkError> {
+        if ack.incarnation != self.source.incarnation() {
+            // Acks of a replaced outbox (a gateway answering what the old file sent) or a
+            // forgery: their seqs mean other records here. Not logged each time: a flood
+            // of them must not flood the log.
+            tracing::debug!(incarnation = %ack.incarnation, "uplink: ignoring an ack for another outbox incarnation");
+            self.status.update(|s| s.foreign_acks += 1);
+            return Ok(());
+        }
         let ranges = clip(ack.ranges, self.max_published);
         if ranges.is_empty() {
             tracing::debug!("uplink: an ack names nothing this agent has sent");

@@ -371,14 +371,22 @@ async fn file_stays_bounded_when_full() {
 #[tokio::test]
 async fn damaged_or_unusable_files_give_errors_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
+    // Not a redb file at all: moved aside whole, and a new outbox starts.
     let garbage = dir.path().join("garbage.redb");
     std::fs::write(&garbage, vec![0x5au8; 64 << 10]).unwrap();
-    let err = Outbox::open(cfg(&garbage)).await.unwrap_err();
-    assert!(err.to_string().contains("garbage.redb"), "{err}");
+    let ob = Outbox::open(cfg(&garbage)).await.unwrap();
+    assert_eq!(ob.stats().next_seq, 1);
+    ob.append("d", Timestamp::now(), state()).await.unwrap();
+    ob.close().await.unwrap();
+    let aside = moved_aside(dir.path(), "garbage.redb");
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(std::fs::read(&aside[0]).unwrap(), vec![0x5au8; 64 << 10]);
 
-    // A real outbox cut short.
+    // A real outbox cut short: redb recovers from an older commit, or the file is moved
+    // aside; either way the outbox works and keeps its seqs unique.
     let cut = dir.path().join("cut.redb");
     let ob = Outbox::open(cfg(&cut)).await.unwrap();
+    let first = ob.incarnation().to_string();
     let items = (0..500)
         .map(|i| ("d".to_string(), Timestamp::now(), reading(i)))
         .collect();
@@ -388,15 +396,16 @@ async fn damaged_or_unusable_files_give_errors_naming_the_path() {
     let f = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
     f.set_len(len / 3).unwrap();
     drop(f);
-    match Outbox::open(cfg(&cut)).await {
-        Err(e) => assert!(e.to_string().contains("cut.redb"), "{e}"),
-        // redb may recover from an older commit; then the outbox must still work.
-        Ok(ob) => {
-            all_pending(&ob);
-            ob.append("d", Timestamp::now(), state()).await.unwrap();
-            ob.close().await.unwrap();
-        }
+    let ob = Outbox::open(cfg(&cut)).await.unwrap();
+    all_pending(&ob);
+    if moved_aside(dir.path(), "cut.redb").is_empty() {
+        assert_eq!(ob.incarnation(), first);
+    } else {
+        assert_ne!(ob.incarnation(), first, "a new file is a new incarnation");
+        assert_eq!(ob.stats().next_seq, 1);
     }
+    ob.append("d", Timestamp::now(), state()).await.unwrap();
+    ob.close().await.unwrap();
 
     // A directory where the file should be.
     let err = Outbox::open(cfg(dir.path())).await.unwrap_err();
@@ -410,6 +419,45 @@ async fn damaged_or_unusable_files_give_errors_naming_the_path() {
     let ob = Outbox::open(cfg(&p)).await.unwrap();
     let err = Outbox::open(cfg(&p)).await.unwrap_err();
     assert!(matches!(err, OutboxError::Open { .. }), "{err}");
+    ob.close().await.unwrap();
+}
+
+/// The files `name` was moved aside to in `dir`.
+fn moved_aside(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    let prefix = format!("{name}.corrupt-");
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The incarnation is made with the file and kept with it; a new file gets a new one.
+#[tokio::test]
+async fn an_outbox_keeps_its_incarnation_and_a_new_file_gets_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.redb");
+    let ob = Outbox::open(cfg(&path)).await.unwrap();
+    let inc = ob.incarnation().to_string();
+    assert_eq!(inc.len(), 32);
+    assert!(inc.chars().all(|c| c.is_ascii_hexdigit()), "{inc}");
+    assert!(tend_wire::valid_incarnation(&inc));
+    assert_eq!(ob.stats().incarnation, inc);
+    ob.append("d", Timestamp::now(), state()).await.unwrap();
+    ob.close().await.unwrap();
+    let ob = Outbox::open(cfg(&path)).await.unwrap();
+    assert_eq!(ob.incarnation(), inc);
+    ob.close().await.unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let ob = Outbox::open(cfg(&path)).await.unwrap();
+    assert_ne!(ob.incarnation(), inc);
+    assert_eq!(ob.stats().next_seq, 1);
     ob.close().await.unwrap();
 }
 

@@ -82,8 +82,14 @@ impl MemSource {
     }
 }
 
+/// The in-memory source's incarnation.
+const MEM_INCARNATION: &str = "mem0";
+
 impl RecordSource for MemSource {
     type Error = Never;
+    fn incarnation(&self) -> &str {
+        MEM_INCARNATION
+    }
     fn pending(
         &self,
         after: Option<u64>,
@@ -185,6 +191,7 @@ impl Gateway {
                                     if auto.load(Ordering::SeqCst) {
                                         let ack = Ack {
                                             v: VERSION,
+                                            incarnation: b.incarnation.clone(),
                                             ranges: ranges_of(seqs),
                                         };
                                         client
@@ -232,7 +239,15 @@ impl Gateway {
     }
 
     async fn ack(&self, agent: &str, ranges: Vec<SeqRange>) {
-        let ack = Ack { v: VERSION, ranges };
+        self.ack_in(agent, MEM_INCARNATION, ranges).await;
+    }
+
+    async fn ack_in(&self, agent: &str, incarnation: &str, ranges: Vec<SeqRange>) {
+        let ack = Ack {
+            v: VERSION,
+            incarnation: incarnation.into(),
+            ranges,
+        };
         self.raw(&topic::ack(agent), encode(&ack).unwrap()).await;
     }
 
@@ -412,8 +427,15 @@ async fn records_leave_only_on_the_gateways_ack() {
     // PUBACKs came long ago; nothing left the outbox.
     assert_eq!(source.len(), 120);
 
-    // An ack naming records never sent deletes nothing.
+    // An ack naming records never sent deletes nothing; nor does one for another
+    // incarnation of the outbox, even naming what was sent.
     gw.ack(agent, vec![range(51, 120)]).await;
+    gw.ack_in(agent, "another0", vec![range(1, 50)]).await;
+    wait_until("the foreign ack is counted", || {
+        up.status.snapshot().foreign_acks == 1
+    })
+    .await;
+    assert_eq!(source.len(), 120);
     // Part of the first batch: exactly those seqs go.
     gw.ack(agent, vec![range(1, 10), range(20, 25)]).await;
     let expect: BTreeSet<u64> = (11..=19).chain(26..=120).collect();
@@ -698,10 +720,14 @@ async fn diagnostics_round_trip_and_malformed_messages_are_ignored() {
     gw.raw(&ack_t, b"{not json".to_vec()).await;
     gw.raw(
         &ack_t,
-        br#"{"v":1,"ranges":[{"first":9,"last":3}]}"#.to_vec(),
+        br#"{"v":1,"incarnation":"mem0","ranges":[{"first":9,"last":3}]}"#.to_vec(),
     )
     .await;
-    gw.raw(&ack_t, br#"{"v":7,"ranges":[]}"#.to_vec()).await;
+    gw.raw(
+        &ack_t,
+        br#"{"v":7,"incarnation":"mem0","ranges":[]}"#.to_vec(),
+    )
+    .await;
     gw.raw(&ack_t, vec![0xff, 0xfe, 0x00]).await;
     gw.raw(&req_t, b"[]".to_vec()).await;
     gw.raw(&req_t, br#"{"v":1,"id":"x"}"#.to_vec()).await;

@@ -774,6 +774,7 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
         let b = UpBatch {
             v: tend_wire::VERSION,
             agent: agent.clone(),
+            incarnation: "b0".into(),
             site: tend::SITE_ID.into(),
             records,
         };

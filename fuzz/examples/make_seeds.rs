@@ -215,6 +215,7 @@ fn main() {
     let batch = UpBatch {
         v: VERSION,
         agent: "agent-icu-a".into(),
+        incarnation: "9f1c2e4a7b3d5f60a1b2c3d4e5f60718".into(),
         site: "s-017-main".into(),
         records: vec![
             rec(
@@ -277,6 +278,7 @@ fn main() {
     s.add(
         tend_wire::encode(&Ack {
             v: VERSION,
+            incarnation: "9f1c2e4a7b3d5f60a1b2c3d4e5f60718".into(),
             ranges: vec![
                 SeqRange { first: 1, last: 5 },
                 SeqRange { first: 9, last: 9 },

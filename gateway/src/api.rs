@@ -12,6 +12,7 @@
 //! | `GET /api/v1/tickets?device=&open=` | yes | tickets with deadlines and forwarding state |
 //! | `POST /api/v1/tickets/{key}/retry` | yes | requeue a ticket the backend refused (audited) |
 //! | `POST /api/v1/devices/{id}/diagnostics` | yes | run a read-only diagnostic (audited) |
+//! | `GET /api/v1/agents` | yes | every agent: status, outbox incarnation, conflicting records |
 //!
 //! Every `/api/v1` call needs `Authorization: Bearer <token>`, the OpenAPI document
 //! included (DESIGN §4 says every `/api/v1` call); a missing or wrong token is a 401 with a
@@ -44,7 +45,7 @@ use crate::ledger::{month_window, TARGET};
 use crate::metrics::{Metrics, StateLabel};
 use crate::refusals::Backoff;
 use crate::serve::Limits;
-use crate::store::{DeviceLive, ForwardState, Forwarding, StoreError, TicketRecord};
+use crate::store::{AgentRecord, DeviceLive, ForwardState, Forwarding, StoreError, TicketRecord};
 use crate::ticket::{sha256_hex, DeviceFacts, DeviceIdentity};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -56,7 +57,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use jiff::Timestamp;
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,6 +107,7 @@ pub fn router(gw: Gateway, token: String, audit: Audit) -> Router {
         .route("/devices/:id/diagnostics", post(diagnostics))
         .route("/tickets", get(tickets))
         .route("/tickets/*rest", post(retry))
+        .route("/agents", get(agents))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -663,6 +665,41 @@ async fn tickets(
     Ok(Json(Value::Array(out)).into_response())
 }
 
+/// Every agent heard of (on its status topic or in a batch): its status, its outbox
+/// incarnation, and the records that conflicted with stored ones.
+async fn agents(State(st): State<ApiState>) -> ApiResult {
+    let gw = st.gw.clone();
+    let stored = blocking(move || gw.store.agents()).await??;
+    let mut all: BTreeMap<String, AgentRecord> =
+        stored.into_iter().map(|a| (a.id.clone(), a)).collect();
+    let statuses = st
+        .gw
+        .agents
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for id in statuses.keys() {
+        all.entry(id.clone())
+            .or_insert_with(|| AgentRecord::new(id));
+    }
+    let out: Vec<Value> = all
+        .into_values()
+        .map(|a| {
+            let status = statuses.get(&a.id);
+            json!({
+                "id": a.id,
+                "status": status.map(|s| s.status.as_str()),
+                "status_since": status.map(|s| s.since),
+                "incarnation": a.incarnation,
+                "incarnation_since": a.incarnation_since,
+                "conflicting_records": a.conflicting_records,
+                "last_conflict": a.last_conflict,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(out)).into_response())
+}
+
 async fn retry(
     State(st): State<ApiState>,
     remote: Option<ConnectInfo<SocketAddr>>,
@@ -1031,6 +1068,7 @@ mod tests {
             "/api/v1/devices/{id}/diagnostics",
             "/api/v1/tickets",
             "/api/v1/tickets/{key}/retry",
+            "/api/v1/agents",
             "/api/v1/openapi.json",
             "/metrics",
         ] {

@@ -1,10 +1,15 @@
 //! Ingest: what a group of agents' batches changes in the store, decided by pure code, and
 //! which sequence numbers are then stored, so the gateway acks exactly those.
 //!
-//! A record already stored (the agent replays after a reconnect, or resends when an ack
-//! was lost) is acknowledged again but applied once. Records are applied by the agent's
-//! time, not arrival: the live picture keeps the newest, the ledger and the life record
-//! slot old ones in where they belong.
+//! A record is known by (agent, outbox incarnation, seq), and its content by a SHA-256
+//! digest of its canonical bytes. A record already stored (the agent replays after a
+//! reconnect, or resends when an ack was lost) is acknowledged again but applied once. An
+//! agent whose outbox was lost starts a new incarnation at seq 1, and nothing it sends is
+//! taken for a duplicate. The same key with other content is a *conflict*: not applied,
+//! counted on the agent (and kept, by digest, so a resend of it is not counted again),
+//! and acknowledged all the same — see [`Planner::batch`] for why. Records are applied by
+//! the agent's time, not arrival: the live picture keeps the newest, the ledger and the
+//! life record slot old ones in where they belong.
 //!
 //! A store applies a group in one transaction in three steps: it loads what the group
 //! touches ([`Needs::of`] says what, [`Stored`] holds it), [`plan`] turns the batches
@@ -14,8 +19,8 @@
 
 use crate::fleet::Fleet;
 use crate::store::{
-    to_json, DeviceLive, Forwarding, LifeEvent, LiveIdentity, LiveReading, StoreError,
-    TicketEventRecord, TicketRecord,
+    encode, to_json, AgentRecord, Conflict, DeviceLive, Forwarding, LifeEvent, LiveIdentity,
+    LiveReading, StoreError, TicketEventRecord, TicketRecord,
 };
 use crate::ticket::{
     decide, Action, DeviceFacts, DeviceIdentity, EventRequest, TicketContext, TicketRequest,
@@ -36,15 +41,34 @@ pub struct IngestContext {
     pub tz: TimeZone,
 }
 
+/// Which record: (agent, outbox incarnation, seq).
+pub type RecordKey<'a> = (&'a str, &'a str, u64);
+
+/// SHA-256 of a record's canonical bytes ([`tend_wire::encode`] of the decoded record):
+/// what tells a resend from other content under the same key.
+pub type Digest = [u8; 32];
+
+/// The digest of a record's content.
+pub fn digest(r: &Record) -> Result<Digest, StoreError> {
+    let bytes = encode("record", r)?;
+    let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    Ok(out)
+}
+
 /// What one batch did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Applied {
-    /// Every seq of the batch now stored (new and seen before): the ack.
+    /// Every seq of the batch acknowledged (new, seen before, and conflicting): the ack,
+    /// for the batch's incarnation.
     pub stored: Vec<SeqRange>,
     /// Records applied for the first time.
     pub new_records: u64,
-    /// Records seen before.
+    /// Records seen before (or a conflicting version seen before).
     pub duplicates: u64,
+    /// Seqs whose (agent, incarnation, seq) was stored with other content: not applied.
+    pub conflicts: Vec<u64>,
     /// Records about a device the fleet file does not list (stored, no tickets).
     pub unknown_device: u64,
     pub tickets_opened: Vec<String>,
@@ -64,8 +88,11 @@ impl Applied {
 /// What a store must load, inside its transaction, before it can [`plan`] a group.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Needs<'a> {
-    /// Every (agent, seq) of the group: which are stored already?
-    pub records: BTreeSet<(&'a str, u64)>,
+    /// Every record of the group: which are stored already, with which digest, and which
+    /// conflicting versions of them were seen?
+    pub records: BTreeSet<RecordKey<'a>>,
+    /// Every agent of the group: its record.
+    pub agents: BTreeSet<&'a str>,
     /// Every device the group's records are about (not the agent's own entry, ""): their
     /// live pictures.
     pub devices: BTreeSet<&'a str>,
@@ -77,8 +104,11 @@ impl<'a> Needs<'a> {
     pub fn of(batches: &'a [UpBatch]) -> Self {
         let mut needs = Needs::default();
         for batch in batches {
+            needs.agents.insert(batch.agent.as_str());
             for r in &batch.records {
-                needs.records.insert((batch.agent.as_str(), r.seq));
+                needs
+                    .records
+                    .insert((batch.agent.as_str(), batch.incarnation.as_str(), r.seq));
                 if r.device.is_empty() {
                     continue;
                 }
@@ -95,8 +125,12 @@ impl<'a> Needs<'a> {
 /// What the store holds of what [`Needs`] asked for.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stored<'a> {
-    /// The records asked for that are stored already.
-    pub seen: BTreeSet<(&'a str, u64)>,
+    /// The records asked for that are stored already, with their content's digest.
+    pub seen: BTreeMap<RecordKey<'a>, Digest>,
+    /// Conflicting versions already counted of the records asked for.
+    pub conflicts: BTreeSet<(RecordKey<'a>, Digest)>,
+    /// The records of the agents asked for (an agent never heard of is absent).
+    pub agents: BTreeMap<String, AgentRecord>,
     /// The live pictures of the devices asked for (a device never heard of is absent).
     pub devices: BTreeMap<String, DeviceLive>,
     /// The tickets of the devices asked for: device → ticket key → ticket.
@@ -134,8 +168,12 @@ pub struct NewJob {
 /// a store numbers life entries and jobs in that order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Changes<'a> {
-    /// (agent, seq) of every record stored for the first time.
-    pub seen: Vec<(&'a str, u64)>,
+    /// Every record stored for the first time, with its digest.
+    pub seen: Vec<(RecordKey<'a>, Digest)>,
+    /// Every conflicting version counted for the first time.
+    pub conflicts: Vec<(RecordKey<'a>, Digest)>,
+    /// Every agent whose record changed, as it now is.
+    pub agents: BTreeMap<String, AgentRecord>,
     /// Every device a new record was about, as it now is.
     pub devices: BTreeMap<String, DeviceLive>,
     pub transitions: Vec<Transition>,
@@ -156,7 +194,8 @@ pub struct Plan<'a> {
 }
 
 /// Decides what `batches`, applied in order, change against `stored`. `now` (the gateway's
-/// clock) only stamps when a ticket was decided. Later batches see what earlier ones did,
+/// clock) only stamps when a ticket was decided, and when an agent's new incarnation or
+/// a conflict was first seen. Later batches see what earlier ones did,
 /// so a record that comes twice in the group is applied once, and a ticket opened by one
 /// batch is the one the next batch's recurrence attaches to.
 ///
@@ -171,6 +210,8 @@ pub fn plan<'a>(
         cx,
         now,
         seen: stored.seen,
+        conflicts: stored.conflicts,
+        agents: stored.agents,
         devices: stored.devices,
         tickets: stored.tickets,
         touched_devices: BTreeSet::new(),
@@ -192,7 +233,9 @@ pub fn plan<'a>(
 struct Planner<'a, 'c> {
     cx: &'c IngestContext,
     now: Timestamp,
-    seen: BTreeSet<(&'a str, u64)>,
+    seen: BTreeMap<RecordKey<'a>, Digest>,
+    conflicts: BTreeSet<(RecordKey<'a>, Digest)>,
+    agents: BTreeMap<String, AgentRecord>,
     devices: BTreeMap<String, DeviceLive>,
     /// device → ticket key → ticket.
     tickets: BTreeMap<String, BTreeMap<String, TicketRecord>>,
@@ -203,20 +246,74 @@ struct Planner<'a, 'c> {
 }
 
 impl<'a> Planner<'a, '_> {
+    /// A conflicting record is acknowledged like the others. The gateway cannot tell
+    /// which of the two versions is the genuine one (a forgery that took the seq first,
+    /// or an agent that reused it, say from an outbox file restored from a backup), and
+    /// withholding the ack would not tell it either: the agent would resend the record
+    /// for ever and its outbox would never shrink. So the first version stays applied,
+    /// the other is counted on the agent and shown on the hotline with its incarnation
+    /// and seq, for a person to look at, and its digest is kept so that a resend of it is
+    /// not counted again. Once batches are signed a forgery is never stored, and a
+    /// conflict then means an agent reused its own seqs.
     fn batch(&mut self, batch: &'a UpBatch) -> Result<Applied, StoreError> {
         let mut applied = Applied::default();
         let agent = batch.agent.as_str();
+        let incarnation = batch.incarnation.as_str();
+        self.heard(agent, incarnation);
         for r in &batch.records {
-            if !self.seen.insert((agent, r.seq)) {
-                applied.duplicates += 1;
-                continue;
+            let key = (agent, incarnation, r.seq);
+            let d = digest(r)?;
+            match self.seen.get(&key) {
+                Some(known) if *known == d => applied.duplicates += 1,
+                Some(_) => {
+                    if self.conflicts.insert((key, d)) {
+                        self.changes.conflicts.push((key, d));
+                        self.conflict(agent, incarnation, r.seq);
+                        applied.conflicts.push(r.seq);
+                    } else {
+                        applied.duplicates += 1;
+                    }
+                }
+                None => {
+                    self.seen.insert(key, d);
+                    self.changes.seen.push((key, d));
+                    applied.new_records += 1;
+                    self.record(batch, r, &mut applied)?;
+                }
             }
-            self.changes.seen.push((agent, r.seq));
-            applied.new_records += 1;
-            self.record(batch, r, &mut applied)?;
         }
         applied.stored = ranges_of(batch.records.iter().map(|r| r.seq));
         Ok(applied)
+    }
+
+    /// Notes the incarnation of an agent's batch (written only when it changed).
+    fn heard(&mut self, agent: &str, incarnation: &str) {
+        let now = self.now;
+        let a = self
+            .agents
+            .entry(agent.to_string())
+            .or_insert_with(|| AgentRecord::new(agent));
+        if a.incarnation.as_deref() != Some(incarnation) {
+            a.incarnation = Some(incarnation.to_string());
+            a.incarnation_since = Some(now);
+            self.changes.agents.insert(agent.to_string(), a.clone());
+        }
+    }
+
+    /// Counts a conflicting record on its agent.
+    fn conflict(&mut self, agent: &str, incarnation: &str, seq: u64) {
+        let now = self.now;
+        let a = self
+            .agents
+            .entry(agent.to_string())
+            .or_insert_with(|| AgentRecord::new(agent));
+        a.conflicting_records += 1;
+        a.last_conflict = Some(Conflict {
+            incarnation: incarnation.to_string(),
+            seq,
+            at: now,
+        });
+        self.changes.agents.insert(agent.to_string(), a.clone());
     }
 
     /// A record seen for the first time.
@@ -644,12 +741,22 @@ accepted = "2025-03-01"
     }
 
     fn batch(agent: &str, records: Vec<Record>) -> UpBatch {
+        batch_in(agent, "i1", records)
+    }
+
+    fn batch_in(agent: &str, incarnation: &str, records: Vec<Record>) -> UpBatch {
         UpBatch {
             v: tend_wire::VERSION,
             agent: agent.into(),
+            incarnation: incarnation.into(),
             site: "s-1".into(),
             records,
         }
+    }
+
+    /// The keys of what a plan stores for the first time.
+    fn seen_keys<'a>(changes: &Changes<'a>) -> Vec<RecordKey<'a>> {
+        changes.seen.iter().map(|(k, _)| *k).collect()
     }
 
     fn seqs(agent: &str, seqs: std::ops::RangeInclusive<u64>) -> UpBatch {
@@ -693,8 +800,11 @@ accepted = "2025-03-01"
         let needs = Needs::of(&group);
         assert_eq!(
             needs.records,
-            [("a1", 1), ("a1", 2), ("a2", 7)].into_iter().collect()
+            [("a1", "i1", 1), ("a1", "i1", 2), ("a2", "i1", 7)]
+                .into_iter()
+                .collect()
         );
+        assert_eq!(needs.agents, ["a1", "a2"].into_iter().collect());
         assert_eq!(needs.devices, ["vent"].into_iter().collect());
         assert_eq!(needs.tickets_of, ["vent"].into_iter().collect());
     }
@@ -703,7 +813,9 @@ accepted = "2025-03-01"
     fn a_record_seen_before_or_twice_in_the_group_is_acked_and_applied_once() {
         let group = [seqs("a1", 1..=3), seqs("a2", 1..=2), seqs("a1", 2..=4)];
         let stored = Stored {
-            seen: [("a1", 1)].into_iter().collect(),
+            seen: [(("a1", "i1", 1), digest(&readings(1)).unwrap())]
+                .into_iter()
+                .collect(),
             ..Stored::default()
         };
         let p = plan(&group, stored, &cx(), at(0)).unwrap();
@@ -716,12 +828,113 @@ accepted = "2025-03-01"
         assert_eq!(p.applied[0].stored, vec![SeqRange { first: 1, last: 3 }]);
         assert_eq!(p.applied[2].stored, vec![SeqRange { first: 2, last: 4 }]);
         assert_eq!(
-            p.changes.seen,
-            [("a1", 2), ("a1", 3), ("a2", 1), ("a2", 2), ("a1", 4)]
+            seen_keys(&p.changes),
+            [
+                ("a1", "i1", 2),
+                ("a1", "i1", 3),
+                ("a2", "i1", 1),
+                ("a2", "i1", 2),
+                ("a1", "i1", 4)
+            ]
         );
+        assert!(p.changes.conflicts.is_empty());
         // One device, written once with what the whole group made of it.
         assert_eq!(p.changes.devices.len(), 1);
         assert_eq!(p.changes.devices["vent"].agent, "a1");
+    }
+
+    /// A lost outbox: the agent starts again at seq 1 in a new incarnation, and nothing
+    /// of it is taken for a duplicate of what the old one sent.
+    #[test]
+    fn a_new_incarnation_starts_again_at_seq_1_and_loses_nothing() {
+        let old = [batch_in("a1", "old", (1..=3).map(readings).collect())];
+        let first = plan(&old, Stored::default(), &cx(), at(0)).unwrap();
+        let stored = Stored {
+            seen: first.changes.seen.iter().copied().collect(),
+            agents: first.changes.agents.clone(),
+            ..Stored::default()
+        };
+        assert_eq!(stored.agents["a1"].incarnation.as_deref(), Some("old"));
+        let new = [batch_in(
+            "a1",
+            "new",
+            vec![
+                state(1, 5, DeviceState::Unknown, DeviceState::Up),
+                readings(2),
+            ],
+        )];
+        let p = plan(&new, stored, &cx(), at(10)).unwrap();
+        let a = &p.applied[0];
+        assert_eq!((a.new_records, a.duplicates, a.conflicts.len()), (2, 0, 0));
+        assert_eq!(a.stored, vec![SeqRange { first: 1, last: 2 }]);
+        assert_eq!(seen_keys(&p.changes), [("a1", "new", 1), ("a1", "new", 2)]);
+        assert_eq!(p.changes.devices["vent"].state, DeviceState::Up);
+        let agent = &p.changes.agents["a1"];
+        assert_eq!(agent.incarnation.as_deref(), Some("new"));
+        assert_eq!(agent.incarnation_since, Some(at(10)));
+        assert_eq!(agent.conflicting_records, 0);
+    }
+
+    /// Squatting, or a reused seq: the same (agent, incarnation, seq) with other content
+    /// is counted on the agent and acked, never applied; a resend of either version is a
+    /// duplicate.
+    #[test]
+    fn the_same_seq_with_other_content_is_a_conflict_acked_but_not_applied() {
+        let squat = [batch("a1", vec![readings(1), readings(2)])];
+        let first = plan(&squat, Stored::default(), &cx(), at(0)).unwrap();
+        let stored = Stored {
+            seen: first.changes.seen.iter().copied().collect(),
+            agents: first.changes.agents.clone(),
+            ..Stored::default()
+        };
+        let real = [
+            batch(
+                "a1",
+                vec![
+                    state(1, 5, DeviceState::Up, DeviceState::Down),
+                    readings(2),
+                    readings(3),
+                ],
+            ),
+            // The real one resent (its ack was lost).
+            batch("a1", vec![state(1, 5, DeviceState::Up, DeviceState::Down)]),
+        ];
+        let p = plan(&real, stored, &cx(), at(10)).unwrap();
+        let a = &p.applied[0];
+        assert_eq!(a.conflicts, [1]);
+        assert_eq!((a.new_records, a.duplicates), (1, 1));
+        assert_eq!(a.stored, vec![SeqRange { first: 1, last: 3 }], "all acked");
+        let again = &p.applied[1];
+        assert_eq!((again.new_records, again.duplicates), (0, 1));
+        assert!(again.conflicts.is_empty(), "counted once");
+        assert_eq!(again.stored, vec![SeqRange { first: 1, last: 1 }]);
+        // Not applied: no transition, the device is not down.
+        assert!(p.changes.transitions.is_empty());
+        assert_ne!(p.changes.devices["vent"].state, DeviceState::Down);
+        assert_eq!(seen_keys(&p.changes), [("a1", "i1", 3)]);
+        let d = digest(&state(1, 5, DeviceState::Up, DeviceState::Down)).unwrap();
+        assert_eq!(p.changes.conflicts, [(("a1", "i1", 1), d)]);
+        let agent = &p.changes.agents["a1"];
+        assert_eq!(agent.conflicting_records, 1);
+        let c = agent.last_conflict.as_ref().unwrap();
+        assert_eq!((c.incarnation.as_str(), c.seq, c.at), ("i1", 1, at(10)));
+
+        // Later, against what is stored: the conflicting version again is no new conflict.
+        let stored = Stored {
+            seen: first.changes.seen.iter().copied().collect(),
+            conflicts: p.changes.conflicts.iter().copied().collect(),
+            agents: p.changes.agents.clone(),
+            ..Stored::default()
+        };
+        let p = plan(&real[1..], stored, &cx(), at(20)).unwrap();
+        assert_eq!(
+            (p.applied[0].duplicates, p.applied[0].conflicts.len()),
+            (1, 0)
+        );
+        assert!(
+            p.changes.agents.is_empty(),
+            "nothing about the agent changed"
+        );
     }
 
     #[test]
@@ -863,6 +1076,10 @@ accepted = "2025-03-01"
         assert_eq!((out[2].new_records, out[2].duplicates), (1, 2));
         assert_eq!(out[2].stored, vec![SeqRange { first: 2, last: 4 }]);
         assert_eq!(store.records_stored().unwrap(), 6);
+        assert!(store.has_record("a2", 2).unwrap() && store.has_record_in("a2", "i1", 2).unwrap());
+        assert!(
+            !store.has_record_in("a2", "i2", 2).unwrap() && !store.has_record("a2", 3).unwrap()
+        );
         // Later, alone: everything seen, acked again, applied once.
         let again = store.apply(&group[0], &cx, now).unwrap();
         assert_eq!((again.new_records, again.duplicates), (0, 3));

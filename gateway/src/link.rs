@@ -1,5 +1,6 @@
 //! The gateway's MQTT link: subscribes to the agents' topics, hands each batch to ingest,
-//! acks exactly the sequence ranges that committed, follows the agents' online status and
+//! acks exactly the sequence ranges that committed (naming the batch's outbox
+//! incarnation), follows the agents' online status and
 //! carries hotline diagnostics to the agents and their answers back.
 //!
 //! Batches are taken from `$share/<group>/tend/v1/+/up` when several gateways share one
@@ -205,8 +206,16 @@ const GROUP_MAX_BATCHES: usize = 32;
 /// Most records applied in one transaction.
 const GROUP_MAX_RECORDS: usize = 20_000;
 
-/// What one group's commit did, batch by batch: the agent and its batch's outcome.
-type Outcome = Vec<(String, Result<crate::ingest::Applied, StoreError>)>;
+/// What one group's commit did to one batch.
+struct Done {
+    agent: String,
+    /// The batch's outbox incarnation, which its ack names.
+    incarnation: String,
+    result: Result<crate::ingest::Applied, StoreError>,
+}
+
+/// What one group's commit did, batch by batch.
+type Outcome = Vec<Done>;
 
 async fn ingest_loop(gw: Gateway, client: AsyncClient, mut rx: mpsc::Receiver<(String, Vec<u8>)>) {
     // While one group commits on the blocking pool, the next is received and decoded here
@@ -256,8 +265,12 @@ async fn ingest_loop(gw: Gateway, client: AsyncClient, mut rx: mpsc::Receiver<(S
             };
             group
                 .into_iter()
-                .map(|b| b.agent)
                 .zip(results)
+                .map(|(b, result)| Done {
+                    agent: b.agent,
+                    incarnation: b.incarnation,
+                    result,
+                })
                 .collect::<Vec<_>>()
         }));
     }
@@ -317,11 +330,25 @@ async fn acknowledge(
             return;
         }
     };
-    for (agent, result) in applied {
+    for Done {
+        agent,
+        incarnation,
+        result,
+    } in applied
+    {
         match result {
             Ok(a) => {
                 gw.metrics.records.inc_by(a.new_records);
                 gw.metrics.duplicates.inc_by(a.duplicates);
+                gw.metrics
+                    .conflicting_records
+                    .inc_by(a.conflicts.len() as u64);
+                if let Some(first) = a.conflicts.first() {
+                    tracing::warn!(
+                        "agent {agent} incarnation {incarnation}: {} record(s) came with the seq of a stored one and other content (first seq {first}); not applied, counted",
+                        a.conflicts.len()
+                    );
+                }
                 gw.metrics.dropped_readings.inc_by(a.dropped_readings);
                 gw.metrics
                     .tickets_opened
@@ -335,6 +362,7 @@ async fn acknowledge(
                 }
                 let ack = Ack {
                     v: VERSION,
+                    incarnation,
                     ranges: a.stored,
                 };
                 let sent = match tend_wire::encode(&ack) {

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub records: Counter,
     /// Records received again (replays, lost acks): acked, not reapplied.
     pub duplicates: Counter,
+    /// Records with the (agent, incarnation, seq) of a stored one and other content:
+    /// acked, not applied.
+    pub conflicting_records: Counter,
     /// Messages on the agents' topics that could not be decoded.
     pub malformed: Counter,
     /// Readings agents reported dropped because their outbox was full.
@@ -68,6 +71,7 @@ impl Metrics {
             batches: Counter::default(),
             records: Counter::default(),
             duplicates: Counter::default(),
+            conflicting_records: Counter::default(),
             malformed: Counter::default(),
             dropped_readings: Counter::default(),
             store_errors: Counter::default(),
@@ -90,6 +94,11 @@ impl Metrics {
             "duplicate_records",
             "Records received again and acked without reapplying",
             m.duplicates.clone(),
+        );
+        registry.register(
+            "conflicting_records",
+            "Records with the agent, outbox incarnation and seq of a stored record and other content (acked, not applied)",
+            m.conflicting_records.clone(),
         );
         registry.register(
             "malformed_messages",

@@ -270,6 +270,7 @@ impl World {
         let batch = UpBatch {
             v: tend_wire::VERSION,
             agent: AGENT.into(),
+            incarnation: "a0".into(),
             site: "s-017-main".into(),
             records,
         };
@@ -942,6 +943,7 @@ async fn metrics_openapi_and_page_without_surprises() {
         "/api/v1/devices/{id}/availability",
         "/api/v1/devices/{id}/diagnostics",
         "/api/v1/tickets",
+        "/api/v1/agents",
         "/api/v1/openapi.json",
         "/metrics",
     ] {

@@ -188,6 +188,7 @@ fn feed(gw: &Gateway, records: Vec<(u64, Timestamp, EpisodeEvent)>) -> Vec<Strin
     let batch = UpBatch {
         v: tend_wire::VERSION,
         agent: AGENT.into(),
+        incarnation: "f0".into(),
         site: "s-017-main".into(),
         records: records
             .into_iter()

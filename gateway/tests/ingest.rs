@@ -1,7 +1,9 @@
 //! Ingest against a real store on disk: a replayed batch is acknowledged again but applied
 //! once; acks name exactly the batch's seqs; transitions that arrive late (an agent
 //! replaying its outbox after an outage) fill the ledger's gap with what really happened;
-//! a ticket is decided once per episode, also across a reopen of the store.
+//! a ticket is decided once per episode, also across a reopen of the store; a new outbox
+//! incarnation is new, a conflicting version is counted once; a store of an older build
+//! opens, a damaged one is refused naming the file.
 
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
@@ -86,6 +88,7 @@ fn batch(records: Vec<Record>) -> UpBatch {
     UpBatch {
         v: tend_wire::VERSION,
         agent: "agent-1".into(),
+        incarnation: "i1".into(),
         site: "s-1".into(),
         records,
     }
@@ -192,4 +195,115 @@ fn records_of_a_device_outside_the_fleet_are_stored_without_tickets() {
     assert_eq!((a.new_records, a.unknown_device), (1, 1));
     assert!(store.tickets().unwrap().is_empty());
     assert!(store.device("stray").unwrap().is_some());
+}
+
+/// Incarnations and conflicts on disk: a new incarnation's seq 1 is new; a conflicting
+/// version is counted once, also after a reopen; the agent's record survives the reopen.
+#[test]
+fn incarnations_and_conflicts_are_kept_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let cx = cx();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let up = state(1, 0, DeviceState::Unknown, DeviceState::Up);
+    let a = store.apply(&batch(vec![up.clone()]), &cx, at(1)).unwrap();
+    assert_eq!(a.new_records, 1);
+    let mut other = batch(vec![state(1, 5, DeviceState::Unknown, DeviceState::Down)]);
+    let c = store.apply(&other, &cx, at(2)).unwrap();
+    assert_eq!((c.new_records, c.conflicts.clone()), (0, vec![1]));
+    assert_eq!(c.stored, vec![SeqRange { first: 1, last: 1 }]);
+    drop(store);
+
+    let store = RedbStore::open(dir.path()).unwrap();
+    let again = store.apply(&other, &cx, at(3)).unwrap();
+    assert_eq!((again.duplicates, again.conflicts.len()), (1, 0));
+    let agents = store.agents().unwrap();
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0].conflicting_records, 1);
+    assert_eq!(agents[0].last_conflict.as_ref().unwrap().at, at(2));
+    assert_eq!(
+        store.device("vent").unwrap().unwrap().state,
+        DeviceState::Up
+    );
+
+    // The outbox was replaced: the same seq in a new incarnation is a new record.
+    other.incarnation = "i2".into();
+    let fresh = store.apply(&other, &cx, at(4)).unwrap();
+    assert_eq!((fresh.new_records, fresh.conflicts.len()), (1, 0));
+    assert_eq!(
+        store.device("vent").unwrap().unwrap().state,
+        DeviceState::Down
+    );
+    assert!(store.has_record_in("agent-1", "i1", 1).unwrap());
+    assert!(store.has_record_in("agent-1", "i2", 1).unwrap());
+    assert!(!store.has_record_in("agent-1", "i3", 1).unwrap());
+    assert_eq!(store.records_stored().unwrap(), 2);
+    let agents = store.agents().unwrap();
+    assert_eq!(agents[0].incarnation.as_deref(), Some("i2"));
+    assert_eq!(agents[0].incarnation_since, Some(at(4)));
+}
+
+/// A store written by a build before incarnations opens; its (agent, seq) dedup table,
+/// which cannot tell incarnations apart, is dropped.
+#[test]
+fn a_store_from_before_incarnations_opens_and_drops_its_old_dedup() {
+    let dir = tempfile::tempdir().unwrap();
+    let old: redb::TableDefinition<(&str, u64), ()> = redb::TableDefinition::new("seen");
+    {
+        let db = redb::Database::create(dir.path().join("gateway.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(old)
+            .unwrap()
+            .insert(("agent-1", 1), ())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(store.records_stored().unwrap(), 0);
+    let a = store
+        .apply(
+            &batch(vec![state(1, 0, DeviceState::Unknown, DeviceState::Up)]),
+            &cx(),
+            at(1),
+        )
+        .unwrap();
+    assert_eq!(a.new_records, 1);
+    drop(store);
+    let db = redb::Database::create(dir.path().join("gateway.redb")).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert!(txn.open_table(old).is_err(), "the old table is gone");
+}
+
+/// A file that is not a store, or one cut short, is refused naming the file.
+#[test]
+fn a_damaged_store_file_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.redb");
+    std::fs::write(&file, vec![0x5au8; 64 << 10]).unwrap();
+    let e = RedbStore::open(dir.path()).unwrap_err();
+    assert!(
+        matches!(e, tend_gateway::store::StoreError::Damaged { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&file.display().to_string()), "{e}");
+
+    std::fs::remove_file(&file).unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let records = (1..=300)
+        .map(|s| state(s, 0, DeviceState::Unknown, DeviceState::Up))
+        .collect();
+    store.apply(&batch(records), &cx(), at(1)).unwrap();
+    drop(store);
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    let e = RedbStore::open(dir.path()).unwrap_err();
+    assert!(
+        matches!(e, tend_gateway::store::StoreError::Damaged { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("move it aside"), "{e}");
 }

@@ -32,10 +32,12 @@ pub fn wire_decode(data: &[u8]) {
 
     if let Ok(b) = UpBatch::decode(data) {
         assert!(topic::valid_agent_id(&b.agent));
+        assert!(crate::valid_incarnation(&b.incarnation));
         assert_eq!(b.v, crate::VERSION);
     }
     if let Ok(a) = Ack::decode(data) {
         assert!(a.ranges.iter().all(|r| r.first <= r.last));
+        assert!(crate::valid_incarnation(&a.incarnation));
     }
 
     // Topics: what parses names a valid agent and rebuilds to the same topic.

@@ -3,6 +3,15 @@
 //!
 //! Acks name exactly the sequence ranges a gateway stored, never "everything up to N":
 //! with a shared subscription any batch may land on any gateway.
+//!
+//! Sequence numbers count within an outbox *incarnation*, a random id the agent makes
+//! with its outbox file: every batch names it and every ack names the one it
+//! acknowledges, so an agent whose outbox was lost starts over at seq 1 without its
+//! records being taken for duplicates. The field is required and the version stays 1:
+//! a peer that does not send it is refused (malformed) rather than half understood, and
+//! in a mixed fleet nothing is lost either way (a new gateway refuses an old agent's
+//! batches, which stay in its outbox; a new agent ignores an old gateway's acks, which
+//! name no incarnation, and keeps its records).
 #![forbid(unsafe_code)]
 
 use jiff::Timestamp;
@@ -183,11 +192,22 @@ pub struct Opening {
     pub firmware: Option<String>,
 }
 
+/// Longest outbox incarnation accepted (the agent makes 32 hex digits).
+pub const MAX_INCARNATION: usize = 64;
+
+/// An outbox incarnation is a key in the gateway's store and a log item: 1 to
+/// [`MAX_INCARNATION`] ASCII letters and digits.
+pub fn valid_incarnation(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_INCARNATION && id.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
 /// What an agent publishes on `up`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpBatch {
     pub v: u32,
     pub agent: String,
+    /// The outbox incarnation the records' seqs belong to.
+    pub incarnation: String,
     pub site: String,
     pub records: Vec<Record>,
 }
@@ -203,6 +223,8 @@ pub struct SeqRange {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     pub v: u32,
+    /// The outbox incarnation the ranges belong to: an agent ignores an ack for another.
+    pub incarnation: String,
     pub ranges: Vec<SeqRange>,
 }
 
@@ -253,6 +275,16 @@ pub enum WireError {
     Version(u32),
     #[error("invalid agent id {0:?}")]
     AgentId(String),
+    #[error("invalid outbox incarnation {0:?}")]
+    Incarnation(String),
+}
+
+fn check_incarnation(id: &str) -> Result<(), WireError> {
+    if valid_incarnation(id) {
+        Ok(())
+    } else {
+        Err(WireError::Incarnation(id.chars().take(80).collect()))
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
@@ -277,6 +309,7 @@ impl UpBatch {
         if !topic::valid_agent_id(&b.agent) {
             return Err(WireError::AgentId(b.agent.chars().take(80).collect()));
         }
+        check_incarnation(&b.incarnation)?;
         Ok(b)
     }
 }
@@ -285,6 +318,7 @@ impl Ack {
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let a: Ack = decode(bytes)?;
         check_version(a.v)?;
+        check_incarnation(&a.incarnation)?;
         if a.ranges.iter().any(|r| r.first > r.last) {
             return Err(WireError::Malformed("ack range with first > last".into()));
         }
@@ -351,6 +385,7 @@ mod tests {
         let b = UpBatch {
             v: VERSION,
             agent: "agent-icu-a".into(),
+            incarnation: "9f1c2e4a7b3d5f60a1b2c3d4e5f60718".into(),
             site: "s-017-main".into(),
             records: vec![
                 Record {
@@ -414,14 +449,17 @@ mod tests {
             Err(WireError::Malformed(_))
         ));
         assert_eq!(
-            UpBatch::decode(br#"{"v":2,"agent":"a","site":"s","records":[]}"#),
+            UpBatch::decode(br#"{"v":2,"agent":"a","incarnation":"i1","site":"s","records":[]}"#),
             Err(WireError::Version(2))
         );
         assert!(matches!(
-            UpBatch::decode(br#"{"v":1,"agent":"a/#","site":"s","records":[]}"#),
+            UpBatch::decode(br#"{"v":1,"agent":"a/#","incarnation":"i1","site":"s","records":[]}"#),
             Err(WireError::AgentId(_))
         ));
-        assert!(Ack::decode(br#"{"v":1,"ranges":[{"first":5,"last":4}]}"#).is_err());
+        assert!(
+            Ack::decode(br#"{"v":1,"incarnation":"i1","ranges":[{"first":5,"last":4}]}"#).is_err()
+        );
+        assert!(Ack::decode(br#"{"v":1,"incarnation":"i1","ranges":[]}"#).is_ok());
         let huge = vec![b' '; MAX_MESSAGE + 1];
         assert_eq!(
             UpBatch::decode(&huge),
@@ -429,6 +467,43 @@ mod tests {
         );
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(UpBatch::decode(deep.as_bytes()).is_err());
+    }
+
+    /// A batch or an ack without an incarnation, or with one that is no safe key, is
+    /// refused before anyone acts on it.
+    #[test]
+    fn incarnation_is_required_and_checked() {
+        assert!(matches!(
+            UpBatch::decode(br#"{"v":1,"agent":"a","site":"s","records":[]}"#),
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            Ack::decode(br#"{"v":1,"ranges":[]}"#),
+            Err(WireError::Malformed(_))
+        ));
+        let long = "a".repeat(MAX_INCARNATION + 1);
+        for bad in ["", "a/b", "a b", "é", long.as_str()] {
+            let b = format!(
+                r#"{{"v":1,"agent":"a","incarnation":{},"site":"s","records":[]}}"#,
+                serde_json::json!(bad)
+            );
+            assert!(
+                matches!(
+                    UpBatch::decode(b.as_bytes()),
+                    Err(WireError::Incarnation(_))
+                ),
+                "{bad:?}"
+            );
+            let a = format!(
+                r#"{{"v":1,"incarnation":{},"ranges":[]}}"#,
+                serde_json::json!(bad)
+            );
+            assert!(
+                matches!(Ack::decode(a.as_bytes()), Err(WireError::Incarnation(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(valid_incarnation(&"f".repeat(MAX_INCARNATION)));
     }
 
     /// A value JSON cannot hold is an error, not an empty message.

@@ -117,6 +117,7 @@ pub fn fake_gateway(
                     }
                     let ack = Ack {
                         v: tend_wire::VERSION,
+                        incarnation: batch.incarnation.clone(),
                         ranges: tend_wire::ranges_of(seqs),
                     };
                     let c = client.clone();

@@ -1,7 +1,8 @@
 //! The gateway's store: everything it must not forget, behind one interface.
 //!
-//! - which (agent, seq) it has stored, so a replayed record is acknowledged again but
-//!   applied once;
+//! - which (agent, outbox incarnation, seq) it has stored, with a digest of the content,
+//!   so a replayed record is acknowledged again but applied once and other content under
+//!   the same key is a conflict, counted on the agent ([`AgentRecord`]);
 //! - each device's live picture (identity, state, last readings, open episodes) and its
 //!   whole life (every state change, episode change, ticket and maintenance event);
 //! - the availability ledger's transitions, keyed by the agent's time;
@@ -36,6 +37,14 @@ pub enum StoreError {
         what: &'static str,
         detail: String,
     },
+    /// The store's file is damaged (truncated, corrupt, not a store at all): nothing can be
+    /// read from it, and nothing was changed in it.
+    #[error(
+        "store {store} is damaged: {detail}. The gateway cannot start on it: restore the \
+         file from a backup, or move it aside (mv {store} {store}.corrupt) to start with an \
+         empty store; agents resend only what they have not had acknowledged"
+    )]
+    Damaged { store: String, detail: String },
     /// A value could not be encoded for storage: nothing is written rather than empty or
     /// null bytes.
     #[error("store: cannot encode {what}: {source}")]
@@ -51,6 +60,7 @@ impl StoreError {
     pub fn what(&self) -> &'static str {
         match self {
             StoreError::Database { what, .. } | StoreError::Encode { what, .. } => what,
+            StoreError::Damaged { .. } => "open",
         }
     }
 }
@@ -126,6 +136,46 @@ impl DeviceLive {
             readings: BTreeMap::new(),
             open_episodes: BTreeMap::new(),
             dropped_readings: 0,
+        }
+    }
+}
+
+/// A record that came with the key of a stored one and other content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    pub incarnation: String,
+    pub seq: u64,
+    /// Gateway time it was first seen.
+    pub at: Timestamp,
+}
+
+/// What the store keeps about an agent, besides its devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub id: String,
+    /// The outbox incarnation of its latest batch: a new one means its outbox was
+    /// replaced (lost, damaged, a re-imaged box).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub incarnation: Option<String>,
+    /// Gateway time that incarnation was first heard.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub incarnation_since: Option<Timestamp>,
+    /// Records that came with the (agent, incarnation, seq) of a stored one and other
+    /// content: not applied.
+    #[serde(default)]
+    pub conflicting_records: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_conflict: Option<Conflict>,
+}
+
+impl AgentRecord {
+    pub fn new(id: &str) -> Self {
+        AgentRecord {
+            id: id.to_string(),
+            incarnation: None,
+            incarnation_since: None,
+            conflicting_records: 0,
+            last_conflict: None,
         }
     }
 }
@@ -388,11 +438,17 @@ pub trait GatewayStore: Send + Sync + std::fmt::Debug {
         Ok(all.pop().unwrap_or_default())
     }
 
-    /// How many (agent, seq) records are stored.
+    /// How many (agent, incarnation, seq) records are stored.
     fn records_stored(&self) -> Result<u64, StoreError>;
 
-    /// Whether (agent, seq) is stored.
+    /// Whether seq `seq` of `agent` is stored, in any of its outbox incarnations.
     fn has_record(&self, agent: &str, seq: u64) -> Result<bool, StoreError>;
+
+    /// Whether (agent, incarnation, seq) is stored.
+    fn has_record_in(&self, agent: &str, incarnation: &str, seq: u64) -> Result<bool, StoreError>;
+
+    /// Every agent the store has a record of (its latest incarnation, its conflicts).
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
 
     /// Every device the gateway has heard of.
     fn devices(&self) -> Result<Vec<DeviceLive>, StoreError>;

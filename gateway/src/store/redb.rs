@@ -4,11 +4,17 @@
 //! together adjacent: a device's transitions and life record are ranges of
 //! (device, agent time, n). Every [`GatewayStore`] method is one redb transaction, so a
 //! gateway killed at any moment has either all of a group of batches or none of it.
+//!
+//! A file redb finds damaged (truncated, corrupt, not a redb file) is refused with
+//! [`StoreError::Damaged`], naming the file and what to do; it is never moved or
+//! rewritten here: the store is the gateway's record of everything, and only a person
+//! should decide to start without it.
 
 use super::{
-    encode, DeviceLive, GatewayStore, Job, JobOutcome, LifeEvent, StoreError, TicketRecord,
+    encode, AgentRecord, DeviceLive, GatewayStore, Job, JobOutcome, LifeEvent, StoreError,
+    TicketRecord,
 };
-use crate::ingest::{plan, Applied, Changes, IngestContext, Needs, Stored};
+use crate::ingest::{plan, Applied, Changes, Digest, IngestContext, Needs, Stored};
 use crate::ledger::Ledger;
 use ::redb::{Database, ReadableTable, ReadableTableMetadata, Table, TableDefinition};
 use jiff::Timestamp;
@@ -18,8 +24,16 @@ use std::path::{Path, PathBuf};
 use tend_profiles::DeviceState;
 use tend_wire::UpBatch;
 
-/// (agent, seq) of every record stored.
-const SEEN: TableDefinition<(&str, u64), ()> = TableDefinition::new("seen");
+/// (agent, outbox incarnation, seq) of every record stored → its content's digest.
+const SEEN: TableDefinition<(&str, &str, u64), Digest> = TableDefinition::new("records_seen");
+/// The dedup of builds before incarnations, (agent, seq): dropped when the store opens.
+/// Its keys cannot be told apart by incarnation, and every agent of such a build starts
+/// a new incarnation when it is upgraded.
+const SEEN_BEFORE_INCARNATIONS: TableDefinition<(&str, u64), ()> = TableDefinition::new("seen");
+/// (agent, incarnation, seq, digest) of every conflicting version counted.
+const CONFLICTS: TableDefinition<(&str, &str, u64, Digest), ()> = TableDefinition::new("conflicts");
+/// agent id → [`AgentRecord`] (JSON).
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 /// device id → [`DeviceLive`] (JSON).
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 /// (device, agent time in ns, seq) → state (`DeviceState` as u8).
@@ -80,20 +94,17 @@ impl RedbStore {
     /// Opens (or creates) `dir/gateway.redb`.
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
         let path = dir.join("gateway.redb");
-        let fail = |what: &'static str, detail: String| StoreError::Database {
-            store: path.display().to_string(),
-            what,
-            detail,
-        };
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Database {
             store: dir.display().to_string(),
             what: "create data directory",
             detail: e.to_string(),
         })?;
-        let db = Database::create(&path).map_err(|e| fail("open", e.to_string()))?;
+        let db = open_database(&path)?;
         let store = RedbStore { db, path };
         let txn = store.db.begin_write().map_err(store.error("begin write"))?;
         Tables::open(&txn, &store)?;
+        txn.delete_table(SEEN_BEFORE_INCARNATIONS)
+            .map_err(store.error("drop the dedup of an older build"))?;
         txn.commit().map_err(store.error("commit"))?;
         Ok(store)
     }
@@ -127,10 +138,72 @@ impl RedbStore {
     }
 }
 
+/// Opens the database file, telling damage from other failures.
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    let damaged = |detail: String| StoreError::Damaged {
+        store: path.display().to_string(),
+        detail,
+    };
+    // redb 2 panics on some truncated files (an assertion on the file's length) instead
+    // of returning an error. Caught here so the gateway exits with an error naming the
+    // file rather than a panic; nothing of the failed open outlives the closure.
+    let opened = quietly(|| Database::create(path));
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(::redb::DatabaseError::Storage(::redb::StorageError::Corrupted(detail)))) => {
+            Err(damaged(detail))
+        }
+        // What redb says of a file that is not one of its databases (bad header).
+        Ok(Err(::redb::DatabaseError::Storage(::redb::StorageError::Io(e))))
+            if e.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            Err(damaged(e.to_string()))
+        }
+        Ok(Err(e)) => Err(StoreError::Database {
+            store: path.display().to_string(),
+            what: "open",
+            detail: e.to_string(),
+        }),
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(damaged(format!("redb could not read it ({text})")))
+        }
+    }
+}
+
+/// Runs `f`, catching a panic; the panic hook stays silent for a panic on this thread
+/// meanwhile (it is reported as an error, and a "panicked at" line in the log would read
+/// as a crash), and passes on any other thread's. Opens take turns, so each restores the
+/// hook it found.
+fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    use std::sync::{Arc, Mutex};
+    static TURN: Mutex<()> = Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let previous: Arc<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync> =
+        Arc::from(std::panic::take_hook());
+    let me = std::thread::current().id();
+    let others = previous.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().id() != me {
+            others(info);
+        }
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    drop(std::panic::take_hook());
+    std::panic::set_hook(Box::new(move |info| previous(info)));
+    result
+}
+
 /// Every table, open in one write transaction.
 struct Tables<'t> {
     store: &'t RedbStore,
-    seen: Table<'t, (&'static str, u64), ()>,
+    seen: Table<'t, (&'static str, &'static str, u64), Digest>,
+    conflicts: Table<'t, (&'static str, &'static str, u64, Digest), ()>,
+    agents: Table<'t, &'static str, &'static [u8]>,
     devices: Table<'t, &'static str, &'static [u8]>,
     transitions: Table<'t, (&'static str, i128, u64), u8>,
     history: Table<'t, (&'static str, i128, u64), &'static [u8]>,
@@ -147,6 +220,8 @@ impl<'t> Tables<'t> {
         Ok(Tables {
             store,
             seen: txn.open_table(SEEN).map_err(e("open seen"))?,
+            conflicts: txn.open_table(CONFLICTS).map_err(e("open conflicts"))?,
+            agents: txn.open_table(AGENTS).map_err(e("open agents"))?,
             devices: txn.open_table(DEVICES).map_err(e("open devices"))?,
             transitions: txn.open_table(TRANSITIONS).map_err(e("open transitions"))?,
             history: txn.open_table(HISTORY).map_err(e("open history"))?,
@@ -163,14 +238,28 @@ impl<'t> Tables<'t> {
     fn load<'a>(&self, needs: &Needs<'a>) -> Result<Stored<'a>, StoreError> {
         let s = self.store;
         let mut stored = Stored::default();
-        for &(agent, seq) in &needs.records {
-            if self
-                .seen
-                .get((agent, seq))
-                .map_err(s.error("read seen"))?
-                .is_some()
-            {
-                stored.seen.insert((agent, seq));
+        for &key in &needs.records {
+            let (agent, incarnation, seq) = key;
+            let Some(d) = self.seen.get(key).map_err(s.error("read seen"))? else {
+                continue;
+            };
+            stored.seen.insert(key, d.value());
+            // Only a record stored already can have conflicting versions.
+            let versions = self
+                .conflicts
+                .range(
+                    (agent, incarnation, seq, [0u8; 32])..=(agent, incarnation, seq, [0xffu8; 32]),
+                )
+                .map_err(s.error("read conflicts"))?;
+            for row in versions {
+                let (k, _) = row.map_err(s.error("read conflicts"))?;
+                stored.conflicts.insert((key, k.value().3));
+            }
+        }
+        for &id in &needs.agents {
+            let v = self.agents.get(id).map_err(s.error("read agent"))?;
+            if let Some(a) = v.and_then(|v| decode::<AgentRecord>(v.value())) {
+                stored.agents.insert(id.to_string(), a);
             }
         }
         for &id in &needs.devices {
@@ -207,10 +296,19 @@ impl<'t> Tables<'t> {
     /// Writes what a group of batches changed.
     fn write(&mut self, changes: &Changes<'_>) -> Result<(), StoreError> {
         let s = self.store;
-        for &(agent, seq) in &changes.seen {
-            self.seen
-                .insert((agent, seq), ())
-                .map_err(s.error("write seen"))?;
+        for &(key, d) in &changes.seen {
+            self.seen.insert(key, d).map_err(s.error("write seen"))?;
+        }
+        for &((agent, incarnation, seq), d) in &changes.conflicts {
+            self.conflicts
+                .insert((agent, incarnation, seq, d), ())
+                .map_err(s.error("write conflicts"))?;
+        }
+        for (id, a) in &changes.agents {
+            let bytes = encode("agent", a)?;
+            self.agents
+                .insert(id.as_str(), bytes.as_slice())
+                .map_err(s.error("write agent"))?;
         }
         for (id, d) in &changes.devices {
             let bytes = encode("device", d)?;
@@ -331,9 +429,43 @@ impl GatewayStore for RedbStore {
     fn has_record(&self, agent: &str, seq: u64) -> Result<bool, StoreError> {
         let txn = self.db.begin_read().map_err(self.error("begin read"))?;
         let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
-        Ok(t.get((agent, seq))
+        // Keys are ordered by agent, then incarnation: hop from one incarnation of the
+        // agent to the next ("x" + "\0" is the least string after "x").
+        let mut from = String::new();
+        loop {
+            let first = t
+                .range((agent, from.as_str(), 0)..)
+                .map_err(self.error("read seen"))?
+                .next()
+                .transpose()
+                .map_err(self.error("read seen"))?;
+            let Some((k, _)) = first else {
+                return Ok(false);
+            };
+            let (a, incarnation, _) = k.value();
+            if a != agent {
+                return Ok(false);
+            }
+            if t.get((agent, incarnation, seq))
+                .map_err(self.error("read seen"))?
+                .is_some()
+            {
+                return Ok(true);
+            }
+            from = format!("{incarnation}\0");
+        }
+    }
+
+    fn has_record_in(&self, agent: &str, incarnation: &str, seq: u64) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
+        Ok(t.get((agent, incarnation, seq))
             .map_err(self.error("read seen"))?
             .is_some())
+    }
+
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        self.all(AGENTS, "read agents")
     }
 
     fn devices(&self) -> Result<Vec<DeviceLive>, StoreError> {
