@@ -53,10 +53,10 @@ impl SecretError {
 /// Refuses `path` unless only its owner may read or write it (Unix; elsewhere there is
 /// no mode to check). `what` names the file in errors (`"client key"`).
 ///
-/// The owner is not compared with the user running the process: a 0600 file can be
-/// read only by its owner and by root, so a service reading its own file or root reading
-/// a service's file are both fine, and nobody else can have read it either way. Checking
-/// the owner would need `getuid` (libc, unsafe) and refuse nothing the mode lets through.
+/// A file owned by another user than the process is accepted when its mode is private:
+/// the process can then read it only as root, and root reading a service's file (an
+/// operator's `sudo tend-gateway check`) is normal. Nobody but the owner and root can
+/// have read it either way, so comparing owners would refuse nothing that matters.
 pub fn check_private(what: &'static str, path: &Path) -> Result<(), SecretError> {
     let meta = std::fs::metadata(path).map_err(|source| SecretError::Unreadable {
         what,
