@@ -428,7 +428,7 @@ async fn hostile_messages_through_mosquitto_never_crash_nor_cost_the_real_agent_
 fn invalid_configs_exit_2_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("api.token"), "t0ken-for-the-test\n").unwrap();
+    write_secret(d.join("api.token"), "t0ken-for-the-test\n").unwrap();
     std::fs::write(
         d.join("fleet.toml"),
         fleet_toml(&[FleetDevice {

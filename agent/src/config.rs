@@ -218,6 +218,11 @@ fn check_uplink(cx: &Located, uplink: &UplinkSection) -> Result<(), ProfileError
         tend_mqtt::read_secret("password file", p)
             .map_err(|e| cx.err(&up.key("password_file"), e.to_string()))?;
     }
+    // The key is parsed when the link starts, but one open to others is refused now.
+    if let Some(p) = &uplink.client_key {
+        tend_mqtt::check_private("private key", p)
+            .map_err(|e| cx.err(&up.key("client_key"), e.to_string()))?;
+    }
     Ok(())
 }
 

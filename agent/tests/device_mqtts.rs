@@ -12,6 +12,7 @@ use std::time::Duration;
 use tend_agent::config;
 use tend_agent::run::{spawn_links, Shared};
 use tend_devsim::vm12::{Vm12Config, Vm12Sim};
+use tend_testkit::config::write_secret;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -130,7 +131,7 @@ async fn a_device_on_an_mqtts_broker_is_read_over_tls() {
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), CA_PEM).unwrap();
-    std::fs::write(dir.path().join("broker.password"), "s3cret\n").unwrap();
+    write_secret(dir.path().join("broker.password"), "s3cret\n").unwrap();
     // By name: the server certificate is for localhost.
     let url = format!("mqtts://localhost:{}", tls_addr.port());
     let src = agent_config(dir.path(), &url);
@@ -170,12 +171,12 @@ fn a_device_broker_the_link_cannot_use_is_refused_at_load() {
     assert!(e.line > 1, "{e}");
 
     // An empty one too: it must not become an empty password.
-    std::fs::write(dir.path().join("broker.password"), "\n").unwrap();
+    write_secret(dir.path().join("broker.password"), "\n").unwrap();
     let e = load(&src).unwrap_err();
     assert_eq!(e.key, "device[0].password_file", "{e}");
     assert!(e.message.contains("empty"), "{e}");
 
-    std::fs::write(dir.path().join("broker.password"), "s3cret").unwrap();
+    write_secret(dir.path().join("broker.password"), "s3cret").unwrap();
     assert!(load(&src).is_ok());
 
     // A CA file for a broker without TLS, and a broker URL of another grammar.

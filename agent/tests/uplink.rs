@@ -18,6 +18,7 @@ use tend_agent::uplink::{
 use tend_testkit::certs::{
     CA_PEM, CLIENT_CERT_PEM, CLIENT_KEY_PEM, OTHER_CA_PEM, SERVER_CERT_PEM, SERVER_KEY_PEM,
 };
+use tend_testkit::config::write_secret;
 use tend_wire::{
     encode, ranges_of, topic, Ack, DiagRequest, DiagResponse, Record, RecordBody, SeqRange,
     UpBatch, WireReading, VERSION,
@@ -923,7 +924,9 @@ fn with_tls_files(cfg: &mut UplinkConfig, dir: &std::path::Path, ca: &str, clien
     cfg.ca_file = Some(write("ca.pem", ca));
     if client {
         cfg.client_cert = Some(write("client.pem", CLIENT_CERT_PEM));
-        cfg.client_key = Some(write("client.key", CLIENT_KEY_PEM));
+        let key = dir.join("client.key");
+        write_secret(&key, CLIENT_KEY_PEM).unwrap();
+        cfg.client_key = Some(key);
     }
 }
 
@@ -1045,7 +1048,7 @@ async fn the_password_is_sent_from_its_file_and_never_logged() {
 
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("mqtt.pw");
-    std::fs::write(&pw, "s3cret-pw\n").unwrap();
+    write_secret(&pw, "s3cret-pw\n").unwrap();
     let mut cfg = test_config("agent-pw", format!("mqtt://127.0.0.1:{port}"));
     cfg.username = Some("agent-pw-user".into());
     cfg.password_file = Some(pw);

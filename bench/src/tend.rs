@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tend_testkit::config::write_secret;
 use tokio::process::Command;
 
 pub const AGENT_ID: &str = "bench-agent";
@@ -60,7 +61,7 @@ impl Gateway {
         let dir = &plan.dir;
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("fleet.toml"), fleet(plan.devices))?;
-        std::fs::write(dir.join("api.token"), "bench-api-token\n")?;
+        write_secret(dir.join("api.token"), "bench-api-token\n")?;
         let mut cfg = format!(
             "gateway_id = \"gw-bench\"\ndata_dir = \"data\"\nfleet = \"fleet.toml\"\n\n\
              [broker]\nembedded = true\nlisten = \"{}\"\n\n\
@@ -68,7 +69,7 @@ impl Gateway {
             plan.listen
         );
         if let Some((url, token)) = &plan.backend {
-            std::fs::write(dir.join("backend.token"), format!("{token}\n"))?;
+            write_secret(dir.join("backend.token"), format!("{token}\n"))?;
             let _ = write!(
                 cfg,
                 "\n[backend]\nurl = \"{url}\"\ntoken_file = \"backend.token\"\ntimeout = \"5s\"\n"

@@ -204,13 +204,26 @@ pub enum SecretFileError {
     },
     #[error("{} is empty", path.display())]
     Empty { path: PathBuf },
+    /// Open to group or others (`tend_mqtt::secret`'s rule), or not UTF-8.
+    #[error(transparent)]
+    Refused(tend_mqtt::SecretError),
 }
 
-/// Reads a secret (token, password) from a file: trimmed, never empty, never logged.
+/// Reads a secret (token, password) from a file: private to its owner, trimmed, never
+/// empty, never logged.
 pub fn read_secret(path: &Path) -> Result<String, SecretFileError> {
-    let s = std::fs::read_to_string(path).map_err(|source| SecretFileError::Unreadable {
+    let bytes = tend_mqtt::read_private("token file", path).map_err(|e| match e {
+        tend_mqtt::SecretError::Unreadable { path, source, .. } => {
+            SecretFileError::Unreadable { path, source }
+        }
+        e => SecretFileError::Refused(e),
+    })?;
+    let s = String::from_utf8(bytes).map_err(|_| SecretFileError::Unreadable {
         path: path.to_path_buf(),
-        source,
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        ),
     })?;
     let s = s.trim().to_string();
     if s.is_empty() {
@@ -440,8 +453,9 @@ fn check_files_exist(config: &GatewayConfig, at: &Locator) -> Result<(), Profile
     Ok(())
 }
 
-/// The tokens and the broker password are read once here, so an empty or unreadable
-/// secret stops the load instead of the first call that needs it.
+/// The tokens and the broker password are read once here, and the private keys' modes
+/// checked, so an empty, unreadable or exposed secret stops the load instead of the
+/// first call that needs it.
 fn check_secrets(config: &GatewayConfig, at: &Locator) -> Result<(), ProfileError> {
     let root = KeyPath::root();
     for (key, p) in [
@@ -462,17 +476,31 @@ fn check_secrets(config: &GatewayConfig, at: &Locator) -> Result<(), ProfileErro
         tend_mqtt::read_secret("password file", p)
             .map_err(|e| at.error(&root.key("broker").key("password_file"), e.to_string()))?;
     }
+    // Private keys are parsed only when used, but one open to others is refused now.
+    for (key, p) in [
+        (root.key("api").key("tls_key"), config.api.tls_key.as_ref()),
+        (
+            root.key("broker").key("client_key"),
+            config.broker.client_key.as_ref(),
+        ),
+    ] {
+        if let Some(p) = p {
+            tend_mqtt::check_private("private key", p)
+                .map_err(|e| at.error(&key, e.to_string()))?;
+        }
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tend_testkit::config::write_secret;
 
     fn dir() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("api.token"), "hotline-secret\n").unwrap();
-        std::fs::write(d.path().join("backend.token"), "backend-secret\n").unwrap();
+        write_secret(d.path().join("api.token"), "hotline-secret\n").unwrap();
+        write_secret(d.path().join("backend.token"), "backend-secret\n").unwrap();
         std::fs::write(
             d.path().join("fleet.toml"),
             r#"
@@ -634,7 +662,7 @@ token_file = "api.token"
             assert!(e.message.contains(says), "{e}");
         }
         // The backend token is read at load, as the hotline's is.
-        std::fs::write(d.path().join("backend.token"), "\n").unwrap();
+        write_secret(d.path().join("backend.token"), "\n").unwrap();
         let e = parse("gw.toml", GOOD, d.path()).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (12, "backend.token_file"), "{e}");
         assert!(e.message.contains("is empty"), "{e}");
@@ -708,10 +736,44 @@ token_file = "api.token"
     #[test]
     fn empty_token_file_refused_without_showing_it() {
         let d = dir();
-        std::fs::write(d.path().join("api.token"), "  \n").unwrap();
+        write_secret(d.path().join("api.token"), "  \n").unwrap();
         let e = parse("gw.toml", GOOD, d.path()).unwrap_err();
         assert_eq!(e.key, "api.token_file");
         assert!(e.message.contains("is empty"), "{e}");
+    }
+
+    #[test]
+    fn secret_files_open_to_others_are_refused_at_load() {
+        use std::os::unix::fs::PermissionsExt;
+        let chmod = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let d = dir();
+        let with_tls = GOOD.replace(
+            "token_file = \"api.token\"",
+            "token_file = \"api.token\"\ntls_cert = \"server.pem\"\ntls_key = \"server.key\"",
+        );
+        std::fs::write(d.path().join("server.pem"), "cert\n").unwrap();
+        write_secret(d.path().join("server.key"), "key\n").unwrap();
+        parse("gw.toml", &with_tls, d.path()).unwrap();
+        for (file, key) in [
+            ("api.token", "api.token_file"),
+            ("backend.token", "backend.token_file"),
+            ("server.key", "api.tls_key"),
+        ] {
+            let p = d.path().join(file);
+            for mode in [0o644, 0o640] {
+                chmod(&p, mode);
+                let e = parse("gw.toml", &with_tls, d.path()).unwrap_err();
+                assert_eq!(e.key, key, "{e}");
+                assert!(e.message.contains(&format!("mode 0{mode:o}")), "{e}");
+                let fix = format!("chmod 600 {}", p.display());
+                assert!(e.message.contains(&fix), "{e}");
+                assert!(!e.message.contains("secret"), "{e}");
+            }
+            chmod(&p, 0o600);
+        }
+        parse("gw.toml", &with_tls, d.path()).unwrap();
     }
 
     #[test]
@@ -729,10 +791,10 @@ token_file = "api.token"
         assert_eq!((e.line, e.key.as_str()), (9, "broker.password_file"), "{e}");
         assert!(e.message.contains("cannot read the password file"), "{e}");
         assert!(e.message.contains("broker.pw"), "{e}");
-        std::fs::write(d.path().join("broker.pw"), "\n").unwrap();
+        write_secret(d.path().join("broker.pw"), "\n").unwrap();
         let e = parse("gw.toml", &src, d.path()).unwrap_err();
         assert!(e.message.contains("empty"), "{e}");
-        std::fs::write(d.path().join("broker.pw"), "s3cret\n").unwrap();
+        write_secret(d.path().join("broker.pw"), "s3cret\n").unwrap();
         let l = parse("gw.toml", &src, d.path()).unwrap();
         assert_eq!(
             l.config

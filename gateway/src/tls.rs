@@ -1,4 +1,5 @@
 //! HTTPS for the hotline API: the certificate and key from the config, for rustls (ring).
+//! The key is a secret file: only its owner may read it (`tend_mqtt::secret`).
 //! [`crate::serve`] serves the same axum router over it as over plain HTTP.
 
 use rustls::pki_types::pem::PemObject;
@@ -30,6 +31,9 @@ pub enum ServerTlsError {
     Protocols(#[source] rustls::Error),
     #[error("certificate and key: {0}")]
     CertificateAndKey(#[source] rustls::Error),
+    /// The key is open to group or others.
+    #[error(transparent)]
+    KeyNotPrivate(tend_mqtt::SecretError),
 }
 
 /// Reads a PEM certificate chain and its private key.
@@ -52,7 +56,12 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
             path: cert.to_path_buf(),
         });
     }
-    let key_pem = read(key)?;
+    let key_pem = tend_mqtt::read_private("private key", key).map_err(|e| match e {
+        tend_mqtt::SecretError::Unreadable { path, source, .. } => {
+            ServerTlsError::Read { path, source }
+        }
+        e => ServerTlsError::KeyNotPrivate(e),
+    })?;
     let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| ServerTlsError::NoKey {
         path: key.to_path_buf(),
     })?;
@@ -70,6 +79,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tend_testkit::config::write_secret;
 
     #[test]
     fn errors_name_the_file_and_never_quote_a_key() {
@@ -86,12 +96,28 @@ mod tests {
             "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
         )
         .unwrap();
-        std::fs::write(
+        write_secret(
             &key,
             "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n",
         )
         .unwrap();
-        let e = server_config(&cert, &key).unwrap_err().to_string();
-        assert!(!e.contains("c2VjcmV0"), "{e}");
+        let e = server_config(&cert, &key).unwrap_err();
+        assert!(!matches!(e, ServerTlsError::KeyNotPrivate(_)), "{e}");
+        assert!(!e.to_string().contains("c2VjcmV0"), "{e}");
+    }
+
+    #[test]
+    fn a_key_open_to_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (cert, key) = (d.path().join("server.pem"), d.path().join("server.key"));
+        std::fs::write(&cert, tend_testkit::certs::SERVER_CERT_PEM).unwrap();
+        write_secret(&key, tend_testkit::certs::SERVER_KEY_PEM).unwrap();
+        server_config(&cert, &key).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = server_config(&cert, &key).unwrap_err();
+        assert!(matches!(e, ServerTlsError::KeyNotPrivate(_)), "{e}");
+        let e = e.to_string();
+        assert!(e.contains(&format!("chmod 600 {}", key.display())), "{e}");
     }
 }

@@ -21,6 +21,7 @@ use tend_gateway::ledger::month_window;
 use tend_gateway::metrics::Metrics;
 use tend_gateway::store::{GatewayStore, JobOutcome, RedbStore};
 use tend_profiles::{DeviceState, FaultClass, ProfileSet, SignalKind, Value as PValue};
+use tend_testkit::config::write_secret;
 use tend_wire::{
     DiagRequest, DiagResponse, EpisodeChange, EpisodeEvent, Record, RecordBody, UpBatch,
     WireReading,
@@ -306,7 +307,7 @@ impl World {
         let audit_path = dir.path().join("data").join("audit.log");
         let audit = Audit::open(&audit_path).unwrap();
         let token_file = dir.path().join("api.token");
-        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        write_secret(&token_file, format!("{TOKEN}\n")).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -1123,7 +1124,7 @@ async fn terminal_client_prints_tables_and_explains_errors() {
     assert!(e.message.starts_with("400: "), "{e}");
 
     let wrong = w.token_file.with_file_name("wrong.token");
-    std::fs::write(&wrong, "not-the-token").unwrap();
+    write_secret(&wrong, "not-the-token").unwrap();
     let bad = ApiTarget {
         token_file: Some(wrong.clone()),
         ..target.clone()

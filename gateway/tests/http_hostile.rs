@@ -8,7 +8,7 @@ use serde_json::json;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tend_testkit::config::{fleet_toml, API_TOKEN};
+use tend_testkit::config::{fleet_toml, write_secret, API_TOKEN};
 use tend_testkit::metrics::metric;
 use tend_testkit::ports::free_port;
 use tend_testkit::procs::GatewayProc;
@@ -24,7 +24,7 @@ const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_tend-gateway");
 async fn gateway(dir: &Path, api_extra: &str, open_files: Option<u64>) -> GatewayProc {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("fleet.toml"), fleet_toml(&[])).unwrap();
-    std::fs::write(dir.join("api.token"), format!("{API_TOKEN}\n")).unwrap();
+    write_secret(dir.join("api.token"), format!("{API_TOKEN}\n")).unwrap();
     let config = dir.join("gateway.toml");
     std::fs::write(
         &config,

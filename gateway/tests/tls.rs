@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 use tend_testkit::certs::{CA_PEM, SERVER_CERT_PEM, SERVER_KEY_PEM};
-use tend_testkit::config::{fleet_toml, API_TOKEN};
+use tend_testkit::config::{fleet_toml, write_secret, API_TOKEN};
 use tend_testkit::ports::free_port;
 use tend_testkit::procs::GatewayProc;
 
@@ -15,9 +15,9 @@ async fn hotline_api_over_tls() {
     let gw_dir = dir.path().join("gw");
     std::fs::create_dir_all(&gw_dir).unwrap();
     std::fs::write(gw_dir.join("server.pem"), SERVER_CERT_PEM).unwrap();
-    std::fs::write(gw_dir.join("server.key"), SERVER_KEY_PEM).unwrap();
+    write_secret(gw_dir.join("server.key"), SERVER_KEY_PEM).unwrap();
     std::fs::write(gw_dir.join("fleet.toml"), fleet_toml(&[])).unwrap();
-    std::fs::write(gw_dir.join("api.token"), API_TOKEN).unwrap();
+    write_secret(gw_dir.join("api.token"), API_TOKEN).unwrap();
     let config = gw_dir.join("gateway.toml");
     std::fs::write(
         &config,

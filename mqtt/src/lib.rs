@@ -2,7 +2,8 @@
 //! them keeps only what is its own (topics, sessions, what a message means):
 //!
 //! - [`url`]: the one broker URL grammar, `mqtt://host[:port]` and `mqtts://host[:port]`;
-//! - [`secret`]: the one rule for reading a secret (password) file;
+//! - [`secret`]: the one rule for reading a secret file (password, token, private key):
+//!   private to its owner, never empty;
 //! - [`tls`]: the rustls client configuration (ring, CA file or system roots, client
 //!   certificate);
 //! - [`options`]: credentials and TLS beside the URL ([`BrokerAuth`]) and the rumqttc
@@ -20,7 +21,7 @@ pub mod url;
 
 pub use backoff::Backoff;
 pub use options::{mqtt_options, BrokerAuth, ClientSettings, Credentials, OptionsError};
-pub use secret::{read_secret, SecretError};
+pub use secret::{check_private, read_private, read_secret, SecretError};
 pub use tls::{client_config, ClientTls, TlsError};
 pub use url::{BrokerUrl, UrlError};
 

@@ -1,8 +1,10 @@
 //! The rustls client configuration for an `mqtts://` broker: the ring provider (no
 //! aws-lc), the CA bundle of `ca_file` or else the system's roots, and for mutual TLS a
 //! client certificate chain and key. Errors name the file; a key's parse error is not
-//! shown, as it could quote key material.
+//! shown, as it could quote key material. The key is a secret file: only its owner may
+//! read it ([`crate::secret`]).
 
+use crate::secret::SecretError;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
@@ -47,6 +49,9 @@ pub enum TlsError {
     HalfClientIdentity,
     #[error("TLS: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The client key is open to group or others.
+    #[error(transparent)]
+    KeyNotPrivate(SecretError),
 }
 
 impl TlsError {
@@ -54,6 +59,7 @@ impl TlsError {
     pub fn what(&self) -> Option<&'static str> {
         match self {
             TlsError::Unreadable { what, .. } | TlsError::Unusable { what, .. } => Some(what),
+            TlsError::KeyNotPrivate(SecretError::OpenToOthers { what, .. }) => Some(what),
             _ => None,
         }
     }
@@ -64,6 +70,16 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
         what,
         path: path.to_path_buf(),
         source,
+    })
+}
+
+/// A private key, read only if its owner alone may read it.
+fn read_key(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    crate::secret::read_private(what, path).map_err(|e| match e {
+        SecretError::Unreadable { what, path, source } => {
+            TlsError::Unreadable { what, path, source }
+        }
+        e => TlsError::KeyNotPrivate(e),
     })
 }
 
@@ -123,7 +139,7 @@ pub fn client_config(tls: &ClientTls) -> Result<rustls::ClientConfig, TlsError> 
         return Ok(builder.with_no_client_auth());
     };
     let chain = certificates("client certificate", cert)?;
-    let key_pem = read("client key", key)?;
+    let key_pem = read_key("client key", key)?;
     let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|_| unusable("client key", key, "no usable private key in it"))?;
     Ok(builder.with_client_auth_cert(chain, key_der)?)

@@ -1,10 +1,31 @@
 //! Config and fleet files for the processes a suite starts: the gateway's config, the
-//! fleet file, and the tokens both sides use.
+//! fleet file, and the tokens both sides use, written private to their owner
+//! ([`write_secret`]) as the gateway and the agent refuse any other.
+
+use std::io::Write;
+use std::path::Path;
 
 /// The hotline API token every suite's gateway accepts.
 pub const API_TOKEN: &str = "hotline-e2e-token-7f3a";
 /// The service-backend token the gateways send and the stand-in accepts.
 pub const BACKEND_TOKEN: &str = "backend-e2e-token-91c2";
+
+/// Writes a secret file (token, password, private key) readable by its owner only
+/// (mode 0600), whatever the umask, as the gateway and the agent refuse secret files
+/// open to group or others. An existing file is truncated and made 0600 too.
+pub fn write_secret(path: impl AsRef<Path>, text: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let path = path.as_ref();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // `mode` applies only to a file created here.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(text.as_ref())
+}
 
 /// One fleet device.
 pub struct FleetDevice<'a> {

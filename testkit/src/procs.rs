@@ -2,7 +2,7 @@
 //! logs appended to a file, the gateway's ready line parsed for its API and broker
 //! addresses, and a small hotline API client.
 
-use crate::config::{gateway_toml, GatewaySpec, API_TOKEN, BACKEND_TOKEN};
+use crate::config::{gateway_toml, write_secret, GatewaySpec, API_TOKEN, BACKEND_TOKEN};
 use crate::wait::until;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -28,8 +28,8 @@ impl GatewayProc {
     pub async fn spawn(bin: &Path, dir: &Path, spec: &GatewaySpec<'_>) -> GatewayProc {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("fleet.toml"), spec.fleet).unwrap();
-        std::fs::write(dir.join("api.token"), format!("{API_TOKEN}\n")).unwrap();
-        std::fs::write(dir.join("backend.token"), format!("{BACKEND_TOKEN}\n")).unwrap();
+        write_secret(dir.join("api.token"), format!("{API_TOKEN}\n")).unwrap();
+        write_secret(dir.join("backend.token"), format!("{BACKEND_TOKEN}\n")).unwrap();
         let config = dir.join("gateway.toml");
         std::fs::write(&config, gateway_toml(spec)).unwrap();
         let log = dir.join("gateway.log");

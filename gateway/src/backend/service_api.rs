@@ -498,6 +498,7 @@ mod tests {
     use crate::backend::{MAX_ERROR_TEXT, MAX_RETRY_AFTER};
     use crate::forwarder::{backoff, outcome_label, schedule, Backoff};
     use crate::store::JobOutcome;
+    use tend_testkit::config::write_secret;
 
     /// The answer classified and scheduled as the forwarder does: what a job becomes.
     fn classify(
@@ -859,7 +860,7 @@ mod tests {
     fn from_section_reads_the_token_file() {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
-        std::fs::write(&token, "  abc123\n").unwrap();
+        write_secret(&token, "  abc123\n").unwrap();
         let mut s = BackendSection {
             kind: crate::backend::BackendKind::ServiceApi,
             url: "https://service.example.com/".into(),
