@@ -5,8 +5,6 @@
 
 use jiff::Timestamp;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,10 +13,9 @@ use std::time::Duration;
 use tend_agent::uplink::{
     diag_handler, DiagHandler, RecordSource, Uplink, UplinkConfig, UplinkError, UplinkStatus,
 };
-use tend_testkit::certs::{
-    CA_PEM, CLIENT_CERT_PEM, CLIENT_KEY_PEM, OTHER_CA_PEM, SERVER_CERT_PEM, SERVER_KEY_PEM,
-};
+use tend_testkit::certs::{CA_PEM, CLIENT_CERT_PEM, CLIENT_KEY_PEM, OTHER_CA_PEM};
 use tend_testkit::config::write_secret;
+use tend_testkit::tls_proxy::tls_proxy;
 use tend_wire::{
     encode, ranges_of, topic, Ack, DiagRequest, DiagResponse, Record, RecordBody, SeqRange,
     UpBatch, WireReading, VERSION,
@@ -867,52 +864,6 @@ async fn an_unreachable_broker_is_retried_until_shutdown() {
 
 // ---------------------------------------------------------------------------------------
 // TLS, with the test certificates of `tend_testkit::certs`.
-
-/// A TLS-terminating proxy in front of the plain embedded broker (rumqttd is built
-/// without TLS here), optionally requiring a client certificate from the test CA.
-async fn tls_proxy(upstream: SocketAddr, require_client_cert: bool) -> (SocketAddr, AbortOnDrop) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap();
-    let builder = if require_client_cert {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(CA_PEM.as_bytes()).unwrap())
-            .unwrap();
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .unwrap();
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
-    };
-    let chain = vec![CertificateDer::from_pem_slice(SERVER_CERT_PEM.as_bytes()).unwrap()];
-    let key = PrivateKeyDer::from_pem_slice(SERVER_KEY_PEM.as_bytes()).unwrap();
-    let config = builder.with_single_cert(chain, key).unwrap();
-    let acceptor = rumqttc::tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let Ok(mut up) = TcpStream::connect(upstream).await else {
-                    return;
-                };
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
-            });
-        }
-    });
-    (addr, AbortOnDrop(task))
-}
 
 /// Writes the test PEMs into `dir` and points `cfg` at them.
 fn with_tls_files(cfg: &mut UplinkConfig, dir: &std::path::Path, ca: &str, client: bool) {

@@ -18,5 +18,6 @@ pub mod procs;
 pub mod rng;
 pub mod rss;
 pub mod sims;
+pub mod tls_proxy;
 pub mod wait;
 pub mod wire_tap;
