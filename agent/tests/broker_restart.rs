@@ -3,52 +3,14 @@
 //! afterwards, none lost. `.ci/run` installs mosquitto.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tend_devsim::hm2::{Hm2Config, Hm2Sim};
 
 mod common;
 use common::{fake_gateway, spawn_agent, wait_for, Store};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start_mosquitto(dir: &Path, port: u16) -> tokio::process::Child {
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    )
-    .unwrap();
-    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("mosquitto is not installed (.ci/run installs it with apt-get)");
-    let child = tokio::process::Command::new(bin)
-        .arg("-c")
-        .arg(&conf)
-        .kill_on_drop(true)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return child;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("mosquitto did not start on port {port}");
-}
+use tend_testkit::mosquitto::start_mosquitto;
+use tend_testkit::ports::free_port;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_stopped_and_restarted_loses_nothing() {
