@@ -13,6 +13,7 @@ use tend_profiles::locate::{line_of_path, KeyPath};
 use tend_profiles::schema::TransportKind;
 use tend_profiles::units::{ByteSize, Dur};
 use tend_profiles::{ProfileError, ProfileSet};
+use tend_wire::credentials::Credentials;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +45,9 @@ fn default_damping() -> Dur {
 pub struct UplinkSection {
     /// `mqtt://host:port` or `mqtts://host:port`.
     pub broker: String,
+    /// The credentials file from `tend-gateway agent add`: the key every message is
+    /// sealed with (and, without `username`, the embedded broker's login).
+    pub credentials: PathBuf,
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
@@ -101,6 +105,8 @@ fn default_commit_window() -> Dur {
 pub struct Loaded {
     pub config: AgentConfig,
     pub profiles: ProfileSet,
+    /// Read from `[uplink] credentials`, checked to be this agent's.
+    pub credentials: Credentials,
 }
 
 /// Reads and checks a config file. Relative paths in it are taken from the file's folder.
@@ -125,6 +131,7 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
         return Err(cx.err(&root.key("site_id"), "must not be empty"));
     }
     resolve(base, &mut config.data_dir);
+    resolve(base, &mut config.uplink.credentials);
     for p in [
         &mut config.profiles_dir,
         &mut config.uplink.ca_file,
@@ -138,6 +145,7 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
         resolve(base, p);
     }
     check_uplink(&cx, &config.uplink)?;
+    let credentials = read_credentials(&cx, &config.uplink.credentials, &config.agent_id)?;
 
     let mut profiles = ProfileSet::builtin()?;
     if let Some(dir) = &config.profiles_dir {
@@ -165,7 +173,34 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
             ));
         }
     }
-    Ok(Loaded { config, profiles })
+    Ok(Loaded {
+        config,
+        profiles,
+        credentials,
+    })
+}
+
+/// Reads `[uplink] credentials`: private to the agent's user, well-formed, and this
+/// agent's (a copy of another agent's file would make every message refused).
+fn read_credentials(cx: &Located, path: &Path, agent: &str) -> Result<Credentials, ProfileError> {
+    let at = KeyPath::root().key("uplink").key("credentials");
+    let bytes = tend_mqtt::read_private("credentials file", path)
+        .map_err(|e| cx.err(&at, e.to_string()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| cx.err(&at, format!("{} is not UTF-8", path.display())))?;
+    let c =
+        Credentials::parse(&text).map_err(|e| cx.err(&at, format!("{}: {e}", path.display())))?;
+    if c.agent_id != agent {
+        return Err(cx.err(
+            &at,
+            format!(
+                "{} holds the credentials of agent {:?}, not of this agent {agent:?} (make this agent's with `tend-gateway agent add {agent}`)",
+                path.display(),
+                c.agent_id
+            ),
+        ));
+    }
+    Ok(c)
 }
 
 /// A relative path in the config is taken from the config file's folder.

@@ -371,8 +371,11 @@ impl Started {
 }
 
 /// The uplink settings of a config.
-pub fn uplink_config(c: &crate::config::AgentConfig) -> crate::uplink::UplinkConfig {
-    let mut u = crate::uplink::UplinkConfig::new(&c.agent_id, &c.site_id, &c.uplink.broker);
+pub fn uplink_config(
+    c: &crate::config::AgentConfig,
+    key: tend_wire::AgentKey,
+) -> crate::uplink::UplinkConfig {
+    let mut u = crate::uplink::UplinkConfig::new(&c.agent_id, &c.site_id, &c.uplink.broker, key);
     u.ca_file = c.uplink.ca_file.clone();
     u.client_cert = c.uplink.client_cert.clone();
     u.client_key = c.uplink.client_key.clone();
@@ -417,7 +420,7 @@ pub async fn run(
     };
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let mut uplink = tokio::spawn(crate::uplink::run(
-        uplink_config(&loaded.config),
+        uplink_config(&loaded.config, loaded.credentials.key.clone()),
         started.outbox.clone(),
         diag,
         started.written.clone(),

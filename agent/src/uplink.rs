@@ -25,8 +25,16 @@
 //! - Diagnostic requests on `diag/req` go to the [`DiagHandler`] (whoever runs the agent
 //!   answers them), with a timeout; the answer goes out on `diag/resp` with the request's
 //!   id.
+//! - Every message is sealed with the agent's key (`tend_wire::seal`): batches, answers
+//!   and the status by this agent, acks and diagnostic requests by a gateway of its
+//!   fleet. A message on `ack`, `diag/req` or `status` whose seal does not open is
+//!   counted (`rejected_messages` in the stats, by reason), logged at most once a minute
+//!   per reason, and dropped: it never deletes a record and never runs a diagnostic.
+//! - A diagnostic request is answered once per id, and only before its expiry by the
+//!   gateway's clock, as the gateway times in its acks tell it (never by this agent's own
+//!   clock, which may be wrong): a recorded request replayed later gets no answer.
 //! - Malformed messages on `ack` and `diag/req` are logged (a short prefix only) and
-//!   ignored. The password never appears in a log or an error.
+//!   ignored. The key and password never appear in a log or an error.
 
 use crate::outbox::{Outbox, OutboxError};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
@@ -42,9 +50,10 @@ use tend_mqtt::{
     Backoff, BrokerAuth, BrokerUrl, ClientSettings, ClientTls, OptionsError, UrlError,
     MQTT_MAX_PACKET,
 };
+use tend_wire::seal::{open, seal};
 use tend_wire::{
-    encode, topic, Ack, DiagRequest, DiagResponse, Record, SeqRange, UpBatch, MAX_MESSAGE,
-    STATUS_OFFLINE, STATUS_ONLINE, VERSION,
+    encode_sealed, topic, Ack, AgentKey, DiagRequest, DiagResponse, Purpose, Record, SeqRange,
+    UpBatch, MAX_MESSAGE, STATUS_OFFLINE, STATUS_ONLINE, VERSION,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
@@ -84,12 +93,18 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 const LOG_PREFIX: usize = 32;
 /// Room for the MQTT header and topic around a payload of [`MAX_MESSAGE`].
 const PACKET_SLACK: usize = 1024;
+/// Diagnostic request ids remembered as answered (until their expiry passes); past this,
+/// new requests are refused as busy rather than the memory growing.
+const MAX_ANSWERED: usize = 4096;
 
 /// Where and how to send. [`UplinkConfig::new`] fills in defaults.
 #[derive(Debug, Clone)]
 pub struct UplinkConfig {
     /// Topic level and MQTT client id; must be a valid agent id (`[A-Za-z0-9._-]`, ≤ 64).
     pub agent_id: String,
+    /// The agent's key (from its credentials file): seals what it sends, opens what the
+    /// gateway sends.
+    pub key: AgentKey,
     pub site_id: String,
     /// `mqtt://host[:port]` (1883) or `mqtts://host[:port]` (8883).
     pub broker: String,
@@ -98,6 +113,8 @@ pub struct UplinkConfig {
     /// PEM client certificate chain and key for mutual TLS (both or neither).
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// An external broker's user; without it the agent logs in as itself with the
+    /// password derived from its key (what an embedded broker checks).
     pub username: Option<String>,
     /// File holding the password (one trailing newline is ignored).
     pub password_file: Option<PathBuf>,
@@ -122,9 +139,11 @@ impl UplinkConfig {
         agent_id: impl Into<String>,
         site_id: impl Into<String>,
         broker: impl Into<String>,
+        key: AgentKey,
     ) -> Self {
         UplinkConfig {
             agent_id: agent_id.into(),
+            key,
             site_id: site_id.into(),
             broker: broker.into(),
             ca_file: None,
@@ -220,6 +239,12 @@ pub struct UplinkStats {
     pub malformed_messages: u64,
     /// Acks for another outbox incarnation, ignored: nothing was deleted on them.
     pub foreign_acks: u64,
+    /// Messages on `ack`, `diag/req` or `status` not believed, by reason (`unsigned`,
+    /// `bad_signature`, `malformed_signature`, `expired`, `replayed`): dropped.
+    pub rejected_messages: std::collections::BTreeMap<&'static str, u64>,
+    /// This agent's clock minus the gateway's, as of the last ack (seconds; positive when
+    /// the agent's clock is ahead). Transit time makes it a little high.
+    pub clock_offset_s: Option<i64>,
     pub diag_requests: u64,
     /// Records larger than one MQTT message can carry; they stay in the outbox unsent.
     pub oversized_records: u64,
@@ -286,9 +311,17 @@ impl<S: RecordSource> Uplink<S> {
     /// Connection trouble is retried for ever.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), UplinkError> {
         let opts = mqtt_options(&self.cfg)?;
+        let agent = &self.cfg.agent_id;
+        let key = self.cfg.key.clone();
         let mut runner = Runner {
             limits: Limits::of(&self.cfg),
-            topics: Topics::of(&self.cfg.agent_id),
+            topics: Topics::of(agent),
+            online: seal(&key, Purpose::Status, agent, STATUS_ONLINE.as_bytes()),
+            offline: seal(&key, Purpose::Status, agent, STATUS_OFFLINE.as_bytes()),
+            key,
+            gateway_clock: None,
+            answered: std::collections::HashMap::new(),
+            refusal_log: tend_mqtt::LogLimit::per_minute(),
             agent: self.cfg.agent_id.clone(),
             site: self.cfg.site_id.clone(),
             diag_timeout: self.cfg.diag_timeout,
@@ -387,6 +420,16 @@ struct InFlight {
 struct Runner<S> {
     limits: Limits,
     topics: Topics,
+    key: AgentKey,
+    /// The sealed status payloads.
+    online: Vec<u8>,
+    offline: Vec<u8>,
+    /// The latest gateway time an ack told, and when it came: the gateway's clock now is
+    /// that plus the time since.
+    gateway_clock: Option<(jiff::Timestamp, Instant)>,
+    /// Diagnostic request ids answered, with their expiry (gateway time).
+    answered: std::collections::HashMap<String, jiff::Timestamp>,
+    refusal_log: tend_mqtt::LogLimit,
     agent: String,
     site: String,
     diag_timeout: Duration,
@@ -472,7 +515,12 @@ impl<S: RecordSource> Runner<S> {
                 // the broker handles this connection's packets in order.
                 let _ = tokio::time::timeout(
                     Duration::from_secs(1),
-                    client.publish(&self.topics.status, QoS::AtLeastOnce, true, STATUS_OFFLINE),
+                    client.publish(
+                        &self.topics.status,
+                        QoS::AtLeastOnce,
+                        true,
+                        self.offline.clone(),
+                    ),
                 )
                 .await;
                 let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
@@ -513,7 +561,12 @@ impl<S: RecordSource> Runner<S> {
             }
         }
         if let Err(e) = client
-            .publish(&self.topics.status, QoS::AtLeastOnce, true, STATUS_ONLINE)
+            .publish(
+                &self.topics.status,
+                QoS::AtLeastOnce,
+                true,
+                self.online.clone(),
+            )
             .await
         {
             return Ok(Stop::Lost(closed_reason(events, e)));
@@ -594,7 +647,7 @@ impl<S: RecordSource> Runner<S> {
             // must not be lost, so it stays in the outbox and the cursor moves past it.
             let payload = loop {
                 batch.records = std::mem::take(&mut records);
-                let payload = encode(&batch)?;
+                let payload = encode_sealed(&self.key, Purpose::Up, &self.agent, &batch)?;
                 if payload.len() <= MAX_MESSAGE {
                     break Some(payload);
                 }
@@ -647,24 +700,92 @@ impl<S: RecordSource> Runner<S> {
         payload: &[u8],
     ) -> Result<(), UplinkError> {
         if topic == self.topics.ack {
-            match Ack::decode(payload) {
+            let Some(body) = self.believe(Purpose::Ack, payload) else {
+                return Ok(());
+            };
+            match Ack::decode(body) {
                 Ok(ack) => self.acked(sending, ack).await?,
-                Err(e) => self.malformed("ack", payload, &e),
+                Err(e) => self.malformed("ack", body, &e),
             }
         } else if topic == self.topics.diag_req {
-            match DiagRequest::decode(payload) {
-                Ok(req) => self.diagnose(client, req),
-                Err(e) => self.malformed("diagnostic request", payload, &e),
+            let Some(body) = self.believe(Purpose::DiagReq, payload) else {
+                return Ok(());
+            };
+            match DiagRequest::decode(body) {
+                Ok(req) => match self.admit(&req) {
+                    Ok(()) => self.diagnose(client, req),
+                    Err(reason) => self.reject(reason),
+                },
+                Err(e) => self.malformed("diagnostic request", body, &e),
             }
-        } else if topic == self.topics.status && payload == STATUS_OFFLINE.as_bytes() {
+        } else if topic == self.topics.status
+            && open(&self.key, Purpose::Status, &self.agent, payload).ok()
+                == Some(STATUS_OFFLINE.as_bytes())
+        {
             // Connected, so that is stale (an old connection's will, or a retained
             // leftover): say `online` again. If this fails the connection is going and
             // the poller reports why.
             tracing::debug!("uplink: the status says offline while connected; correcting");
             let _ = client
-                .publish(&self.topics.status, QoS::AtLeastOnce, true, STATUS_ONLINE)
+                .publish(
+                    &self.topics.status,
+                    QoS::AtLeastOnce,
+                    true,
+                    self.online.clone(),
+                )
                 .await;
         }
+        Ok(())
+    }
+
+    /// The body of a gateway's message sealed for `purpose` with this agent's key, or
+    /// `None` after counting why not.
+    fn believe<'a>(&self, purpose: Purpose, payload: &'a [u8]) -> Option<&'a [u8]> {
+        match open(&self.key, purpose, &self.agent, payload) {
+            Ok(body) => Some(body),
+            Err(e) => {
+                self.reject(e.as_str());
+                None
+            }
+        }
+    }
+
+    fn reject(&self, reason: &'static str) {
+        self.status
+            .update(|s| *s.rejected_messages.entry(reason).or_default() += 1);
+        if self.refusal_log.allow(reason) {
+            tracing::warn!(
+                reason,
+                "uplink: dropped a message not believed; more for this reason are counted in the transport diagnostic and logged at most once a minute"
+            );
+        }
+    }
+
+    /// The gateway's clock now, as far as its acks tell.
+    fn gateway_now(&self) -> Option<jiff::Timestamp> {
+        let (at, seen) = self.gateway_clock?;
+        let since = jiff::SignedDuration::try_from(seen.elapsed()).ok()?;
+        at.checked_add(since).ok()
+    }
+
+    /// Whether a (sealed) diagnostic request may be answered: not answered before, and not
+    /// expired by the gateway's clock. Before the first ack of this run the expiry cannot
+    /// be judged (the agent's own clock is not trusted), and the id alone decides.
+    fn admit(&mut self, req: &DiagRequest) -> Result<(), &'static str> {
+        let now = self.gateway_now();
+        if let Some(now) = now {
+            if req.expires_at <= now {
+                return Err("expired");
+            }
+            self.answered.retain(|_, expiry| *expiry > now);
+        }
+        if self.answered.contains_key(&req.id) {
+            return Err("replayed");
+        }
+        if self.answered.len() >= MAX_ANSWERED {
+            return Err("too_many_requests");
+        }
+        self.answered.insert(req.id.clone(), req.expires_at);
         Ok(())
     }
 
@@ -681,6 +802,13 @@ impl<S: RecordSource> Runner<S> {
     }
 
     async fn acked(&mut self, sending: &mut Sending, ack: Ack) -> Result<(), UplinkError> {
+        // A sealed ack is the gateway's word on its clock, whatever its incarnation.
+        let later = self.gateway_now().is_none_or(|now| ack.gateway_time > now);
+        if later {
+            self.gateway_clock = Some((ack.gateway_time, Instant::now()));
+            let offset = jiff::Timestamp::now().as_second() - ack.gateway_time.as_second();
+            self.status.update(|s| s.clock_offset_s = Some(offset));
+        }
         if ack.incarnation != self.source.incarnation() {
             // Acks of a replaced outbox (a gateway answering what the old file sent) or a
             // forgery: their seqs mean other records here. Not logged each time: a flood
@@ -718,9 +846,10 @@ impl<S: RecordSource> Runner<S> {
         while self.diag_tasks.try_join_next().is_some() {}
         let client = client.clone();
         let topic = self.topics.diag_resp.clone();
+        let (key, agent) = (self.key.clone(), self.agent.clone());
         if self.diag_tasks.len() >= MAX_DIAG_CONCURRENT {
             let resp = response(&req, Err(Unanswered::Busy));
-            let sent = match encode(&resp) {
+            let sent = match encode_sealed(&key, Purpose::DiagResp, &agent, &resp) {
                 Ok(payload) => client
                     .try_publish(topic, QoS::AtLeastOnce, false, payload)
                     .map_err(|e| e.to_string()),
@@ -741,7 +870,7 @@ impl<S: RecordSource> Runner<S> {
             let resp = response(&req, answer);
             // If this connection is gone by now the answer is lost, and the hotline
             // reports a timeout: a diagnostic is asked again, not queued.
-            let sent = match encode(&resp) {
+            let sent = match encode_sealed(&key, Purpose::DiagResp, &agent, &resp) {
                 Ok(payload) => client
                     .publish(topic, QoS::AtLeastOnce, false, payload)
                     .await
@@ -867,14 +996,15 @@ fn mqtt_options(cfg: &UplinkConfig) -> Result<MqttOptions, UplinkError> {
         )));
     }
     let url = BrokerUrl::parse(&cfg.broker)?;
+    let tls = ClientTls {
+        ca_file: cfg.ca_file.clone(),
+        client_cert: cfg.client_cert.clone(),
+        client_key: cfg.client_key.clone(),
+    };
     let auth = BrokerAuth {
         username: cfg.username.clone(),
         password_file: cfg.password_file.clone(),
-        tls: ClientTls {
-            ca_file: cfg.ca_file.clone(),
-            client_cert: cfg.client_cert.clone(),
-            client_key: cfg.client_key.clone(),
-        },
+        tls: tls.clone(),
     };
     let settings = ClientSettings {
         client_id: cfg.agent_id.clone(),
@@ -886,10 +1016,26 @@ fn mqtt_options(cfg: &UplinkConfig) -> Result<MqttOptions, UplinkError> {
         max_incoming: MQTT_MAX_PACKET,
         max_outgoing: MAX_MESSAGE + PACKET_SLACK,
     };
-    let mut opts = tend_mqtt::mqtt_options(&url, &auth, &settings)?;
+    let mut opts = if cfg.username.is_some() || cfg.password_file.is_some() {
+        tend_mqtt::mqtt_options(&url, &auth, &settings)?
+    } else {
+        // The embedded broker's login: the agent as itself, with the password derived
+        // from its key.
+        let login = tend_mqtt::Credentials {
+            username: cfg.agent_id.clone(),
+            password: cfg.key.broker_password(&cfg.agent_id),
+        };
+        auth.check(&url)?;
+        tend_mqtt::options::options_with(&url, Some(login), &tls, &settings)?
+    };
     opts.set_last_will(LastWill::new(
         topic::status(&cfg.agent_id),
-        STATUS_OFFLINE,
+        seal(
+            &cfg.key,
+            Purpose::Status,
+            &cfg.agent_id,
+            STATUS_OFFLINE.as_bytes(),
+        ),
         QoS::AtLeastOnce,
         true,
     ));
@@ -927,7 +1073,8 @@ mod tests {
     #[test]
     fn config_checks() {
         use tend_mqtt::{SecretError, TlsError};
-        let mut cfg = UplinkConfig::new("agent-1", "site", "mqtt://127.0.0.1:1883");
+        let key = AgentKey::from_bytes([1; tend_wire::seal::KEY_LEN]);
+        let mut cfg = UplinkConfig::new("agent-1", "site", "mqtt://127.0.0.1:1883", key);
         assert!(mqtt_options(&cfg).is_ok());
         cfg.agent_id = "a/b".into();
         assert!(matches!(mqtt_options(&cfg), Err(UplinkError::Config(_))));

@@ -34,6 +34,11 @@ pub struct Gateway {
     pub backend_configured: bool,
     /// How long a hotline diagnostic waits for the agent.
     pub diag_timeout: Duration,
+    /// The enrolled agents and their keys: every message on an agent's topics is checked
+    /// against them.
+    pub trust: Arc<crate::trust::Trust>,
+    /// Refused messages are logged once a minute per agent and reason.
+    pub refusal_log: Arc<tend_mqtt::LogLimit>,
 }
 
 impl Gateway {

@@ -1,4 +1,4 @@
-//! The `tend-gateway` command line (`run`, `check`, `hotline`), in the library so that
+//! The `tend-gateway` command line (`run`, `check`, `hotline`, `agent`), in the library so that
 //! the binary and the end-to-end suites' copy of it (`tests/`) are one program.
 
 use clap::{Parser, Subcommand};
@@ -37,6 +37,36 @@ enum Command {
     /// The hotline from a terminal, through the gateway's API: devices, device, availability,
     /// tickets, diag, retry. Target with --config gateway.toml, or --api URL --token-file F.
     Hotline(crate::cli::HotlineArgs),
+    /// Enrolment: which agents this fleet's gateways accept (needs only the config file;
+    /// a running gateway picks changes up within a second).
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Enrol an agent: make its key and write its credentials file (mode 0600) to copy
+    /// to the agent, which names it in `[uplink] credentials`.
+    Add {
+        /// The agent's id (its `agent_id`).
+        id: String,
+        #[arg(long)]
+        config: PathBuf,
+        /// Where to write the credentials (default `ID.cred` here); never overwritten.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List enrolled and revoked agents.
+    List {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Revoke an agent: its messages and logins are refused from then on.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 /// Parses the command line and runs the command: what the binary's `main` does.
@@ -63,6 +93,7 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Agent(cmd) => agent(cmd),
         Command::Check { config } => match crate::config::load(&config) {
             Ok(l) => {
                 println!(
@@ -77,6 +108,41 @@ pub fn main() -> ExitCode {
                 ExitCode::from(EXIT_INVALID)
             }
         },
+    }
+}
+
+fn agent(cmd: AgentCommand) -> ExitCode {
+    let config = match &cmd {
+        AgentCommand::Add { config, .. }
+        | AgentCommand::List { config }
+        | AgentCommand::Revoke { config, .. } => config,
+    };
+    let cfg = match crate::config::load_for_enrolment(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tend-gateway: invalid config: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let now = jiff::Timestamp::now();
+    let done = match &cmd {
+        AgentCommand::Add { id, out, .. } => crate::enrol::add(&cfg, id, out.as_deref(), now)
+            .map(|file| {
+                println!(
+                    "enrolled agent {id}; credentials in {} (mode 0600): copy them to the agent and name the file in its [uplink] credentials",
+                    file.display()
+                )
+            }),
+        AgentCommand::List { .. } => crate::enrol::list(&cfg).map(|text| print!("{text}")),
+        AgentCommand::Revoke { id, .. } => crate::enrol::revoke(&cfg, id, now)
+            .map(|()| println!("revoked agent {id}: refused from now on")),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tend-gateway: {e}");
+            ExitCode::from(EXIT_INVALID)
+        }
     }
 }
 

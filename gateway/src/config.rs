@@ -32,6 +32,27 @@ pub struct GatewayConfig {
     pub broker: BrokerSection,
     pub backend: Option<BackendSection>,
     pub api: ApiSection,
+    #[serde(default)]
+    pub trust: TrustSection,
+}
+
+/// `[trust]`: where enrolment material lives.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustSection {
+    /// The trust directory (default `<data_dir>/trust`); gateways of one fleet that name
+    /// the same directory accept the same agents.
+    pub dir: Option<PathBuf>,
+}
+
+impl GatewayConfig {
+    /// The trust directory, `[trust] dir` or `<data_dir>/trust`.
+    pub fn trust_dir(&self) -> PathBuf {
+        self.trust
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("trust"))
+    }
 }
 
 fn default_tz() -> String {
@@ -193,6 +214,26 @@ pub fn load(path: &Path) -> Result<Loaded, ProfileError> {
     parse(&file, &src, base)
 }
 
+/// Reads a config file for the enrolment commands (`agent add`, `list`, `revoke`): its
+/// keys are checked and its paths resolved, but the files it names (fleet, tokens,
+/// certificates) need not exist yet, so a new installation can enrol before the rest is
+/// in place.
+pub fn load_for_enrolment(path: &Path) -> Result<GatewayConfig, ProfileError> {
+    let (file, src) = tend_profiles::load::read_text(path)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut config: GatewayConfig =
+        toml::from_str(&src).map_err(|e| toml_error(&file, &src, &e))?;
+    let at = Locator {
+        file: &file,
+        src: &src,
+    };
+    if !tend_wire::topic::valid_agent_id(&config.gateway_id) {
+        return Err(at.error(&KeyPath::root().key("gateway_id"), ID_RULE));
+    }
+    config.resolve_paths(base);
+    Ok(config)
+}
+
 /// Why a token file cannot be used. The message names the file, never its content.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretFileError {
@@ -308,6 +349,7 @@ impl GatewayConfig {
             &mut self.broker.client_cert,
             &mut self.broker.client_key,
             &mut self.broker.password_file,
+            &mut self.trust.dir,
         ]
         .into_iter()
         .flatten()

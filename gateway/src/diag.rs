@@ -32,18 +32,28 @@ pub enum DiagError {
     Encode(#[from] tend_wire::EncodeError),
 }
 
-/// A request to publish: the agent's `diag/req` topic and the encoded message.
+/// A request to publish on the agent's `diag/req` topic (the link seals it with the
+/// agent's key).
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub agent: String,
-    pub payload: Vec<u8>,
+    pub request: DiagRequest,
+}
+
+/// What an answer must match: the agent it was asked of, and the device and request.
+#[derive(Debug)]
+struct Waiter {
+    agent: String,
+    device: String,
+    request: String,
+    tx: oneshot::Sender<DiagResponse>,
 }
 
 /// Sends diagnostic requests and routes the answers back to whoever asked.
 #[derive(Debug, Clone)]
 pub struct DiagClient {
     publish: mpsc::Sender<Outgoing>,
-    waiting: Arc<Mutex<HashMap<String, oneshot::Sender<DiagResponse>>>>,
+    waiting: Arc<Mutex<HashMap<String, Waiter>>>,
     gateway: String,
 }
 
@@ -73,16 +83,30 @@ impl DiagClient {
     ) -> Result<DiagResponse, DiagError> {
         let id = correlation_id(&self.gateway);
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(id.clone(), tx);
-        let msg = DiagRequest {
-            v: tend_wire::VERSION,
-            id: id.clone(),
-            device: device.to_string(),
-            request: request.to_string(),
-        };
+        self.lock().insert(
+            id.clone(),
+            Waiter {
+                agent: agent.to_string(),
+                device: device.to_string(),
+                request: request.to_string(),
+                tx,
+            },
+        );
+        // The agent answers an id once and not after this, judged by the gateway time it
+        // has seen: a request recorded and replayed later gets no answer.
+        let ttl = jiff::SignedDuration::try_from(timeout).unwrap_or(jiff::SignedDuration::MAX);
+        let expires_at = jiff::Timestamp::now()
+            .checked_add(ttl)
+            .unwrap_or(jiff::Timestamp::MAX);
         let out = Outgoing {
             agent: agent.to_string(),
-            payload: tend_wire::encode(&msg)?,
+            request: DiagRequest {
+                v: tend_wire::VERSION,
+                id: id.clone(),
+                device: device.to_string(),
+                request: request.to_string(),
+                expires_at,
+            },
         };
         if self.publish.send(out).await.is_err() {
             self.lock().remove(&id);
@@ -99,16 +123,25 @@ impl DiagClient {
         }
     }
 
-    /// Hands an answer from `diag/resp` to its waiter; answers nobody waits for (another
-    /// gateway's, or too late) are ignored. Returns whether someone was waiting.
-    pub fn answer(&self, resp: DiagResponse) -> bool {
-        match self.lock().remove(&resp.id) {
-            Some(tx) => tx.send(resp).is_ok(),
+    /// Hands an answer from `agent`'s `diag/resp` (already authenticated as the agent's)
+    /// to its waiter, once: it must name the id, device and request that were asked of
+    /// that agent. Answers nobody waits for (another gateway's, too late, or not matching)
+    /// are ignored. Returns whether someone was waiting.
+    pub fn answer(&self, agent: &str, resp: DiagResponse) -> bool {
+        let mut waiting = self.lock();
+        let matches = waiting.get(&resp.id).is_some_and(|w| {
+            w.agent == agent && w.device == resp.device && w.request == resp.request
+        });
+        if !matches {
+            return false;
+        }
+        match waiting.remove(&resp.id) {
+            Some(w) => w.tx.send(resp).is_ok(),
             None => false,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<DiagResponse>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiter>> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -122,12 +155,16 @@ pub fn allowed(profile_requests: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Unguessable, so an answer cannot be made up in advance for a request to come.
 fn correlation_id(gateway: &str) -> String {
-    use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(n);
-    format!("{gateway}-{n}-{:016x}", h.finish())
+    let random = tend_wire::seal::random_hex(12).unwrap_or_else(|_| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(n);
+        format!("{:016x}", h.finish())
+    });
+    format!("{gateway}-{n}-{random}")
 }

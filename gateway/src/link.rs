@@ -16,7 +16,7 @@ use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
 use std::time::Duration;
 use tend_mqtt::{Backoff, BrokerAuth, BrokerUrl, ClientSettings, OptionsError};
 use tend_wire::topic::{self, Parsed};
-use tend_wire::{Ack, DiagResponse, UpBatch, VERSION};
+use tend_wire::{Ack, DiagResponse, Purpose, UpBatch, VERSION};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +29,9 @@ pub struct LinkConfig {
     /// User name, password file and TLS files (the password is read when the link
     /// starts, and never logged).
     pub auth: BrokerAuth,
+    /// The login made at start for the embedded broker; overrides `auth`'s user name and
+    /// password file.
+    pub login: Option<tend_mqtt::Credentials>,
 }
 
 /// Why the link cannot start.
@@ -59,11 +62,19 @@ fn options(cfg: &LinkConfig) -> Result<MqttOptions, LinkError> {
         max_incoming: tend_mqtt::MQTT_MAX_PACKET,
         max_outgoing: tend_wire::MAX_MESSAGE + 64 * 1024,
     };
-    let mut opts =
-        tend_mqtt::mqtt_options(&cfg.url, &cfg.auth, &settings).map_err(|source| LinkError {
-            url: cfg.url.clone(),
-            source,
-        })?;
+    let made = match &cfg.login {
+        Some(login) => tend_mqtt::options::options_with(
+            &cfg.url,
+            Some(login.clone()),
+            &cfg.auth.tls,
+            &settings,
+        ),
+        None => tend_mqtt::mqtt_options(&cfg.url, &cfg.auth, &settings),
+    };
+    let mut opts = made.map_err(|source| LinkError {
+        url: cfg.url.clone(),
+        source,
+    })?;
     opts.set_inflight(200);
     Ok(opts)
 }
@@ -94,13 +105,28 @@ pub async fn run(
     let ingest = tokio::spawn(ingest_loop(gw.clone(), client.clone(), batch_rx));
 
     let diag_client = client.clone();
+    let diag_gw = gw.clone();
     let diag_task = tokio::spawn(async move {
         while let Some(o) = diag_out.recv().await {
-            let t = topic::diag_req(&o.agent);
-            if let Err(e) = diag_client
-                .publish(t, QoS::AtLeastOnce, false, o.payload)
-                .await
-            {
+            let payload = match diag_gw.trust.key_for(&o.agent) {
+                Ok(key) => tend_wire::encode_sealed(&key, Purpose::DiagReq, &o.agent, &o.request),
+                Err(r) => {
+                    tracing::warn!(
+                        "diagnostic request to {} not sent: the agent is {}",
+                        o.agent,
+                        r.as_str()
+                    );
+                    continue;
+                }
+            };
+            let sent = match payload {
+                Ok(p) => diag_client
+                    .publish(topic::diag_req(&o.agent), QoS::AtLeastOnce, false, p)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = sent {
                 tracing::warn!("diagnostic request to {} not queued: {e}", o.agent);
             }
         }
@@ -153,23 +179,29 @@ pub async fn run(
                         }
                     }
                     Some(Parsed::Status(agent)) => {
-                        let s = String::from_utf8_lossy(&p.payload);
-                        let s = s.trim();
-                        if s == tend_wire::STATUS_ONLINE || s == tend_wire::STATUS_OFFLINE {
-                            gw.set_agent_status(agent, s, Timestamp::now());
-                        } else {
-                            gw.metrics.malformed.inc();
+                        if let Some(body) = believe(&gw, agent, Purpose::Status, &p.payload) {
+                            let s = String::from_utf8_lossy(body);
+                            let s = s.trim();
+                            if s == tend_wire::STATUS_ONLINE || s == tend_wire::STATUS_OFFLINE {
+                                gw.set_agent_status(agent, s, Timestamp::now());
+                            } else {
+                                gw.metrics.malformed.inc();
+                            }
                         }
                     }
-                    Some(Parsed::DiagResp(_)) => match DiagResponse::decode(&p.payload) {
-                        Ok(resp) => {
-                            gw.diag.answer(resp);
+                    Some(Parsed::DiagResp(agent)) => {
+                        if let Some(body) = believe(&gw, agent, Purpose::DiagResp, &p.payload) {
+                            match DiagResponse::decode(body) {
+                                Ok(resp) => {
+                                    gw.diag.answer(agent, resp);
+                                }
+                                Err(e) => {
+                                    gw.metrics.malformed.inc();
+                                    tracing::warn!("malformed diagnostic answer on {topic}: {e}");
+                                }
+                            }
                         }
-                        Err(e) => {
-                            gw.metrics.malformed.inc();
-                            tracing::warn!("malformed diagnostic answer on {topic}: {e}");
-                        }
-                    },
+                    }
                     _ => {
                         gw.metrics.malformed.inc();
                     }
@@ -291,18 +323,24 @@ fn gather(
     let mut next = Some(first);
     while let Some((agent, payload)) = next.take() {
         gw.metrics.batches.inc();
-        match UpBatch::decode(&payload) {
+        let Some(body) = believe(gw, &agent, Purpose::Up, &payload) else {
+            next = rx.try_recv().ok();
+            continue;
+        };
+        match UpBatch::decode(body) {
             Ok(b) if b.agent == agent => {
                 records += b.records.len();
                 group.push(b);
             }
             Ok(b) => {
-                gw.metrics.malformed.inc();
-                tracing::warn!(
-                    "batch on {} names agent {:?}: refused",
-                    topic::up(&agent),
-                    b.agent
-                );
+                // Sealed with this agent's key yet naming another: its own key, so not a
+                // forgery from outside, but never believed for the other agent.
+                refuse(gw, &agent, "batch", "wrong_agent", || {
+                    format!(
+                        "names agent {:?}",
+                        b.agent.chars().take(64).collect::<String>()
+                    )
+                });
             }
             Err(e) => {
                 gw.metrics.malformed.inc();
@@ -364,8 +402,17 @@ async fn acknowledge(
                     v: VERSION,
                     incarnation,
                     ranges: a.stored,
+                    gateway_time: Timestamp::now(),
                 };
-                let sent = match tend_wire::encode(&ack) {
+                let sealed = match gw.trust.key_for(&agent) {
+                    Ok(key) => tend_wire::encode_sealed(&key, Purpose::Ack, &agent, &ack),
+                    Err(r) => {
+                        // Revoked between receipt and commit: stored, but no longer told.
+                        tracing::warn!("ack to {agent} not sent: the agent is {}", r.as_str());
+                        continue;
+                    }
+                };
+                let sent = match sealed {
                     Ok(payload) => client
                         .publish(topic::ack(&agent), QoS::AtLeastOnce, false, payload)
                         .await
@@ -382,6 +429,39 @@ async fn acknowledge(
                 log_store_error(&e);
             }
         }
+    }
+}
+
+/// The body of a message on `agent`'s topic sealed for `purpose` with that agent's key,
+/// or `None` after counting and (at most once a minute per agent and reason) logging why
+/// it is not believed. A message that fails never reaches the store or the hotline.
+fn believe<'a>(gw: &Gateway, agent: &str, purpose: Purpose, payload: &'a [u8]) -> Option<&'a [u8]> {
+    let reason = match gw.trust.key_for(agent) {
+        Err(r) => r.as_str(),
+        Ok(key) => match tend_wire::seal::open(&key, purpose, agent, payload) {
+            Ok(body) => return Some(body),
+            Err(e) => e.as_str(),
+        },
+    };
+    let what = match purpose {
+        Purpose::Up => "batch",
+        Purpose::Status => "status",
+        Purpose::DiagResp => "diagnostic answer",
+        Purpose::Ack | Purpose::DiagReq => "message",
+    };
+    refuse(gw, agent, what, reason, String::new);
+    None
+}
+
+/// Counts a refused message and logs it, rarely.
+fn refuse(gw: &Gateway, agent: &str, what: &str, reason: &str, detail: impl FnOnce() -> String) {
+    gw.metrics.rejected(reason);
+    if gw.refusal_log.allow(&format!("{agent}\0{reason}")) {
+        let detail = detail();
+        tracing::warn!(
+            "{what} on tend/v1/{agent}/ refused ({reason}){}{detail}; further ones from this agent for this reason are counted in tend_gateway_rejected_messages_total and logged at most once a minute",
+            if detail.is_empty() { "" } else { ": " }
+        );
     }
 }
 

@@ -17,6 +17,11 @@ pub struct StateLabel {
     pub state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -49,6 +54,9 @@ pub struct Metrics {
     pub below_target: Gauge,
     /// Hotline requests refused for a missing or wrong token, or while their address waits.
     pub auth_failures: Counter,
+    /// Messages on agents' topics not believed (`unsigned`, `bad_signature`,
+    /// `unknown_agent`, `revoked`, `wrong_agent`, ...): dropped unread.
+    pub rejected: Family<ReasonLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -83,6 +91,7 @@ impl Metrics {
             devices: Family::default(),
             below_target: Gauge::default(),
             auth_failures: Counter::default(),
+            rejected: Family::default(),
         };
         registry.register("batches", "Batches received from agents", m.batches.clone());
         registry.register(
@@ -151,6 +160,11 @@ impl Metrics {
             "Hotline requests refused for a missing or wrong token, or while their address waits",
             m.auth_failures.clone(),
         );
+        registry.register(
+            "rejected_messages",
+            "Messages on agents' topics that failed authentication or named another agent, by reason (dropped)",
+            m.rejected.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -158,6 +172,14 @@ impl Metrics {
         family
             .get_or_create(&OutcomeLabel {
                 outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
             })
             .inc();
     }

@@ -74,6 +74,10 @@ pub enum StartError {
     },
     #[error(transparent)]
     ApiTls(#[from] ServerTlsError),
+    #[error("trust store: {0}")]
+    Trust(#[from] crate::trust::TrustError),
+    #[error(transparent)]
+    Random(#[from] tend_wire::seal::RandomError),
 }
 
 /// Starts everything the config describes.
@@ -99,6 +103,18 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         profiles: loaded.profiles.clone(),
         tz: loaded.tz.clone(),
     };
+    let trust = {
+        let dir = crate::trust::TrustDir::new(cfg.trust_dir());
+        tokio::task::spawn_blocking(move || crate::trust::Trust::open(dir))
+            .await
+            .map_err(StartError::StoreTask)??
+    };
+    tracing::info!(
+        "trust store {}: {} agent(s) enrolled",
+        trust.dir().path().display(),
+        trust.enrolled()
+    );
+    let login = crate::trust::GatewayLogin::new(&cfg.gateway_id)?;
     let (diag, diag_out) = DiagClient::new(&cfg.gateway_id);
     let gw = Gateway {
         store: Arc::new(store),
@@ -109,19 +125,30 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         forwarder_wake: Arc::default(),
         backend_configured: cfg.backend.is_some(),
         diag_timeout: cfg.api.diag_timeout.0,
+        trust: trust.clone(),
+        refusal_log: Arc::new(tend_mqtt::LogLimit::per_minute()),
     };
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(watch_trust(trust.clone(), shutdown.clone())));
 
-    let broker_url = match cfg.broker.plan() {
-        BrokerPlan::External { url } => url,
-        BrokerPlan::Embedded { listen } => embedded(listen)?,
+    let (broker_url, embedded_login) = match cfg.broker.plan() {
+        BrokerPlan::External { url } => (url, None),
+        BrokerPlan::Embedded { listen } => (
+            embedded(listen, &trust, &login)?,
+            Some(tend_mqtt::Credentials {
+                username: login.username.clone(),
+                password: login.password.clone(),
+            }),
+        ),
     };
     let link_cfg = LinkConfig {
         url: tend_mqtt::BrokerUrl::parse(&broker_url)?,
-        client_id: format!("tend-gateway-{}", cfg.gateway_id),
+        // Not guessable: a client taking the gateway's id would knock it off the broker.
+        client_id: login.client_id.clone(),
         share_group: cfg.broker.share_group.clone(),
         auth: cfg.broker.auth(),
+        login: embedded_login,
     };
     {
         let gw = gw.clone();
@@ -217,13 +244,36 @@ async fn write_refusal_tallies(audit: crate::audit::Audit, shutdown: Cancellatio
     }
 }
 
+/// Reads the trust directory again when it changes, so enrolments and revocations take
+/// effect within a second without a restart.
+async fn watch_trust(trust: Arc<crate::trust::Trust>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::trust::RELOAD_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let t = trust.clone();
+        let _ = tokio::task::spawn_blocking(move || t.reload(false)).await;
+    }
+}
+
 #[cfg(feature = "embedded-broker")]
-fn embedded(listen: SocketAddr) -> Result<String, StartError> {
+fn embedded(
+    listen: SocketAddr,
+    trust: &Arc<crate::trust::Trust>,
+    own: &crate::trust::GatewayLogin,
+) -> Result<String, StartError> {
+    let _ = (trust, own);
     let addr = crate::broker::start(listen)?;
     Ok(format!("mqtt://{addr}"))
 }
 
 #[cfg(not(feature = "embedded-broker"))]
-fn embedded(_listen: SocketAddr) -> Result<String, StartError> {
+fn embedded(
+    _listen: SocketAddr,
+    _trust: &Arc<crate::trust::Trust>,
+    _own: &crate::trust::GatewayLogin,
+) -> Result<String, StartError> {
     Err(StartError::NoEmbeddedBroker)
 }

@@ -9,17 +9,20 @@
 //! - [`options`]: credentials and TLS beside the URL ([`BrokerAuth`]) and the rumqttc
 //!   options built from them;
 //! - [`backoff`]: the reconnect back-off policy every reconnect loop uses;
+//! - [`log_limit`]: one log line per source and minute for refusals an attacker can repeat;
 //! - `broker` (feature `embedded-broker`): the embedded rumqttd broker.
 
 pub mod backoff;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod log_limit;
 pub mod options;
 pub mod secret;
 pub mod tls;
 pub mod url;
 
 pub use backoff::Backoff;
+pub use log_limit::LogLimit;
 pub use options::{mqtt_options, BrokerAuth, ClientSettings, Credentials, OptionsError};
 pub use secret::{check_private, read_private, read_secret, SecretError};
 pub use tls::{client_config, ClientTls, TlsError};

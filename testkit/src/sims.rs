@@ -98,10 +98,11 @@ pub fn sims_fleet(sims: &[(String, Sim)]) -> String {
     fleet_toml(&devices)
 }
 
-/// An agent config polling every simulator every `poll`.
+/// An agent config polling every simulator every `poll`. Its credentials are read from
+/// `<agent>.cred` beside the config (see [`crate::trust`]).
 pub fn sims_agent_toml(agent: &str, broker: &str, sims: &[(String, Sim)], poll: &str) -> String {
     let mut s = format!(
-        "agent_id = \"{agent}\"\nsite_id = \"s-main\"\ndata_dir = \"data\"\nflap_damping = \"300ms\"\n[uplink]\nbroker = \"{broker}\"\nkeep_alive = \"5s\"\n"
+        "agent_id = \"{agent}\"\nsite_id = \"s-main\"\ndata_dir = \"data\"\nflap_damping = \"300ms\"\n[uplink]\nbroker = \"{broker}\"\ncredentials = \"{agent}.cred\"\nkeep_alive = \"5s\"\n"
     );
     for (id, sim) in sims {
         s.push_str(&format!(

@@ -40,6 +40,17 @@ pub fn wire_decode(data: &[u8]) {
         assert!(crate::valid_incarnation(&a.incarnation));
     }
 
+    // Seals: any bytes are opened or refused, never a panic, and what opens is a prefix.
+    let key = crate::AgentKey::from_bytes([7; crate::seal::KEY_LEN]);
+    if let Ok(body) = crate::seal::open(&key, crate::Purpose::Up, "a1", data) {
+        assert!(data.starts_with(body));
+    }
+    let sealed = crate::seal::seal(&key, crate::Purpose::Up, "a1", data);
+    assert_eq!(
+        crate::seal::open(&key, crate::Purpose::Up, "a1", &sealed),
+        Ok(data)
+    );
+
     // Topics: what parses names a valid agent and rebuilds to the same topic.
     let text = String::from_utf8_lossy(data);
     if let Some(p) = topic::parse(&text) {

@@ -24,8 +24,12 @@ pub const VERSION: u32 = 1;
 /// Largest message either side accepts; larger ones are refused before parsing.
 pub const MAX_MESSAGE: usize = 4 << 20;
 
+pub mod credentials;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod seal;
+
+pub use seal::{AgentKey, Purpose, SealError};
 
 /// Topic names of DESIGN §3.
 pub mod topic {
@@ -226,6 +230,10 @@ pub struct Ack {
     /// The outbox incarnation the ranges belong to: an agent ignores an ack for another.
     pub incarnation: String,
     pub ranges: Vec<SeqRange>,
+    /// The gateway's clock when it acknowledged: the agent's measure of gateway time,
+    /// which a diagnostic request's expiry is judged by (the agent's own clock may be
+    /// wrong).
+    pub gateway_time: Timestamp,
 }
 
 /// Compresses sequence numbers (any order, duplicates allowed) into sorted ranges.
@@ -247,9 +255,13 @@ pub fn ranges_of(seqs: impl IntoIterator<Item = u64>) -> Vec<SeqRange> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DiagRequest {
     pub v: u32,
+    /// Unique per request; the agent answers an id once.
     pub id: String,
     pub device: String,
     pub request: String,
+    /// By the gateway's clock; the agent judges it by the gateway time it has seen, so a
+    /// request replayed later is refused whatever the agent's own clock says.
+    pub expires_at: Timestamp,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -355,6 +367,16 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
     serde_json::to_vec(msg).map_err(|e| EncodeError(e.to_string()))
 }
 
+/// `msg` encoded and sealed with `key` for `purpose` on `agent`'s topics.
+pub fn encode_sealed<T: Serialize>(
+    key: &AgentKey,
+    purpose: Purpose,
+    agent: &str,
+    msg: &T,
+) -> Result<Vec<u8>, EncodeError> {
+    Ok(seal::seal(key, purpose, agent, &encode(msg)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,9 +479,12 @@ mod tests {
             Err(WireError::AgentId(_))
         ));
         assert!(
-            Ack::decode(br#"{"v":1,"incarnation":"i1","ranges":[{"first":5,"last":4}]}"#).is_err()
+            Ack::decode(br#"{"v":1,"incarnation":"i1","ranges":[{"first":5,"last":4}],"gateway_time":"2026-12-02T00:00:00Z"}"#).is_err()
         );
-        assert!(Ack::decode(br#"{"v":1,"incarnation":"i1","ranges":[]}"#).is_ok());
+        assert!(Ack::decode(
+            br#"{"v":1,"incarnation":"i1","ranges":[],"gateway_time":"2026-12-02T00:00:00Z"}"#
+        )
+        .is_ok());
         let huge = vec![b' '; MAX_MESSAGE + 1];
         assert_eq!(
             UpBatch::decode(&huge),
@@ -478,7 +503,7 @@ mod tests {
             Err(WireError::Malformed(_))
         ));
         assert!(matches!(
-            Ack::decode(br#"{"v":1,"ranges":[]}"#),
+            Ack::decode(br#"{"v":1,"ranges":[],"gateway_time":"2026-12-02T00:00:00Z"}"#),
             Err(WireError::Malformed(_))
         ));
         let long = "a".repeat(MAX_INCARNATION + 1);
@@ -495,7 +520,7 @@ mod tests {
                 "{bad:?}"
             );
             let a = format!(
-                r#"{{"v":1,"incarnation":{},"ranges":[]}}"#,
+                r#"{{"v":1,"incarnation":{},"ranges":[],"gateway_time":"2026-12-02T00:00:00Z"}}"#,
                 serde_json::json!(bad)
             );
             assert!(
