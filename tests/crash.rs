@@ -64,6 +64,7 @@ async fn kill_9_agent_and_gateway_at_random_no_loss_no_duplicate_one_ticket_per_
     std::fs::create_dir_all(&agent_dir).unwrap();
     let agent_cfg = agent_dir.join("agent.toml");
     let agent_log = agent_dir.join("agent.log");
+    enrol_agent(&gw.config, AGENT, &agent_dir);
     std::fs::write(
         &agent_cfg,
         sims_agent_toml(AGENT, &broker_url, &sims, "100ms"),

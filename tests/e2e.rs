@@ -92,6 +92,7 @@ async fn devices_to_backend_one_ticket_per_episode_with_events_retries_and_diagn
     let agent_dir = dir.path().join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
     let agent_cfg = agent_dir.join("agent.toml");
+    enrol_agent(&gw.config, "agent-e2e", &agent_dir);
     std::fs::write(
         &agent_cfg,
         format!(
@@ -101,6 +102,7 @@ data_dir = "data"
 flap_damping = "1s"
 [uplink]
 broker = "{broker}"
+credentials = "agent-e2e.cred"
 keep_alive = "5s"
 [[device]]
 id = "ward3-pump"

@@ -54,7 +54,12 @@ impl WireTap {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                         let mut s = s.lock().unwrap();
                         s.batches += 1;
-                        let Ok(b) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+                        // A sealed batch is its JSON body and a trailer line; the tap reads
+                        // the body without checking the seal (it holds no key).
+                        let body = tend_wire::seal::split(&p.payload)
+                            .map(|(body, _)| body)
+                            .unwrap_or(&p.payload);
+                        let Ok(b) = serde_json::from_slice::<serde_json::Value>(body) else {
                             s.undecodable += 1;
                             continue;
                         };
