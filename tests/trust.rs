@@ -271,7 +271,10 @@ impl Rig {
         let (st, d) = self.gw.get(&format!("/api/v1/devices/{device}")).await;
         assert_eq!(st, 200, "{d}");
         assert_ne!(d["state"], "down", "{device} taken down by a forgery: {d}");
-        assert_eq!(d["open_faults"], 0, "{d}");
+        // Never heard of at all: nothing in its life record.
+        assert_eq!(d["open_faults"], json!([]), "{d}");
+        assert_eq!(d["history"], json!([]), "{d}");
+        assert!(d["last_seen"].is_null(), "{d}");
         assert!(self
             .backend
             .tickets()
@@ -352,7 +355,7 @@ async fn forged_batches(rig: &Rig, b_key: &AgentKey) -> u64 {
     until_rejected(gw, &before, "wrong_agent", 1.0).await;
 
     // The control: the same kind of fault, sealed by B for itself, opens a ticket.
-    let control = forged_batch(B, "b-1", CONTROL, 1, 2);
+    let control = forged_batch(B, "b1c0ffee", CONTROL, 1, 2);
     let payload = encode_sealed(b_key, Purpose::Up, B, &control).unwrap();
     attacker
         .publish(topic::up(B), QoS::AtLeastOnce, false, payload)
