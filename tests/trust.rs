@@ -265,7 +265,10 @@ impl Rig {
     /// Neither a ticket nor a down state for `device` at the gateway, nor a ticket at the
     /// backend.
     async fn assert_untouched(&self, device: &str) {
-        let (st, tickets) = self.gw.get(&format!("/api/v1/tickets?device={device}")).await;
+        let (st, tickets) = self
+            .gw
+            .get(&format!("/api/v1/tickets?device={device}"))
+            .await;
         assert_eq!(st, 200, "{tickets}");
         assert_eq!(tickets, json!([]), "a forged ticket for {device}");
         let (st, d) = self.gw.get(&format!("/api/v1/devices/{device}")).await;
@@ -384,7 +387,10 @@ async fn forged_diagnostic_answer(rig: &Rig, b_key: &AgentKey) {
     let pid = rig.agent.id().unwrap();
     signal(pid, "STOP");
     let asked = {
-        let (api, path) = (gw.api.clone(), format!("/api/v1/devices/{device}/diagnostics"));
+        let (api, path) = (
+            gw.api.clone(),
+            format!("/api/v1/devices/{device}/diagnostics"),
+        );
         tokio::spawn(async move {
             let r = reqwest::Client::new()
                 .post(format!("{api}{path}"))
@@ -454,7 +460,10 @@ async fn attacks(external: bool) {
     forged_diagnostic_answer(&rig, &b_key).await;
     let max = rig.finish(2).await;
     // A's real records took the seqs the forgeries squatted on.
-    assert!(max > first, "A never reached the squatted seqs ({first}.., max {max})");
+    assert!(
+        max > first,
+        "A never reached the squatted seqs ({first}.., max {max})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,39 +473,67 @@ async fn forged_batches_and_answers_are_refused_on_the_embedded_broker_and_the_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_batches_and_answers_are_refused_through_mosquitto_and_the_real_records_arrive_once(
-) {
+async fn forged_batches_and_answers_are_refused_through_mosquitto_and_the_real_records_arrive_once()
+{
     attacks(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_agent_is_refused_at_once_and_after_enrolling_again_everything_it_kept_arrives(
-) {
+async fn a_revoked_agent_is_refused_at_once_and_after_enrolling_again_everything_it_kept_arrives() {
     let mut rig = Rig::start(false).await;
-    let gw = &rig.gw;
-    let before = gw.metrics().await;
-    revoke(gateway_bin(), &gw.config, A);
+    let a_old = read_credentials(&rig.agent_dir.join(format!("{A}.cred"))).key;
+    // An observer on the broker (B's login), to see what A publishes.
+    let b_key = enrol_agent(&rig.gw.config, B, &rig.dir.path().join("agent-b"));
+    let (_tap, mut seen) = client(
+        &rig.gw.broker_url,
+        (B, b_key.broker_password(B)),
+        &[topic::up(A)],
+    )
+    .await;
+    let before = rig.gw.metrics().await;
+    revoke(gateway_bin(), &rig.gw.config, A);
     // Its batches (readings every 100 ms) are refused from now on.
-    until_rejected(gw, &before, "revoked", 3.0).await;
-    // A fault while revoked: kept in A's outbox, refused at the gateway.
+    until_rejected(&rig.gw, &before, "revoked", 3.0).await;
+
+    // A fault while revoked, kept in A's outbox. A restart (still on the revoked key)
+    // sends everything unacknowledged again: refused too.
     let (id, sim) = &rig.sims[0];
     sim.raise(0);
-    let raised = gw.metrics().await;
-    until_rejected(gw, &raised, "revoked", 10.0).await;
-    let (_, tickets) = gw.get(&format!("/api/v1/tickets?device={id}")).await;
+    let _ = rig.agent.start_kill();
+    let _ = rig.agent.wait().await;
+    while seen.try_recv().is_ok() {}
+    let restarted = rig.gw.metrics().await;
+    rig.agent = spawn_agent(agent_bin(), &rig.cfg, &rig.log);
+    let mut batches = 0.0;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let (_, payload) = seen.recv().await.unwrap();
+            batches += 1.0;
+            let body = seal::open(&a_old, Purpose::Up, A, &payload).expect("A's own seal");
+            let b = UpBatch::decode(body).unwrap();
+            let opened = b.records.iter().any(|r| {
+                r.device == *id
+                    && matches!(&r.body, RecordBody::Episode(e) if e.change == EpisodeChange::Opened)
+            });
+            if opened {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("A sent its fault");
+    // Every batch A published since its restart, the fault's included, refused.
+    until_rejected(&rig.gw, &restarted, "revoked", batches).await;
+    let (_, tickets) = rig.gw.get(&format!("/api/v1/tickets?device={id}")).await;
     assert_eq!(tickets, json!([]), "a revoked agent's fault ticketed");
     assert!(rig.backend.tickets().is_empty());
     sim.clear();
-    let cleared = gw.metrics().await;
-    until_rejected(gw, &cleared, "revoked", 3.0).await;
 
     // Enrolled again: new credentials, the agent restarted on them.
     let _ = rig.agent.start_kill();
     let _ = rig.agent.wait().await;
-    let old = std::fs::read_to_string(rig.agent_dir.join(format!("{A}.cred"))).unwrap();
-    enrol_agent(&gw.config, A, &rig.agent_dir);
-    let new = std::fs::read_to_string(rig.agent_dir.join(format!("{A}.cred"))).unwrap();
-    assert_ne!(old, new, "a new key");
+    let a_new = enrol_agent(&rig.gw.config, A, &rig.agent_dir);
+    assert!(a_new != a_old, "a new key");
     rig.agent = spawn_agent(agent_bin(), &rig.cfg, &rig.log);
     until(
         "the fault kept while revoked ticketed",
