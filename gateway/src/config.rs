@@ -58,6 +58,10 @@ pub struct BrokerSection {
     pub client_key: Option<PathBuf>,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// The embedded broker speaks only TLS with this certificate chain and key (PEM,
+    /// both or neither; the key private to its owner).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Where the gateway's MQTT client connects, decided from the broker section.
@@ -79,6 +83,15 @@ impl BrokerSection {
                 client_key: self.client_key.clone(),
             },
         }
+    }
+
+    /// The embedded broker's TLS files, when both are given.
+    #[cfg(feature = "embedded-broker")]
+    pub fn server_tls(&self) -> Option<tend_mqtt::broker::ServerTls> {
+        Some(tend_mqtt::broker::ServerTls {
+            cert_file: self.tls_cert.clone()?,
+            key_file: self.tls_key.clone()?,
+        })
     }
 
     pub fn plan(&self) -> BrokerPlan {
@@ -308,6 +321,8 @@ impl GatewayConfig {
             &mut self.broker.client_cert,
             &mut self.broker.client_key,
             &mut self.broker.password_file,
+            &mut self.broker.tls_cert,
+            &mut self.broker.tls_key,
         ]
         .into_iter()
         .flatten()
@@ -345,6 +360,12 @@ fn check_broker(broker: &BrokerSection, at: &Locator) -> Result<(), ProfileError
                 "listen is for the embedded broker; this config names an external one (url)",
             ));
         }
+        if let Some(given) = given_tls_key(broker) {
+            return Err(at.error(
+                &br.key(given),
+                "tls_cert / tls_key are for the embedded broker; this config names an external one (url)",
+            ));
+        }
     } else if broker.embedded == Some(false) {
         return Err(at.error(
             &br.key("url"),
@@ -362,6 +383,11 @@ fn check_broker(broker: &BrokerSection, at: &Locator) -> Result<(), ProfileError
             OptionsError::PasswordWithoutUser.to_string(),
         ));
     }
+    if broker.tls_cert.is_some() != broker.tls_key.is_some() {
+        if let Some(given) = given_tls_key(broker) {
+            return Err(at.error(&br.key(given), "tls_cert and tls_key go together"));
+        }
+    }
     if let Some(g) = &broker.share_group {
         if !tend_wire::topic::valid_agent_id(g) {
             return Err(at.error(&br.key("share_group"), ID_RULE));
@@ -375,6 +401,17 @@ fn check_broker(broker: &BrokerSection, at: &Locator) -> Result<(), ProfileError
         ));
     }
     Ok(())
+}
+
+/// The first of `tls_cert`, `tls_key` the broker section gives.
+fn given_tls_key(broker: &BrokerSection) -> Option<&'static str> {
+    if broker.tls_cert.is_some() {
+        Some("tls_cert")
+    } else if broker.tls_key.is_some() {
+        Some("tls_key")
+    } else {
+        None
+    }
 }
 
 /// `[api]`: HTTPS needs both the certificate and the key; the limits must allow work.
@@ -433,6 +470,8 @@ fn check_files_exist(config: &GatewayConfig, at: &Locator) -> Result<(), Profile
         (br.key("ca_file"), broker.ca_file.as_ref()),
         (br.key("client_cert"), broker.client_cert.as_ref()),
         (br.key("client_key"), broker.client_key.as_ref()),
+        (br.key("tls_cert"), broker.tls_cert.as_ref()),
+        (br.key("tls_key"), broker.tls_key.as_ref()),
         (api.key("tls_cert"), config.api.tls_cert.as_ref()),
         (api.key("tls_key"), config.api.tls_key.as_ref()),
         (
@@ -482,6 +521,10 @@ fn check_secrets(config: &GatewayConfig, at: &Locator) -> Result<(), ProfileErro
         (
             root.key("broker").key("client_key"),
             config.broker.client_key.as_ref(),
+        ),
+        (
+            root.key("broker").key("tls_key"),
+            config.broker.tls_key.as_ref(),
         ),
     ] {
         if let Some(p) = p {

@@ -6,6 +6,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -49,6 +51,29 @@ pub struct Metrics {
     pub below_target: Gauge,
     /// Hotline requests refused for a missing or wrong token, or while their address waits.
     pub auth_failures: Counter,
+    /// CONNECTs the embedded broker refused; the broker counts them itself
+    /// (`tend_mqtt::broker::BrokerAccess::refused`).
+    pub broker_refused: Arc<AtomicU64>,
+}
+
+/// A counter kept by someone else as a bare atomic (the embedded broker's refusals).
+#[derive(Debug)]
+struct SharedCounter(Arc<AtomicU64>);
+
+impl prometheus_client::encoding::EncodeMetric for SharedCounter {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(
+            &self.0.load(Ordering::Relaxed),
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Counter
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -83,6 +108,7 @@ impl Metrics {
             devices: Family::default(),
             below_target: Gauge::default(),
             auth_failures: Counter::default(),
+            broker_refused: Arc::default(),
         };
         registry.register("batches", "Batches received from agents", m.batches.clone());
         registry.register(
@@ -150,6 +176,11 @@ impl Metrics {
             "auth_failures",
             "Hotline requests refused for a missing or wrong token, or while their address waits",
             m.auth_failures.clone(),
+        );
+        registry.register(
+            "broker_refused_connections",
+            "Connections the embedded broker refused: no credentials or refused ones",
+            SharedCounter(m.broker_refused.clone()),
         );
         Metrics { registry, ..m }
     }

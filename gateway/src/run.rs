@@ -3,7 +3,7 @@
 
 use crate::app::Gateway;
 use crate::backend::BackendError;
-use crate::config::{read_secret, BrokerPlan, Loaded, SecretFileError};
+use crate::config::{read_secret, BrokerPlan, GatewayConfig, Loaded, SecretFileError};
 use crate::diag::DiagClient;
 use crate::ingest::IngestContext;
 use crate::link::{self, LinkConfig};
@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 /// A started gateway.
 #[derive(Debug)]
 pub struct Running {
-    /// The MQTT broker agents connect to (`mqtt://…`).
+    /// The MQTT broker agents connect to (`mqtt://…`, or `mqtts://…` for an embedded
+    /// broker with TLS).
     pub broker_url: String,
     /// Where the hotline API listens.
     pub api_addr: SocketAddr,
@@ -113,12 +114,14 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
 
-    let broker_url = match cfg.broker.plan() {
-        BrokerPlan::External { url } => url,
-        BrokerPlan::Embedded { listen } => embedded(listen)?,
+    // Agents connect to `broker_url`; the gateway's own client to `link_url`, which for
+    // the embedded broker is its plain loopback side.
+    let (broker_url, link_url) = match cfg.broker.plan() {
+        BrokerPlan::External { url } => (url.clone(), url),
+        BrokerPlan::Embedded { listen } => embedded(listen, cfg, &gw.metrics)?,
     };
     let link_cfg = LinkConfig {
-        url: tend_mqtt::BrokerUrl::parse(&broker_url)?,
+        url: tend_mqtt::BrokerUrl::parse(&link_url)?,
         client_id: format!("tend-gateway-{}", cfg.gateway_id),
         share_group: cfg.broker.share_group.clone(),
         auth: cfg.broker.auth(),
@@ -217,13 +220,36 @@ async fn write_refusal_tallies(audit: crate::audit::Audit, shutdown: Cancellatio
     }
 }
 
+/// Starts the embedded broker; returns the URL agents connect to (`mqtts://` with TLS)
+/// and that of its plain loopback side, where the gateway's own client connects.
 #[cfg(feature = "embedded-broker")]
-fn embedded(listen: SocketAddr) -> Result<String, StartError> {
-    let addr = crate::broker::start(listen)?;
-    Ok(format!("mqtt://{addr}"))
+fn embedded(
+    listen: SocketAddr,
+    cfg: &GatewayConfig,
+    metrics: &Metrics,
+) -> Result<(String, String), StartError> {
+    let access = tend_mqtt::broker::BrokerAccess {
+        login: None,
+        tls: cfg.broker.server_tls(),
+        refused: metrics.broker_refused.clone(),
+    };
+    let started = crate::broker::start(listen, &access)?;
+    let scheme = if access.tls.is_some() {
+        "mqtts"
+    } else {
+        "mqtt"
+    };
+    Ok((
+        format!("{scheme}://{}", started.addr),
+        format!("mqtt://{}", started.local),
+    ))
 }
 
 #[cfg(not(feature = "embedded-broker"))]
-fn embedded(_listen: SocketAddr) -> Result<String, StartError> {
+fn embedded(
+    _listen: SocketAddr,
+    _: &GatewayConfig,
+    _: &Metrics,
+) -> Result<(String, String), StartError> {
     Err(StartError::NoEmbeddedBroker)
 }
