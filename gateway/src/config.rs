@@ -873,6 +873,66 @@ token_file = "api.token"
     }
 
     #[test]
+    fn embedded_broker_tls_files_are_checked_at_load() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir();
+        let embedded = |extra: &str| {
+            GOOD.replace(
+                "embedded = true\nlisten = \"127.0.0.1:1883\"",
+                &format!("embedded = true\nlisten = \"127.0.0.1:1883\"\n{extra}"),
+            )
+        };
+        /// The 1-based line of `needle` in `src`.
+        let line_of =
+            |src: &str, needle: &str| src.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+        std::fs::write(d.path().join("broker.pem"), "cert\n").unwrap();
+        write_secret(d.path().join("broker.key"), "key\n").unwrap();
+
+        let both = embedded("tls_cert = \"broker.pem\"\ntls_key = \"broker.key\"");
+        let l = parse("gw.toml", &both, d.path()).unwrap();
+        let tls = l.config.broker.server_tls().unwrap();
+        assert_eq!(tls.cert_file, d.path().join("broker.pem"));
+        assert_eq!(tls.key_file, d.path().join("broker.key"));
+
+        // Both or neither, located at the one given.
+        for (extra, key) in [
+            ("tls_cert = \"broker.pem\"", "tls_cert"),
+            ("tls_key = \"broker.key\"", "tls_key"),
+        ] {
+            let src = embedded(extra);
+            let e = parse("gw.toml", &src, d.path()).unwrap_err();
+            assert_eq!(e.file, "gw.toml");
+            assert_eq!(e.key, format!("broker.{key}"), "{e}");
+            assert_eq!(e.line, line_of(&src, key), "{e}");
+            assert!(e.message.contains("go together"), "{e}");
+        }
+
+        // Only for the embedded broker.
+        let src = GOOD.replace(
+            "embedded = true\nlisten = \"127.0.0.1:1883\"",
+            "url = \"mqtt://broker.example\"\ntls_cert = \"broker.pem\"\ntls_key = \"broker.key\"",
+        );
+        let e = parse("gw.toml", &src, d.path()).unwrap_err();
+        assert_eq!(e.key, "broker.tls_cert", "{e}");
+        assert!(e.message.contains("embedded broker"), "{e}");
+
+        // The files must be there, and the key private.
+        let src = embedded("tls_cert = \"missing.pem\"\ntls_key = \"broker.key\"");
+        let e = parse("gw.toml", &src, d.path()).unwrap_err();
+        assert_eq!(e.key, "broker.tls_cert", "{e}");
+        assert!(e.message.contains("missing.pem"), "{e}");
+        let key = d.path().join("broker.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = parse("gw.toml", &both, d.path()).unwrap_err();
+        assert_eq!(e.key, "broker.tls_key", "{e}");
+        assert_eq!(e.line, line_of(&both, "tls_key"), "{e}");
+        assert!(
+            e.message.contains(&format!("chmod 600 {}", key.display())),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn external_broker_with_share_group() {
         let d = dir();
         let src = GOOD.replace(
