@@ -873,6 +873,7 @@ token_file = "api.token"
     }
 
     #[test]
+    #[cfg(feature = "embedded-broker")]
     fn embedded_broker_tls_files_are_checked_at_load() {
         use std::os::unix::fs::PermissionsExt;
         let d = dir();
@@ -882,7 +883,7 @@ token_file = "api.token"
                 &format!("embedded = true\nlisten = \"127.0.0.1:1883\"\n{extra}"),
             )
         };
-        /// The 1-based line of `needle` in `src`.
+        // The 1-based line of `needle` in `src`.
         let line_of =
             |src: &str, needle: &str| src.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
         std::fs::write(d.path().join("broker.pem"), "cert\n").unwrap();
