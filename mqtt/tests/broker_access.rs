@@ -8,7 +8,7 @@ use rumqttc::{
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tend_mqtt::broker::{self, BrokerAccess, BrokerError, BrokerLimits, Login, ServerTls};
 use tend_testkit::certs;
@@ -321,4 +321,64 @@ fn unusable_tls_files_are_named() {
     });
     assert!(e.contains("cannot read the server key"), "{e}");
     assert!(e.contains(&missing_key.display().to_string()), "{e}");
+}
+
+/// What the process logs through tracing from the first call on (the broker's front
+/// logs on threads of its own, so only a global subscriber sees it).
+fn captured_log() -> Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Capture(sink.clone()))
+            .try_init()
+            .expect("the only subscriber of this test binary");
+        log
+    })
+    .clone()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn refusals_are_logged_once_a_minute_per_user_and_never_with_the_password() {
+    let log = captured_log();
+    let access = login_only();
+    let b = start(&access);
+    for i in 0..3 {
+        let o = options(
+            &format!("probe-{i}"),
+            b.addr,
+            Some(("log-probe", "NEVER-LOGGED")),
+        );
+        assert_eq!(
+            connect_outcome(o).unwrap(),
+            ConnectReturnCode::BadUserNamePassword
+        );
+    }
+    let o = options("other", b.addr, Some(("log-other", "NEVER-LOGGED")));
+    assert_eq!(
+        connect_outcome(o).unwrap(),
+        ConnectReturnCode::BadUserNamePassword
+    );
+    assert_eq!(access.refused.load(Ordering::Relaxed), 4);
+    // The line is written before the CONNACK goes out, so it is there now.
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let lines_about = |user: &str| text.lines().filter(|l| l.contains(user)).count();
+    assert_eq!(lines_about("\"log-probe\""), 1, "{text}");
+    assert_eq!(lines_about("\"log-other\""), 1, "{text}");
+    assert!(text.contains("client id \"probe-0\""), "{text}");
+    assert!(!text.contains("NEVER-LOGGED"), "{text}");
 }

@@ -129,8 +129,11 @@ impl Front {
         if let Some(code) = self.refusal(&connect) {
             self.note_refusal(peer, &connect, code);
             // The client learns why; a failed write changes nothing.
-            let _ = client.write_all(&[0x20, 0x02, 0x00, code]).await;
-            let _ = client.shutdown().await;
+            let answer = async {
+                client.write_all(&[0x20, 0x02, 0x00, code]).await?;
+                client.shutdown().await
+            };
+            let _ = tokio::time::timeout(CONNECT_WAIT, answer).await;
             return;
         }
         let mut upstream = match TcpStream::connect(self.upstream).await {
@@ -148,8 +151,7 @@ impl Front {
         if upstream.write_all(&read).await.is_err() {
             return;
         }
-        // Either side closing ends the session; nothing to report.
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        relay(client, upstream).await;
     }
 
     /// The CONNACK code refusing `connect`, or `None` to admit it.
@@ -195,6 +197,26 @@ impl Front {
     fn should_log(&self, key: &str) -> Option<u64> {
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         log.refused(key, Instant::now())
+    }
+}
+
+/// Copies both ways until either side closes. Not `copy_bidirectional`: it waits for
+/// both directions, so a client that vanished without a FIN (a box losing power) would
+/// hold its task and descriptors after rumqttd's keep-alive had closed its side.
+async fn relay<S>(client: S, mut upstream: TcpStream)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut upstream_rx, mut upstream_tx) = upstream.split();
+    // An MQTT session is over once either side is gone; errors just end it too.
+    tokio::select! {
+        _ = tokio::io::copy(&mut client_rx, &mut upstream_tx) => {}
+        _ = tokio::io::copy(&mut upstream_rx, &mut client_tx) => {
+            // rumqttd closed it (keep-alive, takeover): tell the client, TLS included,
+            // unless it no longer reads.
+            let _ = tokio::time::timeout(HANDSHAKE_WAIT, client_tx.shutdown()).await;
+        }
     }
 }
 
