@@ -34,6 +34,14 @@ pub struct GatewayConfig {
     pub api: ApiSection,
     #[serde(default)]
     pub trust: TrustSection,
+    /// An agent whose clock is off by more than this is flagged, and its records' times
+    /// are taken in gateway time.
+    #[serde(default = "default_clock_tolerance")]
+    pub clock_tolerance: Dur,
+}
+
+fn default_clock_tolerance() -> Dur {
+    Dur(Duration::from_secs(120))
 }
 
 /// `[trust]`: where enrolment material lives.

@@ -59,6 +59,9 @@ pub struct Metrics {
     /// Messages on agents' topics not believed (`unsigned`, `bad_signature`,
     /// `unknown_agent`, `revoked`, `wrong_agent`, ...): dropped unread.
     pub rejected: Family<ReasonLabel, Counter>,
+    /// Agents whose clock is off by more than `clock_tolerance`.
+    pub agents_clock_skewed: Gauge,
+    skewed: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// CONNECTs the embedded broker refused; the broker counts them itself
     /// (`tend_mqtt::broker::BrokerAccess::refused`).
     pub broker_refused: Arc<AtomicU64>,
@@ -117,6 +120,8 @@ impl Metrics {
             below_target: Gauge::default(),
             auth_failures: Counter::default(),
             rejected: Family::default(),
+            agents_clock_skewed: Gauge::default(),
+            skewed: Default::default(),
             broker_refused: Arc::default(),
         };
         registry.register("batches", "Batches received from agents", m.batches.clone());
@@ -196,6 +201,11 @@ impl Metrics {
             "Connections the embedded broker refused: no credentials or refused ones",
             SharedCounter(m.broker_refused.clone()),
         );
+        registry.register(
+            "agents_clock_skewed",
+            "Agents whose clock is off the gateway's by more than clock_tolerance (their records are taken in gateway time)",
+            m.agents_clock_skewed.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -205,6 +215,18 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
             .inc();
+    }
+
+    /// Notes whether `agent`'s clock is skewed; returns whether that changed.
+    pub fn agent_clock(&self, agent: &str, skewed: bool) -> bool {
+        let mut set = self.skewed.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = if skewed {
+            set.insert(agent.to_string())
+        } else {
+            set.remove(agent)
+        };
+        self.agents_clock_skewed.set(set.len() as i64);
+        changed
     }
 
     pub fn rejected(&self, reason: &str) {

@@ -103,6 +103,8 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         fleet: loaded.fleet.clone(),
         profiles: loaded.profiles.clone(),
         tz: loaded.tz.clone(),
+        clock_tolerance: jiff::SignedDuration::try_from(cfg.clock_tolerance.0)
+            .unwrap_or(crate::clock::DEFAULT_TOLERANCE),
     };
     let trust = {
         let dir = crate::trust::TrustDir::new(cfg.trust_dir());

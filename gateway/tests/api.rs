@@ -159,6 +159,7 @@ impl World {
             fleet: Fleet::parse("fleet.toml", FLEET).unwrap(),
             profiles: ProfileSet::builtin().unwrap(),
             tz: shanghai(),
+            clock_tolerance: tend_gateway::clock::DEFAULT_TOLERANCE,
         });
         let (diag, mut rx) = DiagClient::new("gw-test");
         let gw = Gateway {
@@ -276,6 +277,7 @@ impl World {
             agent: AGENT.into(),
             incarnation: "a0".into(),
             site: "s-017-main".into(),
+            sent_at: now,
             records,
         };
         let applied = store.apply(&batch, &cx, now).unwrap();

@@ -73,6 +73,7 @@ fn gateway(dir: &Path) -> Gateway {
         fleet: Fleet::parse("fleet.toml", FLEET).unwrap(),
         profiles: ProfileSet::builtin().unwrap(),
         tz: TimeZone::get("Asia/Shanghai").unwrap(),
+        clock_tolerance: tend_gateway::clock::DEFAULT_TOLERANCE,
     };
     let (diag, _requests) = DiagClient::new("gw-test");
     Gateway {
@@ -193,6 +194,7 @@ fn feed(gw: &Gateway, records: Vec<(u64, Timestamp, EpisodeEvent)>) -> Vec<Strin
         agent: AGENT.into(),
         incarnation: "f0".into(),
         site: "s-017-main".into(),
+        sent_at: Timestamp::now(),
         records: records
             .into_iter()
             .map(|(seq, at, ev)| Record {
