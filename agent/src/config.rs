@@ -584,16 +584,18 @@ serial = "VM12-00A4471"
             (garbled, "garbled"),
         ];
         for (path, what) in cases {
-            let bad = good.replacen(
-                &cred.display().to_string(),
-                &path.display().to_string(),
-                1,
-            );
+            let bad = good.replacen(&cred.display().to_string(), &path.display().to_string(), 1);
             let e = refuse(&bad);
             assert_eq!(e.key, "uplink.credentials", "{what}: {e}");
             assert_eq!(e.line, line(&bad, "credentials = "), "{what}: {e}");
-            assert!(e.message.contains(&path.display().to_string()), "{what}: {e}");
-            assert!(!e.to_string().contains(&secret), "{what}: the key leaked: {e}");
+            assert!(
+                e.message.contains(&path.display().to_string()),
+                "{what}: {e}"
+            );
+            assert!(
+                !e.to_string().contains(&secret),
+                "{what}: the key leaked: {e}"
+            );
             assert!(!e.to_string().contains(&other_key.to_hex()), "{what}: {e}");
         }
     }

@@ -134,7 +134,10 @@ fn run_refuses_credentials_missing_open_foreign_or_garbled() {
         assert!(err.contains("uplink.credentials"), "{what}: {err}");
         assert!(err.contains(&path.display().to_string()), "{what}: {err}");
         assert!(err.contains(why), "{what}: {err}");
-        assert!(!err.contains(&secret[..16]), "{what}: the key leaked: {err}");
+        assert!(
+            !err.contains(&secret[..16]),
+            "{what}: the key leaked: {err}"
+        );
         assert!(
             !err.contains(&foreign_key.to_hex()[..16]),
             "{what}: a key leaked: {err}"

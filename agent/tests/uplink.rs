@@ -19,8 +19,8 @@ use tend_testkit::config::write_secret;
 use tend_testkit::tls_proxy::tls_proxy;
 use tend_wire::seal::{open, seal};
 use tend_wire::{
-    encode, encode_sealed, ranges_of, topic, AgentKey, DiagRequest, DiagResponse, Purpose,
-    Record, RecordBody, SeqRange, WireReading, VERSION,
+    encode, encode_sealed, ranges_of, topic, AgentKey, DiagRequest, DiagResponse, Purpose, Record,
+    RecordBody, SeqRange, WireReading, VERSION,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -205,39 +205,43 @@ impl Gateway {
                             let _ = subscribed_tx.send(subacks);
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => match topic::parse(&p.topic) {
-                            Some(topic::Parsed::Up(agent)) => match tend_testkit::trust::open_batch(
-                                &key_of(agent),
-                                agent,
-                                &p.payload,
-                            ) {
-                                Some(b) => {
-                                    assert_eq!(b.agent, agent);
-                                    let seqs: Vec<u64> = b.records.iter().map(|r| r.seq).collect();
-                                    lock(&seen).batches.push(seqs.clone());
-                                    if auto.load(Ordering::SeqCst) {
-                                        let ack = tend_testkit::trust::sealed_ack(
-                                            &key_of(agent),
-                                            agent,
-                                            &b.incarnation,
-                                            ranges_of(seqs),
-                                        );
-                                        client
-                                            .try_publish(
-                                                topic::ack(agent),
-                                                QoS::AtLeastOnce,
-                                                false,
-                                                ack,
-                                            )
-                                            .unwrap();
+                            Some(topic::Parsed::Up(agent)) => {
+                                match tend_testkit::trust::open_batch(
+                                    &key_of(agent),
+                                    agent,
+                                    &p.payload,
+                                ) {
+                                    Some(b) => {
+                                        assert_eq!(b.agent, agent);
+                                        let seqs: Vec<u64> =
+                                            b.records.iter().map(|r| r.seq).collect();
+                                        lock(&seen).batches.push(seqs.clone());
+                                        if auto.load(Ordering::SeqCst) {
+                                            let ack = tend_testkit::trust::sealed_ack(
+                                                &key_of(agent),
+                                                agent,
+                                                &b.incarnation,
+                                                ranges_of(seqs),
+                                            );
+                                            client
+                                                .try_publish(
+                                                    topic::ack(agent),
+                                                    QoS::AtLeastOnce,
+                                                    false,
+                                                    ack,
+                                                )
+                                                .unwrap();
+                                        }
                                     }
+                                    None => lock(&seen).bad_batches += 1,
                                 }
-                                None => lock(&seen).bad_batches += 1,
-                            },
+                            }
                             Some(topic::Parsed::Status(agent)) => lock(&seen)
                                 .statuses
                                 .push((status_text(agent, &p.payload), p.retain)),
                             Some(topic::Parsed::DiagResp(agent)) => {
-                                let body = open(&key_of(agent), Purpose::DiagResp, agent, &p.payload);
+                                let body =
+                                    open(&key_of(agent), Purpose::DiagResp, agent, &p.payload);
                                 match body.map(DiagResponse::decode) {
                                     Ok(Ok(r)) => lock(&seen).diag.push(r),
                                     _ => lock(&seen).bad_answers += 1,
@@ -829,9 +833,10 @@ async fn a_request_is_answered_once_and_only_before_its_expiry_by_gateway_time()
     let gw = Gateway::start(b.addr(), "gw-replay", false).await;
     let agent = "agent-replay";
     let key = key_of(agent);
-    let diag = diag_handler(|req: DiagRequest| async move {
-        Ok(serde_json::json!({ "asked": req.request }))
-    });
+    let diag =
+        diag_handler(
+            |req: DiagRequest| async move { Ok(serde_json::json!({ "asked": req.request })) },
+        );
     let up = Running::start(test_config(agent, b.url()), MemSource::default(), diag);
     wait_until("online", || gw.seen(|s| !s.statuses.is_empty())).await;
     let req_t = topic::diag_req(agent);
@@ -884,7 +889,10 @@ async fn a_request_is_answered_once_and_only_before_its_expiry_by_gateway_time()
     // the gateway's: answered.
     gw.raw(&req_t, ask("r2", behind - Duration::from_secs(60)))
         .await;
-    wait_until("the expired request is refused", || rejected("expired") == 1).await;
+    wait_until("the expired request is refused", || {
+        rejected("expired") == 1
+    })
+    .await;
     gw.raw(&req_t, ask("r3", behind + Duration::from_secs(1800)))
         .await;
     wait_until("r3 is answered", || answered().len() == 2).await;

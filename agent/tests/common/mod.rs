@@ -132,7 +132,9 @@ pub fn fake_gateway(
                     );
                     let c = client.clone();
                     let topic = tend_wire::topic::ack(agent);
-                    tokio::spawn(async move { c.publish(topic, QoS::AtLeastOnce, false, ack).await });
+                    tokio::spawn(
+                        async move { c.publish(topic, QoS::AtLeastOnce, false, ack).await },
+                    );
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
