@@ -24,6 +24,7 @@ use tend_gateway::forwarder::{self, ForwarderConfig};
 use tend_gateway::ingest::IngestContext;
 use tend_gateway::metrics::{Metrics, OutcomeLabel};
 use tend_gateway::store::{ForwardState, RedbStore, TicketRecord};
+use tend_gateway::trust::{Trust, TrustDir};
 use tend_profiles::{FaultClass, ProfileSet, SignalKind};
 use tend_testkit::backend_standin::{self, Backend, Received, Scripted};
 use tend_wire::{EpisodeChange, EpisodeEvent, Opening, Record, RecordBody, UpBatch};
@@ -83,6 +84,8 @@ fn gateway(dir: &Path) -> Gateway {
         forwarder_wake: Arc::default(),
         backend_configured: true,
         diag_timeout: Duration::from_secs(5),
+        trust: Trust::open(TrustDir::new(dir.join("trust"))).unwrap(),
+        refusal_log: Arc::new(tend_mqtt::LogLimit::per_minute()),
     }
 }
 
