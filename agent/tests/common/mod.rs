@@ -106,7 +106,7 @@ pub fn fake_gateway(
                     else {
                         continue;
                     };
-                    let Some(batch) = tend_testkit::trust::open_batch(&key, &agent, &p.payload)
+                    let Some(batch) = tend_testkit::trust::open_batch(&key, agent, &p.payload)
                     else {
                         continue;
                     };
@@ -126,7 +126,7 @@ pub fn fake_gateway(
                     }
                     let ack = tend_testkit::trust::sealed_ack(
                         &key,
-                        &agent,
+                        agent,
                         &batch.incarnation,
                         tend_wire::ranges_of(seqs),
                     );
