@@ -921,6 +921,55 @@ async fn a_request_is_answered_once_and_only_before_its_expiry_by_gateway_time()
     up.stop().await.unwrap();
 }
 
+/// Without `username` the agent logs in to an embedded broker that checks logins (as the
+/// gateway's does) as itself, with the password its key derives; with another key it
+/// is refused and keeps trying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_username_the_agent_logs_in_as_itself_with_its_key() {
+    use tend_mqtt::broker::{BrokerAccess, BrokerLimits};
+    let agent = "agent-login";
+    let password = key_of(agent).broker_password(agent);
+    let access = BrokerAccess {
+        login: Some(Arc::new(move |client: &str, user: &str, pw: &str| {
+            client == agent && user == agent && pw == password
+        })),
+        ..BrokerAccess::default()
+    };
+    let limits = BrokerLimits {
+        max_payload: 1 << 20,
+        max_inflight: 100,
+        max_outgoing_packets: 100,
+        max_segment_size: 1 << 20,
+    };
+    let b = tend_mqtt::broker::start("127.0.0.1:0".parse().unwrap(), &limits, &access).unwrap();
+    let url = format!("mqtt://{}", b.addr);
+
+    let up = Running::start(
+        test_config(agent, url.clone()),
+        MemSource::default(),
+        no_diag(),
+    );
+    wait_until("connected with its own login", || {
+        up.status.snapshot().connected
+    })
+    .await;
+    up.stop().await.unwrap();
+    assert_eq!(access.refused.load(Ordering::SeqCst), 0);
+
+    // The same agent with a key that is not its own.
+    let mut cfg = test_config(agent, url);
+    cfg.key = AgentKey::generate().unwrap();
+    let up = Running::start(cfg, MemSource::default(), no_diag());
+    wait_until("attempts are refused", || {
+        up.status.snapshot().connect_failures >= 2
+    })
+    .await;
+    let stats = up.status.snapshot();
+    assert_eq!(stats.connects, 0, "{stats:?}");
+    assert!(access.refused.load(Ordering::SeqCst) >= 2);
+    up.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_outbox_drains_on_acks() {
     use tend_agent::outbox::{Outbox, OutboxConfig};
