@@ -469,6 +469,17 @@ broker = "mqtt://127.0.0.1:1883"
 serial = "VM12-00A4471"
 "#;
 
+    /// [`GOOD`] with a credentials file for its agent in `dir` (which must outlive the
+    /// parse).
+    fn good(dir: &tempfile::TempDir) -> String {
+        let (path, _) = tend_testkit::trust::credentials(dir.path(), "agent-icu-a");
+        GOOD.replacen(
+            "[uplink]\n",
+            &format!("[uplink]\ncredentials = {:?}\n", path.display().to_string()),
+            1,
+        )
+    }
+
     fn refuse(src: &str) -> ProfileError {
         parse("agent.toml", src, Path::new("/etc/tend")).expect_err("should be refused")
     }
@@ -479,7 +490,8 @@ serial = "VM12-00A4471"
 
     #[test]
     fn good_config() {
-        let l = parse("agent.toml", GOOD, Path::new("/etc/tend")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let l = parse("agent.toml", &good(&dir), Path::new("/etc/tend")).unwrap();
         assert_eq!(l.config.devices.len(), 3);
         assert_eq!(l.config.data_dir, PathBuf::from("/etc/tend/data"));
         assert_eq!(l.config.outbox.max_size.0, 256 << 20);
@@ -488,6 +500,8 @@ serial = "VM12-00A4471"
 
     #[test]
     fn errors_name_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = good(&dir);
         let cases: &[(&str, &str, &str)] = &[
             ("unit = 1", "unit = 1\nspeed = 3", "speed"),
             (
@@ -535,19 +549,61 @@ serial = "VM12-00A4471"
             ),
         ];
         for (from, to, key) in cases {
-            assert!(GOOD.contains(from), "{from}");
-            let bad = GOOD.replacen(from, to, 1);
+            assert!(good.contains(from), "{from}");
+            let bad = good.replacen(from, to, 1);
             let e = refuse(&bad);
             assert!(e.key.contains(key), "{from:?} -> {to:?}: {e}");
             assert_eq!(e.file, "agent.toml");
             assert!(e.line > 1, "{e}");
         }
-        let bad = GOOD.replacen("unit = 1", "unit = 1\nspeed = 3", 1);
+        let bad = good.replacen("unit = 1", "unit = 1\nspeed = 3", 1);
         assert_eq!(refuse(&bad).line, line(&bad, "speed = 3"));
     }
 
     #[test]
+    fn credentials_are_checked_at_load() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let good = good(&dir);
+        let cred = dir.path().join("agent-icu-a.cred");
+        let secret = tend_testkit::trust::read_credentials(&cred).key.to_hex();
+        let (other, other_key) = tend_testkit::trust::credentials(dir.path(), "agent-icu-b");
+        let open = dir.path().join("open.cred");
+        std::fs::copy(&cred, &open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let garbled = dir.path().join("garbled.cred");
+        tend_testkit::config::write_secret(
+            &garbled,
+            format!("agent_id = \"agent-icu-a\"\nkey = \"{}\"\n", &secret[..40]),
+        )
+        .unwrap();
+        let cases = [
+            (dir.path().join("missing.cred"), "missing"),
+            (open, "0644"),
+            (other, "another agent's"),
+            (garbled, "garbled"),
+        ];
+        for (path, what) in cases {
+            let bad = good.replacen(&cred.display().to_string(), &path.display().to_string(), 1);
+            let e = refuse(&bad);
+            assert_eq!(e.key, "uplink.credentials", "{what}: {e}");
+            assert_eq!(e.line, line(&bad, "credentials = "), "{what}: {e}");
+            assert!(
+                e.message.contains(&path.display().to_string()),
+                "{what}: {e}"
+            );
+            assert!(
+                !e.to_string().contains(&secret),
+                "{what}: the key leaked: {e}"
+            );
+            assert!(!e.to_string().contains(&other_key.to_hex()), "{what}: {e}");
+        }
+    }
+
+    #[test]
     fn transport_keys_are_checked_per_transport() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = good(&dir);
         // (replace, with, key, line of)
         let cases: &[(&str, &str, &str, &str)] = &[
             // A key of another transport.
@@ -590,8 +646,8 @@ serial = "VM12-00A4471"
             ),
         ];
         for (from, to, key, at) in cases {
-            assert!(GOOD.contains(from), "{from}");
-            let bad = GOOD.replacen(from, to, 1);
+            assert!(good.contains(from), "{from}");
+            let bad = good.replacen(from, to, 1);
             let e = refuse(&bad);
             assert_eq!(e.key, *key, "{from:?} -> {to:?}: {e}");
             let want = if key.ends_with("transport") && to.is_empty() {
@@ -602,14 +658,15 @@ serial = "VM12-00A4471"
             };
             assert_eq!(e.line, want, "{from:?} -> {to:?}: {e}");
         }
-        let bad = GOOD.replacen("unit = 1", "unit = 1\nparity = \"even\"", 1);
+        let bad = good.replacen("unit = 1", "unit = 1\nparity = \"even\"", 1);
         let e = refuse(&bad);
         assert!(e.message.contains("unknown field `parity`"), "{e}");
     }
 
     #[test]
     fn rtu_defaults_come_from_the_profile() {
-        let src = GOOD.replacen(
+        let dir = tempfile::tempdir().unwrap();
+        let src = good(&dir).replacen(
             "transport = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\nunit = 1",
             "transport = \"modbus-rtu\"\nport = \"/dev/ttyUSB1\"",
             1,
@@ -632,8 +689,10 @@ serial = "VM12-00A4471"
 
     #[test]
     fn two_devices_on_one_unit_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = good(&dir);
         let bad = format!(
-            "{GOOD}\n[[device]]\nid = \"twin\"\nprofile = \"aeris/av-500\"\ntransport = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\nunit = 1\n"
+            "{good}\n[[device]]\nid = \"twin\"\nprofile = \"aeris/av-500\"\ntransport = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\nunit = 1\n"
         );
         let e = refuse(&bad);
         assert_eq!(e.key, "device[3].id");

@@ -659,15 +659,17 @@ mod tests {
                 "transport = \"modbus-rtu\"\nport = \"/dev/ttyUSB0\"\nparity = \"odd\"\nbaud = 9600\nunit = 4",
             ),
         ];
+        let dir = tempfile::tempdir().unwrap();
+        tend_testkit::trust::credentials(dir.path(), "a");
         for (flags, keys) in cases {
             let mut argv = vec!["--profile", "aeris/av-500"];
             argv.extend_from_slice(flags);
             let probed = target(&argv).unwrap().link;
             let src = format!(
-                "agent_id = \"a\"\nsite_id = \"s\"\ndata_dir = \"d\"\n[uplink]\nbroker = \"mqtt://h\"\n\
+                "agent_id = \"a\"\nsite_id = \"s\"\ndata_dir = \"d\"\n[uplink]\nbroker = \"mqtt://h\"\ncredentials = \"a.cred\"\n\
                  [[device]]\nid = \"v\"\nprofile = \"aeris/av-500\"\n{keys}\n"
             );
-            let l = crate::config::parse("agent.toml", &src, std::path::Path::new("/tmp")).unwrap();
+            let l = crate::config::parse("agent.toml", &src, dir.path()).unwrap();
             let d = &l.config.devices[0];
             let family = l.profiles.family(&d.profile).unwrap();
             assert_eq!(

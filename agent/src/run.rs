@@ -30,6 +30,8 @@ pub struct Shared {
     pub stats: Mutex<BTreeMap<String, Stats>>,
     /// The link task of each device, for device requests.
     pub links: Mutex<BTreeMap<String, mpsc::Sender<DeviceRequest>>>,
+    /// The uplink's stats once it runs, for the `transport` diagnostic.
+    pub uplink: Mutex<Option<crate::uplink::UplinkStatus>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -179,7 +181,13 @@ pub async fn answer_diagnostic(
                 .get(&req.device)
                 .cloned()
                 .unwrap_or_default();
-            serde_json::to_value(stats)?
+            let mut answer = serde_json::to_value(stats)?;
+            // The uplink's counters beside the device's: among them the messages refused
+            // as forged or replayed, which nothing else outside the process shows.
+            if let Some(uplink) = lock(&shared.uplink).as_ref() {
+                answer["uplink"] = serde_json::to_value(uplink.snapshot())?;
+            }
+            answer
         }
         "outbox" => match outbox {
             Some(o) => serde_json::to_value(o.stats())?,
@@ -419,15 +427,16 @@ pub async fn run(
         })
     };
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let mut uplink = tokio::spawn(crate::uplink::run(
+    let uplink = crate::uplink::Uplink::new(
         uplink_config(&loaded.config, loaded.credentials.key.clone()),
         started.outbox.clone(),
         diag,
         started.written.clone(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    );
+    *lock(&started.shared.uplink) = Some(uplink.status());
+    let mut uplink = tokio::spawn(uplink.run(async {
+        let _ = stop_rx.await;
+    }));
     tracing::info!(
         agent = %loaded.config.agent_id,
         devices = loaded.config.devices.len(),

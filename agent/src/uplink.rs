@@ -641,6 +641,7 @@ impl<S: RecordSource> Runner<S> {
                 agent: self.agent.clone(),
                 incarnation: self.source.incarnation().to_string(),
                 site: self.site.clone(),
+                sent_at: jiff::Timestamp::now(),
                 records: Vec::new(),
             };
             // Only a lone record can be too large (see Limits); it cannot be sent and it

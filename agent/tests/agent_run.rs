@@ -31,11 +31,12 @@ async fn kill_9_restart_no_loss_no_duplicate_no_phi() {
     vm_cfg.status_interval = Duration::from_millis(300);
     let _vm = Vm12Sim::spawn(vm_cfg).await.unwrap();
 
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = tend_testkit::trust::credentials(dir.path(), "agent-e2e");
     let store: Store = Arc::default();
     let raw = Arc::new(Mutex::new(Vec::new()));
-    let gw = fake_gateway(broker.port(), store.clone(), raw.clone());
+    let gw = fake_gateway(broker.port(), store.clone(), raw.clone(), key);
 
-    let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
@@ -46,6 +47,7 @@ data_dir = "data"
 flap_damping = "1s"
 [uplink]
 broker = "{url}"
+credentials = "agent-e2e.cred"
 keep_alive = "5s"
 [[device]]
 id = "pump"

@@ -24,13 +24,14 @@ async fn broker_stopped_and_restarted_loses_nothing() {
     .await
     .unwrap();
     let store: Store = Arc::default();
-    let gw = fake_gateway(port, store.clone(), Arc::new(Mutex::new(Vec::new())));
+    let (_, key) = tend_testkit::trust::credentials(dir.path(), "agent-mq");
+    let gw = fake_gateway(port, store.clone(), Arc::new(Mutex::new(Vec::new())), key);
 
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
         format!(
-            "agent_id = \"agent-mq\"\nsite_id = \"s\"\ndata_dir = \"data\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:{port}\"\nkeep_alive = \"2s\"\n\
+            "agent_id = \"agent-mq\"\nsite_id = \"s\"\ndata_dir = \"data\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:{port}\"\ncredentials = \"agent-mq.cred\"\nkeep_alive = \"2s\"\n\
              [[device]]\nid = \"mri\"\nprofile = \"cryosense/hm-2\"\ntransport = \"modbus-tcp\"\naddress = \"{}\"\npoll_interval = \"100ms\"\n",
             hm2.addr()
         ),

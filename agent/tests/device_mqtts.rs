@@ -22,6 +22,7 @@ site_id = "s-1"
 data_dir = "data"
 [uplink]
 broker = "mqtt://127.0.0.1:1"
+credentials = "agent-tls-device.cred"
 [[device]]
 id = "monitor"
 profile = "vistara/vm-12"
@@ -46,6 +47,7 @@ async fn a_device_on_an_mqtts_broker_is_read_over_tls() {
     let (tls_addr, _proxy) = tls_proxy(broker.addr(), false).await;
 
     let dir = tempfile::tempdir().unwrap();
+    tend_testkit::trust::credentials(dir.path(), "agent-tls-device");
     std::fs::write(dir.path().join("ca.pem"), CA_PEM).unwrap();
     write_secret(dir.path().join("broker.password"), "s3cret\n").unwrap();
     // By name: the server certificate is for localhost.
@@ -76,6 +78,7 @@ async fn a_device_on_an_mqtts_broker_is_read_over_tls() {
 #[test]
 fn a_device_broker_the_link_cannot_use_is_refused_at_load() {
     let dir = tempfile::tempdir().unwrap();
+    tend_testkit::trust::credentials(dir.path(), "agent-tls-device");
     std::fs::write(dir.path().join("ca.pem"), CA_PEM).unwrap();
     let load = |src: &str| config::parse("agent.toml", src, dir.path());
 

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tend_agent::config;
@@ -35,6 +34,8 @@ async fn four_devices_read_faults_become_episodes_and_requests_answer() {
     vm_cfg.status_interval = Duration::from_millis(500);
     let vm = Vm12Sim::spawn(vm_cfg).await.unwrap();
 
+    let dir = tempfile::tempdir().unwrap();
+    tend_testkit::trust::credentials(dir.path(), "agent-test");
     let src = format!(
         r#"
 agent_id = "agent-test"
@@ -43,6 +44,7 @@ data_dir = "data"
 flap_damping = "1s"
 [uplink]
 broker = "{url}"
+credentials = "agent-test.cred"
 [[device]]
 id = "pump"
 profile = "lumen/lip-300"
@@ -80,7 +82,7 @@ serial = "VM12-00A4471"
         av_rtu = av_rtu.path().unwrap().display(),
         hm2 = hm2.addr(),
     );
-    let loaded = config::parse("agent.toml", &src, Path::new("/tmp")).unwrap();
+    let loaded = config::parse("agent.toml", &src, dir.path()).unwrap();
     let shared = Arc::new(Shared::default());
     let (tx, mut rx) = mpsc::channel(64);
     let tasks = spawn_links(&loaded, shared.clone(), tx);
@@ -247,8 +249,9 @@ serial = "VM12-00A4471"
 async fn started_agent_makes_records_durable() {
     let hm2 = Hm2Sim::spawn_tcp(Hm2Config::v2(), local()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
+    tend_testkit::trust::credentials(dir.path(), "a1");
     let src = format!(
-        "agent_id = \"a1\"\nsite_id = \"s\"\ndata_dir = \"data\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:1\"\n\
+        "agent_id = \"a1\"\nsite_id = \"s\"\ndata_dir = \"data\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:1\"\ncredentials = \"a1.cred\"\n\
          [[device]]\nid = \"mri\"\nprofile = \"cryosense/hm-2\"\ntransport = \"modbus-tcp\"\naddress = \"{}\"\npoll_interval = \"100ms\"\n",
         hm2.addr()
     );
@@ -297,12 +300,14 @@ async fn mqtt_diagnostic_answers_carry_no_patient_data() {
     vm_cfg.status_interval = Duration::from_millis(300);
     let vm = Vm12Sim::spawn(vm_cfg).await.unwrap();
     vm.update(|s| s.phi_in_replies = true);
+    let dir = tempfile::tempdir().unwrap();
+    tend_testkit::trust::credentials(dir.path(), "agent-test");
     let src = format!(
-        "agent_id = \"agent-test\"\nsite_id = \"s-1\"\ndata_dir = \"data\"\n[uplink]\nbroker = \"{url}\"\n\
+        "agent_id = \"agent-test\"\nsite_id = \"s-1\"\ndata_dir = \"data\"\n[uplink]\nbroker = \"{url}\"\ncredentials = \"agent-test.cred\"\n\
          [[device]]\nid = \"monitor\"\nprofile = \"vistara/vm-12\"\ntransport = \"mqtt\"\nbroker = \"{url}\"\nserial = \"VM12-00A4471\"\n",
         url = broker.url(),
     );
-    let loaded = config::parse("agent.toml", &src, Path::new("/tmp")).unwrap();
+    let loaded = config::parse("agent.toml", &src, dir.path()).unwrap();
     let shared = Arc::new(Shared::default());
     let (tx, mut rx) = mpsc::channel(64);
     let tasks = spawn_links(&loaded, shared.clone(), tx);

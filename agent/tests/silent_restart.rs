@@ -53,14 +53,16 @@ async fn a_silent_device_keeps_its_episode_open_across_a_restart() {
     .await
     .unwrap();
     let broker = tend_devsim::broker::spawn_embedded().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = tend_testkit::trust::credentials(dir.path(), "agent-silent");
     let store: Store = Arc::default();
     let gw = fake_gateway(
         broker.port(),
         store.clone(),
         Arc::new(Mutex::new(Vec::new())),
+        key,
     );
 
-    let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
@@ -71,6 +73,7 @@ data_dir = "data"
 flap_damping = "{damping}ms"
 [uplink]
 broker = "{url}"
+credentials = "agent-silent.cred"
 keep_alive = "5s"
 [[device]]
 id = "vent"

@@ -2,6 +2,7 @@
 //! client of the test) receives the batches and acks what it chooses; a TCP proxy between
 //! the agent and the broker is cut and restored to test reconnects, because rumqttd
 //! cannot be stopped. TLS goes through a TLS-terminating proxy in front of the broker.
+//! Every message is sealed with the agent's key, as the gateway and the agent seal them.
 
 use jiff::Timestamp;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -16,9 +17,10 @@ use tend_agent::uplink::{
 use tend_testkit::certs::{CA_PEM, CLIENT_CERT_PEM, CLIENT_KEY_PEM, OTHER_CA_PEM};
 use tend_testkit::config::write_secret;
 use tend_testkit::tls_proxy::tls_proxy;
+use tend_wire::seal::{open, seal};
 use tend_wire::{
-    encode, ranges_of, topic, Ack, DiagRequest, DiagResponse, Record, RecordBody, SeqRange,
-    UpBatch, WireReading, VERSION,
+    encode, encode_sealed, ranges_of, topic, AgentKey, DiagRequest, DiagResponse, Purpose, Record,
+    RecordBody, SeqRange, WireReading, VERSION,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -28,6 +30,26 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Each agent's key, made on first use: what its credentials file would hold and the
+/// gateway's trust store would know.
+fn key_of(agent: &str) -> AgentKey {
+    static KEYS: std::sync::OnceLock<Mutex<BTreeMap<String, AgentKey>>> =
+        std::sync::OnceLock::new();
+    lock(KEYS.get_or_init(Mutex::default))
+        .entry(agent.to_string())
+        .or_insert_with(|| AgentKey::generate().unwrap())
+        .clone()
+}
+
+/// A status payload's text if it is sealed with the agent's key, else a marker that
+/// matches no status.
+fn status_text(agent: &str, payload: &[u8]) -> String {
+    match open(&key_of(agent), Purpose::Status, agent, payload) {
+        Ok(body) => String::from_utf8_lossy(body).into_owned(),
+        Err(e) => format!("not sealed ({e}): {}", String::from_utf8_lossy(payload)),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -127,7 +149,9 @@ struct Seen {
     /// Status payloads with their retain flag, in order.
     statuses: Vec<(String, bool)>,
     diag: Vec<DiagResponse>,
+    /// Batches and answers that did not open with the agent's key (or did not parse).
     bad_batches: usize,
+    bad_answers: usize,
 }
 
 impl Seen {
@@ -181,35 +205,46 @@ impl Gateway {
                             let _ = subscribed_tx.send(subacks);
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => match topic::parse(&p.topic) {
-                            Some(topic::Parsed::Up(agent)) => match UpBatch::decode(&p.payload) {
-                                Ok(b) => {
-                                    assert_eq!(b.agent, agent);
-                                    let seqs: Vec<u64> = b.records.iter().map(|r| r.seq).collect();
-                                    lock(&seen).batches.push(seqs.clone());
-                                    if auto.load(Ordering::SeqCst) {
-                                        let ack = Ack {
-                                            v: VERSION,
-                                            incarnation: b.incarnation.clone(),
-                                            ranges: ranges_of(seqs),
-                                        };
-                                        client
-                                            .try_publish(
-                                                topic::ack(agent),
-                                                QoS::AtLeastOnce,
-                                                false,
-                                                encode(&ack).unwrap(),
-                                            )
-                                            .unwrap();
+                            Some(topic::Parsed::Up(agent)) => {
+                                match tend_testkit::trust::open_batch(
+                                    &key_of(agent),
+                                    agent,
+                                    &p.payload,
+                                ) {
+                                    Some(b) => {
+                                        assert_eq!(b.agent, agent);
+                                        let seqs: Vec<u64> =
+                                            b.records.iter().map(|r| r.seq).collect();
+                                        lock(&seen).batches.push(seqs.clone());
+                                        if auto.load(Ordering::SeqCst) {
+                                            let ack = tend_testkit::trust::sealed_ack(
+                                                &key_of(agent),
+                                                agent,
+                                                &b.incarnation,
+                                                ranges_of(seqs),
+                                            );
+                                            client
+                                                .try_publish(
+                                                    topic::ack(agent),
+                                                    QoS::AtLeastOnce,
+                                                    false,
+                                                    ack,
+                                                )
+                                                .unwrap();
+                                        }
                                     }
+                                    None => lock(&seen).bad_batches += 1,
                                 }
-                                Err(_) => lock(&seen).bad_batches += 1,
-                            },
-                            Some(topic::Parsed::Status(_)) => lock(&seen)
+                            }
+                            Some(topic::Parsed::Status(agent)) => lock(&seen)
                                 .statuses
-                                .push((String::from_utf8_lossy(&p.payload).into_owned(), p.retain)),
-                            Some(topic::Parsed::DiagResp(_)) => {
-                                if let Ok(r) = DiagResponse::decode(&p.payload) {
-                                    lock(&seen).diag.push(r);
+                                .push((status_text(agent, &p.payload), p.retain)),
+                            Some(topic::Parsed::DiagResp(agent)) => {
+                                let body =
+                                    open(&key_of(agent), Purpose::DiagResp, agent, &p.payload);
+                                match body.map(DiagResponse::decode) {
+                                    Ok(Ok(r)) => lock(&seen).diag.push(r),
+                                    _ => lock(&seen).bad_answers += 1,
                                 }
                             }
                             _ => {}
@@ -241,12 +276,8 @@ impl Gateway {
     }
 
     async fn ack_in(&self, agent: &str, incarnation: &str, ranges: Vec<SeqRange>) {
-        let ack = Ack {
-            v: VERSION,
-            incarnation: incarnation.into(),
-            ranges,
-        };
-        self.raw(&topic::ack(agent), encode(&ack).unwrap()).await;
+        let ack = tend_testkit::trust::sealed_ack(&key_of(agent), agent, incarnation, ranges);
+        self.raw(&topic::ack(agent), ack).await;
     }
 
     async fn raw(&self, topic: &str, payload: Vec<u8>) {
@@ -342,7 +373,7 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 fn test_config(agent: &str, broker: String) -> UplinkConfig {
-    let mut cfg = UplinkConfig::new(agent, "s-017-main", broker);
+    let mut cfg = UplinkConfig::new(agent, "s-017-main", broker, key_of(agent));
     cfg.keep_alive = Duration::from_secs(1);
     cfg.reconnect_min = Duration::from_millis(50);
     cfg.reconnect_max = Duration::from_millis(300);
@@ -633,7 +664,7 @@ async fn retained_status(broker: SocketAddr, agent: &str) -> Option<String> {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic == t => {
                     assert!(p.retain, "a status message to a new subscriber is retained");
-                    return String::from_utf8_lossy(&p.payload).into_owned();
+                    return status_text(agent, &p.payload);
                 }
                 Ok(_) => {}
                 Err(e) => panic!("peek: {e}"),
@@ -667,8 +698,9 @@ async fn online_is_retained_and_offline_follows_a_clean_stop() {
 
     // A late `offline` (as an old connection's will would be) is corrected at once.
     let gw = Gateway::start(b.addr(), "gw-status", false).await;
+    let offline = seal(&key_of(agent), Purpose::Status, agent, b"offline");
     gw.client
-        .publish(topic::status(agent), QoS::AtLeastOnce, true, "offline")
+        .publish(topic::status(agent), QoS::AtLeastOnce, true, offline)
         .await
         .unwrap();
     wait_until("the agent says online after the offline", || {
@@ -712,35 +744,52 @@ async fn diagnostics_round_trip_and_malformed_messages_are_ignored() {
     // The subscriptions follow the CONNACK; wait for `online`, published after them.
     wait_until("online", || gw.seen(|s| !s.statuses.is_empty())).await;
 
-    // Garbage first: none of it may stop the uplink.
+    // Garbage first, sealed so that it reaches the parser: none of it may stop the uplink.
+    let key = key_of(agent);
     let ack_t = topic::ack(agent);
     let req_t = topic::diag_req(agent);
-    gw.raw(&ack_t, b"{not json".to_vec()).await;
-    gw.raw(
-        &ack_t,
-        br#"{"v":1,"incarnation":"mem0","ranges":[{"first":9,"last":3}]}"#.to_vec(),
-    )
-    .await;
-    gw.raw(
-        &ack_t,
-        br#"{"v":7,"incarnation":"mem0","ranges":[]}"#.to_vec(),
-    )
-    .await;
-    gw.raw(&ack_t, vec![0xff, 0xfe, 0x00]).await;
-    gw.raw(&req_t, b"[]".to_vec()).await;
-    gw.raw(&req_t, br#"{"v":1,"id":"x"}"#.to_vec()).await;
-    gw.raw(&req_t, vec![b'{'; 100_000]).await;
+    let bad_acks: [Vec<u8>; 4] = [
+        b"{not json".to_vec(),
+        br#"{"v":1,"incarnation":"mem0","ranges":[{"first":9,"last":3}],"gateway_time":"2026-12-02T00:00:00Z"}"#.to_vec(),
+        br#"{"v":7,"incarnation":"mem0","ranges":[],"gateway_time":"2026-12-02T00:00:00Z"}"#.to_vec(),
+        vec![0xff, 0xfe, 0x00],
+    ];
+    let bad_requests: [Vec<u8>; 3] = [
+        b"[]".to_vec(),
+        br#"{"v":1,"id":"x"}"#.to_vec(),
+        vec![b'{'; 100_000],
+    ];
+    for a in &bad_acks {
+        gw.raw(&ack_t, seal(&key, Purpose::Ack, agent, a)).await;
+    }
+    for r in &bad_requests {
+        gw.raw(&req_t, seal(&key, Purpose::DiagReq, agent, r)).await;
+    }
+    // The same unsealed, and sealed with another agent's key or for another purpose:
+    // refused before they are parsed, and counted apart.
+    for a in &bad_acks {
+        gw.raw(&ack_t, a.clone()).await;
+    }
+    for r in &bad_requests {
+        gw.raw(&req_t, r.clone()).await;
+    }
+    let other = key_of("agent-diag-other");
+    gw.raw(&ack_t, seal(&other, Purpose::Ack, agent, &bad_acks[0]))
+        .await;
+    gw.raw(&req_t, seal(&key, Purpose::Ack, agent, &bad_requests[1]))
+        .await;
 
     let ask = |id: &str, request: &str| DiagRequest {
         v: VERSION,
         id: id.into(),
         device: "icu7-vent".into(),
         request: request.into(),
+        expires_at: Timestamp::now() + Duration::from_secs(300),
     };
-    gw.raw(&req_t, encode(&ask("r1", "outbox")).unwrap()).await;
-    gw.raw(&req_t, encode(&ask("r2", "selftest")).unwrap())
-        .await;
-    gw.raw(&req_t, encode(&ask("r3", "slow")).unwrap()).await;
+    let sealed = |req: &DiagRequest| encode_sealed(&key, Purpose::DiagReq, agent, req).unwrap();
+    gw.raw(&req_t, sealed(&ask("r1", "outbox"))).await;
+    gw.raw(&req_t, sealed(&ask("r2", "selftest"))).await;
+    gw.raw(&req_t, sealed(&ask("r3", "slow"))).await;
     wait_until("three answers", || gw.seen(|s| s.diag.len() >= 3)).await;
     let answers: BTreeMap<String, DiagResponse> =
         gw.seen(|s| s.diag.iter().map(|r| (r.id.clone(), r.clone())).collect());
@@ -766,7 +815,158 @@ async fn diagnostics_round_trip_and_malformed_messages_are_ignored() {
     let stats = up.status.snapshot();
     assert_eq!(stats.connects, 1, "{stats:?}");
     assert_eq!(stats.malformed_messages, 7, "{stats:?}");
+    assert_eq!(
+        stats.rejected_messages,
+        BTreeMap::from([("bad_signature", 2), ("unsigned", 7)]),
+        "{stats:?}"
+    );
     assert_eq!(stats.diag_requests, 3);
+    assert_eq!(gw.seen(|s| s.bad_answers), 0);
+    up.stop().await.unwrap();
+}
+
+/// Requests are judged by the gateway's clock as its acks tell it, never by the agent's
+/// own: here the gateway's clock is an hour behind the agent's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_answered_once_and_only_before_its_expiry_by_gateway_time() {
+    let b = broker();
+    let gw = Gateway::start(b.addr(), "gw-replay", false).await;
+    let agent = "agent-replay";
+    let key = key_of(agent);
+    let diag =
+        diag_handler(
+            |req: DiagRequest| async move { Ok(serde_json::json!({ "asked": req.request })) },
+        );
+    let up = Running::start(test_config(agent, b.url()), MemSource::default(), diag);
+    wait_until("online", || gw.seen(|s| !s.statuses.is_empty())).await;
+    let req_t = topic::diag_req(agent);
+    let ask = |id: &str, expires_at: Timestamp| {
+        let req = DiagRequest {
+            v: VERSION,
+            id: id.into(),
+            device: "icu7-vent".into(),
+            request: "outbox".into(),
+            expires_at,
+        };
+        encode_sealed(&key, Purpose::DiagReq, agent, &req).unwrap()
+    };
+    let rejected = |reason: &str| {
+        let stats = up.status.snapshot();
+        stats.rejected_messages.get(reason).copied().unwrap_or(0)
+    };
+    let answered = || -> Vec<String> { gw.seen(|s| s.diag.iter().map(|r| r.id.clone()).collect()) };
+    let later = || Timestamp::now() + Duration::from_secs(300);
+
+    // Before any ack the agent knows no gateway time: the id alone decides.
+    let r1 = ask("r1", later());
+    gw.raw(&req_t, r1.clone()).await;
+    wait_until("r1 is answered", || answered() == ["r1"]).await;
+    gw.raw(&req_t, r1).await;
+    wait_until("the replay is refused", || rejected("replayed") == 1).await;
+
+    // The gateway's clock, an hour behind, from an ack (it names nothing).
+    let hour = Duration::from_secs(3600);
+    let behind = Timestamp::now() - hour;
+    let ack = tend_wire::Ack {
+        v: VERSION,
+        incarnation: MEM_INCARNATION.into(),
+        ranges: vec![],
+        gateway_time: behind,
+    };
+    gw.raw(
+        &topic::ack(agent),
+        encode_sealed(&key, Purpose::Ack, agent, &ack).unwrap(),
+    )
+    .await;
+    wait_until("the gateway's clock is known", || {
+        up.status
+            .snapshot()
+            .clock_offset_s
+            .is_some_and(|o| o >= 3599)
+    })
+    .await;
+    // Expired by the gateway's clock: refused. Past by the agent's own clock but not by
+    // the gateway's: answered.
+    gw.raw(&req_t, ask("r2", behind - Duration::from_secs(60)))
+        .await;
+    wait_until("the expired request is refused", || {
+        rejected("expired") == 1
+    })
+    .await;
+    gw.raw(&req_t, ask("r3", behind + Duration::from_secs(1800)))
+        .await;
+    wait_until("r3 is answered", || answered().len() == 2).await;
+
+    // A request altered on the way (its id changed) does not open.
+    let forged = String::from_utf8(ask("r4", later()))
+        .unwrap()
+        .replacen("\"r4\"", "\"r5\"", 1);
+    gw.raw(&req_t, forged.into_bytes()).await;
+    wait_until("the altered request is refused", || {
+        rejected("bad_signature") == 1
+    })
+    .await;
+    // One more good request: answered, and only those three ever were.
+    gw.raw(&req_t, ask("r6", later())).await;
+    wait_until("r6 is answered", || answered().len() == 3).await;
+    assert_eq!(answered(), ["r1", "r3", "r6"]);
+    let stats = up.status.snapshot();
+    assert_eq!(stats.diag_requests, 3, "{stats:?}");
+    assert_eq!(
+        stats.rejected_messages,
+        BTreeMap::from([("bad_signature", 1), ("expired", 1), ("replayed", 1)]),
+        "{stats:?}"
+    );
+    assert_eq!(gw.seen(|s| s.bad_answers), 0);
+    up.stop().await.unwrap();
+}
+
+/// Without `username` the agent logs in to an embedded broker that checks logins (as the
+/// gateway's does) as itself, with the password its key derives; with another key it
+/// is refused and keeps trying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_username_the_agent_logs_in_as_itself_with_its_key() {
+    use tend_mqtt::broker::{BrokerAccess, BrokerLimits};
+    let agent = "agent-login";
+    let password = key_of(agent).broker_password(agent);
+    let access = BrokerAccess {
+        login: Some(Arc::new(move |client: &str, user: &str, pw: &str| {
+            client == agent && user == agent && pw == password
+        })),
+        ..BrokerAccess::default()
+    };
+    let limits = BrokerLimits {
+        max_payload: 1 << 20,
+        max_inflight: 100,
+        max_outgoing_packets: 100,
+        max_segment_size: 1 << 20,
+    };
+    let b = tend_mqtt::broker::start("127.0.0.1:0".parse().unwrap(), &limits, &access).unwrap();
+    let url = format!("mqtt://{}", b.addr);
+
+    let up = Running::start(
+        test_config(agent, url.clone()),
+        MemSource::default(),
+        no_diag(),
+    );
+    wait_until("connected with its own login", || {
+        up.status.snapshot().connected
+    })
+    .await;
+    up.stop().await.unwrap();
+    assert_eq!(access.refused.load(Ordering::SeqCst), 0);
+
+    // The same agent with a key that is not its own.
+    let mut cfg = test_config(agent, url);
+    cfg.key = AgentKey::generate().unwrap();
+    let up = Running::start(cfg, MemSource::default(), no_diag());
+    wait_until("attempts are refused", || {
+        up.status.snapshot().connect_failures >= 2
+    })
+    .await;
+    let stats = up.status.snapshot();
+    assert_eq!(stats.connects, 0, "{stats:?}");
+    assert!(access.refused.load(Ordering::SeqCst) >= 2);
     up.stop().await.unwrap();
 }
 
@@ -826,7 +1026,7 @@ async fn the_real_outbox_drains_on_acks() {
 
 #[tokio::test]
 async fn a_bad_configuration_is_an_error_before_connecting() {
-    let cfg = UplinkConfig::new("agent-x", "s", "http://127.0.0.1:1");
+    let cfg = UplinkConfig::new("agent-x", "s", "http://127.0.0.1:1", key_of("agent-x"));
     let err = tend_agent::uplink::run(
         cfg,
         MemSource::default(),

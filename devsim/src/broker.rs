@@ -4,7 +4,7 @@
 //! rumqttd cannot be stopped: the broker lives until the process exits.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use tend_mqtt::broker::{BrokerError, BrokerLimits};
+use tend_mqtt::broker::{BrokerAccess, BrokerError, BrokerLimits};
 
 /// A running embedded broker.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +58,6 @@ pub fn spawn_embedded() -> Result<EmbeddedBroker, BrokerError> {
 /// Starts a broker listening on `listen` (a fixed port) and waits until it accepts
 /// connections.
 pub fn spawn_embedded_on(listen: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
-    let addr = tend_mqtt::broker::start(listen, &limits())?;
+    let addr = tend_mqtt::broker::start(listen, &limits(), &BrokerAccess::default())?.addr;
     Ok(EmbeddedBroker { addr })
 }

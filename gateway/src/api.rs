@@ -12,7 +12,7 @@
 //! | `GET /api/v1/tickets?device=&open=` | yes | tickets with deadlines and forwarding state |
 //! | `POST /api/v1/tickets/{key}/retry` | yes | requeue a ticket the backend refused (audited) |
 //! | `POST /api/v1/devices/{id}/diagnostics` | yes | run a read-only diagnostic (audited) |
-//! | `GET /api/v1/agents` | yes | every agent: status, outbox incarnation, conflicting records |
+//! | `GET /api/v1/agents` | yes | every agent: status, outbox incarnation, conflicting records, clock offset and skew |
 //!
 //! Every `/api/v1` call needs `Authorization: Bearer <token>`, the OpenAPI document
 //! included (DESIGN §4 says every `/api/v1` call); a missing or wrong token is a 401 with a
@@ -694,6 +694,8 @@ async fn agents(State(st): State<ApiState>) -> ApiResult {
                 "incarnation_since": a.incarnation_since,
                 "conflicting_records": a.conflicting_records,
                 "last_conflict": a.last_conflict,
+                "clock_offset_s": a.clock_offset_s,
+                "clock_skewed": a.clock_skewed,
             })
         })
         .collect();

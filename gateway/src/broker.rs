@@ -3,7 +3,7 @@
 //! be stopped: the broker lives until the process exits, which is how the gateway uses it.
 
 use std::net::SocketAddr;
-use tend_mqtt::broker::{BrokerError, BrokerLimits};
+use tend_mqtt::broker::{BrokerAccess, BrokerError, BrokerLimits, StartedBroker};
 
 /// Largest packet the broker takes: a full agent batch plus MQTT overhead.
 const MAX_PACKET: usize = tend_wire::MAX_MESSAGE + 64 * 1024;
@@ -18,8 +18,8 @@ fn limits() -> BrokerLimits {
     }
 }
 
-/// Starts the broker on `listen` and waits until it accepts connections. Returns the
-/// address to connect to (loopback when `listen` is unspecified).
-pub fn start(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
-    tend_mqtt::broker::start(listen, &limits())
+/// Starts the broker on `listen` with `access` (login, TLS) and waits until it accepts
+/// connections. Returns where agents connect and where the gateway's own client does.
+pub fn start(listen: SocketAddr, access: &BrokerAccess) -> Result<StartedBroker, BrokerError> {
+    tend_mqtt::broker::start(listen, &limits(), access)
 }

@@ -34,6 +34,14 @@ pub struct GatewayConfig {
     pub api: ApiSection,
     #[serde(default)]
     pub trust: TrustSection,
+    /// An agent whose clock is off by more than this is flagged, and its records' times
+    /// are taken in gateway time.
+    #[serde(default = "default_clock_tolerance")]
+    pub clock_tolerance: Dur,
+}
+
+fn default_clock_tolerance() -> Dur {
+    Dur(Duration::from_secs(120))
 }
 
 /// `[trust]`: where enrolment material lives.
@@ -79,6 +87,10 @@ pub struct BrokerSection {
     pub client_key: Option<PathBuf>,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// The embedded broker speaks only TLS with this certificate chain and key (PEM,
+    /// both or neither; the key private to its owner).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Where the gateway's MQTT client connects, decided from the broker section.
@@ -100,6 +112,15 @@ impl BrokerSection {
                 client_key: self.client_key.clone(),
             },
         }
+    }
+
+    /// The embedded broker's TLS files, when both are given.
+    #[cfg(feature = "embedded-broker")]
+    pub fn server_tls(&self) -> Option<tend_mqtt::broker::ServerTls> {
+        Some(tend_mqtt::broker::ServerTls {
+            cert_file: self.tls_cert.clone()?,
+            key_file: self.tls_key.clone()?,
+        })
     }
 
     pub fn plan(&self) -> BrokerPlan {
@@ -350,6 +371,8 @@ impl GatewayConfig {
             &mut self.broker.client_key,
             &mut self.broker.password_file,
             &mut self.trust.dir,
+            &mut self.broker.tls_cert,
+            &mut self.broker.tls_key,
         ]
         .into_iter()
         .flatten()
@@ -387,6 +410,12 @@ fn check_broker(broker: &BrokerSection, at: &Locator) -> Result<(), ProfileError
                 "listen is for the embedded broker; this config names an external one (url)",
             ));
         }
+        if let Some(given) = given_tls_key(broker) {
+            return Err(at.error(
+                &br.key(given),
+                "tls_cert / tls_key are for the embedded broker; this config names an external one (url)",
+            ));
+        }
     } else if broker.embedded == Some(false) {
         return Err(at.error(
             &br.key("url"),
@@ -404,6 +433,11 @@ fn check_broker(broker: &BrokerSection, at: &Locator) -> Result<(), ProfileError
             OptionsError::PasswordWithoutUser.to_string(),
         ));
     }
+    if broker.tls_cert.is_some() != broker.tls_key.is_some() {
+        if let Some(given) = given_tls_key(broker) {
+            return Err(at.error(&br.key(given), "tls_cert and tls_key go together"));
+        }
+    }
     if let Some(g) = &broker.share_group {
         if !tend_wire::topic::valid_agent_id(g) {
             return Err(at.error(&br.key("share_group"), ID_RULE));
@@ -417,6 +451,17 @@ fn check_broker(broker: &BrokerSection, at: &Locator) -> Result<(), ProfileError
         ));
     }
     Ok(())
+}
+
+/// The first of `tls_cert`, `tls_key` the broker section gives.
+fn given_tls_key(broker: &BrokerSection) -> Option<&'static str> {
+    if broker.tls_cert.is_some() {
+        Some("tls_cert")
+    } else if broker.tls_key.is_some() {
+        Some("tls_key")
+    } else {
+        None
+    }
 }
 
 /// `[api]`: HTTPS needs both the certificate and the key; the limits must allow work.
@@ -475,6 +520,8 @@ fn check_files_exist(config: &GatewayConfig, at: &Locator) -> Result<(), Profile
         (br.key("ca_file"), broker.ca_file.as_ref()),
         (br.key("client_cert"), broker.client_cert.as_ref()),
         (br.key("client_key"), broker.client_key.as_ref()),
+        (br.key("tls_cert"), broker.tls_cert.as_ref()),
+        (br.key("tls_key"), broker.tls_key.as_ref()),
         (api.key("tls_cert"), config.api.tls_cert.as_ref()),
         (api.key("tls_key"), config.api.tls_key.as_ref()),
         (
@@ -524,6 +571,10 @@ fn check_secrets(config: &GatewayConfig, at: &Locator) -> Result<(), ProfileErro
         (
             root.key("broker").key("client_key"),
             config.broker.client_key.as_ref(),
+        ),
+        (
+            root.key("broker").key("tls_key"),
+            config.broker.tls_key.as_ref(),
         ),
     ] {
         if let Some(p) = p {
@@ -869,6 +920,67 @@ token_file = "api.token"
         )
         .unwrap_err();
         assert_eq!(e.key, "broker.ca_file", "{e}");
+    }
+
+    #[test]
+    #[cfg(feature = "embedded-broker")]
+    fn embedded_broker_tls_files_are_checked_at_load() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir();
+        let embedded = |extra: &str| {
+            GOOD.replace(
+                "embedded = true\nlisten = \"127.0.0.1:1883\"",
+                &format!("embedded = true\nlisten = \"127.0.0.1:1883\"\n{extra}"),
+            )
+        };
+        // The 1-based line of `needle` in `src`.
+        let line_of =
+            |src: &str, needle: &str| src.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+        std::fs::write(d.path().join("broker.pem"), "cert\n").unwrap();
+        write_secret(d.path().join("broker.key"), "key\n").unwrap();
+
+        let both = embedded("tls_cert = \"broker.pem\"\ntls_key = \"broker.key\"");
+        let l = parse("gw.toml", &both, d.path()).unwrap();
+        let tls = l.config.broker.server_tls().unwrap();
+        assert_eq!(tls.cert_file, d.path().join("broker.pem"));
+        assert_eq!(tls.key_file, d.path().join("broker.key"));
+
+        // Both or neither, located at the one given.
+        for (extra, key) in [
+            ("tls_cert = \"broker.pem\"", "tls_cert"),
+            ("tls_key = \"broker.key\"", "tls_key"),
+        ] {
+            let src = embedded(extra);
+            let e = parse("gw.toml", &src, d.path()).unwrap_err();
+            assert_eq!(e.file, "gw.toml");
+            assert_eq!(e.key, format!("broker.{key}"), "{e}");
+            assert_eq!(e.line, line_of(&src, key), "{e}");
+            assert!(e.message.contains("go together"), "{e}");
+        }
+
+        // Only for the embedded broker.
+        let src = GOOD.replace(
+            "embedded = true\nlisten = \"127.0.0.1:1883\"",
+            "url = \"mqtt://broker.example\"\ntls_cert = \"broker.pem\"\ntls_key = \"broker.key\"",
+        );
+        let e = parse("gw.toml", &src, d.path()).unwrap_err();
+        assert_eq!(e.key, "broker.tls_cert", "{e}");
+        assert!(e.message.contains("embedded broker"), "{e}");
+
+        // The files must be there, and the key private.
+        let src = embedded("tls_cert = \"missing.pem\"\ntls_key = \"broker.key\"");
+        let e = parse("gw.toml", &src, d.path()).unwrap_err();
+        assert_eq!(e.key, "broker.tls_cert", "{e}");
+        assert!(e.message.contains("missing.pem"), "{e}");
+        let key = d.path().join("broker.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = parse("gw.toml", &both, d.path()).unwrap_err();
+        assert_eq!(e.key, "broker.tls_key", "{e}");
+        assert_eq!(e.line, line_of(&both, "tls_key"), "{e}");
+        assert!(
+            e.message.contains(&format!("chmod 600 {}", key.display())),
+            "{e}"
+        );
     }
 
     #[test]

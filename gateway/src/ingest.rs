@@ -17,6 +17,7 @@
 //! changes and commits. [`plan`] reads no disk and no clock, so every store shares it and
 //! it is tested on its own.
 
+use crate::clock::AgentClock;
 use crate::fleet::Fleet;
 use crate::store::{
     encode, to_json, AgentRecord, Conflict, DeviceLive, Forwarding, LifeEvent, LiveIdentity,
@@ -39,6 +40,9 @@ pub struct IngestContext {
     pub fleet: Fleet,
     pub profiles: ProfileSet,
     pub tz: TimeZone,
+    /// An agent whose clock is off by more than this is skewed: its records' times are
+    /// taken in gateway time ([`crate::clock`]).
+    pub clock_tolerance: jiff::SignedDuration,
 }
 
 /// Which record: (agent, outbox incarnation, seq).
@@ -76,6 +80,8 @@ pub struct Applied {
     pub episodes_opened: u64,
     /// Readings the agent's outbox reported dropped (it was full).
     pub dropped_readings: u64,
+    /// The agent's clock as this batch showed it.
+    pub clock: Option<crate::clock::AgentClock>,
 }
 
 impl Applied {
@@ -260,6 +266,9 @@ impl<'a> Planner<'a, '_> {
         let agent = batch.agent.as_str();
         let incarnation = batch.incarnation.as_str();
         self.heard(agent, incarnation);
+        let clock = AgentClock::judge(batch.sent_at, self.now, self.cx.clock_tolerance);
+        self.clock(agent, clock);
+        applied.clock = Some(clock);
         for r in &batch.records {
             let key = (agent, incarnation, r.seq);
             let d = digest(r)?;
@@ -278,7 +287,9 @@ impl<'a> Planner<'a, '_> {
                     self.seen.insert(key, d);
                     self.changes.seen.push((key, d));
                     applied.new_records += 1;
-                    self.record(batch, r, &mut applied)?;
+                    // The digest is of the record as sent; what it changes is in
+                    // gateway time.
+                    self.record(batch, &clock.record(r), &mut applied)?;
                 }
             }
         }
@@ -296,6 +307,25 @@ impl<'a> Planner<'a, '_> {
         if a.incarnation.as_deref() != Some(incarnation) {
             a.incarnation = Some(incarnation.to_string());
             a.incarnation_since = Some(now);
+            self.changes.agents.insert(agent.to_string(), a.clone());
+        }
+    }
+
+    /// Notes how far off an agent's clock is: written when it becomes or stops being
+    /// skewed, or moves by more than a few seconds (not on every batch).
+    fn clock(&mut self, agent: &str, clock: AgentClock) {
+        const NOTEWORTHY_S: i64 = 5;
+        let offset = clock.offset.as_secs();
+        let a = self
+            .agents
+            .entry(agent.to_string())
+            .or_insert_with(|| AgentRecord::new(agent));
+        let moved = a
+            .clock_offset_s
+            .is_none_or(|o| (o - offset).abs() > NOTEWORTHY_S);
+        if moved || a.clock_skewed != clock.skewed {
+            a.clock_offset_s = Some(offset);
+            a.clock_skewed = clock.skewed;
             self.changes.agents.insert(agent.to_string(), a.clone());
         }
     }
@@ -691,6 +721,7 @@ accepted = "2025-03-01"
             fleet: Fleet::parse("fleet.toml", FLEET).unwrap(),
             profiles: tend_profiles::ProfileSet::builtin().unwrap(),
             tz: TimeZone::get("Asia/Shanghai").unwrap(),
+            clock_tolerance: crate::clock::DEFAULT_TOLERANCE,
         }
     }
 
@@ -750,6 +781,7 @@ accepted = "2025-03-01"
             agent: agent.into(),
             incarnation: incarnation.into(),
             site: "s-1".into(),
+            sent_at: at(0),
             records,
         }
     }
@@ -757,6 +789,14 @@ accepted = "2025-03-01"
     /// The keys of what a plan stores for the first time.
     fn seen_keys<'a>(changes: &Changes<'a>) -> Vec<RecordKey<'a>> {
         changes.seen.iter().map(|(k, _)| *k).collect()
+    }
+
+    /// The batches as sent at `now` (by a clock that is right) and arriving then.
+    fn sent<const N: usize>(mut group: [UpBatch; N], now: Timestamp) -> [UpBatch; N] {
+        for b in &mut group {
+            b.sent_at = now;
+        }
+        group
     }
 
     fn seqs(agent: &str, seqs: std::ops::RangeInclusive<u64>) -> UpBatch {
@@ -887,18 +927,21 @@ accepted = "2025-03-01"
             agents: first.changes.agents.clone(),
             ..Stored::default()
         };
-        let real = [
-            batch(
-                "a1",
-                vec![
-                    state(1, 5, DeviceState::Up, DeviceState::Down),
-                    readings(2),
-                    readings(3),
-                ],
-            ),
-            // The real one resent (its ack was lost).
-            batch("a1", vec![state(1, 5, DeviceState::Up, DeviceState::Down)]),
-        ];
+        let real = sent(
+            [
+                batch(
+                    "a1",
+                    vec![
+                        state(1, 5, DeviceState::Up, DeviceState::Down),
+                        readings(2),
+                        readings(3),
+                    ],
+                ),
+                // The real one resent (its ack was lost).
+                batch("a1", vec![state(1, 5, DeviceState::Up, DeviceState::Down)]),
+            ],
+            at(10),
+        );
         let p = plan(&real, stored, &cx(), at(10)).unwrap();
         let a = &p.applied[0];
         assert_eq!(a.conflicts, [1]);
@@ -926,7 +969,8 @@ accepted = "2025-03-01"
             agents: p.changes.agents.clone(),
             ..Stored::default()
         };
-        let p = plan(&real[1..], stored, &cx(), at(20)).unwrap();
+        let resent = sent([real[1].clone()], at(20));
+        let p = plan(&resent, stored, &cx(), at(20)).unwrap();
         assert_eq!(
             (p.applied[0].duplicates, p.applied[0].conflicts.len()),
             (1, 0)
@@ -948,13 +992,16 @@ accepted = "2025-03-01"
             ..Stored::default()
         };
         // A late transition (replayed from the agent's outbox) and a newer one.
-        let group = [
-            batch(
-                "a1",
-                vec![state(4, 30, DeviceState::Unknown, DeviceState::Up)],
-            ),
-            batch("a1", vec![state(5, 90, DeviceState::Down, DeviceState::Up)]),
-        ];
+        let group = sent(
+            [
+                batch(
+                    "a1",
+                    vec![state(4, 30, DeviceState::Unknown, DeviceState::Up)],
+                ),
+                batch("a1", vec![state(5, 90, DeviceState::Down, DeviceState::Up)]),
+            ],
+            at(100),
+        );
         let p = plan(&group, stored, &cx(), at(100)).unwrap();
         let d = &p.changes.devices["vent"];
         assert_eq!((d.state, d.state_since), (DeviceState::Up, Some(at(90))));
@@ -990,17 +1037,20 @@ accepted = "2025-03-01"
 
     #[test]
     fn an_episode_opens_one_ticket_and_its_clearing_in_the_next_batch_becomes_its_event() {
-        let group = [
-            batch("a1", vec![episode(1, 60, "vent", EpisodeChange::Opened)]),
-            batch(
-                "a1",
-                vec![
-                    episode(1, 60, "vent", EpisodeChange::Opened), // resent: a duplicate
-                    episode(2, 90, "vent", EpisodeChange::Cleared),
-                ],
-            ),
-        ];
         let now = at(200);
+        let group = sent(
+            [
+                batch("a1", vec![episode(1, 60, "vent", EpisodeChange::Opened)]),
+                batch(
+                    "a1",
+                    vec![
+                        episode(1, 60, "vent", EpisodeChange::Opened), // resent: a duplicate
+                        episode(2, 90, "vent", EpisodeChange::Cleared),
+                    ],
+                ),
+            ],
+            now,
+        );
         let p = plan(&group, Stored::default(), &cx(), now).unwrap();
         assert_eq!(p.applied[0].tickets_opened.len(), 1);
         assert_eq!(p.applied[0].episodes_opened, 1);

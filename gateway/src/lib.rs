@@ -14,6 +14,7 @@ pub mod backend;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod cli;
+pub mod clock;
 pub mod command_line;
 pub mod config;
 pub mod diag;

@@ -388,6 +388,18 @@ async fn acknowledge(
                     );
                 }
                 gw.metrics.dropped_readings.inc_by(a.dropped_readings);
+                if let Some(c) = a.clock {
+                    if gw.metrics.agent_clock(&agent, c.skewed) {
+                        if c.skewed {
+                            tracing::warn!(
+                                "agent {agent}'s clock is off the gateway's by {} s: its records are taken in gateway time until it is right",
+                                c.offset.as_secs()
+                            );
+                        } else {
+                            tracing::info!("agent {agent}'s clock is right again");
+                        }
+                    }
+                }
                 gw.metrics
                     .tickets_opened
                     .inc_by(a.tickets_opened.len() as u64);

@@ -6,6 +6,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -57,6 +59,32 @@ pub struct Metrics {
     /// Messages on agents' topics not believed (`unsigned`, `bad_signature`,
     /// `unknown_agent`, `revoked`, `wrong_agent`, ...): dropped unread.
     pub rejected: Family<ReasonLabel, Counter>,
+    /// Agents whose clock is off by more than `clock_tolerance`.
+    pub agents_clock_skewed: Gauge,
+    skewed: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// CONNECTs the embedded broker refused; the broker counts them itself
+    /// (`tend_mqtt::broker::BrokerAccess::refused`).
+    pub broker_refused: Arc<AtomicU64>,
+}
+
+/// A counter kept by someone else as a bare atomic (the embedded broker's refusals).
+#[derive(Debug)]
+struct SharedCounter(Arc<AtomicU64>);
+
+impl prometheus_client::encoding::EncodeMetric for SharedCounter {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(
+            &self.0.load(Ordering::Relaxed),
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Counter
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -92,6 +120,9 @@ impl Metrics {
             below_target: Gauge::default(),
             auth_failures: Counter::default(),
             rejected: Family::default(),
+            agents_clock_skewed: Gauge::default(),
+            skewed: Default::default(),
+            broker_refused: Arc::default(),
         };
         registry.register("batches", "Batches received from agents", m.batches.clone());
         registry.register(
@@ -165,6 +196,16 @@ impl Metrics {
             "Messages on agents' topics that failed authentication or named another agent, by reason (dropped)",
             m.rejected.clone(),
         );
+        registry.register(
+            "broker_refused_connections",
+            "Connections the embedded broker refused: no credentials or refused ones",
+            SharedCounter(m.broker_refused.clone()),
+        );
+        registry.register(
+            "agents_clock_skewed",
+            "Agents whose clock is off the gateway's by more than clock_tolerance (their records are taken in gateway time)",
+            m.agents_clock_skewed.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -174,6 +215,18 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
             .inc();
+    }
+
+    /// Notes whether `agent`'s clock is skewed; returns whether that changed.
+    pub fn agent_clock(&self, agent: &str, skewed: bool) -> bool {
+        let mut set = self.skewed.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = if skewed {
+            set.insert(agent.to_string())
+        } else {
+            set.remove(agent)
+        };
+        self.agents_clock_skewed.set(set.len() as i64);
+        changed
     }
 
     pub fn rejected(&self, reason: &str) {

@@ -3,7 +3,7 @@
 
 use crate::app::Gateway;
 use crate::backend::BackendError;
-use crate::config::{read_secret, BrokerPlan, Loaded, SecretFileError};
+use crate::config::{read_secret, BrokerPlan, GatewayConfig, Loaded, SecretFileError};
 use crate::diag::DiagClient;
 use crate::ingest::IngestContext;
 use crate::link::{self, LinkConfig};
@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 /// A started gateway.
 #[derive(Debug)]
 pub struct Running {
-    /// The MQTT broker agents connect to (`mqtt://…`).
+    /// The MQTT broker agents connect to (`mqtt://…`, or `mqtts://…` for an embedded
+    /// broker with TLS).
     pub broker_url: String,
     /// Where the hotline API listens.
     pub api_addr: SocketAddr,
@@ -102,6 +103,8 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         fleet: loaded.fleet.clone(),
         profiles: loaded.profiles.clone(),
         tz: loaded.tz.clone(),
+        clock_tolerance: jiff::SignedDuration::try_from(cfg.clock_tolerance.0)
+            .unwrap_or(crate::clock::DEFAULT_TOLERANCE),
     };
     let trust = {
         let dir = crate::trust::TrustDir::new(cfg.trust_dir());
@@ -132,18 +135,21 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(watch_trust(trust.clone(), shutdown.clone())));
 
-    let (broker_url, embedded_login) = match cfg.broker.plan() {
-        BrokerPlan::External { url } => (url, None),
-        BrokerPlan::Embedded { listen } => (
-            embedded(listen, &trust, &login)?,
-            Some(tend_mqtt::Credentials {
+    // Agents connect to `broker_url`; the gateway's own client to `link_url`, which for
+    // the embedded broker is its plain loopback side (behind the same login).
+    let (broker_url, link_url, embedded_login) = match cfg.broker.plan() {
+        BrokerPlan::External { url } => (url.clone(), url, None),
+        BrokerPlan::Embedded { listen } => {
+            let (agents_url, local_url) = embedded(listen, cfg, &gw.metrics, &trust, &login)?;
+            let own = tend_mqtt::Credentials {
                 username: login.username.clone(),
                 password: login.password.clone(),
-            }),
-        ),
+            };
+            (agents_url, local_url, Some(own))
+        }
     };
     let link_cfg = LinkConfig {
-        url: tend_mqtt::BrokerUrl::parse(&broker_url)?,
+        url: tend_mqtt::BrokerUrl::parse(&link_url)?,
         // Not guessable: a client taking the gateway's id would knock it off the broker.
         client_id: login.client_id.clone(),
         share_group: cfg.broker.share_group.clone(),
@@ -258,22 +264,46 @@ async fn watch_trust(trust: Arc<crate::trust::Trust>, shutdown: CancellationToke
     }
 }
 
+/// Starts the embedded broker; returns the URL agents connect to (`mqtts://` with TLS)
+/// and that of its plain loopback side, where the gateway's own client connects. Only
+/// enrolled agents (each as itself) and this gateway get a session.
 #[cfg(feature = "embedded-broker")]
 fn embedded(
     listen: SocketAddr,
+    cfg: &GatewayConfig,
+    metrics: &Metrics,
     trust: &Arc<crate::trust::Trust>,
     own: &crate::trust::GatewayLogin,
-) -> Result<String, StartError> {
-    let _ = (trust, own);
-    let addr = crate::broker::start(listen)?;
-    Ok(format!("mqtt://{addr}"))
+) -> Result<(String, String), StartError> {
+    let (trust, own) = (trust.clone(), own.clone());
+    let login: tend_mqtt::broker::Login =
+        Arc::new(move |client_id: &str, user: &str, pass: &str| {
+            trust.broker_login(&own, client_id, user, pass)
+        });
+    let access = tend_mqtt::broker::BrokerAccess {
+        login: Some(login),
+        tls: cfg.broker.server_tls(),
+        refused: metrics.broker_refused.clone(),
+    };
+    let started = crate::broker::start(listen, &access)?;
+    let scheme = if access.tls.is_some() {
+        "mqtts"
+    } else {
+        "mqtt"
+    };
+    Ok((
+        format!("{scheme}://{}", started.addr),
+        format!("mqtt://{}", started.local),
+    ))
 }
 
 #[cfg(not(feature = "embedded-broker"))]
 fn embedded(
     _listen: SocketAddr,
-    _trust: &Arc<crate::trust::Trust>,
-    _own: &crate::trust::GatewayLogin,
-) -> Result<String, StartError> {
+    _: &GatewayConfig,
+    _: &Metrics,
+    _: &Arc<crate::trust::Trust>,
+    _: &crate::trust::GatewayLogin,
+) -> Result<(String, String), StartError> {
     Err(StartError::NoEmbeddedBroker)
 }

@@ -20,6 +20,7 @@ use tend_gateway::ingest::IngestContext;
 use tend_gateway::ledger::month_window;
 use tend_gateway::metrics::Metrics;
 use tend_gateway::store::{GatewayStore, JobOutcome, RedbStore};
+use tend_gateway::trust::{Trust, TrustDir};
 use tend_profiles::{DeviceState, FaultClass, ProfileSet, SignalKind, Value as PValue};
 use tend_testkit::config::write_secret;
 use tend_wire::{
@@ -158,6 +159,7 @@ impl World {
             fleet: Fleet::parse("fleet.toml", FLEET).unwrap(),
             profiles: ProfileSet::builtin().unwrap(),
             tz: shanghai(),
+            clock_tolerance: tend_gateway::clock::DEFAULT_TOLERANCE,
         });
         let (diag, mut rx) = DiagClient::new("gw-test");
         let gw = Gateway {
@@ -169,6 +171,8 @@ impl World {
             forwarder_wake: Arc::new(tokio::sync::Notify::new()),
             backend_configured: false,
             diag_timeout: Duration::from_millis(500),
+            trust: Trust::open(TrustDir::new(dir.path().join("trust"))).unwrap(),
+            refusal_log: Arc::new(tend_mqtt::LogLimit::per_minute()),
         };
 
         let now = Timestamp::now();
@@ -273,6 +277,7 @@ impl World {
             agent: AGENT.into(),
             incarnation: "a0".into(),
             site: "s-017-main".into(),
+            sent_at: now,
             records,
         };
         let applied = store.apply(&batch, &cx, now).unwrap();
@@ -285,22 +290,25 @@ impl World {
         let log = sent.clone();
         tokio::spawn(async move {
             while let Some(out) = rx.recv().await {
-                let req = DiagRequest::decode(&out.payload).unwrap();
+                let req = out.request.clone();
                 log.lock().unwrap().push((out.agent.clone(), req.clone()));
                 let (ok, error) = match req.request.as_str() {
                     "transport" => continue,
                     "selftest" => (false, Some("device busy: self-test running".to_string())),
                     _ => (true, None),
                 };
-                diag.answer(DiagResponse {
-                    v: tend_wire::VERSION,
-                    id: req.id.clone(),
-                    device: req.device.clone(),
-                    request: req.request.clone(),
-                    ok,
-                    answer: json!({ "echo": req.request, "device": req.device }),
-                    error,
-                });
+                diag.answer(
+                    &out.agent,
+                    DiagResponse {
+                        v: tend_wire::VERSION,
+                        id: req.id.clone(),
+                        device: req.device.clone(),
+                        request: req.request.clone(),
+                        ok,
+                        answer: json!({ "echo": req.request, "device": req.device }),
+                        error,
+                    },
+                );
             }
         });
 

@@ -24,6 +24,7 @@ use tend_gateway::forwarder::{self, ForwarderConfig};
 use tend_gateway::ingest::IngestContext;
 use tend_gateway::metrics::{Metrics, OutcomeLabel};
 use tend_gateway::store::{ForwardState, RedbStore, TicketRecord};
+use tend_gateway::trust::{Trust, TrustDir};
 use tend_profiles::{FaultClass, ProfileSet, SignalKind};
 use tend_testkit::backend_standin::{self, Backend, Received, Scripted};
 use tend_wire::{EpisodeChange, EpisodeEvent, Opening, Record, RecordBody, UpBatch};
@@ -72,6 +73,7 @@ fn gateway(dir: &Path) -> Gateway {
         fleet: Fleet::parse("fleet.toml", FLEET).unwrap(),
         profiles: ProfileSet::builtin().unwrap(),
         tz: TimeZone::get("Asia/Shanghai").unwrap(),
+        clock_tolerance: tend_gateway::clock::DEFAULT_TOLERANCE,
     };
     let (diag, _requests) = DiagClient::new("gw-test");
     Gateway {
@@ -83,6 +85,8 @@ fn gateway(dir: &Path) -> Gateway {
         forwarder_wake: Arc::default(),
         backend_configured: true,
         diag_timeout: Duration::from_secs(5),
+        trust: Trust::open(TrustDir::new(dir.join("trust"))).unwrap(),
+        refusal_log: Arc::new(tend_mqtt::LogLimit::per_minute()),
     }
 }
 
@@ -190,6 +194,7 @@ fn feed(gw: &Gateway, records: Vec<(u64, Timestamp, EpisodeEvent)>) -> Vec<Strin
         agent: AGENT.into(),
         incarnation: "f0".into(),
         site: "s-017-main".into(),
+        sent_at: Timestamp::now(),
         records: records
             .into_iter()
             .map(|(seq, at, ev)| Record {

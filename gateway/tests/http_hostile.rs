@@ -101,13 +101,17 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// Whether an MQTT client gets a CONNACK from `broker_url` within `within`.
-async fn mqtt_connects(broker_url: &str, within: Duration) -> bool {
-    let (host, port) = broker_url
+/// Whether an enrolled agent gets a CONNACK from the gateway's broker within `within`.
+async fn mqtt_connects(gw: &GatewayProc, within: Duration) -> bool {
+    let cred = gw.config.with_file_name("probe-agent.cred");
+    let key = tend_testkit::trust::enrol(Path::new(GATEWAY_BIN), &gw.config, "probe-agent", &cred);
+    let (host, port) = gw
+        .broker_url
         .trim_start_matches("mqtt://")
         .rsplit_once(':')
         .unwrap();
-    let opts = rumqttc::MqttOptions::new("hostile-probe", host, port.parse::<u16>().unwrap());
+    let mut opts = rumqttc::MqttOptions::new("probe-agent", host, port.parse::<u16>().unwrap());
+    opts.set_credentials("probe-agent", key.broker_password("probe-agent"));
     let (_client, mut el) = rumqttc::AsyncClient::new(opts, 8);
     tokio::time::timeout(within, async {
         loop {
@@ -164,7 +168,7 @@ async fn idle_connections_leave_the_api_and_the_broker_serving() {
 
     // The broker still has descriptors for agents.
     assert!(
-        mqtt_connects(&gw.broker_url, Duration::from_secs(60)).await,
+        mqtt_connects(&gw, Duration::from_secs(60)).await,
         "an MQTT client could not connect with {} idle hotline connections; log:\n{}",
         idle.len(),
         gw.log_text()

@@ -42,6 +42,7 @@ fn cx() -> IngestContext {
         fleet: Fleet::parse("fleet.toml", FLEET).unwrap(),
         profiles: ProfileSet::builtin().unwrap(),
         tz: TimeZone::get("Asia/Shanghai").unwrap(),
+        clock_tolerance: tend_gateway::clock::DEFAULT_TOLERANCE,
     }
 }
 
@@ -90,6 +91,7 @@ fn batch(records: Vec<Record>) -> UpBatch {
         agent: "agent-1".into(),
         incarnation: "i1".into(),
         site: "s-1".into(),
+        sent_at: t0(),
         records,
     }
 }

@@ -5,12 +5,13 @@
 //! - [`secret`]: the one rule for reading a secret file (password, token, private key):
 //!   private to its owner, never empty;
 //! - [`tls`]: the rustls client configuration (ring, CA file or system roots, client
-//!   certificate);
+//!   certificate), and the embedded broker's server configuration;
 //! - [`options`]: credentials and TLS beside the URL ([`BrokerAuth`]) and the rumqttc
 //!   options built from them;
 //! - [`backoff`]: the reconnect back-off policy every reconnect loop uses;
 //! - [`log_limit`]: one log line per source and minute for refusals an attacker can repeat;
-//! - `broker` (feature `embedded-broker`): the embedded rumqttd broker.
+//! - `broker` (feature `embedded-broker`): the embedded rumqttd broker, open or behind a
+//!   login and TLS.
 
 pub mod backoff;
 #[cfg(feature = "embedded-broker")]

@@ -1,6 +1,7 @@
 //! The rustls client configuration for an `mqtts://` broker: the ring provider (no
 //! aws-lc), the CA bundle of `ca_file` or else the system's roots, and for mutual TLS a
-//! client certificate chain and key. Errors name the file; a key's parse error is not
+//! client certificate chain and key; and the server configuration of the embedded
+//! broker's TLS listener. Errors name the file; a key's parse error is not
 //! shown, as it could quote key material. The key is a secret file: only its owner may
 //! read it ([`crate::secret`]).
 
@@ -143,6 +144,29 @@ pub fn client_config(tls: &ClientTls) -> Result<rustls::ClientConfig, TlsError> 
     let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|_| unusable("client key", key, "no usable private key in it"))?;
     Ok(builder.with_client_auth_cert(chain, key_der)?)
+}
+
+/// The rustls server configuration for a PEM certificate chain and its private key (the
+/// embedded broker's `tls_cert`, `tls_key`). The key must be private to its owner.
+pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
+    let chain = certificates("server certificate", cert)?;
+    let key_pem = read_key("server key", key)?;
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|_| unusable("server key", key, "no usable private key in it"))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(chain, key_der)
+    .map_err(|e| {
+        unusable(
+            "server key",
+            key,
+            format!("does not fit {}: {e}", cert.display()),
+        )
+    })?;
+    Ok(config)
 }
 
 #[cfg(test)]

@@ -213,6 +213,9 @@ pub struct UpBatch {
     /// The outbox incarnation the records' seqs belong to.
     pub incarnation: String,
     pub site: String,
+    /// The agent's clock when it sent the batch: beside the gateway's clock at arrival,
+    /// it tells how far off the agent's clock is (records carry the agent's time).
+    pub sent_at: Timestamp,
     pub records: Vec<Record>,
 }
 
@@ -409,6 +412,7 @@ mod tests {
             agent: "agent-icu-a".into(),
             incarnation: "9f1c2e4a7b3d5f60a1b2c3d4e5f60718".into(),
             site: "s-017-main".into(),
+            sent_at: ts(),
             records: vec![
                 Record {
                     seq: 7,

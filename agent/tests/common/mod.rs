@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tend_wire::{Ack, Record, UpBatch};
+use tend_wire::{AgentKey, Record};
 
 /// Output of one `tend-agent probe` run.
 pub struct Run {
@@ -77,11 +77,14 @@ pub fn reading(v: &serde_json::Value, name: &str) -> serde_json::Value {
 pub type Store = Arc<Mutex<BTreeMap<u64, Record>>>;
 
 /// Stores every record by seq (first copy wins; a later copy must be identical) and acks
-/// the ranges of each batch once stored.
+/// the ranges of each batch once stored. Batches are opened with `key` (the agent's, from
+/// its credentials file) and acks sealed with it, as a gateway does; a batch that does
+/// not open is dropped unacknowledged.
 pub fn fake_gateway(
     port: u16,
     store: Store,
     raw: Arc<Mutex<Vec<u8>>>,
+    key: AgentKey,
 ) -> tokio::task::JoinHandle<()> {
     let mut opts = MqttOptions::new("fake-gateway", "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(5));
@@ -98,7 +101,13 @@ pub fn fake_gateway(
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     raw.lock().unwrap().extend_from_slice(&p.payload);
-                    let Ok(batch) = UpBatch::decode(&p.payload) else {
+                    let Some(tend_wire::topic::Parsed::Up(agent)) =
+                        tend_wire::topic::parse(&p.topic)
+                    else {
+                        continue;
+                    };
+                    let Some(batch) = tend_testkit::trust::open_batch(&key, agent, &p.payload)
+                    else {
                         continue;
                     };
                     let seqs: Vec<u64> = batch.records.iter().map(|r| r.seq).collect();
@@ -115,22 +124,17 @@ pub fn fake_gateway(
                             }
                         }
                     }
-                    let ack = Ack {
-                        v: tend_wire::VERSION,
-                        incarnation: batch.incarnation.clone(),
-                        ranges: tend_wire::ranges_of(seqs),
-                    };
+                    let ack = tend_testkit::trust::sealed_ack(
+                        &key,
+                        agent,
+                        &batch.incarnation,
+                        tend_wire::ranges_of(seqs),
+                    );
                     let c = client.clone();
-                    let topic = tend_wire::topic::ack(&batch.agent);
-                    tokio::spawn(async move {
-                        c.publish(
-                            topic,
-                            QoS::AtLeastOnce,
-                            false,
-                            tend_wire::encode(&ack).unwrap(),
-                        )
-                        .await
-                    });
+                    let topic = tend_wire::topic::ack(agent);
+                    tokio::spawn(
+                        async move { c.publish(topic, QoS::AtLeastOnce, false, ack).await },
+                    );
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,

@@ -166,6 +166,14 @@ pub struct AgentRecord {
     pub conflicting_records: u64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_conflict: Option<Conflict>,
+    /// The agent's clock minus the gateway's, in seconds, as its latest batches showed
+    /// (written when it moves by more than a few seconds).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub clock_offset_s: Option<i64>,
+    /// Off by more than the gateway's `clock_tolerance`: its records' times are taken
+    /// in gateway time.
+    #[serde(default)]
+    pub clock_skewed: bool,
 }
 
 impl AgentRecord {
@@ -176,6 +184,8 @@ impl AgentRecord {
             incarnation_since: None,
             conflicting_records: 0,
             last_conflict: None,
+            clock_offset_s: None,
+            clock_skewed: false,
         }
     }
 }
