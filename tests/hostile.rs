@@ -1,6 +1,7 @@
 //! Hostile input at the gateway (DESIGN §5 "Bad input never panics and never loses other
 //! data"): while a real agent sends the records of two simulated ventilators, another
-//! MQTT client publishes on the agents' topics (`tend/v1/<agent>/up`, `.../status`,
+//! MQTT client (logged in as `agent-evil`: the embedded broker admits enrolled agents
+//! only) publishes on the agents' topics (`tend/v1/<agent>/up`, `.../status`,
 //! `.../diag/resp`), each message twice: as it is (unsigned: refused before it is
 //! decoded) and sealed with the key of a second enrolled agent (`agent-evil`: a
 //! compromised or broken agent, whose messages do reach the decoder): garbage bytes, empty and truncated JSON, JSON that is not an object,
@@ -45,6 +46,7 @@ fn batch(agent: &str, records: Vec<Record>) -> Vec<u8> {
         agent: agent.into(),
         incarnation: "e0".into(),
         site: "s-main".into(),
+        sent_at: jiff::Timestamp::now(),
         records,
     })
     .unwrap()
@@ -300,11 +302,13 @@ fn with_sealed_copies(
     out
 }
 
-/// A publisher that reconnects after the broker throws it out.
-async fn publisher(url: &str) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+/// A publisher that reconnects after the broker throws it out, logged in as the evil
+/// agent (the embedded broker admits only enrolled agents, each as itself).
+async fn publisher(url: &str, key: &AgentKey) -> (AsyncClient, tokio::task::JoinHandle<()>) {
     let hostport = url.trim_start_matches("mqtt://");
     let (host, port) = hostport.rsplit_once(':').unwrap();
-    let mut opts = MqttOptions::new("evil-publisher", host, port.parse::<u16>().unwrap());
+    let mut opts = MqttOptions::new(EVIL, host, port.parse::<u16>().unwrap());
+    opts.set_credentials(EVIL, key.broker_password(EVIL));
     opts.set_max_packet_size(16 << 20, 16 << 20);
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut el) = AsyncClient::new(opts, 256);
@@ -374,7 +378,7 @@ async fn hostile(external: bool) {
 
     // Three rounds of everything, interleaved with the real agent's traffic and a fault
     // that opens and clears on one of its devices.
-    let (evil, evil_task) = publisher(&gw.broker_url).await;
+    let (evil, evil_task) = publisher(&gw.broker_url, &evil_key).await;
     let mut sent = 0;
     for round in 0..3 {
         if round == 1 {

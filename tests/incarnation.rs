@@ -253,6 +253,7 @@ fn batch(key: &AgentKey, incarnation: &str, records: Vec<Record>) -> Vec<u8> {
         agent: AGENT.into(),
         incarnation: incarnation.into(),
         site: "s-main".into(),
+        sent_at: jiff::Timestamp::now(),
         records,
     };
     encode_sealed(key, Purpose::Up, AGENT, &b).unwrap()
@@ -355,6 +356,7 @@ async fn the_same_seq_with_other_content_is_a_conflict_counted_shown_and_not_app
         agent: AGENT.into(),
         incarnation: inc.into(),
         site: "s-main".into(),
+        sent_at: jiff::Timestamp::now(),
         records: vec![state(9, DeviceState::Down)],
     })
     .unwrap();

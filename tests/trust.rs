@@ -17,8 +17,8 @@
 //!   the hotline gets the real answer, and the audit log records only that;
 //! - `agent revoke` while both run: A's new batches are refused (`revoked`); after
 //!   `agent add` again and a restart with the new credentials, everything A kept arrives;
-//! - anonymous and wrong-password logins to the embedded broker are refused (needs the
-//!   broker's login check).
+//! - anonymous and wrong-password logins to the embedded broker are refused, and so is
+//!   an agent's password under another name; the enrolled agent's own login is not.
 
 mod common;
 
@@ -162,6 +162,7 @@ fn forged_batch(agent: &str, incarnation: &str, device: &str, first: u64, n: u64
         agent: agent.into(),
         incarnation: incarnation.into(),
         site: "s-main".into(),
+        sent_at: jiff::Timestamp::now(),
         records,
     }
 }
@@ -550,7 +551,6 @@ async fn a_revoked_agent_is_refused_at_once_and_after_enrolling_again_everything
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs broker auth"]
 async fn the_embedded_broker_refuses_anonymous_and_wrong_password_logins() {
     let dir = tempfile::tempdir().unwrap();
     let sims = spawn_sims(1).await;

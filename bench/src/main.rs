@@ -547,14 +547,21 @@ async fn latency(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> any
             trust_dir: None,
         };
         let key = tend::enrol_agent(&a.bin, &plan, &dir.join("agent"))?;
+        let listener_password = tend::enrol_client(
+            &a.bin,
+            &plan.dir.join("gateway.toml"),
+            "bench-up-listener",
+            &dir.join("clients"),
+        )?;
         let gw = Gateway::start(&a.bin, &plan).await?;
         let (host, port) = gw.broker_addr();
         // The agent's records as the gateway receives them: the `at` of each episode's
         // opening is the time of the poll that saw the fault (full precision).
-        let mut up = mqtt::connect(
+        let mut up = mqtt::connect_as(
             &host,
             port,
             "bench-up-listener",
+            Some(listener_password),
             &[tend_wire::topic::up(tend::AGENT_ID)],
         )
         .await?;
@@ -710,6 +717,7 @@ fn breakdown(
         fleet: tend_gateway::fleet::Fleet::parse("fleet.toml", &tend::fleet(devices))?,
         profiles: tend_profiles::ProfileSet::builtin()?,
         tz: jiff::tz::TimeZone::get("Asia/Shanghai")?,
+        clock_tolerance: tend_gateway::clock::DEFAULT_TOLERANCE,
     };
     let (c0, t0) = (thread_cpu(), Instant::now());
     for g in decoded.chunks(group) {
@@ -784,6 +792,18 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
         let out = creds.join(format!("{agent}.cred"));
         keys.insert(agent.clone(), tend::enrol(&a.bin, &config, &agent, &out)?);
     }
+    // The publishers and the ack listener log in to the embedded broker as themselves.
+    let mut logins: HashMap<String, String> = HashMap::new();
+    for name in [
+        "bench-acks",
+        "bench-pub-0",
+        "bench-pub-1",
+        "bench-pub-2",
+        "bench-pub-3",
+    ] {
+        let password = tend::enrol_client(&a.bin, &config, name, &creds)?;
+        logins.insert(name.to_string(), password);
+    }
     log(format!(
         "ingest: {} agents enrolled in {:.1} s",
         a.ingest_agents,
@@ -815,6 +835,7 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
             agent: agent.clone(),
             incarnation: "b0".into(),
             site: tend::SITE_ID.into(),
+            sent_at: jiff::Timestamp::now(),
             records,
         };
         let sealed = tend_wire::encode_sealed(&keys[&agent], Purpose::Up, &agent, &b)?;
@@ -864,11 +885,19 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
         let dir = work.join(format!("ingest-{run}"));
         let gw = Gateway::start(&a.bin, &plan(run)).await?;
         let (host, port) = gw.broker_addr();
-        let mut acks =
-            mqtt::connect(&host, port, "bench-acks", &["tend/v1/+/ack".to_string()]).await?;
+        let login = |name: &str| Some(logins[name].clone());
+        let mut acks = mqtt::connect_as(
+            &host,
+            port,
+            "bench-acks",
+            login("bench-acks"),
+            &["tend/v1/+/ack".to_string()],
+        )
+        .await?;
         let mut pubs = Vec::new();
         for i in 0..4 {
-            pubs.push(mqtt::connect(&host, port, &format!("bench-pub-{i}"), &[]).await?);
+            let name = format!("bench-pub-{i}");
+            pubs.push(mqtt::connect_as(&host, port, &name, login(&name), &[]).await?);
         }
         let window = Arc::new(tokio::sync::Semaphore::new(a.ingest_window));
         let acked = Arc::new(AtomicU64::new(0));

@@ -105,6 +105,20 @@ pub fn enrol(bin: &Path, gateway_toml: &Path, agent: &str, out: &Path) -> anyhow
     Ok(Credentials::parse(&text)?.key)
 }
 
+/// Enrols `name` for one of the bench's own MQTT clients (the embedded broker admits
+/// enrolled agents only, each as itself) with the gateway whose config is
+/// `gateway_toml`, its credentials under `dir`. Returns its broker password.
+pub fn enrol_client(
+    bin: &Path,
+    gateway_toml: &Path,
+    name: &str,
+    dir: &Path,
+) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let key = enrol(bin, gateway_toml, name, &dir.join(format!("{name}.cred")))?;
+    Ok(key.broker_password(name))
+}
+
 /// Enrols the bench's agent with the gateway of `plan` (writing its files), the
 /// credentials in `<agent_dir>/bench-agent.cred` where [`agent_config`] names them.
 pub fn enrol_agent(bin: &Path, plan: &GatewayPlan, agent_dir: &Path) -> anyhow::Result<AgentKey> {

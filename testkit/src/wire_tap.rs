@@ -33,9 +33,22 @@ pub struct WireTap {
 
 impl WireTap {
     pub async fn start(broker_url: &str, id: &str) -> WireTap {
+        Self::start_with(broker_url, id, None).await
+    }
+
+    /// The same, logged in as `user` (also its client id) with `password`: on a broker
+    /// that admits only enrolled agents, the tap is one (see [`crate::trust::enrol`]).
+    pub async fn start_as(broker_url: &str, user: &str, password: String) -> WireTap {
+        Self::start_with(broker_url, user, Some((user, password))).await
+    }
+
+    async fn start_with(broker_url: &str, id: &str, login: Option<(&str, String)>) -> WireTap {
         let hostport = broker_url.trim_start_matches("mqtt://");
         let (host, port) = hostport.rsplit_once(':').unwrap();
         let mut opts = rumqttc::MqttOptions::new(id, host, port.parse::<u16>().unwrap());
+        if let Some((user, password)) = login {
+            opts.set_credentials(user, password);
+        }
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut el) = rumqttc::AsyncClient::new(opts, 1024);
