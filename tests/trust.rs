@@ -15,8 +15,10 @@
 //!   their content;
 //! - a forged diagnostic answer with the right id while the real agent is held (SIGSTOP):
 //!   the hotline gets the real answer, and the audit log records only that;
-//! - `agent revoke` while both run: A's new batches are refused (`revoked`); after
-//!   `agent add` again and a restart with the new credentials, everything A kept arrives;
+//! - `agent revoke` while both run: A's new batches are refused (`revoked`), and after a
+//!   restart on the revoked key its login to the embedded broker (through Mosquitto: its
+//!   resent batches); after `agent add` again and a restart with the new credentials,
+//!   everything A kept arrives;
 //! - anonymous and wrong-password logins to the embedded broker are refused, and so is
 //!   an agent's password under another name; the enrolled agent's own login is not.
 
@@ -53,15 +55,24 @@ fn rejected(metrics: &str, reason: &str) -> f64 {
 /// Waits until the gateway has counted `n` more refusals for `reason` than in `before`.
 async fn until_rejected(gw: &GatewayProc, before: &str, reason: &str, n: f64) {
     let from = rejected(before, reason);
-    until(
-        &format!("{n} more refusals ({reason})"),
-        Duration::from_secs(30),
-        || async {
+    let counted = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
             let m = gw.metrics().await;
-            (rejected(&m, reason) >= from + n).then_some(())
-        },
-    )
+            if rejected(&m, reason) >= from + n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
     .await;
+    if counted.is_err() {
+        let m = gw.metrics().await;
+        let counts: Vec<&str> = m.lines().filter(|l| l.contains("rejected")).collect();
+        panic!(
+            "not {n} more refusals ({reason}) within 30 s: {counts:?}; gateway log:\n{}",
+            tail(&gw.log, 30)
+        );
+    }
 }
 
 /// An MQTT client logged in as `login` (user = client id, as an agent logs in) that hands
@@ -479,25 +490,22 @@ async fn forged_batches_and_answers_are_refused_through_mosquitto_and_the_real_r
     attacks(true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_agent_is_refused_at_once_and_after_enrolling_again_everything_it_kept_arrives() {
-    let mut rig = Rig::start(false).await;
+/// `agent revoke` while the gateway and A run, a fault of A's device kept while it is
+/// revoked, then `agent add` again and a restart on the new credentials.
+async fn revocation(external: bool) {
+    let mut rig = Rig::start(external).await;
     let a_old = read_credentials(&rig.agent_dir.join(format!("{A}.cred"))).key;
     // An observer on the broker (B's login), to see what A publishes.
     let b_key = enrol_agent(&rig.gw.config, B, &rig.dir.path().join("agent-b"));
-    let (_tap, mut seen) = client(
-        &rig.gw.broker_url,
-        (B, b_key.broker_password(B)),
-        &[topic::up(A)],
-    )
-    .await;
+    let login = (B, b_key.broker_password(B));
+    let (_tap, mut seen) = client(&rig.gw.broker_url, login, &[topic::up(A)]).await;
     let before = rig.gw.metrics().await;
     revoke(gateway_bin(), &rig.gw.config, A);
     // Its batches (readings every 100 ms) are refused from now on.
     until_rejected(&rig.gw, &before, "revoked", 3.0).await;
 
     // A fault while revoked, kept in A's outbox. A restart (still on the revoked key)
-    // sends everything unacknowledged again: refused too.
+    // sends everything unacknowledged again.
     let (id, sim) = &rig.sims[0];
     sim.raise(0);
     let _ = rig.agent.start_kill();
@@ -505,26 +513,20 @@ async fn a_revoked_agent_is_refused_at_once_and_after_enrolling_again_everything
     while seen.try_recv().is_ok() {}
     let restarted = rig.gw.metrics().await;
     rig.agent = spawn_agent(agent_bin(), &rig.cfg, &rig.log);
-    let mut batches = 0.0;
-    tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let (_, payload) = seen.recv().await.unwrap();
-            batches += 1.0;
-            let body = seal::open(&a_old, Purpose::Up, A, &payload).expect("A's own seal");
-            let b = UpBatch::decode(body).unwrap();
-            let opened = b.records.iter().any(|r| {
-                r.device == *id
-                    && matches!(&r.body, RecordBody::Episode(e) if e.change == EpisodeChange::Opened)
-            });
-            if opened {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("A sent its fault");
-    // Every batch A published since its restart, the fault's included, refused.
-    until_rejected(&rig.gw, &restarted, "revoked", batches).await;
+    if external {
+        revoked_batches_refused(&rig, &a_old, &mut seen, &restarted).await;
+    } else {
+        // The embedded broker knows the trust store: the revoked agent gets no session.
+        let refused = "tend_gateway_broker_refused_connections_total";
+        let from = metric(&restarted, refused);
+        until(
+            "the revoked agent's login refused",
+            Duration::from_secs(30),
+            || async { (metric(&rig.gw.metrics().await, refused) > from).then_some(()) },
+        )
+        .await;
+        assert!(seen.try_recv().is_err(), "a revoked agent published");
+    }
     let (_, tickets) = rig.gw.get(&format!("/api/v1/tickets?device={id}")).await;
     assert_eq!(tickets, json!([]), "a revoked agent's fault ticketed");
     assert!(rig.backend.tickets().is_empty());
@@ -548,6 +550,49 @@ async fn a_revoked_agent_is_refused_at_once_and_after_enrolling_again_everything
     )
     .await;
     rig.finish(0).await;
+}
+
+/// Through Mosquitto the revoked agent still publishes: every batch it sends after its
+/// restart, up to and with the fault's opening (as seen on the wire, sealed with its old
+/// key), is refused as `revoked`.
+async fn revoked_batches_refused(
+    rig: &Rig,
+    a_old: &AgentKey,
+    seen: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    restarted: &str,
+) {
+    let id = &rig.sims[0].0;
+    let mut batches = 0.0;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let (_, payload) = seen.recv().await.unwrap();
+            batches += 1.0;
+            let body = seal::open(a_old, Purpose::Up, A, &payload).expect("A's own seal");
+            let b = UpBatch::decode(body).unwrap();
+            let opened = b.records.iter().any(|r| {
+                r.device == *id
+                    && matches!(&r.body, RecordBody::Episode(e) if e.change == EpisodeChange::Opened)
+            });
+            if opened {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("A sent its fault");
+    until_rejected(&rig.gw, restarted, "revoked", batches).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_agent_is_refused_by_the_embedded_broker_and_after_enrolling_again_everything_it_kept_arrives(
+) {
+    revocation(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_agent_is_refused_through_mosquitto_and_after_enrolling_again_everything_it_kept_arrives(
+) {
+    revocation(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -607,4 +652,20 @@ async fn the_embedded_broker_refuses_anonymous_and_wrong_password_logins() {
         connects(Some((A.into(), key.broker_password(A)))).await,
         "the enrolled agent's login refused"
     );
+    let refused = metric(
+        &gw.metrics().await,
+        "tend_gateway_broker_refused_connections_total",
+    );
+    assert!(refused >= 3.0, "refusals counted: {refused}");
+    // Revoked: its own login is refused from then on.
+    revoke(gateway_bin(), &gw.config, A);
+    until(
+        "the revoked agent's login refused",
+        Duration::from_secs(30),
+        || {
+            let c = connects(Some((A.into(), key.broker_password(A))));
+            async move { (!c.await).then_some(()) }
+        },
+    )
+    .await;
 }
