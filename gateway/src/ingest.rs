@@ -47,6 +47,8 @@ pub struct IngestContext {
 
 /// Which record: (agent, outbox incarnation, seq).
 pub type RecordKey<'a> = (&'a str, &'a str, u64);
+/// Which outbox: (agent, incarnation).
+pub type OutboxKey<'a> = (&'a str, &'a str);
 
 /// SHA-256 of a record's canonical bytes ([`tend_wire::encode`] of the decoded record):
 /// what tells a resend from other content under the same key.
@@ -99,6 +101,8 @@ pub struct Needs<'a> {
     pub records: BTreeSet<RecordKey<'a>>,
     /// Every agent of the group: its record.
     pub agents: BTreeSet<&'a str>,
+    /// Every outbox of the group: its watermark.
+    pub outboxes: BTreeSet<OutboxKey<'a>>,
     /// Every device the group's records are about (not the agent's own entry, ""): their
     /// live pictures.
     pub devices: BTreeSet<&'a str>,
@@ -111,6 +115,9 @@ impl<'a> Needs<'a> {
         let mut needs = Needs::default();
         for batch in batches {
             needs.agents.insert(batch.agent.as_str());
+            needs
+                .outboxes
+                .insert((batch.agent.as_str(), batch.incarnation.as_str()));
             for r in &batch.records {
                 needs
                     .records
@@ -133,6 +140,9 @@ impl<'a> Needs<'a> {
 pub struct Stored<'a> {
     /// The records asked for that are stored already, with their content's digest.
     pub seen: BTreeMap<RecordKey<'a>, Digest>,
+    /// The watermarks of the outboxes asked for: every seq at or below was handled and
+    /// forgotten (an outbox without one has forgotten nothing).
+    pub watermarks: BTreeMap<OutboxKey<'a>, u64>,
     /// Conflicting versions already counted of the records asked for.
     pub conflicts: BTreeSet<(RecordKey<'a>, Digest)>,
     /// The records of the agents asked for (an agent never heard of is absent).
@@ -178,6 +188,9 @@ pub struct Changes<'a> {
     pub seen: Vec<(RecordKey<'a>, Digest)>,
     /// Every conflicting version counted for the first time.
     pub conflicts: Vec<(RecordKey<'a>, Digest)>,
+    /// Outboxes whose watermark rose, with the new one: the store forgets the seqs at or
+    /// below it (and their conflicts).
+    pub watermarks: BTreeMap<OutboxKey<'a>, u64>,
     /// Every agent whose record changed, as it now is.
     pub agents: BTreeMap<String, AgentRecord>,
     /// Every device a new record was about, as it now is.
@@ -216,6 +229,7 @@ pub fn plan<'a>(
         cx,
         now,
         seen: stored.seen,
+        watermarks: stored.watermarks,
         conflicts: stored.conflicts,
         agents: stored.agents,
         devices: stored.devices,
@@ -240,6 +254,7 @@ struct Planner<'a, 'c> {
     cx: &'c IngestContext,
     now: Timestamp,
     seen: BTreeMap<RecordKey<'a>, Digest>,
+    watermarks: BTreeMap<OutboxKey<'a>, u64>,
     conflicts: BTreeSet<(RecordKey<'a>, Digest)>,
     agents: BTreeMap<String, AgentRecord>,
     devices: BTreeMap<String, DeviceLive>,
@@ -269,7 +284,18 @@ impl<'a> Planner<'a, '_> {
         let clock = AgentClock::judge(batch.sent_at, self.now, self.cx.clock_tolerance);
         self.clock(agent, clock);
         applied.clock = Some(clock);
+        let below = self
+            .watermarks
+            .get(&(agent, incarnation))
+            .copied()
+            .unwrap_or(0);
         for r in &batch.records {
+            if r.seq <= below {
+                // Handled long ago and forgotten: the agent has deleted it, so this is a
+                // replay (or a late copy), never news.
+                applied.duplicates += 1;
+                continue;
+            }
             let key = (agent, incarnation, r.seq);
             let d = digest(r)?;
             match self.seen.get(&key) {
@@ -294,6 +320,15 @@ impl<'a> Planner<'a, '_> {
             }
         }
         applied.stored = ranges_of(batch.records.iter().map(|r| r.seq));
+        // Below the agent's oldest record nothing will come again but replays: forget it.
+        if let Some(w) = batch
+            .oldest
+            .and_then(|o| o.checked_sub(1))
+            .filter(|w| *w > below)
+        {
+            self.watermarks.insert((agent, incarnation), w);
+            self.changes.watermarks.insert((agent, incarnation), w);
+        }
         Ok(applied)
     }
 
@@ -782,6 +817,7 @@ accepted = "2025-03-01"
             incarnation: incarnation.into(),
             site: "s-1".into(),
             sent_at: at(0),
+            oldest: None,
             records,
         }
     }
@@ -979,6 +1015,55 @@ accepted = "2025-03-01"
             p.changes.agents.is_empty(),
             "nothing about the agent changed"
         );
+    }
+
+    /// What lies below the agent's oldest record is forgotten but for a watermark: the
+    /// batch raises it, and a replay of what lies below is a duplicate, acked and never
+    /// applied again.
+    #[test]
+    fn below_the_watermark_everything_is_a_duplicate() {
+        let mut b = [batch(
+            "a1",
+            vec![state(5, 1, DeviceState::Up, DeviceState::Down)],
+        )];
+        b[0].oldest = Some(5);
+        let p = plan(&b, Stored::default(), &cx(), at(1)).unwrap();
+        assert_eq!(p.changes.watermarks.get(&("a1", "i1")), Some(&4));
+        // An older oldest never lowers it.
+        let mut b = [batch("a1", vec![readings(6)])];
+        b[0].oldest = Some(2);
+        let stored = Stored {
+            watermarks: [(("a1", "i1"), 4)].into_iter().collect(),
+            ..Stored::default()
+        };
+        let p = plan(&b, stored, &cx(), at(1)).unwrap();
+        assert!(p.changes.watermarks.is_empty());
+
+        // A replay of seqs at or below it: acked, not applied.
+        let replay = [batch(
+            "a1",
+            vec![
+                state(3, 1, DeviceState::Up, DeviceState::Down),
+                state(4, 1, DeviceState::Down, DeviceState::Up),
+            ],
+        )];
+        let stored = Stored {
+            watermarks: [(("a1", "i1"), 4)].into_iter().collect(),
+            ..Stored::default()
+        };
+        let p = plan(&replay, stored, &cx(), at(1)).unwrap();
+        let a = &p.applied[0];
+        assert_eq!((a.new_records, a.duplicates), (0, 2));
+        assert_eq!(a.stored, vec![SeqRange { first: 3, last: 4 }]);
+        assert!(p.changes.transitions.is_empty() && p.changes.seen.is_empty());
+        // Another incarnation has a watermark of its own.
+        let other = [batch_in("a1", "i2", vec![readings(3)])];
+        let stored = Stored {
+            watermarks: [(("a1", "i1"), 4)].into_iter().collect(),
+            ..Stored::default()
+        };
+        let p = plan(&other, stored, &cx(), at(1)).unwrap();
+        assert_eq!(p.applied[0].new_records, 1);
     }
 
     #[test]
