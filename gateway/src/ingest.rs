@@ -47,6 +47,15 @@ pub struct IngestContext {
 
 /// Which record: (agent, outbox incarnation, seq).
 pub type RecordKey<'a> = (&'a str, &'a str, u64);
+/// Devices not in the fleet file kept in the store (shown on the hotline as such, for
+/// someone to add or fix): a bound, so an agent naming thousands of made-up devices
+/// cannot fill the store.
+pub const MAX_STRAYS: u64 = 32;
+/// Reading names kept per device: a profile has a few dozen; more is a fault or abuse.
+pub const MAX_READINGS: usize = 256;
+/// Open fault episodes kept per device.
+pub const MAX_OPEN_EPISODES: usize = 64;
+
 /// Which outbox: (agent, incarnation).
 pub type OutboxKey<'a> = (&'a str, &'a str);
 
@@ -75,8 +84,11 @@ pub struct Applied {
     pub duplicates: u64,
     /// Seqs whose (agent, incarnation, seq) was stored with other content: not applied.
     pub conflicts: Vec<u64>,
-    /// Records about a device the fleet file does not list (stored, no tickets).
+    /// Records about a device the fleet file does not list (kept without tickets while
+    /// fewer than [`MAX_STRAYS`] such devices are kept).
     pub unknown_device: u64,
+    /// Of those, records of a device not kept (the stray list was full): dropped.
+    pub strays_dropped: u64,
     pub tickets_opened: Vec<String>,
     pub events_queued: u64,
     pub episodes_opened: u64,
@@ -143,6 +155,8 @@ pub struct Stored<'a> {
     /// The watermarks of the outboxes asked for: every seq at or below was handled and
     /// forgotten (an outbox without one has forgotten nothing).
     pub watermarks: BTreeMap<OutboxKey<'a>, u64>,
+    /// How many devices not in the fleet file are kept.
+    pub strays: u64,
     /// Conflicting versions already counted of the records asked for.
     pub conflicts: BTreeSet<(RecordKey<'a>, Digest)>,
     /// The records of the agents asked for (an agent never heard of is absent).
@@ -191,6 +205,8 @@ pub struct Changes<'a> {
     /// Outboxes whose watermark rose, with the new one: the store forgets the seqs at or
     /// below it (and their conflicts).
     pub watermarks: BTreeMap<OutboxKey<'a>, u64>,
+    /// Devices not in the fleet file kept for the first time.
+    pub new_strays: u64,
     /// Every agent whose record changed, as it now is.
     pub agents: BTreeMap<String, AgentRecord>,
     /// Every device a new record was about, as it now is.
@@ -230,6 +246,7 @@ pub fn plan<'a>(
         now,
         seen: stored.seen,
         watermarks: stored.watermarks,
+        strays: stored.strays,
         conflicts: stored.conflicts,
         agents: stored.agents,
         devices: stored.devices,
@@ -255,6 +272,7 @@ struct Planner<'a, 'c> {
     now: Timestamp,
     seen: BTreeMap<RecordKey<'a>, Digest>,
     watermarks: BTreeMap<OutboxKey<'a>, u64>,
+    strays: u64,
     conflicts: BTreeSet<(RecordKey<'a>, Digest)>,
     agents: BTreeMap<String, AgentRecord>,
     devices: BTreeMap<String, DeviceLive>,
@@ -404,6 +422,17 @@ impl<'a> Planner<'a, '_> {
             }
             return Ok(());
         }
+        if self.cx.fleet.device(&r.device).is_none() {
+            applied.unknown_device += 1;
+            if !self.devices.contains_key(&r.device) {
+                if self.strays >= MAX_STRAYS {
+                    applied.strays_dropped += 1;
+                    return Ok(());
+                }
+                self.strays += 1;
+                self.changes.new_strays += 1;
+            }
+        }
         let d = self
             .devices
             .entry(r.device.clone())
@@ -450,7 +479,7 @@ impl<'a> Planner<'a, '_> {
     ) -> Result<(), StoreError> {
         let cx = self.cx;
         let Some(entry) = cx.fleet.device(&r.device) else {
-            applied.unknown_device += 1;
+            // Counted in `record`: kept, but no ticket for a device nobody services.
             return Ok(());
         };
         // What the agent said the device was when the episode opened wins over what this
@@ -664,6 +693,9 @@ fn update_live(
         }
         RecordBody::Readings { readings } => {
             for w in readings {
+                if !d.readings.contains_key(&w.name) && d.readings.len() >= MAX_READINGS {
+                    continue;
+                }
                 if d.readings.get(&w.name).is_none_or(|x| r.at >= x.time) {
                     let reading = LiveReading {
                         name: w.name.clone(),
@@ -711,7 +743,13 @@ fn update_live(
 fn update_open_episodes(d: &mut DeviceLive, ev: &EpisodeEvent) {
     match ev.change {
         EpisodeChange::Opened | EpisodeChange::ClassChanged => {
-            d.open_episodes.insert(ev.episode.clone(), ev.clone());
+            // Past the cap a new episode still makes its ticket and life line; only the
+            // live picture's list stops growing.
+            if d.open_episodes.contains_key(&ev.episode)
+                || d.open_episodes.len() < MAX_OPEN_EPISODES
+            {
+                d.open_episodes.insert(ev.episode.clone(), ev.clone());
+            }
         }
         EpisodeChange::Cleared => {
             d.open_episodes.remove(&ev.episode);
@@ -1192,8 +1230,71 @@ accepted = "2025-03-01"
         )];
         let p = plan(&group, Stored::default(), &cx(), at(61)).unwrap();
         assert_eq!(p.applied[0].unknown_device, 1);
+        assert_eq!(p.changes.new_strays, 1);
         assert!(p.changes.tickets.is_empty() && p.changes.jobs.is_empty());
         assert_eq!(p.changes.devices["stray"].open_episodes.len(), 1);
+    }
+
+    /// An agent naming thousands of made-up devices (a fault, or a stolen key) fills no
+    /// store: 32 devices outside the fleet are kept, the rest counted and dropped; a
+    /// device's readings and open episodes are capped too.
+    #[test]
+    fn strays_readings_and_open_episodes_are_capped() {
+        let many: Vec<Record> = (1..=100u64)
+            .map(|i| {
+                record(
+                    i,
+                    1,
+                    &format!("phantom-{i}"),
+                    RecordBody::Readings {
+                        readings: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        let group = [batch("a1", many)];
+        let p = plan(&group, Stored::default(), &cx(), at(1)).unwrap();
+        let a = &p.applied[0];
+        assert_eq!((a.unknown_device, a.strays_dropped), (100, 68));
+        assert_eq!(p.changes.devices.len(), 32);
+        assert_eq!(p.changes.new_strays, 32);
+        // Known strays still update; new ones stay out once 32 are kept.
+        let stored = Stored {
+            strays: 32,
+            devices: p.changes.devices.clone(),
+            ..Stored::default()
+        };
+        let again = [batch_in(
+            "a1",
+            "i2",
+            vec![
+                record(1, 2, "phantom-1", RecordBody::Readings { readings: vec![] }),
+                record(
+                    2,
+                    2,
+                    "phantom-99",
+                    RecordBody::Readings { readings: vec![] },
+                ),
+            ],
+        )];
+        let p = plan(&again, stored, &cx(), at(2)).unwrap();
+        assert_eq!(p.applied[0].strays_dropped, 1);
+        assert!(p.changes.devices.contains_key("phantom-1"));
+        assert!(!p.changes.devices.contains_key("phantom-99"));
+
+        // 1,000 reading names for one device: 256 kept.
+        let names = RecordBody::Readings {
+            readings: (0..1000)
+                .map(|i| tend_wire::WireReading {
+                    name: format!("r{i}"),
+                    value: tend_profiles::Value::Num(1.0),
+                    unit: None,
+                })
+                .collect(),
+        };
+        let group = [batch("a1", vec![record(1, 1, "vent", names)])];
+        let p = plan(&group, Stored::default(), &cx(), at(1)).unwrap();
+        assert_eq!(p.changes.devices["vent"].readings.len(), MAX_READINGS);
     }
 
     #[test]

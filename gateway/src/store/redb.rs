@@ -35,6 +35,8 @@ const SEEN_BEFORE_INCARNATIONS: TableDefinition<(&str, u64), ()> = TableDefiniti
 const WATERMARKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("watermarks");
 /// Name in [`META`] of the number of [`SEEN`] rows forgotten under watermarks.
 const FORGOTTEN: &str = "records_forgotten";
+/// Name in [`META`] of the number of devices not in the fleet file kept in [`DEVICES`].
+const STRAYS: &str = "stray_devices";
 /// (agent, incarnation, seq, digest) of every conflicting version counted.
 const CONFLICTS: TableDefinition<(&str, &str, u64, Digest), ()> = TableDefinition::new("conflicts");
 /// agent id → [`AgentRecord`] (JSON).
@@ -311,7 +313,15 @@ impl<'t> Tables<'t> {
     /// What the store holds of what a group of batches needs.
     fn load<'a>(&self, needs: &Needs<'a>) -> Result<Stored<'a>, StoreError> {
         let s = self.store;
-        let mut stored = Stored::default();
+        let mut stored = Stored {
+            strays: self
+                .meta
+                .get(STRAYS)
+                .map_err(s.error("read meta"))?
+                .map(|v| v.value())
+                .unwrap_or(0),
+            ..Stored::default()
+        };
         for &key in &needs.outboxes {
             if let Some(w) = self
                 .watermarks
@@ -381,6 +391,13 @@ impl<'t> Tables<'t> {
         let s = self.store;
         for &(key, d) in &changes.seen {
             self.seen.insert(key, d).map_err(s.error("write seen"))?;
+        }
+        if changes.new_strays > 0 {
+            let e = s.error("write meta");
+            let n = self.meta.get(STRAYS).map_err(&e)?.map(|v| v.value());
+            self.meta
+                .insert(STRAYS, n.unwrap_or(0) + changes.new_strays)
+                .map_err(&e)?;
         }
         for (&(agent, incarnation), &w) in &changes.watermarks {
             self.forget(agent, incarnation, w)?;
