@@ -1,7 +1,7 @@
 //! The `tend-gateway` command line (`run`, `check`, `hotline`), in the library so that
 //! the binary and the end-to-end suites' copy of it (`tests/`) are one program.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -78,6 +78,11 @@ pub fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// The command line's definition, for man pages and shell completions.
+pub fn command() -> clap::Command {
+    Cli::command()
 }
 
 fn run(config: &Path) -> ExitCode {
