@@ -85,11 +85,11 @@ fn write_man(cmd: &clap::Command, page: &str, dir: &Path) -> Result<(), WriteErr
             source,
         })?;
     write_file(&path, &text)?;
-    for sub in cmd.get_subcommands().cloned() {
+    for sub in cmd.get_subcommands() {
         if sub.is_hide_set() || sub.get_name() == "help" {
             continue;
         }
-        write_man(&sub, &format!("{page}-{}", sub.get_name()), dir)?;
+        write_man(sub, &format!("{page}-{}", sub.get_name()), dir)?;
     }
     Ok(())
 }
