@@ -329,7 +329,7 @@ fn reach_all(items: &[Item]) -> std::io::Result<Vec<Outcome>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    Ok(rt.block_on(async {
+    let outcomes = rt.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
         for (i, item) in items.iter().enumerate() {
             let reach_of = item.reach.clone();
@@ -344,7 +344,10 @@ fn reach_all(items: &[Item]) -> std::io::Result<Vec<Outcome>> {
             }
         }
         outcomes
-    }))
+    });
+    // A name lookup that outlived its timeout still holds a blocking thread: leave it.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    Ok(outcomes)
 }
 
 #[cfg(test)]
