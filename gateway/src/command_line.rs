@@ -27,6 +27,11 @@ enum Command {
         /// The gateway's config file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// Only check: the config and fleet file, the data directory, that the listen
+        /// addresses are free and the external broker and backend reachable; print what is
+        /// wrong, exit 0 or 2. Start nothing.
+        #[arg(long)]
+        check: bool,
     },
     /// Check a config file and the fleet file it names: exit 0 when valid, 2 with file,
     /// line and key when not.
@@ -43,7 +48,11 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            check: true,
+        } => crate::check::main(&config),
+        Command::Run { config, .. } => run(&config),
         Command::Hotline(args) => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
