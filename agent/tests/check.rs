@@ -256,3 +256,37 @@ async fn uplink_with_the_wrong_ca_fails_its_handshake() {
         run.stdout
     );
 }
+
+/// The example config the package installs as /etc/tend/agent.toml loads, and `--check`
+/// names exactly its placeholder gateway and device as unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_packaged_example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/etc/agent.toml");
+    let src = std::fs::read_to_string(example).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Its data_dir is the package's /var/lib/tend-agent; here a fresh one.
+    let src = src.replace("\"/var/lib/tend-agent\"", "\"data\"");
+    let path = write(dir.path(), &src, CA_PEM);
+    let run = check(&path).await;
+    assert_eq!(run.code, 2, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        line_of(&run, "config ").starts_with("ok "),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line_of(&run, "data_dir ").starts_with("ok "),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line_of(&run, "uplink ").starts_with("FAIL "),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line_of(&run, "icu7-vent").starts_with("FAIL "),
+        "{}",
+        run.stdout
+    );
+}

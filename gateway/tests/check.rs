@@ -152,3 +152,26 @@ fn a_taken_port_and_unreachable_peers_are_named() {
     );
     drop(taken);
 }
+
+/// The example config and fleet file the package installs under /etc/tend pass `check`
+/// (with the hotline token the package makes at installation).
+#[test]
+fn the_packaged_example_config_is_valid() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/etc");
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["gateway.toml", "fleet.toml"] {
+        std::fs::copy(examples.join(file), dir.path().join(file)).unwrap();
+    }
+    write_secret(dir.path().join("hotline.token"), "t0ken-for-the-test\n").unwrap();
+    let out = Command::new(GATEWAY_BIN)
+        .args(["check", "--config"])
+        .arg(dir.path().join("gateway.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
