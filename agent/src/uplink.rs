@@ -194,6 +194,11 @@ pub trait RecordSource: Send + Sync + 'static {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, Self::Error>;
+    /// The oldest seq still held (acknowledged ones are gone), if the source can say
+    /// cheaply: batches carry it, so the gateway can forget what lies below.
+    fn oldest(&self) -> Option<u64> {
+        None
+    }
     /// Deletes exactly these seqs (ranges may name seqs already gone); returns how many
     /// were deleted.
     fn ack(&self, ranges: &[SeqRange]) -> impl Future<Output = Result<u64, Self::Error>> + Send;
@@ -214,6 +219,9 @@ impl RecordSource for Outbox {
     }
     fn ack(&self, ranges: &[SeqRange]) -> impl Future<Output = Result<u64, OutboxError>> + Send {
         Outbox::ack(self, ranges)
+    }
+    fn oldest(&self) -> Option<u64> {
+        self.stats().oldest_seq
     }
 }
 
@@ -642,6 +650,7 @@ impl<S: RecordSource> Runner<S> {
                 incarnation: self.source.incarnation().to_string(),
                 site: self.site.clone(),
                 sent_at: jiff::Timestamp::now(),
+                oldest: self.source.oldest(),
                 records: Vec::new(),
             };
             // Only a lone record can be too large (see Limits); it cannot be sent and it

@@ -166,6 +166,13 @@ pub async fn run(
                     tend_wire::MAX_MESSAGE
                 );
             }
+            Ok(Event::Incoming(Packet::Publish(p)))
+                if p.retain && !matches!(topic::parse(&p.topic), Some(Parsed::Status(_))) =>
+            {
+                // Retained batches and answers are old news replayed at every subscribe
+                // (a broker keeps one per topic): not ingested, counted.
+                gw.metrics.rejected("retained");
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = p.topic.clone();
                 match topic::parse(&topic) {
@@ -388,6 +395,14 @@ async fn acknowledge(
                     );
                 }
                 gw.metrics.dropped_readings.inc_by(a.dropped_readings);
+                gw.metrics.unknown_device_records.inc_by(a.unknown_device);
+                gw.metrics.stray_records_dropped.inc_by(a.strays_dropped);
+                if a.strays_dropped > 0 && gw.refusal_log.allow(&format!("{agent}\0strays")) {
+                    tracing::warn!(
+                        "agent {agent} reports devices the fleet file does not list, past the {} kept: their records are dropped (tend_gateway_stray_records_dropped_total); add them to the fleet file or fix the agent's config",
+                        crate::ingest::MAX_STRAYS
+                    );
+                }
                 if let Some(c) = a.clock {
                     if gw.metrics.agent_clock(&agent, c.skewed) {
                         if c.skewed {

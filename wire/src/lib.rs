@@ -216,6 +216,12 @@ pub struct UpBatch {
     /// The agent's clock when it sent the batch: beside the gateway's clock at arrival,
     /// it tells how far off the agent's clock is (records carry the agent's time).
     pub sent_at: Timestamp,
+    /// The oldest seq still in the agent's outbox when it sent the batch: everything
+    /// below it was acknowledged and deleted and is never sent again, so the gateway may
+    /// forget those seqs but for a watermark (its dedup stays bounded over months).
+    /// Absent when the agent cannot say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest: Option<u64>,
     pub records: Vec<Record>,
 }
 
@@ -413,6 +419,7 @@ mod tests {
             incarnation: "9f1c2e4a7b3d5f60a1b2c3d4e5f60718".into(),
             site: "s-017-main".into(),
             sent_at: ts(),
+            oldest: Some(7),
             records: vec![
                 Record {
                     seq: 7,

@@ -30,6 +30,13 @@ const SEEN: TableDefinition<(&str, &str, u64), Digest> = TableDefinition::new("r
 /// Its keys cannot be told apart by incarnation, and every agent of such a build starts
 /// a new incarnation when it is upgraded.
 const SEEN_BEFORE_INCARNATIONS: TableDefinition<(&str, u64), ()> = TableDefinition::new("seen");
+/// (agent, incarnation) → the watermark: every seq at or below it was handled, and its
+/// rows in [`SEEN`] and [`CONFLICTS`] are gone (the agent had deleted those records).
+const WATERMARKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("watermarks");
+/// Name in [`META`] of the number of [`SEEN`] rows forgotten under watermarks.
+const FORGOTTEN: &str = "records_forgotten";
+/// Name in [`META`] of the number of devices not in the fleet file kept in [`DEVICES`].
+const STRAYS: &str = "stray_devices";
 /// (agent, incarnation, seq, digest) of every conflicting version counted.
 const CONFLICTS: TableDefinition<(&str, &str, u64, Digest), ()> = TableDefinition::new("conflicts");
 /// agent id → [`AgentRecord`] (JSON).
@@ -121,6 +128,73 @@ impl RedbStore {
         }
     }
 
+    /// The outbox incarnations of `agent` the store knows: those with a watermark and
+    /// those with records not yet forgotten.
+    fn incarnations(
+        &self,
+        txn: &::redb::ReadTransaction,
+        agent: &str,
+    ) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let mut all = std::collections::BTreeSet::new();
+        let w = txn
+            .open_table(WATERMARKS)
+            .map_err(self.error("open watermarks"))?;
+        for row in w
+            .range((agent, "")..)
+            .map_err(self.error("read watermarks"))?
+        {
+            let (k, _) = row.map_err(self.error("read watermarks"))?;
+            let (a, incarnation) = k.value();
+            if a != agent {
+                break;
+            }
+            all.insert(incarnation.to_string());
+        }
+        let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
+        // Keys are ordered by agent, then incarnation: hop from one incarnation of the
+        // agent to the next ("x" + "\0" is the least string after "x").
+        let mut from = String::new();
+        loop {
+            let first = t
+                .range((agent, from.as_str(), 0)..)
+                .map_err(self.error("read seen"))?
+                .next()
+                .transpose()
+                .map_err(self.error("read seen"))?;
+            let Some((k, _)) = first else {
+                return Ok(all);
+            };
+            let (a, incarnation, _) = k.value();
+            if a != agent {
+                return Ok(all);
+            }
+            all.insert(incarnation.to_string());
+            from = format!("{incarnation}\0");
+        }
+    }
+
+    fn watermark(
+        &self,
+        txn: &::redb::ReadTransaction,
+        agent: &str,
+        incarnation: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let w = txn
+            .open_table(WATERMARKS)
+            .map_err(self.error("open watermarks"))?;
+        Ok(w.get((agent, incarnation))
+            .map_err(self.error("read watermarks"))?
+            .map(|v| v.value()))
+    }
+
+    fn meta_value(&self, txn: &::redb::ReadTransaction, name: &str) -> Result<u64, StoreError> {
+        let m = txn.open_table(META).map_err(self.error("open meta"))?;
+        Ok(m.get(name)
+            .map_err(self.error("read meta"))?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
     /// Every row of a table of JSON values, in key order, unreadable ones skipped.
     fn all<K: ::redb::Key + 'static, T: DeserializeOwned>(
         &self,
@@ -202,6 +276,7 @@ fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
 struct Tables<'t> {
     store: &'t RedbStore,
     seen: Table<'t, (&'static str, &'static str, u64), Digest>,
+    watermarks: Table<'t, (&'static str, &'static str), u64>,
     conflicts: Table<'t, (&'static str, &'static str, u64, Digest), ()>,
     agents: Table<'t, &'static str, &'static [u8]>,
     devices: Table<'t, &'static str, &'static [u8]>,
@@ -220,6 +295,7 @@ impl<'t> Tables<'t> {
         Ok(Tables {
             store,
             seen: txn.open_table(SEEN).map_err(e("open seen"))?,
+            watermarks: txn.open_table(WATERMARKS).map_err(e("open watermarks"))?,
             conflicts: txn.open_table(CONFLICTS).map_err(e("open conflicts"))?,
             agents: txn.open_table(AGENTS).map_err(e("open agents"))?,
             devices: txn.open_table(DEVICES).map_err(e("open devices"))?,
@@ -237,7 +313,24 @@ impl<'t> Tables<'t> {
     /// What the store holds of what a group of batches needs.
     fn load<'a>(&self, needs: &Needs<'a>) -> Result<Stored<'a>, StoreError> {
         let s = self.store;
-        let mut stored = Stored::default();
+        let mut stored = Stored {
+            strays: self
+                .meta
+                .get(STRAYS)
+                .map_err(s.error("read meta"))?
+                .map(|v| v.value())
+                .unwrap_or(0),
+            ..Stored::default()
+        };
+        for &key in &needs.outboxes {
+            if let Some(w) = self
+                .watermarks
+                .get(key)
+                .map_err(s.error("read watermark"))?
+            {
+                stored.watermarks.insert(key, w.value());
+            }
+        }
         for &key in &needs.records {
             let (agent, incarnation, seq) = key;
             let Some(d) = self.seen.get(key).map_err(s.error("read seen"))? else {
@@ -298,6 +391,16 @@ impl<'t> Tables<'t> {
         let s = self.store;
         for &(key, d) in &changes.seen {
             self.seen.insert(key, d).map_err(s.error("write seen"))?;
+        }
+        if changes.new_strays > 0 {
+            let e = s.error("write meta");
+            let n = self.meta.get(STRAYS).map_err(&e)?.map(|v| v.value());
+            self.meta
+                .insert(STRAYS, n.unwrap_or(0) + changes.new_strays)
+                .map_err(&e)?;
+        }
+        for (&(agent, incarnation), &w) in &changes.watermarks {
+            self.forget(agent, incarnation, w)?;
         }
         for &((agent, incarnation, seq), d) in &changes.conflicts {
             self.conflicts
@@ -374,6 +477,35 @@ impl<'t> Tables<'t> {
     }
 
     /// Takes the next value of counter `name` (starting at 1).
+    /// Raises an outbox's watermark to `w` and forgets its seqs at or below it.
+    fn forget(&mut self, agent: &str, incarnation: &str, w: u64) -> Result<(), StoreError> {
+        let s = self.store;
+        self.watermarks
+            .insert((agent, incarnation), w)
+            .map_err(s.error("write watermark"))?;
+        let mut gone = 0u64;
+        self.seen
+            .retain_in((agent, incarnation, 0)..=(agent, incarnation, w), |_, _| {
+                gone += 1;
+                false
+            })
+            .map_err(s.error("forget seen"))?;
+        self.conflicts
+            .retain_in(
+                (agent, incarnation, 0, [0u8; 32])..=(agent, incarnation, w, [0xffu8; 32]),
+                |_, _| false,
+            )
+            .map_err(s.error("forget conflicts"))?;
+        if gone > 0 {
+            let e = s.error("write meta");
+            let n = self.meta.get(FORGOTTEN).map_err(&e)?.map(|v| v.value());
+            self.meta
+                .insert(FORGOTTEN, n.unwrap_or(0) + gone)
+                .map_err(&e)?;
+        }
+        Ok(())
+    }
+
     fn next(&mut self, name: &'static str) -> Result<u64, StoreError> {
         let e = self.store.error("write meta");
         let n = self
@@ -423,41 +555,27 @@ impl GatewayStore for RedbStore {
     fn records_stored(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(self.error("begin read"))?;
         let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
-        t.len().map_err(self.error("count seen"))
+        let rows = t.len().map_err(self.error("count seen"))?;
+        Ok(rows + self.meta_value(&txn, FORGOTTEN)?)
     }
 
     fn has_record(&self, agent: &str, seq: u64) -> Result<bool, StoreError> {
         let txn = self.db.begin_read().map_err(self.error("begin read"))?;
-        let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
-        // Keys are ordered by agent, then incarnation: hop from one incarnation of the
-        // agent to the next ("x" + "\0" is the least string after "x").
-        let mut from = String::new();
-        loop {
-            let first = t
-                .range((agent, from.as_str(), 0)..)
-                .map_err(self.error("read seen"))?
-                .next()
-                .transpose()
-                .map_err(self.error("read seen"))?;
-            let Some((k, _)) = first else {
-                return Ok(false);
-            };
-            let (a, incarnation, _) = k.value();
-            if a != agent {
-                return Ok(false);
-            }
-            if t.get((agent, incarnation, seq))
-                .map_err(self.error("read seen"))?
-                .is_some()
-            {
+        for incarnation in self.incarnations(&txn, agent)? {
+            if self.has_record_in(agent, &incarnation, seq)? {
                 return Ok(true);
             }
-            from = format!("{incarnation}\0");
         }
+        Ok(false)
     }
 
     fn has_record_in(&self, agent: &str, incarnation: &str, seq: u64) -> Result<bool, StoreError> {
         let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        if let Some(w) = self.watermark(&txn, agent, incarnation)? {
+            if seq <= w {
+                return Ok(true);
+            }
+        }
         let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
         Ok(t.get((agent, incarnation, seq))
             .map_err(self.error("read seen"))?
