@@ -47,6 +47,7 @@ fn batch(agent: &str, records: Vec<Record>) -> Vec<u8> {
         incarnation: "e0".into(),
         site: "s-main".into(),
         sent_at: jiff::Timestamp::now(),
+        oldest: None,
         records,
     })
     .unwrap()

@@ -254,6 +254,7 @@ fn batch(key: &AgentKey, incarnation: &str, records: Vec<Record>) -> Vec<u8> {
         incarnation: incarnation.into(),
         site: "s-main".into(),
         sent_at: jiff::Timestamp::now(),
+        oldest: None,
         records,
     };
     encode_sealed(key, Purpose::Up, AGENT, &b).unwrap()
@@ -357,6 +358,7 @@ async fn the_same_seq_with_other_content_is_a_conflict_counted_shown_and_not_app
         incarnation: inc.into(),
         site: "s-main".into(),
         sent_at: jiff::Timestamp::now(),
+        oldest: None,
         records: vec![state(9, DeviceState::Down)],
     })
     .unwrap();

@@ -174,6 +174,7 @@ fn forged_batch(agent: &str, incarnation: &str, device: &str, first: u64, n: u64
         incarnation: incarnation.into(),
         site: "s-main".into(),
         sent_at: jiff::Timestamp::now(),
+        oldest: None,
         records,
     }
 }

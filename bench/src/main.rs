@@ -836,6 +836,7 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
             incarnation: "b0".into(),
             site: tend::SITE_ID.into(),
             sent_at: jiff::Timestamp::now(),
+            oldest: None,
             records,
         };
         let sealed = tend_wire::encode_sealed(&keys[&agent], Purpose::Up, &agent, &b)?;
