@@ -128,7 +128,7 @@ pub async fn assert_delivered_exactly_once(agent_data: &Path, gw_data: &Path, ag
 }
 
 /// The same, when other agents' records share the store (`only_agent` false): then the
-/// seqs around 1..=max (0, the next hundreds, the largest) must be absent.
+/// seqs past max (the next hundreds, the largest) must be absent.
 pub async fn assert_delivered(
     agent_data: &Path,
     gw_data: &Path,
@@ -162,7 +162,10 @@ pub async fn assert_delivered(
             "records beyond the agent's seqs"
         );
     } else {
-        for s in [0, u64::MAX - 1, u64::MAX]
+        // Not seq 0: it lies below the gateway's dedup watermark of the agent's outbox
+        // (batches carry its oldest seq; the store forgets what is below and answers it
+        // as delivered), so the store cannot tell it apart.
+        for s in [u64::MAX - 1, u64::MAX]
             .into_iter()
             .chain(max + 1..=max + 500)
         {
