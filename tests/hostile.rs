@@ -303,6 +303,40 @@ fn with_sealed_copies(
     out
 }
 
+/// `tend_gateway_rejected_messages_total{reason="..."}` in a `/metrics` text.
+fn rejected(metrics: &str, reason: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("tend_gateway_rejected_messages_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// The refusals between the metrics `before` and `m`: every round's unsigned copies, and
+/// each round's impersonations and stranger. Returns the unsigned ones.
+fn assert_refusals(before: &str, m: &str, gw: &GatewayProc) -> f64 {
+    let unsigned = rejected(m, "unsigned") - rejected(before, "unsigned");
+    assert!(
+        unsigned >= 3.0 * 20.0,
+        "unsigned refusals rose by {unsigned} only; log:\n{}",
+        tail(&gw.log, 30)
+    );
+    for (reason, what) in [
+        (
+            "wrong_agent",
+            "the evil agent's batches naming the real agent",
+        ),
+        (
+            "bad_signature",
+            "the evil agent's seal on the real agent's topic",
+        ),
+        ("unknown_agent", "a batch of an agent never enrolled"),
+    ] {
+        let n = rejected(m, reason) - rejected(before, reason);
+        assert!(n >= 3.0, "{what}: {reason} rose by {n} only");
+    }
+    unsigned
+}
+
 /// A publisher that reconnects after the broker throws it out, logged in as the evil
 /// agent (the embedded broker admits only enrolled agents, each as itself).
 async fn publisher(url: &str, key: &AgentKey) -> (AsyncClient, tokio::task::JoinHandle<()>) {
@@ -370,13 +404,6 @@ async fn hostile(external: bool) {
     until_all_up_no_fault(&gw, 2, Duration::from_secs(90)).await;
     let before = gw.metrics().await;
     let malformed_before = metric(&before, "tend_gateway_malformed_messages_total");
-    let rejected = |m: &str, reason: &str| {
-        metric(
-            m,
-            &format!("tend_gateway_rejected_messages_total{{reason=\"{reason}\"}}"),
-        )
-    };
-
     // Three rounds of everything, interleaved with the real agent's traffic and a fault
     // that opens and clears on one of its devices.
     let (evil, evil_task) = publisher(&gw.broker_url, &evil_key).await;
@@ -433,26 +460,7 @@ async fn hostile(external: bool) {
         "malformed counter rose by {malformed} only; log:\n{}",
         tail(&gw.log, 30)
     );
-    let unsigned = rejected(&m, "unsigned") - rejected(&before, "unsigned");
-    assert!(
-        unsigned >= 3.0 * 20.0,
-        "unsigned refusals rose by {unsigned} only; log:\n{}",
-        tail(&gw.log, 30)
-    );
-    for (reason, what) in [
-        (
-            "wrong_agent",
-            "the evil agent's batches naming the real agent",
-        ),
-        (
-            "bad_signature",
-            "the evil agent's seal on the real agent's topic",
-        ),
-        ("unknown_agent", "a batch of an agent never enrolled"),
-    ] {
-        let n = rejected(&m, reason) - rejected(&before, reason);
-        assert!(n >= 3.0, "{what}: {reason} rose by {n} only");
-    }
+    let unsigned = assert_refusals(&before, &m, &gw);
 
     // The real agent's records: all arrived, once, acknowledged.
     until_all_up_no_fault(&gw, 2, Duration::from_secs(90)).await;

@@ -771,21 +771,17 @@ fn ms(d: jiff::SignedDuration) -> f64 {
 // ---------------------------------------------------------------------------------------
 // ingest
 
-async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()> {
-    let tck = procs::clk_tck();
-    // The synthetic agents, enrolled once in a trust directory every run's gateway reads.
-    let trust_dir = work.join("ingest-trust");
-    let plan = |run: usize| GatewayPlan {
-        dir: work.join(format!("ingest-{run}")).join("gateway"),
-        devices: a.devices,
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        backend: None,
-        trust_dir: Some(trust_dir.clone()),
-    };
+/// The ingest phase's synthetic agents `synth-NNNN` (their keys, to seal their batches
+/// and open their acks) and the bench's own MQTT clients (their broker passwords),
+/// enrolled with the gateway of `plan`; credentials under `creds`.
+fn enrol_ingest(
+    a: &Args,
+    plan: &GatewayPlan,
+    creds: &Path,
+) -> anyhow::Result<(HashMap<String, AgentKey>, HashMap<String, String>)> {
     let t_enrol = Instant::now();
-    let config = plan(0).write_files()?;
-    let creds = work.join("ingest-credentials");
-    std::fs::create_dir_all(&creds)?;
+    let config = plan.write_files()?;
+    std::fs::create_dir_all(creds)?;
     let mut keys: HashMap<String, AgentKey> = HashMap::new();
     for k in 0..a.ingest_agents {
         let agent = format!("synth-{k:04}");
@@ -801,7 +797,7 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
         "bench-pub-2",
         "bench-pub-3",
     ] {
-        let password = tend::enrol_client(&a.bin, &config, name, &creds)?;
+        let password = tend::enrol_client(&a.bin, &config, name, creds)?;
         logins.insert(name.to_string(), password);
     }
     log(format!(
@@ -809,8 +805,15 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
         a.ingest_agents,
         t_enrol.elapsed().as_secs_f64()
     ));
-    // Pre-encoded batches, sealed: agent k sends seqs 1, 2, ... in batches of
-    // `ingest_batch`.
+    Ok((keys, logins))
+}
+
+/// The ingest phase's batches, encoded and sealed beforehand: agent k sends seqs 1, 2,
+/// ... in batches of `ingest_batch`. Each is (topic, payload, records).
+fn ingest_batches(
+    a: &Args,
+    keys: &HashMap<String, AgentKey>,
+) -> anyhow::Result<Vec<(String, Bytes, u64)>> {
     let t_enc = Instant::now();
     let mut next_seq: Vec<u64> = vec![1; a.ingest_agents];
     let mut batches: Vec<(String, Bytes, u64)> = Vec::new();
@@ -853,6 +856,22 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
         a.ingest_agents,
         t_enc.elapsed().as_secs_f64()
     ));
+    Ok(batches)
+}
+
+async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let tck = procs::clk_tck();
+    // The synthetic agents, enrolled once in a trust directory every run's gateway reads.
+    let trust_dir = work.join("ingest-trust");
+    let plan = |run: usize| GatewayPlan {
+        dir: work.join(format!("ingest-{run}")).join("gateway"),
+        devices: a.devices,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        backend: None,
+        trust_dir: Some(trust_dir.clone()),
+    };
+    let (keys, logins) = enrol_ingest(a, &plan(0), &work.join("ingest-credentials"))?;
+    let batches = ingest_batches(a, &keys)?;
     // Where the gateway's time goes, per record, on one core (thread CPU time, so other
     // load on the machine matters little): opening (checking the seal) and decoding the
     // batches, and applying them to a store in this process (groups of `ingest_window`,
