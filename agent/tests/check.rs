@@ -53,6 +53,7 @@ data_dir = "data"
 [uplink]
 broker = "{uplink}"
 ca_file = "ca.pem"
+credentials = "agent-icu-a.cred"
 
 [[device]]
 id = "ward3-pump"
@@ -126,6 +127,7 @@ fn write(dir: &Path, config: &str, ca: &str) -> std::path::PathBuf {
     std::fs::write(dir.join("ca.pem"), ca).unwrap();
     let path = dir.join("agent.toml");
     std::fs::write(&path, config).unwrap();
+    tend_testkit::trust::credentials(dir, "agent-icu-a");
     path
 }
 
@@ -267,6 +269,8 @@ async fn the_packaged_example_config_is_valid() {
     // Its data_dir is the package's /var/lib/tend-agent; here a fresh one.
     let src = src.replace("\"/var/lib/tend-agent\"", "\"data\"");
     let path = write(dir.path(), &src, CA_PEM);
+    // Its credentials, as `tend-gateway agent add agent-example` writes them.
+    tend_testkit::trust::credentials(dir.path(), "agent-example");
     let run = check(&path).await;
     assert_eq!(run.code, 2, "{}\n{}", run.stdout, run.stderr);
     assert!(

@@ -383,6 +383,10 @@ async fn acknowledge(
     {
         match result {
             Ok(a) => {
+                if gw.metrics.store_failing.get() != 0 {
+                    gw.metrics.store_failing.set(0);
+                    tracing::info!("the store takes batches again");
+                }
                 gw.metrics.records.inc_by(a.new_records);
                 gw.metrics.duplicates.inc_by(a.duplicates);
                 gw.metrics
@@ -453,7 +457,10 @@ async fn acknowledge(
             Err(e) => {
                 // Not acked: the agent sends it again.
                 gw.metrics.store_errors.inc();
-                log_store_error(&e);
+                gw.metrics.store_failing.set(1);
+                if gw.refusal_log.allow("\0store") {
+                    log_store_error(&e);
+                }
             }
         }
     }
@@ -493,7 +500,9 @@ fn refuse(gw: &Gateway, agent: &str, what: &str, reason: &str, detail: impl FnOn
 }
 
 fn log_store_error(e: &StoreError) {
-    tracing::error!("batch not stored (the agent will resend it): {e}");
+    tracing::error!(
+        "batch not stored (the agent will resend it; logged at most once a minute, counted in tend_gateway_store_errors_total): {e}"
+    );
 }
 
 #[cfg(test)]

@@ -63,6 +63,8 @@ pub struct Metrics {
     /// the stray list is full).
     pub unknown_device_records: Counter,
     pub stray_records_dropped: Counter,
+    /// 1 while the last batch could not be stored (a full disk, ...), else 0.
+    pub store_failing: Gauge,
     /// Agents whose clock is off by more than `clock_tolerance`.
     pub agents_clock_skewed: Gauge,
     skewed: std::sync::Mutex<std::collections::BTreeSet<String>>,
@@ -125,6 +127,7 @@ impl Metrics {
             auth_failures: Counter::default(),
             rejected: Family::default(),
             agents_clock_skewed: Gauge::default(),
+            store_failing: Gauge::default(),
             unknown_device_records: Counter::default(),
             stray_records_dropped: Counter::default(),
             skewed: Default::default(),
@@ -216,6 +219,11 @@ impl Metrics {
             "stray_records_dropped",
             "Records about devices not in the fleet file dropped because 32 such devices are kept already",
             m.stray_records_dropped.clone(),
+        );
+        registry.register(
+            "store_failing",
+            "1 while batches cannot be stored (a full disk: the store reopens itself once space is back), else 0",
+            m.store_failing.clone(),
         );
         registry.register(
             "agents_clock_skewed",

@@ -37,6 +37,15 @@ pub enum StoreError {
         what: &'static str,
         detail: String,
     },
+    /// The disk failed under the store (full, or an I/O error): the store closes and
+    /// reopens its file before the next use, so once space is back it works again with
+    /// nothing committed lost; what failed was not committed (and not acknowledged).
+    #[error("store {store}: {what}: {detail} (is the disk full? the store is reopened and the write retried when the agent resends)")]
+    Io {
+        store: String,
+        what: &'static str,
+        detail: String,
+    },
     /// The store's file is damaged (truncated, corrupt, not a store at all): nothing can be
     /// read from it, and nothing was changed in it.
     #[error(
@@ -59,7 +68,9 @@ impl StoreError {
     /// What the store was doing (`read device`, `commit`, ...), for a short message.
     pub fn what(&self) -> &'static str {
         match self {
-            StoreError::Database { what, .. } | StoreError::Encode { what, .. } => what,
+            StoreError::Database { what, .. }
+            | StoreError::Io { what, .. }
+            | StoreError::Encode { what, .. } => what,
             StoreError::Damaged { .. } => "open",
         }
     }

@@ -85,7 +85,8 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
 
 /// The gateway's store in `gateway.redb`.
 pub struct RedbStore {
-    db: Database,
+    /// `None` between closing after a disk error and the reopen that failed.
+    db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
 }
 
@@ -107,8 +108,11 @@ impl RedbStore {
             detail: e.to_string(),
         })?;
         let db = open_database(&path)?;
-        let store = RedbStore { db, path };
-        let txn = store.db.begin_write().map_err(store.error("begin write"))?;
+        let store = RedbStore {
+            db: std::sync::RwLock::new(Some(db)),
+            path,
+        };
+        let txn = store.begin_write()?;
         Tables::open(&txn, &store)?;
         txn.delete_table(SEEN_BEFORE_INCARNATIONS)
             .map_err(store.error("drop the dedup of an older build"))?;
@@ -121,10 +125,76 @@ impl RedbStore {
     }
 
     fn error<E: Into<::redb::Error>>(&self, what: &'static str) -> impl Fn(E) -> StoreError + '_ {
-        move |e: E| StoreError::Database {
+        move |e: E| {
+            let e: ::redb::Error = e.into();
+            let store = self.path.display().to_string();
+            let detail = e.to_string();
+            match e {
+                ::redb::Error::Io(_) | ::redb::Error::PreviousIo => StoreError::Io {
+                    store,
+                    what,
+                    detail,
+                },
+                _ => StoreError::Database {
+                    store,
+                    what,
+                    detail,
+                },
+            }
+        }
+    }
+
+    /// The open database (a handle: transactions outlive the guard), reopening it first
+    /// if a disk error closed it.
+    fn db(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Database>>, StoreError> {
+        {
+            let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+            if db.is_some() {
+                return Ok(db);
+            }
+        }
+        self.reopen()?;
+        Ok(self.db.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn begin_read(&self) -> Result<::redb::ReadTransaction, StoreError> {
+        let db = self.db()?;
+        let db = db.as_ref().ok_or_else(|| self.closed())?;
+        db.begin_read().map_err(self.error("begin read"))
+    }
+
+    fn begin_write(&self) -> Result<::redb::WriteTransaction, StoreError> {
+        let db = self.db()?;
+        let db = db.as_ref().ok_or_else(|| self.closed())?;
+        db.begin_write().map_err(self.error("begin write"))
+    }
+
+    fn closed(&self) -> StoreError {
+        StoreError::Io {
             store: self.path.display().to_string(),
-            what,
-            detail: e.into().to_string(),
+            what: "reopen",
+            detail: "closed after a disk error".into(),
+        }
+    }
+
+    /// Closes the database and opens its file again: after an I/O error (a full disk)
+    /// redb refuses every later write until then. What was committed is in the file;
+    /// redb checks it on open.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if db.is_some() {
+            return Ok(());
+        }
+        *db = Some(open_database(&self.path)?);
+        tracing::info!("store {}: reopened", self.path.display());
+        Ok(())
+    }
+
+    /// After a disk error: closes the database (dropped before the next open: the file
+    /// is locked while a handle is open), so the next use reopens it.
+    fn close_after(&self, e: &StoreError) {
+        if matches!(e, StoreError::Io { .. }) {
+            self.db.write().unwrap_or_else(|p| p.into_inner()).take();
         }
     }
 
@@ -201,7 +271,7 @@ impl RedbStore {
         table: TableDefinition<'static, K, &'static [u8]>,
         what: &'static str,
     ) -> Result<Vec<T>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(table).map_err(self.error(what))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(self.error(what))? {
@@ -526,13 +596,19 @@ impl RedbStore {
         &self,
         f: impl FnOnce(&mut Tables<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self.db.begin_write().map_err(self.error("begin write"))?;
-        let out = {
-            let mut tables = Tables::open(&txn, self)?;
-            f(&mut tables)?
-        };
-        txn.commit().map_err(self.error("commit"))?;
-        Ok(out)
+        let done = (|| {
+            let txn = self.begin_write()?;
+            let out = {
+                let mut tables = Tables::open(&txn, self)?;
+                f(&mut tables)?
+            };
+            txn.commit().map_err(self.error("commit"))?;
+            Ok(out)
+        })();
+        if let Err(e) = &done {
+            self.close_after(e);
+        }
+        done
     }
 }
 
@@ -553,14 +629,14 @@ impl GatewayStore for RedbStore {
     }
 
     fn records_stored(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
         let rows = t.len().map_err(self.error("count seen"))?;
         Ok(rows + self.meta_value(&txn, FORGOTTEN)?)
     }
 
     fn has_record(&self, agent: &str, seq: u64) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         for incarnation in self.incarnations(&txn, agent)? {
             if self.has_record_in(agent, &incarnation, seq)? {
                 return Ok(true);
@@ -570,7 +646,7 @@ impl GatewayStore for RedbStore {
     }
 
     fn has_record_in(&self, agent: &str, incarnation: &str, seq: u64) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         if let Some(w) = self.watermark(&txn, agent, incarnation)? {
             if seq <= w {
                 return Ok(true);
@@ -591,7 +667,7 @@ impl GatewayStore for RedbStore {
     }
 
     fn device(&self, id: &str) -> Result<Option<DeviceLive>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         let t = txn
             .open_table(DEVICES)
             .map_err(self.error("open devices"))?;
@@ -600,7 +676,7 @@ impl GatewayStore for RedbStore {
     }
 
     fn ledger(&self, id: &str) -> Result<Ledger, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         let t = txn
             .open_table(TRANSITIONS)
             .map_err(self.error("open transitions"))?;
@@ -627,7 +703,7 @@ impl GatewayStore for RedbStore {
     }
 
     fn history(&self, id: &str, limit: usize) -> Result<Vec<LifeEvent>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         let t = txn
             .open_table(HISTORY)
             .map_err(self.error("open history"))?;
@@ -650,7 +726,7 @@ impl GatewayStore for RedbStore {
     }
 
     fn ticket(&self, key: &str) -> Result<Option<TicketRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         let t = txn
             .open_table(TICKETS)
             .map_err(self.error("open tickets"))?;
