@@ -526,7 +526,15 @@ async fn revocation(external: bool) {
             || async { (metric(&rig.gw.metrics().await, refused) > from).then_some(()) },
         )
         .await;
+        // What the killed process published before it died may still be on its way to
+        // the tap: let it land, then nothing more may come (the new process has no
+        // session).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        while seen.try_recv().is_ok() {}
+        let refused_logins = metric(&rig.gw.metrics().await, refused);
+        tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(seen.try_recv().is_err(), "a revoked agent published");
+        assert!(metric(&rig.gw.metrics().await, refused) >= refused_logins);
     }
     let (_, tickets) = rig.gw.get(&format!("/api/v1/tickets?device={id}")).await;
     assert_eq!(tickets, json!([]), "a revoked agent's fault ticketed");

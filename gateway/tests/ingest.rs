@@ -360,6 +360,8 @@ fn dedup_forgets_below_the_agents_oldest_record() {
         "the store grew from {after_10k} to {after_100k} bytes"
     );
     assert_eq!(store.records_stored().unwrap(), 100_000);
+    assert_eq!(store.records_stored_of("agent-1").unwrap(), 100_000);
+    assert_eq!(store.records_stored_of("agent-2").unwrap(), 0);
     assert!(store.has_record_in("agent-1", "i1", 1).unwrap());
     assert!(store.has_record("agent-1", 50_000).unwrap());
     assert!(store.has_record_in("agent-1", "i1", 100_000).unwrap());

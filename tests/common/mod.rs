@@ -155,6 +155,12 @@ pub async fn assert_delivered(
         missing.len(),
         &missing[..missing.len().min(20)]
     );
+    // Exact whatever the watermark: the count of distinct records of this agent stored.
+    assert_eq!(
+        store.records_stored_of(agent).unwrap(),
+        max,
+        "records of {agent} stored, against the seqs its outbox gave out"
+    );
     if only_agent {
         assert_eq!(
             store.records_stored().unwrap(),

@@ -462,7 +462,13 @@ pub trait GatewayStore: Send + Sync + std::fmt::Debug {
     /// How many (agent, incarnation, seq) records are stored.
     fn records_stored(&self) -> Result<u64, StoreError>;
 
-    /// Whether seq `seq` of `agent` is stored, in any of its outbox incarnations.
+    /// How many records of `agent` (all its incarnations) are stored, those forgotten
+    /// under a watermark included: the exact count of distinct records it delivered.
+    fn records_stored_of(&self, agent: &str) -> Result<u64, StoreError>;
+
+    /// Whether seq `seq` of `agent` is stored, in any of its outbox incarnations. A seq at
+    /// or below an incarnation's watermark answers yes (its row is forgotten): to tell
+    /// that nothing went missing there, compare [`GatewayStore::records_stored_of`].
     fn has_record(&self, agent: &str, seq: u64) -> Result<bool, StoreError>;
 
     /// Whether (agent, incarnation, seq) is stored.

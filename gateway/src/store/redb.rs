@@ -33,6 +33,8 @@ const SEEN_BEFORE_INCARNATIONS: TableDefinition<(&str, u64), ()> = TableDefiniti
 /// (agent, incarnation) → the watermark: every seq at or below it was handled, and its
 /// rows in [`SEEN`] and [`CONFLICTS`] are gone (the agent had deleted those records).
 const WATERMARKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("watermarks");
+/// (agent, incarnation) → how many of its [`SEEN`] rows were forgotten.
+const FORGOTTEN_OF: TableDefinition<(&str, &str), u64> = TableDefinition::new("forgotten");
 /// Name in [`META`] of the number of [`SEEN`] rows forgotten under watermarks.
 const FORGOTTEN: &str = "records_forgotten";
 /// Name in [`META`] of the number of devices not in the fleet file kept in [`DEVICES`].
@@ -347,6 +349,7 @@ struct Tables<'t> {
     store: &'t RedbStore,
     seen: Table<'t, (&'static str, &'static str, u64), Digest>,
     watermarks: Table<'t, (&'static str, &'static str), u64>,
+    forgotten_of: Table<'t, (&'static str, &'static str), u64>,
     conflicts: Table<'t, (&'static str, &'static str, u64, Digest), ()>,
     agents: Table<'t, &'static str, &'static [u8]>,
     devices: Table<'t, &'static str, &'static [u8]>,
@@ -366,6 +369,7 @@ impl<'t> Tables<'t> {
             store,
             seen: txn.open_table(SEEN).map_err(e("open seen"))?,
             watermarks: txn.open_table(WATERMARKS).map_err(e("open watermarks"))?,
+            forgotten_of: txn.open_table(FORGOTTEN_OF).map_err(e("open forgotten"))?,
             conflicts: txn.open_table(CONFLICTS).map_err(e("open conflicts"))?,
             agents: txn.open_table(AGENTS).map_err(e("open agents"))?,
             devices: txn.open_table(DEVICES).map_err(e("open devices"))?,
@@ -567,6 +571,15 @@ impl<'t> Tables<'t> {
             )
             .map_err(s.error("forget conflicts"))?;
         if gone > 0 {
+            let e = s.error("write forgotten");
+            let n = self
+                .forgotten_of
+                .get((agent, incarnation))
+                .map_err(&e)?
+                .map(|v| v.value());
+            self.forgotten_of
+                .insert((agent, incarnation), n.unwrap_or(0) + gone)
+                .map_err(&e)?;
             let e = s.error("write meta");
             let n = self.meta.get(FORGOTTEN).map_err(&e)?.map(|v| v.value());
             self.meta
@@ -633,6 +646,28 @@ impl GatewayStore for RedbStore {
         let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
         let rows = t.len().map_err(self.error("count seen"))?;
         Ok(rows + self.meta_value(&txn, FORGOTTEN)?)
+    }
+
+    fn records_stored_of(&self, agent: &str) -> Result<u64, StoreError> {
+        let txn = self.begin_read()?;
+        let seen = txn.open_table(SEEN).map_err(self.error("open seen"))?;
+        let forgotten = txn
+            .open_table(FORGOTTEN_OF)
+            .map_err(self.error("open forgotten"))?;
+        let mut n = 0u64;
+        for incarnation in self.incarnations(&txn, agent)? {
+            let inc = incarnation.as_str();
+            n += seen
+                .range((agent, inc, 0)..=(agent, inc, u64::MAX))
+                .map_err(self.error("read seen"))?
+                .count() as u64;
+            n += forgotten
+                .get((agent, inc))
+                .map_err(self.error("read forgotten"))?
+                .map(|v| v.value())
+                .unwrap_or(0);
+        }
+        Ok(n)
     }
 
     fn has_record(&self, agent: &str, seq: u64) -> Result<bool, StoreError> {
