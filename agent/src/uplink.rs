@@ -257,6 +257,8 @@ pub struct UplinkStats {
     /// Records larger than one MQTT message can carry; they stay in the outbox unsent.
     pub oversized_records: u64,
     pub last_connected_at: Option<jiff::Timestamp>,
+    /// Said on the status topic at shutdown instead of `offline`, when set.
+    pub parting_status: Option<String>,
     pub last_error: Option<String>,
 }
 
@@ -267,6 +269,11 @@ pub struct UplinkStatus(Arc<Mutex<UplinkStats>>);
 impl UplinkStatus {
     pub fn snapshot(&self) -> UplinkStats {
         self.lock().clone()
+    }
+    /// What the agent says on its status topic when it stops, instead of `offline`
+    /// (`degraded: ...` when it stops because it cannot record).
+    pub fn set_parting_status(&self, status: &str) {
+        self.update(|s| s.parting_status = Some(status.to_string()));
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, UplinkStats> {
         // Plain counters, each update complete under the lock: a panicked holder cannot
@@ -519,16 +526,16 @@ impl<S: RecordSource> Runner<S> {
         });
         match stop? {
             Stop::Shutdown => {
-                // A clean DISCONNECT discards the will, so say `offline` ourselves first;
-                // the broker handles this connection's packets in order.
+                // A clean DISCONNECT discards the will, so say `offline` (or why the agent
+                // stops, `degraded: ...`) ourselves first; the broker handles this
+                // connection's packets in order.
+                let parting = match self.status.snapshot().parting_status {
+                    Some(why) => seal(&self.key, Purpose::Status, &self.agent, why.as_bytes()),
+                    None => self.offline.clone(),
+                };
                 let _ = tokio::time::timeout(
                     Duration::from_secs(1),
-                    client.publish(
-                        &self.topics.status,
-                        QoS::AtLeastOnce,
-                        true,
-                        self.offline.clone(),
-                    ),
+                    client.publish(&self.topics.status, QoS::AtLeastOnce, true, parting),
                 )
                 .await;
                 let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;

@@ -189,7 +189,7 @@ pub async fn run(
                         if let Some(body) = believe(&gw, agent, Purpose::Status, &p.payload) {
                             let s = String::from_utf8_lossy(body);
                             let s = s.trim();
-                            if s == tend_wire::STATUS_ONLINE || s == tend_wire::STATUS_OFFLINE {
+                            if tend_wire::valid_status(s) {
                                 gw.set_agent_status(agent, s, Timestamp::now());
                             } else {
                                 gw.metrics.malformed.inc();

@@ -90,6 +90,18 @@ pub mod topic {
 /// `online` / `offline`, retained on the status topic (offline is the last will).
 pub const STATUS_ONLINE: &str = "online";
 pub const STATUS_OFFLINE: &str = "offline";
+/// The prefix of the status an agent leaves when it stops because it cannot go on
+/// (`degraded: outbox cannot be written (disk full?)`).
+pub const STATUS_DEGRADED: &str = "degraded: ";
+
+/// `online`, `offline`, or `degraded: ` and a short printable reason.
+pub fn valid_status(s: &str) -> bool {
+    s == STATUS_ONLINE
+        || s == STATUS_OFFLINE
+        || s.strip_prefix(STATUS_DEGRADED).is_some_and(|why| {
+            !why.is_empty() && why.len() <= 120 && why.chars().all(|c| !c.is_control())
+        })
+}
 
 /// One record, numbered by the agent that made it durable.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
