@@ -98,6 +98,9 @@ pub async fn run(
 ) -> Result<(), LinkError> {
     let opts = options(&cfg)?;
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    // Acks and diagnostic requests are small: Nagle's delay would hold each one until the
+    // previous packet's ACK (the 50 ms steps in fault-to-ticket times).
+    eventloop.network_options.set_tcp_nodelay(true);
     let (batch_tx, batch_rx) = mpsc::channel::<(String, Vec<u8>)>(256);
 
     // Ingest in its own task: the event loop keeps polling (pings, acks) while a batch
