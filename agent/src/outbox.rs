@@ -20,14 +20,15 @@
 //! answers each caller. Reads (`pending`, `stats`) never wait for the writer: redb read
 //! transactions see the last commit.
 //!
-//! Group commit with a linger: readings handed over with [`Outbox::append_lingering`] and
-//! deletions handed over with [`Outbox::ack_later`] may wait up to `linger` (100 ms by
-//! default) for company, so a link that polls its units in turn makes one fsync per
-//! linger instead of one per poll and one per ack. Anything else (states, fault
-//! episodes, identities, [`Outbox::append`], a durable [`Outbox::ack`], closing) commits
-//! at once and takes every waiting op with it. A lingering reading still counts only
-//! once its commit returned; a deletion lost to a crash only means the record is sent
-//! again, and the gateway keeps one copy.
+//! Group commit with a linger: readings handed over with [`Outbox::append_lingering`] may
+//! wait up to `linger` (100 ms by default) for company, and deletions handed over with
+//! [`Outbox::ack_later`] up to `ack_linger` (5 s), so a link that polls its units in turn
+//! makes one fsync per linger instead of one per poll and one per ack: acknowledged
+//! deletions ride along with the next commit of records. Anything else (states, fault
+//! episodes, identities, [`Outbox::append`], [`Outbox::append_soon`], a durable
+//! [`Outbox::ack`], closing) commits at once and takes every waiting op with it. A
+//! lingering reading still counts only once its commit returned; a deletion lost to a
+//! crash only means the record is sent again, and the gateway keeps one copy.
 //!
 //! Size cap: when the encoded records exceed `max_bytes`, the oldest readings are
 //! deleted until the total is a little below the cap (see [`drop_slack`]), and one
@@ -77,8 +78,12 @@ pub const AGENT_DEVICE: &str = "";
 pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
 /// Default group-commit window.
 pub const DEFAULT_COMMIT_WINDOW: Duration = Duration::from_millis(2);
-/// Default linger of readings and deferred acks (`[outbox] linger`).
+/// Default linger of readings (`[outbox] linger`).
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(100);
+/// Default longest wait of a deferred ack for a commit to ride along with: past a poll
+/// interval or two, so that with devices polled every second or so acks never cost a
+/// commit of their own; a crash loses at most this much of deletions (records sent again).
+pub const DEFAULT_ACK_LINGER: Duration = Duration::from_secs(5);
 /// Default bound of redb's page cache. redb's own default (1 GiB) lets the cache grow
 /// with the file, so an outage's backlog would show up as resident memory; the writer
 /// only touches the newest pages and the uplink reads the oldest ones once.
@@ -119,9 +124,10 @@ pub struct OutboxConfig {
     /// or when nothing new arrives for a tenth of it (at least 20 µs), so a lone
     /// appender is not slowed down by the full window.
     pub commit_window: Duration,
-    /// The longest lingering readings and deferred acks wait for a commit (see the
-    /// module doc).
+    /// The longest lingering readings wait for a commit (see the module doc).
     pub linger: Duration,
+    /// The longest deferred acks wait for a commit to ride along with.
+    pub ack_linger: Duration,
     /// Bound of redb's page cache, bytes.
     pub cache_bytes: usize,
 }
@@ -134,6 +140,7 @@ impl OutboxConfig {
             max_bytes: DEFAULT_MAX_BYTES,
             commit_window: DEFAULT_COMMIT_WINDOW,
             linger: DEFAULT_LINGER,
+            ack_linger: DEFAULT_ACK_LINGER,
             cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
@@ -254,34 +261,64 @@ enum Op {
     },
 }
 
+/// How long an op may wait for company before its commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Commit at once (within the commit window).
+    Prompt,
+    /// Up to `linger`: readings only (no state, nothing that may not be dropped) handed
+    /// over to linger.
+    Linger,
+    /// Up to `ack_linger`: deferred acks and quarantine moves.
+    AckLinger,
+}
+
 impl Op {
-    /// Whether the op may wait for the linger: readings only (no state, nothing that may
-    /// not be dropped) handed over to linger, deferred acks, and quarantine moves.
-    fn may_linger(&self) -> bool {
+    fn wait(&self) -> Wait {
         match self {
             Op::Append {
                 items,
                 state,
                 linger,
                 ..
-            } => *linger && state.is_none() && items.iter().all(|(droppable, _)| *droppable),
-            Op::Ack { reply, .. } => reply.is_none(),
-            Op::Quarantine { .. } => true,
-            Op::Close { .. } => false,
+            } => {
+                if *linger && state.is_none() && items.iter().all(|(droppable, _)| *droppable) {
+                    Wait::Linger
+                } else {
+                    Wait::Prompt
+                }
+            }
+            Op::Ack { reply: None, .. } | Op::Quarantine { .. } => Wait::AckLinger,
+            Op::Ack { reply: Some(_), .. } | Op::Close { .. } => Wait::Prompt,
         }
     }
 }
 
-/// Acknowledged ranges handed to the writer with [`Outbox::ack_later`] and not committed
-/// yet: `pending` skips them and `ack_later` does not count them twice.
-type Unsaved = Arc<Mutex<Vec<SeqRange>>>;
+/// One range handed to the writer with [`Outbox::ack_later`] and not committed yet, and
+/// the records and bytes its commit deletes.
+#[derive(Debug, Clone, Copy)]
+struct UnsavedAck {
+    range: SeqRange,
+    records: u64,
+    bytes: u64,
+}
+
+/// The deferred acks not committed yet: `pending` skips them, `ack_later` does not count
+/// them twice, and `stats` counts their records as gone.
+type Unsaved = Arc<Mutex<Vec<UnsavedAck>>>;
+
+fn unsaved_covers(unsaved: &[UnsavedAck], seq: u64) -> bool {
+    unsaved
+        .iter()
+        .any(|u| u.range.first <= seq && seq <= u.range.last)
+}
 
 fn covered(ranges: &[SeqRange], seq: u64) -> bool {
     ranges.iter().any(|r| r.first <= seq && seq <= r.last)
 }
 
-/// The commit of records handed over with [`Outbox::append_lingering`]: resolves to
-/// their seqs once they are durable.
+/// The commit of records handed over with [`Outbox::append_lingering`] or
+/// [`Outbox::append_soon`]: resolves to their seqs once they are durable.
 #[derive(Debug)]
 pub struct Commit {
     path: PathBuf,
@@ -385,6 +422,7 @@ impl Outbox {
             max_bytes: cfg.max_bytes,
             window: cfg.commit_window,
             linger: cfg.linger,
+            ack_linger: cfg.ack_linger,
             state,
             stats: stats.clone(),
             unsaved: unsaved.clone(),
@@ -474,6 +512,24 @@ impl Outbox {
         &self,
         items: Vec<(String, Timestamp, RecordBody)>,
     ) -> Result<Commit, OutboxError> {
+        self.hand_over(items, true)
+    }
+
+    /// Hands records over for a commit that starts at once, and returns at once; the
+    /// [`Commit`] resolves to their seqs once they are durable. For a caller that gathered
+    /// its records itself and must not wait for the disk meanwhile.
+    pub fn append_soon(
+        &self,
+        items: Vec<(String, Timestamp, RecordBody)>,
+    ) -> Result<Commit, OutboxError> {
+        self.hand_over(items, false)
+    }
+
+    fn hand_over(
+        &self,
+        items: Vec<(String, Timestamp, RecordBody)>,
+        linger: bool,
+    ) -> Result<Commit, OutboxError> {
         let items = items
             .iter()
             .map(|(device, at, body)| Ok((body.is_droppable(), self.encode(device, *at, body)?)))
@@ -482,7 +538,7 @@ impl Outbox {
         self.send(Op::Append {
             items,
             state: None,
-            linger: true,
+            linger,
             reply,
         })?;
         Ok(Commit {
@@ -579,7 +635,7 @@ impl Outbox {
         {
             let (k, v) = item.map_err(storage(path, "read records"))?;
             let seq = k.value();
-            if covered(&unsaved, seq) {
+            if unsaved_covers(&unsaved, seq) {
                 continue;
             }
             let stored = v.value();
@@ -655,33 +711,49 @@ impl Outbox {
         let table = txn
             .open_table(RECORDS)
             .map_err(storage(path, "open records table"))?;
-        let mut n = 0;
+        let mut entries = Vec::with_capacity(ranges.len());
         for (i, r) in ranges.iter().enumerate() {
+            let mut e = UnsavedAck {
+                range: *r,
+                records: 0,
+                bytes: 0,
+            };
             for item in table
                 .range(r.first..=r.last)
                 .map_err(storage(path, "read records"))?
             {
-                let (k, _) = item.map_err(storage(path, "read records"))?;
+                let (k, v) = item.map_err(storage(path, "read records"))?;
                 let seq = k.value();
-                if !covered(&unsaved, seq) && !covered(&ranges[..i], seq) {
-                    n += 1;
+                if !unsaved_covers(&unsaved, seq) && !covered(&ranges[..i], seq) {
+                    e.records += 1;
+                    e.bytes += json_len(v.value());
                 }
             }
+            entries.push(e);
         }
-        unsaved.extend_from_slice(&ranges);
+        let n = entries.iter().map(|e| e.records).sum();
+        unsaved.extend_from_slice(&entries);
         let sent = self.send(Op::Ack {
-            ranges: ranges.clone(),
+            ranges,
             reply: None,
         });
         if sent.is_err() {
-            let keep = unsaved.len() - ranges.len();
+            let keep = unsaved.len() - entries.len();
             unsaved.truncate(keep);
         }
         sent.map(|()| n)
     }
 
+    /// The counters as of the last commit, less the records deferred acks delete with
+    /// the next one (`oldest_seq` is the last commit's).
     pub fn stats(&self) -> OutboxStats {
-        lock(&self.inner.stats).clone()
+        let unsaved = lock(&self.inner.unsaved);
+        let mut s = lock(&self.inner.stats).clone();
+        for u in unsaved.iter() {
+            s.records = s.records.saturating_sub(u.records);
+            s.bytes = s.bytes.saturating_sub(u.bytes);
+        }
+        s
     }
 
     /// Flushes and stops the writer. Other clones get [`OutboxError::Closed`] afterwards.
@@ -936,6 +1008,7 @@ struct Writer {
     max_bytes: u64,
     window: Duration,
     linger: Duration,
+    ack_linger: Duration,
     state: State,
     stats: Arc<Mutex<OutboxStats>>,
     unsaved: Unsaved,
@@ -955,7 +1028,11 @@ impl Writer {
         let mut expect = 1;
         while let Ok(first) = rx.recv() {
             let batch = self.gather(&rx, first, expect);
-            expect = batch.iter().filter(|op| !op.may_linger()).count().max(1);
+            expect = batch
+                .iter()
+                .filter(|op| op.wait() == Wait::Prompt)
+                .count()
+                .max(1);
             let closing = batch.iter().any(|op| matches!(op, Op::Close { .. }));
             self.commit(batch);
             if closing || self.db.is_none() {
@@ -967,7 +1044,8 @@ impl Writer {
     }
 
     /// The ops of one commit, `first` and what follows it. Ops that may linger wait for
-    /// company until `linger` after the first of them. Once an op that may not wait is
+    /// company: the commit starts at the earliest of their arrival plus their linger
+    /// (`linger` for readings, `ack_linger` for deferred acks). Once an op that may not wait is
     /// in, the commit window applies, and it closes early in two cases: (1) as many
     /// callers wait as the last commit answered (`expect`): once they are all in,
     /// waiting longer only adds latency; (2) nothing new arrived for a tenth of the
@@ -975,8 +1053,9 @@ impl Writer {
     /// all go into the next one, so batches grow with load on their own.
     fn gather(&self, rx: &std_mpsc::Receiver<Op>, first: Op, expect: usize) -> Vec<Op> {
         let quiet = (self.window / 10).max(Duration::from_micros(20));
-        let mut prompt = usize::from(!first.may_linger());
-        let mut deadline = Instant::now() + if prompt > 0 { self.window } else { self.linger };
+        let mut prompt = 0;
+        let mut deadline = Instant::now() + self.ack_linger;
+        self.admit(&first, &mut prompt, &mut deadline);
         let mut n = op_records(&first);
         let mut closing = matches!(first, Op::Close { .. });
         let mut batch = vec![first];
@@ -1001,17 +1080,26 @@ impl Writer {
                     }
                 }
             };
-            if !op.may_linger() {
-                if prompt == 0 {
-                    deadline = deadline.min(Instant::now() + self.window);
-                }
-                prompt += 1;
-            }
+            self.admit(&op, &mut prompt, &mut deadline);
             n += op_records(&op);
             closing = matches!(op, Op::Close { .. });
             batch.push(op);
         }
         batch
+    }
+
+    /// Counts `op` in: the commit must start by its linger, and a prompt op brings the
+    /// deadline within the commit window.
+    fn admit(&self, op: &Op, prompt: &mut usize, deadline: &mut Instant) {
+        let wait = match op.wait() {
+            Wait::Prompt => {
+                *prompt += 1;
+                self.window
+            }
+            Wait::Linger => self.linger,
+            Wait::AckLinger => self.ack_linger,
+        };
+        *deadline = (*deadline).min(Instant::now() + wait);
     }
 
     fn commit(&mut self, batch: Vec<Op>) {
@@ -1021,8 +1109,11 @@ impl Writer {
             None => Err(CommitError::WriterClosed),
         };
         // Committed or not, deferred acks are no longer waiting: after a failed commit
-        // their records are visible again and go to the gateway once more.
-        self.forget_unsaved(&batch);
+        // their records are visible again and go to the gateway once more. The waiting
+        // set and the counters change under one lock, so `stats` never counts a deletion
+        // twice or not at all.
+        let mut unsaved = lock(&self.unsaved);
+        forget_unsaved(&mut unsaved, &batch);
         match result {
             Ok(outcomes) => {
                 if st.over_cap && !self.state.over_cap {
@@ -1031,6 +1122,7 @@ impl Writer {
                 }
                 self.state = st;
                 *lock(&self.stats) = self.state.stats();
+                drop(unsaved);
                 let closing = batch.iter().any(|op| matches!(op, Op::Close { .. }));
                 if closing {
                     self.db = None;
@@ -1056,6 +1148,7 @@ impl Writer {
                 }
             }
             Err(failure) => {
+                drop(unsaved);
                 tracing::error!(path = %self.path.display(), error = %failure, "outbox commit failed");
                 let err = || OutboxError::Commit {
                     path: self.path.clone(),
@@ -1083,20 +1176,17 @@ impl Writer {
     }
 }
 
-impl Writer {
-    /// Takes the deferred acks of `batch` out of the waiting set, one entry per range.
-    fn forget_unsaved(&self, batch: &[Op]) {
-        let mut unsaved = lock(&self.unsaved);
-        for op in batch {
-            if let Op::Ack {
-                ranges,
-                reply: None,
-            } = op
-            {
-                for r in ranges {
-                    if let Some(i) = unsaved.iter().position(|u| u == r) {
-                        unsaved.swap_remove(i);
-                    }
+/// Takes the deferred acks of `batch` out of the waiting set, one entry per range.
+fn forget_unsaved(unsaved: &mut Vec<UnsavedAck>, batch: &[Op]) {
+    for op in batch {
+        if let Op::Ack {
+            ranges,
+            reply: None,
+        } = op
+        {
+            for r in ranges {
+                if let Some(i) = unsaved.iter().position(|u| u.range == *r) {
+                    unsaved.swap_remove(i);
                 }
             }
         }
@@ -1451,7 +1541,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("o.redb");
         let ob = Outbox::open(OutboxConfig {
-            linger: FOREVER,
+            ack_linger: FOREVER,
             ..OutboxConfig::new(&path)
         })
         .await
@@ -1468,13 +1558,14 @@ mod tests {
         assert_eq!(ob.ack_later(&[r(2, 5), r(4, 6), r(9, 99)]).unwrap(), 5);
         assert_eq!(ob.ack_later(&[r(5, 4)]).unwrap(), 0);
         assert_eq!(seqs_pending(&ob), vec![7, 8]);
-        // Nothing committed them yet.
-        assert_eq!(ob.stats().records, 10);
+        // Counted as gone before their commit.
+        assert_eq!(ob.stats().records, 2);
         // The next commit takes them along.
         ob.append("d", at, reading(11)).await.unwrap();
         assert_eq!(ob.stats().records, 3);
         assert_eq!(seqs_pending(&ob), vec![7, 8, 11]);
         assert_eq!(ob.ack_later(&[r(1, 8)]).unwrap(), 2);
+        assert_eq!(ob.stats().records, 1);
         // Closing commits what waits.
         ob.close().await.unwrap();
         let ob = Outbox::open(OutboxConfig::new(&path)).await.unwrap();
@@ -1484,21 +1575,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_deferred_ack_alone_commits_after_the_linger() {
+    async fn a_deferred_ack_alone_commits_after_its_linger() {
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.redb");
         let ob = Outbox::open(OutboxConfig {
-            linger: Duration::from_millis(20),
-            ..OutboxConfig::new(dir.path().join("o.redb"))
+            ack_linger: Duration::from_millis(20),
+            ..OutboxConfig::new(&path)
         })
         .await
         .unwrap();
         ob.append("d", Timestamp::now(), reading(1)).await.unwrap();
         assert_eq!(ob.ack_later(&[SeqRange { first: 1, last: 1 }]).unwrap(), 1);
-        // Nothing else comes: the linger running out commits it.
-        while ob.stats().records != 0 {
+        // Nothing else comes: the linger running out commits it, which the writer's
+        // own counters (not `stats`, which counts it gone at once) show.
+        while lock(&ob.inner.stats).records != 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(seqs_pending(&ob).is_empty());
+        assert!(lock(&ob.inner.unsaved).is_empty());
+        ob.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn records_handed_over_soon_commit_without_waiting_for_the_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(OutboxConfig {
+            linger: FOREVER,
+            ack_linger: FOREVER,
+            ..OutboxConfig::new(dir.path().join("o.redb"))
+        })
+        .await
+        .unwrap();
+        let at = Timestamp::now();
+        let c = ob
+            .append_soon(vec![
+                ("d".into(), at, reading(1)),
+                ("d".into(), at, reading(2)),
+            ])
+            .unwrap();
+        assert_eq!(c.await.unwrap(), vec![1, 2]);
+        assert_eq!(seqs_pending(&ob), vec![1, 2]);
         ob.close().await.unwrap();
     }
 }

@@ -247,24 +247,31 @@ const RECORD_GROUP_MAX: usize = 1000;
 const COMMITS_IN_FLIGHT: usize = 64;
 
 /// Turns observations into durable records: each through its device's monitor. Readings
-/// are handed to the outbox without waiting ([`Outbox::append_lingering`]), so the reads
-/// of a link that polls its units in turn share one commit per linger. An observation that
-/// changes a device's episodes or state is committed at once with the monitor's memory,
-/// and takes the readings before it into the same commit (the order of records is kept).
-/// `written` is poked after each commit so the uplink sends at once; nothing reaches the
-/// uplink before its commit returned, because the uplink reads what is committed.
+/// are gathered for up to `linger` after the first of them and then handed to the outbox
+/// in one piece without waiting for the disk ([`Outbox::append_soon`]), so the reads of a
+/// link that polls its units in turn share one commit, and the outbox's writer wakes once
+/// per group, not once per read. An observation that changes a device's episodes or
+/// state is committed at once with the monitor's memory, after the readings gathered
+/// before it (the order of records is kept). `written` is poked after each commit so the
+/// uplink sends at once; nothing reaches the uplink before its commit returned, because
+/// the uplink reads what is committed.
 ///
-/// [`Outbox::append_lingering`]: crate::outbox::Outbox::append_lingering
+/// [`Outbox::append_soon`]: crate::outbox::Outbox::append_soon
 pub async fn record(
     shared: Arc<Shared>,
     set: Arc<ProfileSet>,
     outbox: crate::outbox::Outbox,
     mut observations: mpsc::Receiver<Observation>,
     written: Arc<tokio::sync::Notify>,
+    linger: Duration,
 ) -> Result<(), crate::outbox::OutboxError> {
     let mut commits: VecDeque<crate::outbox::Commit> = VecDeque::new();
+    let mut gathered: Vec<(String, Timestamp, RecordBody)> = Vec::new();
+    // One timer for the whole group, armed by its first reading.
+    let flush = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(flush);
     loop {
-        let first = tokio::select! {
+        let obs = tokio::select! {
             biased;
             done = oldest(&mut commits), if !commits.is_empty() => {
                 commits.pop_front();
@@ -272,36 +279,41 @@ pub async fn record(
                 written.notify_one();
                 continue;
             }
+            () = &mut flush, if !gathered.is_empty() => {
+                commits.push_back(outbox.append_soon(std::mem::take(&mut gathered))?);
+                continue;
+            }
             obs = observations.recv(), if commits.len() < COMMITS_IN_FLIGHT => match obs {
                 Some(obs) => obs,
                 None => break,
             },
         };
-        let mut gathered: Vec<(String, Timestamp, RecordBody)> = Vec::new();
-        let mut next = Some(first);
-        while let Some(obs) = next.take() {
-            let Observation { device, at, result } = obs;
-            let (bodies, memory) = observe(&shared, &set, &device, at, result);
-            let items = bodies.into_iter().map(|b| (device.clone(), at, b));
-            match memory {
-                Some(mem) => {
-                    if !gathered.is_empty() {
-                        commits.push_back(outbox.append_lingering(std::mem::take(&mut gathered))?);
-                    }
-                    outbox
-                        .append_many_with_state(items.collect(), &memory_key(&device), mem)
-                        .await?;
-                    written.notify_one();
+        let Observation { device, at, result } = obs;
+        let (bodies, memory) = observe(&shared, &set, &device, at, result);
+        let items = bodies.into_iter().map(|b| (device.clone(), at, b));
+        match memory {
+            Some(mem) => {
+                if !gathered.is_empty() {
+                    commits.push_back(outbox.append_soon(std::mem::take(&mut gathered))?);
                 }
-                None => gathered.extend(items),
+                outbox
+                    .append_many_with_state(items.collect(), &memory_key(&device), mem)
+                    .await?;
+                written.notify_one();
             }
-            if gathered.len() < RECORD_GROUP_MAX {
-                next = observations.try_recv().ok();
+            None => {
+                if gathered.is_empty() {
+                    flush.as_mut().reset(tokio::time::Instant::now() + linger);
+                }
+                gathered.extend(items);
+                if gathered.len() >= RECORD_GROUP_MAX {
+                    commits.push_back(outbox.append_soon(std::mem::take(&mut gathered))?);
+                }
             }
         }
-        if !gathered.is_empty() {
-            commits.push_back(outbox.append_lingering(gathered)?);
-        }
+    }
+    if !gathered.is_empty() {
+        commits.push_back(outbox.append_soon(gathered)?);
     }
     while let Some(done) = commits.pop_front() {
         done.await?;
@@ -368,6 +380,7 @@ impl Started {
             max_bytes: c.outbox.max_size.0,
             commit_window: c.outbox.commit_window.0,
             linger: c.outbox.linger.0,
+            ack_linger: crate::outbox::DEFAULT_ACK_LINGER,
             cache_bytes: crate::outbox::DEFAULT_CACHE_BYTES,
         })
         .await?;
@@ -393,6 +406,7 @@ impl Started {
             outbox.clone(),
             rx,
             written.clone(),
+            c.outbox.linger.0,
         ));
         Ok(Started {
             shared,
