@@ -58,12 +58,20 @@ async fn kill_9_agent_and_gateway_at_random_no_loss_no_duplicate_one_ticket_per_
     )
     .await;
     let broker_url = gw.broker_url.clone();
-    let tap = WireTap::start(&broker_url, "crash-tap").await;
+    // The embedded broker admits only enrolled agents: the tap is one.
+    let tap_key = enrol_agent(&gw.config, "crash-tap", &dir.path().join("tap"));
+    let tap = WireTap::start_as(
+        &broker_url,
+        "crash-tap",
+        tap_key.broker_password("crash-tap"),
+    )
+    .await;
 
     let agent_dir = dir.path().join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
     let agent_cfg = agent_dir.join("agent.toml");
     let agent_log = agent_dir.join("agent.log");
+    enrol_agent(&gw.config, AGENT, &agent_dir);
     std::fs::write(
         &agent_cfg,
         sims_agent_toml(AGENT, &broker_url, &sims, "100ms"),

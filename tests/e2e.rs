@@ -1,5 +1,6 @@
 //! End to end, every part real: simulated devices (LIP-300 on a pty, AV-500 over Modbus
-//! TCP, VM-12 over MQTT) → `tend-agent run` → the gateway's embedded broker →
+//! TCP, VM-12 over MQTT to a bedside broker) → `tend-agent run`, enrolled → the gateway's
+//! embedded broker (enrolled agents only) →
 //! `tend-gateway run` → an HTTP server standing in for the service backend, which fails
 //! the first requests with 503, 503 and 429.
 //!
@@ -85,13 +86,17 @@ async fn devices_to_backend_one_ticket_per_episode_with_events_retries_and_diagn
     )
     .await
     .unwrap();
-    let mut vm_cfg = Vm12Config::v7("127.0.0.1", broker_port);
+    // The monitor publishes to a broker at the bedside (the simulator's own): the
+    // gateway's admits only enrolled agents.
+    let device_broker = tend_devsim::broker::spawn_embedded().unwrap();
+    let mut vm_cfg = Vm12Config::v7("127.0.0.1", device_broker.port());
     vm_cfg.status_interval = Duration::from_millis(500);
     let _vm = Vm12Sim::spawn(vm_cfg).await.unwrap();
 
     let agent_dir = dir.path().join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
     let agent_cfg = agent_dir.join("agent.toml");
+    enrol_agent(&gw.config, "agent-e2e", &agent_dir);
     std::fs::write(
         &agent_cfg,
         format!(
@@ -101,6 +106,7 @@ data_dir = "data"
 flap_damping = "1s"
 [uplink]
 broker = "{broker}"
+credentials = "agent-e2e.cred"
 keep_alive = "5s"
 [[device]]
 id = "ward3-pump"
@@ -118,10 +124,11 @@ poll_interval = "200ms"
 id = "icu7-monitor"
 profile = "vistara/vm-12"
 transport = "mqtt"
-broker = "{broker}"
+broker = "{device_broker}"
 serial = "VM12-00A4471"
 "#,
             broker = gw.broker_url,
+            device_broker = device_broker.url(),
             lip = lip.path().display(),
             av = av.addr().unwrap(),
         ),

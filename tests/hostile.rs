@@ -1,17 +1,24 @@
 //! Hostile input at the gateway (DESIGN §5 "Bad input never panics and never loses other
 //! data"): while a real agent sends the records of two simulated ventilators, another
-//! MQTT client publishes on the agents' topics (`tend/v1/<agent>/up`, `.../status`,
-//! `.../diag/resp`): garbage bytes, empty and truncated JSON, JSON that is not an object,
+//! MQTT client (logged in as `agent-evil`: the embedded broker admits enrolled agents
+//! only) publishes on the agents' topics (`tend/v1/<agent>/up`, `.../status`,
+//! `.../diag/resp`), each message twice: as it is (unsigned: refused before it is
+//! decoded) and sealed with the key of a second enrolled agent (`agent-evil`: a
+//! compromised or broken agent, whose messages do reach the decoder): garbage bytes, empty and truncated JSON, JSON that is not an object,
 //! 10,000 levels of nesting (also inside a record's evidence), a payload just over the
 //! gateway's 4 MiB limit and one of 10 MiB, the wrong wire version, a batch naming
 //! another agent than its topic (the real agent's, with its seqs: accepted, it would make
-//! the gateway drop the real records as duplicates), seqs 0 and u64::MAX, timestamps at
+//! the gateway drop the real records as duplicates; refused as `wrong_agent`), a batch on
+//! the real agent's topic sealed with the evil agent's key (`bad_signature`), one from an
+//! agent never enrolled (`unknown_agent`), seqs 0 and u64::MAX, timestamps at
 //! the ends of the representable range (a fault episode opening in the year 9999 on a
 //! fleet device, so SLA deadlines fall past the end of time), unknown devices, a 100 KB
 //! device id, a batch of 10,000 records, an invalid topic level.
 //!
 //! Proves: the gateway process stays up and its API answers (also about the device the
-//! absurd records named), the malformed-message counter rises, no panic is logged, and
+//! absurd records named), the malformed-message counter rises (the sealed copies), the
+//! unsigned copies are refused as `unsigned` in `tend_gateway_rejected_messages_total`,
+//! no panic is logged, and
 //! every record of the real agent arrives exactly once and is acknowledged (its outbox
 //! empties). Run once against the embedded broker (which itself refuses the 10 MiB
 //! payload) and once against Mosquitto (which passes it on, also retained).
@@ -26,7 +33,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tend_profiles::{FaultClass, SignalKind};
 use tend_wire::{
-    encode, EpisodeChange, EpisodeEvent, Record, RecordBody, UpBatch, WireReading, MAX_MESSAGE,
+    encode, seal, AgentKey, EpisodeChange, EpisodeEvent, Purpose, Record, RecordBody, UpBatch,
+    WireReading, MAX_MESSAGE,
 };
 
 const REAL: &str = "agent-real";
@@ -38,6 +46,8 @@ fn batch(agent: &str, records: Vec<Record>) -> Vec<u8> {
         agent: agent.into(),
         incarnation: "e0".into(),
         site: "s-main".into(),
+        sent_at: jiff::Timestamp::now(),
+        oldest: None,
         records,
     })
     .unwrap()
@@ -253,11 +263,87 @@ fn hostile_messages(round: u64, rng: &mut Rng) -> Vec<(String, Vec<u8>, bool, &'
     ]
 }
 
-/// A publisher that reconnects after the broker throws it out.
-async fn publisher(url: &str) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+/// The messages of [`hostile_messages`], each on an agent's inbound topic (batch, status,
+/// diagnostic answer) followed by a copy sealed with `key` (the evil agent's) as that
+/// topic's agent, so it passes the seal on the evil agent's topics and reaches the
+/// decoder; oversize ones stay unsealed (refused for their size first). Also a valid batch
+/// of an agent never enrolled, sealed with a made-up key.
+fn with_sealed_copies(
+    msgs: Vec<(String, Vec<u8>, bool, &'static str)>,
+    key: &AgentKey,
+) -> Vec<(String, Vec<u8>, bool, &'static str)> {
+    let mut out = Vec::new();
+    for (topic, payload, retain, what) in msgs {
+        let sealed = [REAL, EVIL].iter().find_map(|agent| {
+            let rest = topic.strip_prefix(&format!("tend/v1/{agent}/"))?;
+            let purpose = match rest {
+                "up" => Purpose::Up,
+                "status" => Purpose::Status,
+                "diag/resp" => Purpose::DiagResp,
+                _ => return None,
+            };
+            (payload.len() <= MAX_MESSAGE).then(|| seal::seal(key, purpose, agent, &payload))
+        });
+        out.push((topic.clone(), payload, retain, what));
+        if let Some(sealed) = sealed {
+            out.push((topic, sealed, retain, what));
+        }
+    }
+    let stranger = "agent-stranger";
+    let made_up = AgentKey::from_bytes([7; 32]);
+    let b = batch(stranger, vec![readings(1, Timestamp::now(), "vent-0")]);
+    out.push((
+        format!("tend/v1/{stranger}/up"),
+        seal::seal(&made_up, Purpose::Up, stranger, &b),
+        false,
+        "an agent never enrolled",
+    ));
+    // The huge ones last: a broker may close the connection on them.
+    out.sort_by_key(|(_, p, _, _)| p.len() > MAX_MESSAGE * 2);
+    out
+}
+
+/// `tend_gateway_rejected_messages_total{reason="..."}` in a `/metrics` text.
+fn rejected(metrics: &str, reason: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("tend_gateway_rejected_messages_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// The refusals between the metrics `before` and `m`: every round's unsigned copies, and
+/// each round's impersonations and stranger. Returns the unsigned ones.
+fn assert_refusals(before: &str, m: &str, gw: &GatewayProc) -> f64 {
+    let unsigned = rejected(m, "unsigned") - rejected(before, "unsigned");
+    assert!(
+        unsigned >= 3.0 * 20.0,
+        "unsigned refusals rose by {unsigned} only; log:\n{}",
+        tail(&gw.log, 30)
+    );
+    for (reason, what) in [
+        (
+            "wrong_agent",
+            "the evil agent's batches naming the real agent",
+        ),
+        (
+            "bad_signature",
+            "the evil agent's seal on the real agent's topic",
+        ),
+        ("unknown_agent", "a batch of an agent never enrolled"),
+    ] {
+        let n = rejected(m, reason) - rejected(before, reason);
+        assert!(n >= 3.0, "{what}: {reason} rose by {n} only");
+    }
+    unsigned
+}
+
+/// A publisher that reconnects after the broker throws it out, logged in as the evil
+/// agent (the embedded broker admits only enrolled agents, each as itself).
+async fn publisher(url: &str, key: &AgentKey) -> (AsyncClient, tokio::task::JoinHandle<()>) {
     let hostport = url.trim_start_matches("mqtt://");
     let (host, port) = hostport.rsplit_once(':').unwrap();
-    let mut opts = MqttOptions::new("evil-publisher", host, port.parse::<u16>().unwrap());
+    let mut opts = MqttOptions::new(EVIL, host, port.parse::<u16>().unwrap());
+    opts.set_credentials(EVIL, key.broker_password(EVIL));
     opts.set_max_packet_size(16 << 20, 16 << 20);
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut el) = AsyncClient::new(opts, 256);
@@ -311,20 +397,24 @@ async fn hostile(external: bool) {
     std::fs::create_dir_all(&agent_dir).unwrap();
     let cfg = agent_dir.join("agent.toml");
     let log = agent_dir.join("agent.log");
+    enrol_agent(&gw.config, REAL, &agent_dir);
+    let evil_key = enrol_agent(&gw.config, EVIL, &dir.path().join("evil"));
     std::fs::write(&cfg, sims_agent_toml(REAL, &gw.broker_url, &sims, "100ms")).unwrap();
     let mut agent = spawn_agent(agent_bin(), &cfg, &log);
     until_all_up_no_fault(&gw, 2, Duration::from_secs(90)).await;
-    let malformed_before = metric(&gw.metrics().await, "tend_gateway_malformed_messages_total");
-
+    let before = gw.metrics().await;
+    let malformed_before = metric(&before, "tend_gateway_malformed_messages_total");
     // Three rounds of everything, interleaved with the real agent's traffic and a fault
     // that opens and clears on one of its devices.
-    let (evil, evil_task) = publisher(&gw.broker_url).await;
+    let (evil, evil_task) = publisher(&gw.broker_url, &evil_key).await;
     let mut sent = 0;
     for round in 0..3 {
         if round == 1 {
             sims[0].1.raise(0);
         }
-        for (topic, payload, retain, what) in hostile_messages(round, &mut rng) {
+        for (topic, payload, retain, what) in
+            with_sealed_copies(hostile_messages(round, &mut rng), &evil_key)
+        {
             let r = tokio::time::timeout(
                 Duration::from_secs(10),
                 evil.publish(topic, QoS::AtLeastOnce, retain, payload),
@@ -364,12 +454,13 @@ async fn hostile(external: bool) {
     let m = gw.metrics().await;
     let malformed = metric(&m, "tend_gateway_malformed_messages_total") - malformed_before;
     // At least the undecodable batches, statuses and answers of each round that no broker
-    // refuses.
+    // refuses (their sealed copies: the unsigned ones never reach the decoder).
     assert!(
         malformed >= 3.0 * 20.0,
         "malformed counter rose by {malformed} only; log:\n{}",
         tail(&gw.log, 30)
     );
+    let unsigned = assert_refusals(&before, &m, &gw);
 
     // The real agent's records: all arrived, once, acknowledged.
     until_all_up_no_fault(&gw, 2, Duration::from_secs(90)).await;
@@ -405,7 +496,7 @@ async fn hostile(external: bool) {
     assert!(store.has_record(EVIL, u64::MAX).unwrap());
     println!(
         "hostile summary: broker={} hostile_messages={sent} malformed_counted={malformed} \
-         real_records={records} duration={:.1}s",
+         unsigned_refused={unsigned} real_records={records} duration={:.1}s",
         if external { "mosquitto" } else { "embedded" },
         started.elapsed().as_secs_f64()
     );
@@ -488,9 +579,44 @@ fn invalid_configs_exit_2_naming_file_and_key() {
         }
     }
 
-    let agent_ok = "agent_id = \"a1\"\nsite_id = \"s\"\ndata_dir = \"data\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:1\"\n";
+    // Credentials: a1's own, another agent's, one open to others, and garbage.
+    credentials(d, "a1");
+    credentials(d, "b2");
+    std::fs::copy(d.join("a1.cred"), d.join("open.cred")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.join("open.cred"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+    }
+    write_secret(d.join("garbage.cred"), "not credentials at all\n").unwrap();
+    let agent_ok = "agent_id = \"a1\"\nsite_id = \"s\"\ndata_dir = \"data\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:1\"\ncredentials = \"a1.cred\"\n";
     let agent_cases: Vec<(&str, String, &str)> = vec![
         ("garbage", "\u{0}\u{1}[[[".into(), "agent-garbage.toml"),
+        (
+            "no credentials",
+            agent_ok.replace("credentials = \"a1.cred\"\n", ""),
+            "credentials",
+        ),
+        (
+            "missing credentials file",
+            agent_ok.replace("a1.cred", "nope.cred"),
+            "uplink.credentials",
+        ),
+        (
+            "another agent's credentials",
+            agent_ok.replace("a1.cred", "b2.cred"),
+            "uplink.credentials",
+        ),
+        (
+            "credentials open to others",
+            agent_ok.replace("a1.cred", "open.cred"),
+            "uplink.credentials",
+        ),
+        (
+            "garbage credentials",
+            agent_ok.replace("a1.cred", "garbage.cred"),
+            "uplink.credentials",
+        ),
         ("bad agent id", agent_ok.replace("a1", "a/#"), "agent_id"),
         ("bad broker", agent_ok.replace("mqtt://", "tcp://"), "broker"),
         (

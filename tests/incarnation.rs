@@ -5,9 +5,10 @@
 //!   every record it sends after the restart arrives (none dropped as a duplicate of what
 //!   the old outbox sent under the same seqs); then its outbox is cut short: it is moved
 //!   aside, a third incarnation starts, and its records arrive too.
-//! - A batch with a known (agent, incarnation, seq) and other content is a conflict:
-//!   counted, shown on `GET /api/v1/agents`, acknowledged (the ack names the
-//!   incarnation), not applied. A batch without an incarnation is malformed.
+//! - A batch (sealed with the enrolled agent's key) with a known (agent, incarnation,
+//!   seq) and other content is a conflict: counted, shown on `GET /api/v1/agents`,
+//!   acknowledged (the ack names the incarnation), not applied. A sealed batch without
+//!   an incarnation is malformed.
 //! - A truncated gateway store: the gateway exits non-zero with an error naming the file
 //!   and what to do, and no panic.
 
@@ -20,7 +21,10 @@ use std::time::Duration;
 use tend_agent::outbox::{Outbox, OutboxConfig};
 use tend_gateway::store::{GatewayStore, RedbStore};
 use tend_profiles::DeviceState;
-use tend_wire::{encode, topic, Ack, Record, RecordBody, SeqRange, UpBatch, VERSION};
+use tend_wire::{
+    encode_sealed, seal, topic, Ack, AgentKey, Purpose, Record, RecordBody, SeqRange, UpBatch,
+    VERSION,
+};
 
 const AGENT: &str = "agent-inc";
 
@@ -85,6 +89,7 @@ async fn a_lost_or_damaged_outbox_starts_a_new_incarnation_and_loses_nothing_aft
     std::fs::create_dir_all(&agent_dir).unwrap();
     let cfg = agent_dir.join("agent.toml");
     let log = agent_dir.join("agent.log");
+    enrol_agent(&gw.config, AGENT, &agent_dir);
     let fast = sims_agent_toml(AGENT, &gw.broker_url, &sims, "100ms");
     std::fs::write(&cfg, &fast).unwrap();
 
@@ -189,15 +194,17 @@ async fn a_lost_or_damaged_outbox_starts_a_new_incarnation_and_loses_nothing_aft
     assert!(!gw.log_text().contains("panicked"));
 }
 
-/// A publisher on the embedded broker that also collects what arrives on `filter`.
+/// A publisher on the embedded broker that also collects what arrives on `filter`,
+/// logged in as the enrolled agent (user = client id = agent id) would be.
 async fn client(
     url: &str,
-    id: &str,
+    key: &AgentKey,
     filter: &str,
 ) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
     let hostport = url.trim_start_matches("mqtt://");
     let (host, port) = hostport.rsplit_once(':').unwrap();
-    let mut opts = MqttOptions::new(id, host, port.parse::<u16>().unwrap());
+    let mut opts = MqttOptions::new(AGENT, host, port.parse::<u16>().unwrap());
+    opts.set_credentials(AGENT, key.broker_password(AGENT));
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (c, mut el) = AsyncClient::new(opts, 64);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -239,15 +246,18 @@ fn state(seq: u64, to: DeviceState) -> Record {
     }
 }
 
-fn batch(incarnation: &str, records: Vec<Record>) -> Vec<u8> {
-    encode(&UpBatch {
+/// A batch of `AGENT`'s, sealed with its key.
+fn batch(key: &AgentKey, incarnation: &str, records: Vec<Record>) -> Vec<u8> {
+    let b = UpBatch {
         v: VERSION,
         agent: AGENT.into(),
         incarnation: incarnation.into(),
         site: "s-main".into(),
+        sent_at: jiff::Timestamp::now(),
+        oldest: None,
         records,
-    })
-    .unwrap()
+    };
+    encode_sealed(key, Purpose::Up, AGENT, &b).unwrap()
 }
 
 /// Publishes `payload` on the agent's `up` until an ack comes back (the gateway may not
@@ -255,6 +265,7 @@ fn batch(incarnation: &str, records: Vec<Record>) -> Vec<u8> {
 async fn send(
     c: &AsyncClient,
     acks: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    key: &AgentKey,
     payload: &[u8],
 ) -> Ack {
     for _ in 0..20 {
@@ -263,7 +274,8 @@ async fn send(
             .unwrap();
         let got = tokio::time::timeout(Duration::from_millis(500), acks.recv()).await;
         if let Ok(Some(bytes)) = got {
-            return Ack::decode(&bytes).unwrap();
+            let body = seal::open(key, Purpose::Ack, AGENT, &bytes).expect("a sealed ack");
+            return Ack::decode(body).unwrap();
         }
     }
     panic!("no ack");
@@ -284,21 +296,25 @@ async fn the_same_seq_with_other_content_is_a_conflict_counted_shown_and_not_app
         },
     )
     .await;
-    let (c, mut acks) = client(&gw.broker_url, "test-publisher", &topic::ack(AGENT)).await;
+    let agent_dir = dir.path().join("agent");
+    let key = enrol_agent(&gw.config, AGENT, &agent_dir);
+    let (c, mut acks) = client(&gw.broker_url, &key, &topic::ack(AGENT)).await;
     let up = topic::up(AGENT);
     let inc = "1c0ffee";
 
     // The first version of seqs 1..=2: the device is up.
     let first = batch(
+        &key,
         inc,
         vec![state(1, DeviceState::Up), state(2, DeviceState::Up)],
     );
-    let ack = send(&c, &mut acks, &first).await;
+    let ack = send(&c, &mut acks, &key, &first).await;
     assert_eq!(ack.incarnation, inc);
     assert_eq!(ack.ranges, vec![SeqRange { first: 1, last: 2 }]);
 
     // Seq 2 again with other content (the device down), and a new seq 3.
     let other = batch(
+        &key,
         inc,
         vec![
             Record {
@@ -310,7 +326,7 @@ async fn the_same_seq_with_other_content_is_a_conflict_counted_shown_and_not_app
     );
     for _ in 0..2 {
         // Sent twice: the second time it is a resend, not a second conflict.
-        let ack = send(&c, &mut acks, &other).await;
+        let ack = send(&c, &mut acks, &key, &other).await;
         assert_eq!(ack.incarnation, inc, "the ack names the incarnation");
         assert_eq!(ack.ranges, vec![SeqRange { first: 2, last: 3 }], "acked");
     }
@@ -334,15 +350,22 @@ async fn the_same_seq_with_other_content_is_a_conflict_counted_shown_and_not_app
     let (_, d) = gw.get("/api/v1/devices/vent-0").await;
     assert_eq!(d["state"], "up", "{d}");
 
-    // A batch without an incarnation is malformed: refused, counted, never acked.
+    // A sealed batch without an incarnation is malformed: refused, counted, never acked.
     let malformed = metric(&m, "tend_gateway_malformed_messages_total");
-    let mut bare: serde_json::Value = serde_json::from_slice(&batch(inc, vec![])).unwrap();
+    let mut bare = serde_json::to_value(UpBatch {
+        v: VERSION,
+        agent: AGENT.into(),
+        incarnation: inc.into(),
+        site: "s-main".into(),
+        sent_at: jiff::Timestamp::now(),
+        oldest: None,
+        records: vec![state(9, DeviceState::Down)],
+    })
+    .unwrap();
     bare.as_object_mut().unwrap().remove("incarnation");
-    bare["records"] =
-        serde_json::json!([serde_json::to_value(state(9, DeviceState::Down)).unwrap()]);
-    c.publish(&up, QoS::AtLeastOnce, false, bare.to_string().into_bytes())
-        .await
-        .unwrap();
+    // Sealed with the agent's key: it passes the seal and is refused as malformed.
+    let bare = seal::seal(&key, Purpose::Up, AGENT, bare.to_string().as_bytes());
+    c.publish(&up, QoS::AtLeastOnce, false, bare).await.unwrap();
     until(
         "the bare batch counted",
         Duration::from_secs(10),
@@ -389,9 +412,10 @@ async fn a_truncated_gateway_store_gives_a_clear_error_and_exit_code() {
         },
     )
     .await;
-    let (c, mut acks) = client(&gw.broker_url, "test-publisher", &topic::ack(AGENT)).await;
+    let key = enrol_agent(&gw.config, AGENT, &dir.path().join("agent"));
+    let (c, mut acks) = client(&gw.broker_url, &key, &topic::ack(AGENT)).await;
     let records = (1..=200).map(|s| state(s, DeviceState::Up)).collect();
-    send(&c, &mut acks, &batch("a1", records)).await;
+    send(&c, &mut acks, &key, &batch(&key, "a1", records)).await;
     gw.kill().await;
 
     let file = gw_dir.join("data/gateway.redb");

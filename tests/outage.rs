@@ -72,6 +72,7 @@ impl Rig {
         std::fs::create_dir_all(&agent_dir).unwrap();
         let agent_cfg = agent_dir.join("agent.toml");
         let agent_log = agent_dir.join("agent.log");
+        enrol_agent(&gw.config, agent_id, &agent_dir);
         std::fs::write(
             &agent_cfg,
             sims_agent_toml(agent_id, &broker_url, &sims, "100ms"),
@@ -470,20 +471,17 @@ async fn backlog(n: usize) {
     let broker_url = format!("mqtt://127.0.0.1:{broker_port}");
     let cfg = agent_dir.join("agent.toml");
     let log = agent_dir.join("agent.log");
+    let spec = GatewaySpec {
+        id: "gw-backlog",
+        broker: BrokerChoice::Embedded(broker_port),
+        backend: None,
+        fleet: &fleet,
+    };
+    enrol_before_gateway(&dir.path().join("gw"), &spec, AGENT, &agent_dir);
     std::fs::write(&cfg, sims_agent_toml(AGENT, &broker_url, &sims, "1h")).unwrap();
     let mut agent = spawn_agent(agent_bin(), &cfg, &log);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut gw = GatewayProc::spawn(
-        gateway_bin(),
-        &dir.path().join("gw"),
-        &GatewaySpec {
-            id: "gw-backlog",
-            broker: BrokerChoice::Embedded(broker_port),
-            backend: None,
-            fleet: &fleet,
-        },
-    )
-    .await;
+    let mut gw = GatewayProc::spawn(gateway_bin(), &dir.path().join("gw"), &spec).await;
     let drain = Instant::now();
     let sampler = RssSampler::start(vec![gw.pid().unwrap(), agent.id().unwrap()]);
     let total = n as f64 + 1.0;
@@ -579,6 +577,19 @@ async fn outbox_full_while_cut_off_drops_oldest_readings_only_and_reports_them()
             sims_agent_toml(AGENT, &url, &sims, poll)
         )
     };
+    // Enrolled with the gateway that comes up later.
+    let fleet = sims_fleet(&sims);
+    let backend_url = backend.url();
+    let spec = GatewaySpec {
+        id: "gw-disk-cap",
+        broker: BrokerChoice::External {
+            url: url.clone(),
+            group: None,
+        },
+        backend: Some(&backend_url),
+        fleet: &fleet,
+    };
+    enrol_before_gateway(&dir.path().join("gw"), &spec, AGENT, &agent_dir);
     std::fs::write(&cfg, capped("100ms")).unwrap();
     let mut agent = spawn_agent(agent_bin(), &cfg, &log);
 
@@ -591,21 +602,7 @@ async fn outbox_full_while_cut_off_drops_oldest_readings_only_and_reports_them()
     sims[3].1.clear();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let fleet = sims_fleet(&sims);
-    let mut gw = GatewayProc::spawn(
-        gateway_bin(),
-        &dir.path().join("gw"),
-        &GatewaySpec {
-            id: "gw-disk-cap",
-            broker: BrokerChoice::External {
-                url: url.clone(),
-                group: None,
-            },
-            backend: Some(&backend.url()),
-            fleet: &fleet,
-        },
-    )
-    .await;
+    let mut gw = GatewayProc::spawn(gateway_bin(), &dir.path().join("gw"), &spec).await;
     drain_agent(
         &mut agent,
         &cfg,

@@ -32,8 +32,9 @@ async fn two_gateways_share_the_traffic_and_open_each_ticket_once() {
     let mut gws = Vec::new();
     for id in ["gw-a", "gw-b"] {
         gws.push(
-            GatewayProc::spawn(
-                gateway_bin(),
+            // One trust directory for the fleet's gateways: both accept the agent
+            // enrolled once.
+            spawn_gateway_with(
                 &dir.path().join(id),
                 &GatewaySpec {
                     id,
@@ -44,6 +45,7 @@ async fn two_gateways_share_the_traffic_and_open_each_ticket_once() {
                     backend: Some(&backend_url),
                     fleet: &fleet,
                 },
+                "[trust]\ndir = \"../trust\"\n",
             )
             .await,
         );
@@ -58,6 +60,7 @@ async fn two_gateways_share_the_traffic_and_open_each_ticket_once() {
     let agent_dir = dir.path().join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
     let cfg = agent_dir.join("agent.toml");
+    enrol_agent(&gws[0].config, "agent-shared", &agent_dir);
     // Small batches, so an episode's opening and its clearing travel in different ones.
     std::fs::write(
         &cfg,
@@ -68,6 +71,7 @@ data_dir = "data"
 flap_damping = "500ms"
 [uplink]
 broker = "{url}"
+credentials = "agent-shared.cred"
 keep_alive = "5s"
 [[device]]
 id = "icu7-vent"

@@ -1,7 +1,7 @@
 //! The `tend-agent` command line (`run`, `probe`, `profile check|list`), in the library so
 //! that the binary and the end-to-end suites' copy of it (`tests/`) are one program.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -29,6 +29,10 @@ enum Command {
         /// The agent's config file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// Only check: the config, profiles and credentials, and that every device and the
+        /// uplink broker can be reached; print what is wrong, exit 0 or 2. Start nothing.
+        #[arg(long)]
+        check: bool,
     },
     /// Read one device once and print its readings, faults and state (commissioning).
     Probe(Box<crate::probe::ProbeArgs>),
@@ -58,8 +62,17 @@ pub fn main() -> ExitCode {
             command: ProfileCommand::List,
         } => crate::profile_cmd::list(&mut std::io::stdout()),
         Command::Probe(args) => crate::probe::main(*args),
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            check: true,
+        } => crate::check::main(&config),
+        Command::Run { config, .. } => run(&config),
     }
+}
+
+/// The command line's definition, for man pages and shell completions.
+pub fn command() -> clap::Command {
+    Cli::command()
 }
 
 fn run(config: &std::path::Path) -> ExitCode {

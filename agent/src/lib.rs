@@ -2,6 +2,7 @@
 //! records, and the tools a field engineer runs (`probe`, `profile check`).
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod command_line;
 pub mod config;
 pub mod device;

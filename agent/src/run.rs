@@ -369,6 +369,9 @@ pub struct Started {
     pub written: Arc<tokio::sync::Notify>,
     links: Vec<tokio::task::JoinHandle<()>>,
     recorder: tokio::task::JoinHandle<Result<(), crate::outbox::OutboxError>>,
+    /// Notified when the recorder stopped on an outbox error (a full disk): the agent
+    /// then records nothing, and must not look alive.
+    pub recorder_failed: Arc<tokio::sync::Notify>,
 }
 
 impl Started {
@@ -400,20 +403,30 @@ impl Started {
         let (tx, rx) = mpsc::channel(1024);
         let links = spawn_links(loaded, shared.clone(), tx);
         let written = Arc::new(tokio::sync::Notify::new());
-        let recorder = tokio::spawn(record(
+        let recorder_failed = Arc::new(tokio::sync::Notify::new());
+        let recording = record(
             shared.clone(),
             Arc::new(loaded.profiles.clone()),
             outbox.clone(),
             rx,
             written.clone(),
             c.outbox.linger.0,
-        ));
+        );
+        let failed = recorder_failed.clone();
+        let recorder = tokio::spawn(async move {
+            let r = recording.await;
+            if r.is_err() {
+                failed.notify_one();
+            }
+            r
+        });
         Ok(Started {
             shared,
             outbox,
             written,
             links,
             recorder,
+            recorder_failed,
         })
     }
 
@@ -461,6 +474,8 @@ pub enum RunError {
     Uplink(#[from] crate::uplink::UplinkError),
     #[error("uplink task failed: {0}")]
     UplinkTask(tokio::task::JoinError),
+    #[error("the outbox cannot be written ({0}); stopped so that a supervisor restarts the agent once the disk has room")]
+    Recording(String),
 }
 
 /// Runs the agent until `shutdown`: reads every device, keeps every record durable until
@@ -490,7 +505,8 @@ pub async fn run(
         diag,
         started.written.clone(),
     );
-    *lock(&started.shared.uplink) = Some(uplink.status());
+    let uplink_status = uplink.status();
+    *lock(&started.shared.uplink) = Some(uplink_status.clone());
     let mut uplink = tokio::spawn(uplink.run(async {
         let _ = stop_rx.await;
     }));
@@ -502,9 +518,16 @@ pub async fn run(
     );
     // The uplink ends early only on a config it cannot use (a bad CA file) or a failing
     // outbox; either stops the agent.
+    let mut recording_failed = false;
     let early = tokio::select! {
         _ = shutdown => None,
         r = &mut uplink => Some(r),
+        _ = started.recorder_failed.notified() => {
+            // Said to the gateway as the parting status instead of `offline`.
+            recording_failed = true;
+            uplink_status.set_parting_status("degraded: outbox cannot be written (disk full?)");
+            None
+        }
     };
     let _ = stop_tx.send(());
     let result = match early {
@@ -516,6 +539,10 @@ pub async fn run(
         Ok(r) => r?,
         Err(e) => return Err(RunError::UplinkTask(e)),
     }
-    stopped?;
-    Ok(())
+    match stopped {
+        Err(e) if recording_failed => Err(RunError::Recording(e.to_string())),
+        Err(e) => Err(e.into()),
+        Ok(()) if recording_failed => Err(RunError::Recording("the recorder stopped".into())),
+        Ok(()) => Ok(()),
+    }
 }

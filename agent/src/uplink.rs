@@ -194,6 +194,11 @@ pub trait RecordSource: Send + Sync + 'static {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, Self::Error>;
+    /// The oldest seq still held (acknowledged ones are gone), if the source can say
+    /// cheaply: batches carry it, so the gateway can forget what lies below.
+    fn oldest(&self) -> Option<u64> {
+        None
+    }
     /// Deletes exactly these seqs (ranges may name seqs already gone); returns how many
     /// were deleted.
     fn ack(&self, ranges: &[SeqRange]) -> impl Future<Output = Result<u64, Self::Error>> + Send;
@@ -217,6 +222,9 @@ impl RecordSource for Outbox {
         // cost more than everything else the agent does, and one lost to a crash only
         // means a resend the gateway dedups.
         std::future::ready(Outbox::ack_later(self, ranges))
+    }
+    fn oldest(&self) -> Option<u64> {
+        self.stats().oldest_seq
     }
 }
 
@@ -252,6 +260,8 @@ pub struct UplinkStats {
     /// Records larger than one MQTT message can carry; they stay in the outbox unsent.
     pub oversized_records: u64,
     pub last_connected_at: Option<jiff::Timestamp>,
+    /// Said on the status topic at shutdown instead of `offline`, when set.
+    pub parting_status: Option<String>,
     pub last_error: Option<String>,
 }
 
@@ -262,6 +272,11 @@ pub struct UplinkStatus(Arc<Mutex<UplinkStats>>);
 impl UplinkStatus {
     pub fn snapshot(&self) -> UplinkStats {
         self.lock().clone()
+    }
+    /// What the agent says on its status topic when it stops, instead of `offline`
+    /// (`degraded: ...` when it stops because it cannot record).
+    pub fn set_parting_status(&self, status: &str) {
+        self.update(|s| s.parting_status = Some(status.to_string()));
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, UplinkStats> {
         // Plain counters, each update complete under the lock: a panicked holder cannot
@@ -514,16 +529,16 @@ impl<S: RecordSource> Runner<S> {
         });
         match stop? {
             Stop::Shutdown => {
-                // A clean DISCONNECT discards the will, so say `offline` ourselves first;
-                // the broker handles this connection's packets in order.
+                // A clean DISCONNECT discards the will, so say `offline` (or why the agent
+                // stops, `degraded: ...`) ourselves first; the broker handles this
+                // connection's packets in order.
+                let parting = match self.status.snapshot().parting_status {
+                    Some(why) => seal(&self.key, Purpose::Status, &self.agent, why.as_bytes()),
+                    None => self.offline.clone(),
+                };
                 let _ = tokio::time::timeout(
                     Duration::from_secs(1),
-                    client.publish(
-                        &self.topics.status,
-                        QoS::AtLeastOnce,
-                        true,
-                        self.offline.clone(),
-                    ),
+                    client.publish(&self.topics.status, QoS::AtLeastOnce, true, parting),
                 )
                 .await;
                 let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
@@ -645,6 +660,7 @@ impl<S: RecordSource> Runner<S> {
                 incarnation: self.source.incarnation().to_string(),
                 site: self.site.clone(),
                 sent_at: jiff::Timestamp::now(),
+                oldest: self.source.oldest(),
                 records: Vec::new(),
             };
             // Only a lone record can be too large (see Limits); it cannot be sent and it

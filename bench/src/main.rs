@@ -44,7 +44,7 @@ use tend_agent::outbox::{Outbox, OutboxConfig};
 use tend_devsim::{Av500Config, Av500Handle, Av500Sim, Av500State};
 use tend_gateway::store::{GatewayStore, RedbStore};
 use tend_profiles::Value;
-use tend_wire::{EpisodeChange, Record, RecordBody, UpBatch, WireReading};
+use tend_wire::{seal, AgentKey, EpisodeChange, Purpose, Record, RecordBody, UpBatch, WireReading};
 
 fn duration(s: &str) -> Result<Duration, String> {
     tend_devsim::duration::parse_duration(s)
@@ -253,16 +253,15 @@ async fn resources(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> a
             a.devices,
             a.window
         ));
-        let gw = Gateway::start(
-            &a.bin,
-            &GatewayPlan {
-                dir: dir.join("gateway"),
-                devices: a.devices,
-                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                backend: None,
-            },
-        )
-        .await?;
+        let plan = GatewayPlan {
+            dir: dir.join("gateway"),
+            devices: a.devices,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            backend: None,
+            trust_dir: None,
+        };
+        tend::enrol_agent(&a.bin, &plan, &dir.join("agent"))?;
+        let gw = Gateway::start(&a.bin, &plan).await?;
         let cfg = tend::agent_config(&dir.join("agent"), &gw.broker, &addrs, "60s")?;
         let mut agent = tend::start_agent(&a.bin, &cfg, a.agent_wrap.as_deref())?;
         tokio::time::sleep(a.warmup).await;
@@ -468,18 +467,17 @@ async fn drain(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyho
             &addrs,
             "60s",
         )?;
+        let plan = GatewayPlan {
+            dir: dir.join("gateway"),
+            devices: a.devices,
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            backend: None,
+            trust_dir: None,
+        };
+        tend::enrol_agent(&a.bin, &plan, &agent_dir)?;
         let mut agent = tend::start_agent(&a.bin, &cfg, a.agent_wrap.as_deref())?;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let gw = Gateway::start(
-            &a.bin,
-            &GatewayPlan {
-                dir: dir.join("gateway"),
-                devices: a.devices,
-                listen: SocketAddr::from(([127, 0, 0, 1], port)),
-                backend: None,
-            },
-        )
-        .await?;
+        let gw = Gateway::start(&a.bin, &plan).await?;
         let t0 = Instant::now();
         let mut t_first = None;
         let deadline = t0 + Duration::from_secs(600);
@@ -541,23 +539,29 @@ async fn latency(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> any
         sims.reset();
         let dir = work.join(format!("latency-{run}"));
         let backend = tend_testkit::backend_standin::spawn(token).await?;
-        let gw = Gateway::start(
+        let plan = GatewayPlan {
+            dir: dir.join("gateway"),
+            devices: a.devices,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            backend: Some((backend.url(), token.to_string())),
+            trust_dir: None,
+        };
+        let key = tend::enrol_agent(&a.bin, &plan, &dir.join("agent"))?;
+        let listener_password = tend::enrol_client(
             &a.bin,
-            &GatewayPlan {
-                dir: dir.join("gateway"),
-                devices: a.devices,
-                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                backend: Some((backend.url(), token.to_string())),
-            },
-        )
-        .await?;
+            &plan.dir.join("gateway.toml"),
+            "bench-up-listener",
+            &dir.join("clients"),
+        )?;
+        let gw = Gateway::start(&a.bin, &plan).await?;
         let (host, port) = gw.broker_addr();
         // The agent's records as the gateway receives them: the `at` of each episode's
         // opening is the time of the poll that saw the fault (full precision).
-        let mut up = mqtt::connect(
+        let mut up = mqtt::connect_as(
             &host,
             port,
             "bench-up-listener",
+            Some(listener_password),
             &[tend_wire::topic::up(tend::AGENT_ID)],
         )
         .await?;
@@ -567,7 +571,10 @@ async fn latency(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> any
             let (opened, identified) = (opened.clone(), identified.clone());
             tokio::spawn(async move {
                 while let Some(m) = up.rx.recv().await {
-                    let Ok(b) = UpBatch::decode(&m.payload) else {
+                    let Ok(body) = seal::open(&key, Purpose::Up, tend::AGENT_ID, &m.payload) else {
+                        continue;
+                    };
+                    let Ok(b) = UpBatch::decode(body) else {
                         continue;
                     };
                     for r in b.records {
@@ -677,9 +684,19 @@ fn thread_cpu() -> f64 {
     ticks as f64 / procs::clk_tck()
 }
 
-/// (decode CPU s, apply CPU s, apply wall s) for these payloads.
+/// The agent whose `up` or `ack` topic this is.
+fn agent_of(topic: &str) -> Option<&str> {
+    use tend_wire::topic::Parsed;
+    match tend_wire::topic::parse(topic)? {
+        Parsed::Up(a) | Parsed::Ack(a) => Some(a),
+        _ => None,
+    }
+}
+
+/// (open and decode CPU s, apply CPU s, apply wall s) for these payloads, each with its
+/// agent's key and id.
 fn breakdown(
-    payloads: &[Bytes],
+    payloads: &[(AgentKey, String, Bytes)],
     dir: &Path,
     devices: usize,
     group: usize,
@@ -687,7 +704,11 @@ fn breakdown(
     let c0 = thread_cpu();
     let decoded: Vec<UpBatch> = payloads
         .iter()
-        .map(|p| UpBatch::decode(p))
+        .map(|(key, agent, p)| -> anyhow::Result<UpBatch> {
+            let body = seal::open(key, Purpose::Up, agent, p)
+                .map_err(|e| anyhow::anyhow!("a bench batch does not open: {}", e.as_str()))?;
+            Ok(UpBatch::decode(body)?)
+        })
         .collect::<Result<_, _>>()?;
     let decode_cpu = thread_cpu() - c0;
     let store = RedbStore::open(dir)?;
@@ -696,6 +717,7 @@ fn breakdown(
         fleet: tend_gateway::fleet::Fleet::parse("fleet.toml", &tend::fleet(devices))?,
         profiles: tend_profiles::ProfileSet::builtin()?,
         tz: jiff::tz::TimeZone::get("Asia/Shanghai")?,
+        clock_tolerance: tend_gateway::clock::DEFAULT_TOLERANCE,
     };
     let (c0, t0) = (thread_cpu(), Instant::now());
     for g in decoded.chunks(group) {
@@ -749,9 +771,49 @@ fn ms(d: jiff::SignedDuration) -> f64 {
 // ---------------------------------------------------------------------------------------
 // ingest
 
-async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()> {
-    let tck = procs::clk_tck();
-    // Pre-encoded batches: agent k sends seqs 1, 2, ... in batches of `ingest_batch`.
+/// The ingest phase's synthetic agents `synth-NNNN` (their keys, to seal their batches
+/// and open their acks) and the bench's own MQTT clients (their broker passwords),
+/// enrolled with the gateway of `plan`; credentials under `creds`.
+fn enrol_ingest(
+    a: &Args,
+    plan: &GatewayPlan,
+    creds: &Path,
+) -> anyhow::Result<(HashMap<String, AgentKey>, HashMap<String, String>)> {
+    let t_enrol = Instant::now();
+    let config = plan.write_files()?;
+    std::fs::create_dir_all(creds)?;
+    let mut keys: HashMap<String, AgentKey> = HashMap::new();
+    for k in 0..a.ingest_agents {
+        let agent = format!("synth-{k:04}");
+        let out = creds.join(format!("{agent}.cred"));
+        keys.insert(agent.clone(), tend::enrol(&a.bin, &config, &agent, &out)?);
+    }
+    // The publishers and the ack listener log in to the embedded broker as themselves.
+    let mut logins: HashMap<String, String> = HashMap::new();
+    for name in [
+        "bench-acks",
+        "bench-pub-0",
+        "bench-pub-1",
+        "bench-pub-2",
+        "bench-pub-3",
+    ] {
+        let password = tend::enrol_client(&a.bin, &config, name, creds)?;
+        logins.insert(name.to_string(), password);
+    }
+    log(format!(
+        "ingest: {} agents enrolled in {:.1} s",
+        a.ingest_agents,
+        t_enrol.elapsed().as_secs_f64()
+    ));
+    Ok((keys, logins))
+}
+
+/// The ingest phase's batches, encoded and sealed beforehand: agent k sends seqs 1, 2,
+/// ... in batches of `ingest_batch`. Each is (topic, payload, records).
+fn ingest_batches(
+    a: &Args,
+    keys: &HashMap<String, AgentKey>,
+) -> anyhow::Result<Vec<(String, Bytes, u64)>> {
     let t_enc = Instant::now();
     let mut next_seq: Vec<u64> = vec![1; a.ingest_agents];
     let mut batches: Vec<(String, Bytes, u64)> = Vec::new();
@@ -776,13 +838,12 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
             agent: agent.clone(),
             incarnation: "b0".into(),
             site: tend::SITE_ID.into(),
+            sent_at: jiff::Timestamp::now(),
+            oldest: None,
             records,
         };
-        batches.push((
-            tend_wire::topic::up(&agent),
-            Bytes::from(tend_wire::encode(&b)?),
-            n,
-        ));
+        let sealed = tend_wire::encode_sealed(&keys[&agent], Purpose::Up, &agent, &b)?;
+        batches.push((tend_wire::topic::up(&agent), Bytes::from(sealed), n));
         left -= n;
         k = (k + 1) % a.ingest_agents;
     }
@@ -795,11 +856,34 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
         a.ingest_agents,
         t_enc.elapsed().as_secs_f64()
     ));
+    Ok(batches)
+}
+
+async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let tck = procs::clk_tck();
+    // The synthetic agents, enrolled once in a trust directory every run's gateway reads.
+    let trust_dir = work.join("ingest-trust");
+    let plan = |run: usize| GatewayPlan {
+        dir: work.join(format!("ingest-{run}")).join("gateway"),
+        devices: a.devices,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        backend: None,
+        trust_dir: Some(trust_dir.clone()),
+    };
+    let (keys, logins) = enrol_ingest(a, &plan(0), &work.join("ingest-credentials"))?;
+    let batches = ingest_batches(a, &keys)?;
     // Where the gateway's time goes, per record, on one core (thread CPU time, so other
-    // load on the machine matters little): decoding the batches, and applying them to a
-    // store in this process (groups of `ingest_window`, one transaction each).
+    // load on the machine matters little): opening (checking the seal) and decoding the
+    // batches, and applying them to a store in this process (groups of `ingest_window`,
+    // one transaction each).
     {
-        let payloads: Vec<Bytes> = batches.iter().map(|b| b.1.clone()).collect();
+        let payloads: Vec<(AgentKey, String, Bytes)> = batches
+            .iter()
+            .map(|(topic, p, _)| {
+                let agent = agent_of(topic).unwrap_or_default();
+                (keys[agent].clone(), agent.to_string(), p.clone())
+            })
+            .collect();
         let store_dir = work.join("ingest-breakdown");
         let devices = a.devices;
         let group = a.ingest_window.max(1);
@@ -808,7 +892,7 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
             tokio::task::spawn_blocking(move || breakdown(&payloads, &store_dir, devices, group))
                 .await??;
         log(format!(
-            "ingest CPU per record on one core: decode {:.2} µs ({:.0} records/s), apply {:.2} µs ({:.0} records/s; {:.0} records/s with its fsyncs, groups of {group})",
+            "ingest CPU per record on one core: open and decode {:.2} µs ({:.0} records/s), apply {:.2} µs ({:.0} records/s; {:.0} records/s with its fsyncs, groups of {group})",
             decode_cpu * 1e6 / total as f64,
             total as f64 / decode_cpu,
             apply_cpu * 1e6 / total as f64,
@@ -819,33 +903,38 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
     }
     for run in 0..a.runs {
         let dir = work.join(format!("ingest-{run}"));
-        let gw = Gateway::start(
-            &a.bin,
-            &GatewayPlan {
-                dir: dir.join("gateway"),
-                devices: a.devices,
-                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                backend: None,
-            },
+        let gw = Gateway::start(&a.bin, &plan(run)).await?;
+        let (host, port) = gw.broker_addr();
+        let login = |name: &str| Some(logins[name].clone());
+        let mut acks = mqtt::connect_as(
+            &host,
+            port,
+            "bench-acks",
+            login("bench-acks"),
+            &["tend/v1/+/ack".to_string()],
         )
         .await?;
-        let (host, port) = gw.broker_addr();
-        let mut acks =
-            mqtt::connect(&host, port, "bench-acks", &["tend/v1/+/ack".to_string()]).await?;
         let mut pubs = Vec::new();
         for i in 0..4 {
-            pubs.push(mqtt::connect(&host, port, &format!("bench-pub-{i}"), &[]).await?);
+            let name = format!("bench-pub-{i}");
+            pubs.push(mqtt::connect_as(&host, port, &name, login(&name), &[]).await?);
         }
         let window = Arc::new(tokio::sync::Semaphore::new(a.ingest_window));
         let acked = Arc::new(AtomicU64::new(0));
         let total = a.ingest_records;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Instant>();
         let ack_task = {
-            let (window, acked) = (window.clone(), acked.clone());
+            let (window, acked, keys) = (window.clone(), acked.clone(), keys.clone());
             tokio::spawn(async move {
                 let mut done_tx = Some(done_tx);
                 while let Some(m) = acks.rx.recv().await {
-                    let Ok(ack) = tend_wire::Ack::decode(&m.payload) else {
+                    // Only acks sealed with the agent's key count, as for a real agent.
+                    let opened = agent_of(&m.topic)
+                        .and_then(|agent| Some((agent, keys.get(agent)?)))
+                        .and_then(|(agent, key)| {
+                            seal::open(key, Purpose::Ack, agent, &m.payload).ok()
+                        });
+                    let Some(Ok(ack)) = opened.map(tend_wire::Ack::decode) else {
                         continue;
                     };
                     let n: u64 = ack.ranges.iter().map(|r| r.last - r.first + 1).sum();

@@ -29,7 +29,22 @@ impl Drop for Client {
 /// Connects to `host:port` and subscribes to `topics` (QoS 1); returns once every
 /// subscription is acknowledged.
 pub async fn connect(host: &str, port: u16, id: &str, topics: &[String]) -> anyhow::Result<Client> {
+    connect_as(host, port, id, None, topics).await
+}
+
+/// The same, logged in as `id` (user name = client id, as an enrolled agent logs in to
+/// the gateway's embedded broker) with `password`.
+pub async fn connect_as(
+    host: &str,
+    port: u16,
+    id: &str,
+    password: Option<String>,
+    topics: &[String],
+) -> anyhow::Result<Client> {
     let mut opts = MqttOptions::new(id, host, port);
+    if let Some(p) = password {
+        opts.set_credentials(id, p);
+    }
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_session(true);
     let max = tend_wire::MAX_MESSAGE + 64 * 1024;

@@ -1,5 +1,6 @@
 //! tend's own processes for the bench: `tend-gateway run` (embedded broker, a fleet of the
-//! simulated ventilators, optionally the backend stand-in) and `tend-agent run` with one
+//! simulated ventilators, optionally the backend stand-in), agents enrolled with
+//! `tend-gateway agent add` as an operator does, and `tend-agent run` with one
 //! `[[device]]` per simulator.
 
 use crate::procs_util::{self, Proc};
@@ -8,6 +9,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tend_testkit::config::write_secret;
+use tend_wire::credentials::Credentials;
+use tend_wire::AgentKey;
 use tokio::process::Command;
 
 pub const AGENT_ID: &str = "bench-agent";
@@ -47,6 +50,86 @@ pub struct GatewayPlan {
     pub listen: SocketAddr,
     /// The backend stand-in's URL and token.
     pub backend: Option<(String, String)>,
+    /// `[trust] dir`, when several runs' gateways share one enrolment (default: the
+    /// gateway's own, `<data_dir>/trust`).
+    pub trust_dir: Option<PathBuf>,
+}
+
+impl GatewayPlan {
+    /// Writes the gateway's config, fleet and token files; returns the config's path.
+    /// Agents can be enrolled with it before the gateway starts.
+    pub fn write_files(&self) -> anyhow::Result<PathBuf> {
+        let dir = &self.dir;
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("fleet.toml"), fleet(self.devices))?;
+        write_secret(dir.join("api.token"), "bench-api-token\n")?;
+        let mut cfg = format!(
+            "gateway_id = \"gw-bench\"\ndata_dir = \"data\"\nfleet = \"fleet.toml\"\n\n\
+             [broker]\nembedded = true\nlisten = \"{}\"\n\n\
+             [api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\n",
+            self.listen
+        );
+        if let Some((url, token)) = &self.backend {
+            write_secret(dir.join("backend.token"), format!("{token}\n"))?;
+            let _ = write!(
+                cfg,
+                "\n[backend]\nurl = \"{url}\"\ntoken_file = \"backend.token\"\ntimeout = \"5s\"\n"
+            );
+        }
+        if let Some(trust) = &self.trust_dir {
+            let _ = write!(cfg, "\n[trust]\ndir = \"{}\"\n", trust.display());
+        }
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, cfg)?;
+        Ok(path)
+    }
+}
+
+/// Enrols `agent` as an operator does (`tend-gateway agent add ID --config ... --out
+/// ...`, the binary in `bin`) with the gateway whose config is `gateway_toml`; the
+/// credentials go to `out`. Returns the agent's key.
+pub fn enrol(bin: &Path, gateway_toml: &Path, agent: &str, out: &Path) -> anyhow::Result<AgentKey> {
+    let _ = std::fs::remove_file(out);
+    let done = std::process::Command::new(bin.join("tend-gateway"))
+        .args(["agent", "add", agent, "--config"])
+        .arg(gateway_toml)
+        .arg("--out")
+        .arg(out)
+        .output()?;
+    anyhow::ensure!(
+        done.status.success(),
+        "tend-gateway agent add {agent}: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let text = std::fs::read_to_string(out)?;
+    Ok(Credentials::parse(&text)?.key)
+}
+
+/// Enrols `name` for one of the bench's own MQTT clients (the embedded broker admits
+/// enrolled agents only, each as itself) with the gateway whose config is
+/// `gateway_toml`, its credentials under `dir`. Returns its broker password.
+pub fn enrol_client(
+    bin: &Path,
+    gateway_toml: &Path,
+    name: &str,
+    dir: &Path,
+) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let key = enrol(bin, gateway_toml, name, &dir.join(format!("{name}.cred")))?;
+    Ok(key.broker_password(name))
+}
+
+/// Enrols the bench's agent with the gateway of `plan` (writing its files), the
+/// credentials in `<agent_dir>/bench-agent.cred` where [`agent_config`] names them.
+pub fn enrol_agent(bin: &Path, plan: &GatewayPlan, agent_dir: &Path) -> anyhow::Result<AgentKey> {
+    std::fs::create_dir_all(agent_dir)?;
+    let config = plan.write_files()?;
+    enrol(
+        bin,
+        &config,
+        AGENT_ID,
+        &agent_dir.join(format!("{AGENT_ID}.cred")),
+    )
 }
 
 pub struct Gateway {
@@ -59,24 +142,7 @@ pub struct Gateway {
 impl Gateway {
     pub async fn start(bin: &Path, plan: &GatewayPlan) -> anyhow::Result<Gateway> {
         let dir = &plan.dir;
-        std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join("fleet.toml"), fleet(plan.devices))?;
-        write_secret(dir.join("api.token"), "bench-api-token\n")?;
-        let mut cfg = format!(
-            "gateway_id = \"gw-bench\"\ndata_dir = \"data\"\nfleet = \"fleet.toml\"\n\n\
-             [broker]\nembedded = true\nlisten = \"{}\"\n\n\
-             [api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\n",
-            plan.listen
-        );
-        if let Some((url, token)) = &plan.backend {
-            write_secret(dir.join("backend.token"), format!("{token}\n"))?;
-            let _ = write!(
-                cfg,
-                "\n[backend]\nurl = \"{url}\"\ntoken_file = \"backend.token\"\ntimeout = \"5s\"\n"
-            );
-        }
-        let path = dir.join("gateway.toml");
-        std::fs::write(&path, cfg)?;
+        let path = plan.write_files()?;
         let mut cmd = Command::new(bin.join("tend-gateway"));
         cmd.arg("run").arg("--config").arg(&path);
         let mut proc = procs_util::spawn("tend-gateway", cmd, &dir.join("gateway.log"), true)?;
@@ -128,7 +194,8 @@ pub fn broker_addr(url: &str) -> (String, u16) {
     (h.to_string(), p.parse().unwrap_or(1883))
 }
 
-/// An agent's config: `devices` are the simulators' addresses.
+/// An agent's config: `devices` are the simulators' addresses; its credentials are
+/// `bench-agent.cred` beside it (see [`enrol_agent`]).
 pub fn agent_config(
     dir: &Path,
     broker: &str,
@@ -138,7 +205,7 @@ pub fn agent_config(
     std::fs::create_dir_all(dir)?;
     let mut s = format!(
         "agent_id = \"{AGENT_ID}\"\nsite_id = \"{SITE_ID}\"\ndata_dir = \"data\"\nflap_damping = \"{flap_damping}\"\n\n\
-         [uplink]\nbroker = \"{broker}\"\n"
+         [uplink]\nbroker = \"{broker}\"\ncredentials = \"{AGENT_ID}.cred\"\n"
     );
     for (i, a) in devices.iter().enumerate() {
         let _ = write!(

@@ -1,7 +1,7 @@
 //! The `tend-gateway` command line (`run`, `check`, `hotline`, `agent`), in the library so that
 //! the binary and the end-to-end suites' copy of it (`tests/`) are one program.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -27,6 +27,11 @@ enum Command {
         /// The gateway's config file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// Only check: the config and fleet file, the data directory, that the listen
+        /// addresses are free and the external broker and backend reachable; print what is
+        /// wrong, exit 0 or 2. Start nothing.
+        #[arg(long)]
+        check: bool,
     },
     /// Check a config file and the fleet file it names: exit 0 when valid, 2 with file,
     /// line and key when not.
@@ -73,7 +78,11 @@ enum AgentCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            check: true,
+        } => crate::check::main(&config),
+        Command::Run { config, .. } => run(&config),
         Command::Hotline(args) => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -144,6 +153,11 @@ fn agent(cmd: AgentCommand) -> ExitCode {
             ExitCode::from(EXIT_INVALID)
         }
     }
+}
+
+/// The command line's definition, for man pages and shell completions.
+pub fn command() -> clap::Command {
+    Cli::command()
 }
 
 fn run(config: &Path) -> ExitCode {

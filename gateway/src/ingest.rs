@@ -47,6 +47,17 @@ pub struct IngestContext {
 
 /// Which record: (agent, outbox incarnation, seq).
 pub type RecordKey<'a> = (&'a str, &'a str, u64);
+/// Devices not in the fleet file kept in the store (shown on the hotline as such, for
+/// someone to add or fix): a bound, so an agent naming thousands of made-up devices
+/// cannot fill the store.
+pub const MAX_STRAYS: u64 = 32;
+/// Reading names kept per device: a profile has a few dozen; more is a fault or abuse.
+pub const MAX_READINGS: usize = 256;
+/// Open fault episodes kept per device.
+pub const MAX_OPEN_EPISODES: usize = 64;
+
+/// Which outbox: (agent, incarnation).
+pub type OutboxKey<'a> = (&'a str, &'a str);
 
 /// SHA-256 of a record's canonical bytes ([`tend_wire::encode`] of the decoded record):
 /// what tells a resend from other content under the same key.
@@ -73,8 +84,11 @@ pub struct Applied {
     pub duplicates: u64,
     /// Seqs whose (agent, incarnation, seq) was stored with other content: not applied.
     pub conflicts: Vec<u64>,
-    /// Records about a device the fleet file does not list (stored, no tickets).
+    /// Records about a device the fleet file does not list (kept without tickets while
+    /// fewer than [`MAX_STRAYS`] such devices are kept).
     pub unknown_device: u64,
+    /// Of those, records of a device not kept (the stray list was full): dropped.
+    pub strays_dropped: u64,
     pub tickets_opened: Vec<String>,
     pub events_queued: u64,
     pub episodes_opened: u64,
@@ -99,6 +113,8 @@ pub struct Needs<'a> {
     pub records: BTreeSet<RecordKey<'a>>,
     /// Every agent of the group: its record.
     pub agents: BTreeSet<&'a str>,
+    /// Every outbox of the group: its watermark.
+    pub outboxes: BTreeSet<OutboxKey<'a>>,
     /// Every device the group's records are about (not the agent's own entry, ""): their
     /// live pictures.
     pub devices: BTreeSet<&'a str>,
@@ -111,6 +127,9 @@ impl<'a> Needs<'a> {
         let mut needs = Needs::default();
         for batch in batches {
             needs.agents.insert(batch.agent.as_str());
+            needs
+                .outboxes
+                .insert((batch.agent.as_str(), batch.incarnation.as_str()));
             for r in &batch.records {
                 needs
                     .records
@@ -133,6 +152,11 @@ impl<'a> Needs<'a> {
 pub struct Stored<'a> {
     /// The records asked for that are stored already, with their content's digest.
     pub seen: BTreeMap<RecordKey<'a>, Digest>,
+    /// The watermarks of the outboxes asked for: every seq at or below was handled and
+    /// forgotten (an outbox without one has forgotten nothing).
+    pub watermarks: BTreeMap<OutboxKey<'a>, u64>,
+    /// How many devices not in the fleet file are kept.
+    pub strays: u64,
     /// Conflicting versions already counted of the records asked for.
     pub conflicts: BTreeSet<(RecordKey<'a>, Digest)>,
     /// The records of the agents asked for (an agent never heard of is absent).
@@ -178,6 +202,11 @@ pub struct Changes<'a> {
     pub seen: Vec<(RecordKey<'a>, Digest)>,
     /// Every conflicting version counted for the first time.
     pub conflicts: Vec<(RecordKey<'a>, Digest)>,
+    /// Outboxes whose watermark rose, with the new one: the store forgets the seqs at or
+    /// below it (and their conflicts).
+    pub watermarks: BTreeMap<OutboxKey<'a>, u64>,
+    /// Devices not in the fleet file kept for the first time.
+    pub new_strays: u64,
     /// Every agent whose record changed, as it now is.
     pub agents: BTreeMap<String, AgentRecord>,
     /// Every device a new record was about, as it now is.
@@ -216,6 +245,8 @@ pub fn plan<'a>(
         cx,
         now,
         seen: stored.seen,
+        watermarks: stored.watermarks,
+        strays: stored.strays,
         conflicts: stored.conflicts,
         agents: stored.agents,
         devices: stored.devices,
@@ -240,6 +271,8 @@ struct Planner<'a, 'c> {
     cx: &'c IngestContext,
     now: Timestamp,
     seen: BTreeMap<RecordKey<'a>, Digest>,
+    watermarks: BTreeMap<OutboxKey<'a>, u64>,
+    strays: u64,
     conflicts: BTreeSet<(RecordKey<'a>, Digest)>,
     agents: BTreeMap<String, AgentRecord>,
     devices: BTreeMap<String, DeviceLive>,
@@ -269,7 +302,18 @@ impl<'a> Planner<'a, '_> {
         let clock = AgentClock::judge(batch.sent_at, self.now, self.cx.clock_tolerance);
         self.clock(agent, clock);
         applied.clock = Some(clock);
+        let below = self
+            .watermarks
+            .get(&(agent, incarnation))
+            .copied()
+            .unwrap_or(0);
         for r in &batch.records {
+            if r.seq <= below {
+                // Handled long ago and forgotten: the agent has deleted it, so this is a
+                // replay (or a late copy), never news.
+                applied.duplicates += 1;
+                continue;
+            }
             let key = (agent, incarnation, r.seq);
             let d = digest(r)?;
             match self.seen.get(&key) {
@@ -294,6 +338,15 @@ impl<'a> Planner<'a, '_> {
             }
         }
         applied.stored = ranges_of(batch.records.iter().map(|r| r.seq));
+        // Below the agent's oldest record nothing will come again but replays: forget it.
+        if let Some(w) = batch
+            .oldest
+            .and_then(|o| o.checked_sub(1))
+            .filter(|w| *w > below)
+        {
+            self.watermarks.insert((agent, incarnation), w);
+            self.changes.watermarks.insert((agent, incarnation), w);
+        }
         Ok(applied)
     }
 
@@ -369,6 +422,17 @@ impl<'a> Planner<'a, '_> {
             }
             return Ok(());
         }
+        if self.cx.fleet.device(&r.device).is_none() {
+            applied.unknown_device += 1;
+            if !self.devices.contains_key(&r.device) {
+                if self.strays >= MAX_STRAYS {
+                    applied.strays_dropped += 1;
+                    return Ok(());
+                }
+                self.strays += 1;
+                self.changes.new_strays += 1;
+            }
+        }
         let d = self
             .devices
             .entry(r.device.clone())
@@ -415,7 +479,7 @@ impl<'a> Planner<'a, '_> {
     ) -> Result<(), StoreError> {
         let cx = self.cx;
         let Some(entry) = cx.fleet.device(&r.device) else {
-            applied.unknown_device += 1;
+            // Counted in `record`: kept, but no ticket for a device nobody services.
             return Ok(());
         };
         // What the agent said the device was when the episode opened wins over what this
@@ -629,6 +693,9 @@ fn update_live(
         }
         RecordBody::Readings { readings } => {
             for w in readings {
+                if !d.readings.contains_key(&w.name) && d.readings.len() >= MAX_READINGS {
+                    continue;
+                }
                 if d.readings.get(&w.name).is_none_or(|x| r.at >= x.time) {
                     let reading = LiveReading {
                         name: w.name.clone(),
@@ -676,7 +743,13 @@ fn update_live(
 fn update_open_episodes(d: &mut DeviceLive, ev: &EpisodeEvent) {
     match ev.change {
         EpisodeChange::Opened | EpisodeChange::ClassChanged => {
-            d.open_episodes.insert(ev.episode.clone(), ev.clone());
+            // Past the cap a new episode still makes its ticket and life line; only the
+            // live picture's list stops growing.
+            if d.open_episodes.contains_key(&ev.episode)
+                || d.open_episodes.len() < MAX_OPEN_EPISODES
+            {
+                d.open_episodes.insert(ev.episode.clone(), ev.clone());
+            }
         }
         EpisodeChange::Cleared => {
             d.open_episodes.remove(&ev.episode);
@@ -782,6 +855,7 @@ accepted = "2025-03-01"
             incarnation: incarnation.into(),
             site: "s-1".into(),
             sent_at: at(0),
+            oldest: None,
             records,
         }
     }
@@ -981,6 +1055,55 @@ accepted = "2025-03-01"
         );
     }
 
+    /// What lies below the agent's oldest record is forgotten but for a watermark: the
+    /// batch raises it, and a replay of what lies below is a duplicate, acked and never
+    /// applied again.
+    #[test]
+    fn below_the_watermark_everything_is_a_duplicate() {
+        let mut b = [batch(
+            "a1",
+            vec![state(5, 1, DeviceState::Up, DeviceState::Down)],
+        )];
+        b[0].oldest = Some(5);
+        let p = plan(&b, Stored::default(), &cx(), at(1)).unwrap();
+        assert_eq!(p.changes.watermarks.get(&("a1", "i1")), Some(&4));
+        // An older oldest never lowers it.
+        let mut b = [batch("a1", vec![readings(6)])];
+        b[0].oldest = Some(2);
+        let stored = Stored {
+            watermarks: [(("a1", "i1"), 4)].into_iter().collect(),
+            ..Stored::default()
+        };
+        let p = plan(&b, stored, &cx(), at(1)).unwrap();
+        assert!(p.changes.watermarks.is_empty());
+
+        // A replay of seqs at or below it: acked, not applied.
+        let replay = [batch(
+            "a1",
+            vec![
+                state(3, 1, DeviceState::Up, DeviceState::Down),
+                state(4, 1, DeviceState::Down, DeviceState::Up),
+            ],
+        )];
+        let stored = Stored {
+            watermarks: [(("a1", "i1"), 4)].into_iter().collect(),
+            ..Stored::default()
+        };
+        let p = plan(&replay, stored, &cx(), at(1)).unwrap();
+        let a = &p.applied[0];
+        assert_eq!((a.new_records, a.duplicates), (0, 2));
+        assert_eq!(a.stored, vec![SeqRange { first: 3, last: 4 }]);
+        assert!(p.changes.transitions.is_empty() && p.changes.seen.is_empty());
+        // Another incarnation has a watermark of its own.
+        let other = [batch_in("a1", "i2", vec![readings(3)])];
+        let stored = Stored {
+            watermarks: [(("a1", "i1"), 4)].into_iter().collect(),
+            ..Stored::default()
+        };
+        let p = plan(&other, stored, &cx(), at(1)).unwrap();
+        assert_eq!(p.applied[0].new_records, 1);
+    }
+
     #[test]
     fn the_live_picture_keeps_the_newest_state_and_the_ledger_gets_every_transition() {
         let mut known = DeviceLive::new("vent", "a1", "s-1");
@@ -1107,8 +1230,71 @@ accepted = "2025-03-01"
         )];
         let p = plan(&group, Stored::default(), &cx(), at(61)).unwrap();
         assert_eq!(p.applied[0].unknown_device, 1);
+        assert_eq!(p.changes.new_strays, 1);
         assert!(p.changes.tickets.is_empty() && p.changes.jobs.is_empty());
         assert_eq!(p.changes.devices["stray"].open_episodes.len(), 1);
+    }
+
+    /// An agent naming thousands of made-up devices (a fault, or a stolen key) fills no
+    /// store: 32 devices outside the fleet are kept, the rest counted and dropped; a
+    /// device's readings and open episodes are capped too.
+    #[test]
+    fn strays_readings_and_open_episodes_are_capped() {
+        let many: Vec<Record> = (1..=100u64)
+            .map(|i| {
+                record(
+                    i,
+                    1,
+                    &format!("phantom-{i}"),
+                    RecordBody::Readings {
+                        readings: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        let group = [batch("a1", many)];
+        let p = plan(&group, Stored::default(), &cx(), at(1)).unwrap();
+        let a = &p.applied[0];
+        assert_eq!((a.unknown_device, a.strays_dropped), (100, 68));
+        assert_eq!(p.changes.devices.len(), 32);
+        assert_eq!(p.changes.new_strays, 32);
+        // Known strays still update; new ones stay out once 32 are kept.
+        let stored = Stored {
+            strays: 32,
+            devices: p.changes.devices.clone(),
+            ..Stored::default()
+        };
+        let again = [batch_in(
+            "a1",
+            "i2",
+            vec![
+                record(1, 2, "phantom-1", RecordBody::Readings { readings: vec![] }),
+                record(
+                    2,
+                    2,
+                    "phantom-99",
+                    RecordBody::Readings { readings: vec![] },
+                ),
+            ],
+        )];
+        let p = plan(&again, stored, &cx(), at(2)).unwrap();
+        assert_eq!(p.applied[0].strays_dropped, 1);
+        assert!(p.changes.devices.contains_key("phantom-1"));
+        assert!(!p.changes.devices.contains_key("phantom-99"));
+
+        // 1,000 reading names for one device: 256 kept.
+        let names = RecordBody::Readings {
+            readings: (0..1000)
+                .map(|i| tend_wire::WireReading {
+                    name: format!("r{i}"),
+                    value: tend_profiles::Value::Num(1.0),
+                    unit: None,
+                })
+                .collect(),
+        };
+        let group = [batch("a1", vec![record(1, 1, "vent", names)])];
+        let p = plan(&group, Stored::default(), &cx(), at(1)).unwrap();
+        assert_eq!(p.changes.devices["vent"].readings.len(), MAX_READINGS);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod backend;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod command_line;

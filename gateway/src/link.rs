@@ -166,6 +166,13 @@ pub async fn run(
                     tend_wire::MAX_MESSAGE
                 );
             }
+            Ok(Event::Incoming(Packet::Publish(p)))
+                if p.retain && !matches!(topic::parse(&p.topic), Some(Parsed::Status(_))) =>
+            {
+                // Retained batches and answers are old news replayed at every subscribe
+                // (a broker keeps one per topic): not ingested, counted.
+                gw.metrics.rejected("retained");
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = p.topic.clone();
                 match topic::parse(&topic) {
@@ -182,7 +189,7 @@ pub async fn run(
                         if let Some(body) = believe(&gw, agent, Purpose::Status, &p.payload) {
                             let s = String::from_utf8_lossy(body);
                             let s = s.trim();
-                            if s == tend_wire::STATUS_ONLINE || s == tend_wire::STATUS_OFFLINE {
+                            if tend_wire::valid_status(s) {
                                 gw.set_agent_status(agent, s, Timestamp::now());
                             } else {
                                 gw.metrics.malformed.inc();
@@ -376,6 +383,10 @@ async fn acknowledge(
     {
         match result {
             Ok(a) => {
+                if gw.metrics.store_failing.get() != 0 {
+                    gw.metrics.store_failing.set(0);
+                    tracing::info!("the store takes batches again");
+                }
                 gw.metrics.records.inc_by(a.new_records);
                 gw.metrics.duplicates.inc_by(a.duplicates);
                 gw.metrics
@@ -388,6 +399,14 @@ async fn acknowledge(
                     );
                 }
                 gw.metrics.dropped_readings.inc_by(a.dropped_readings);
+                gw.metrics.unknown_device_records.inc_by(a.unknown_device);
+                gw.metrics.stray_records_dropped.inc_by(a.strays_dropped);
+                if a.strays_dropped > 0 && gw.refusal_log.allow(&format!("{agent}\0strays")) {
+                    tracing::warn!(
+                        "agent {agent} reports devices the fleet file does not list, past the {} kept: their records are dropped (tend_gateway_stray_records_dropped_total); add them to the fleet file or fix the agent's config",
+                        crate::ingest::MAX_STRAYS
+                    );
+                }
                 if let Some(c) = a.clock {
                     if gw.metrics.agent_clock(&agent, c.skewed) {
                         if c.skewed {
@@ -438,7 +457,10 @@ async fn acknowledge(
             Err(e) => {
                 // Not acked: the agent sends it again.
                 gw.metrics.store_errors.inc();
-                log_store_error(&e);
+                gw.metrics.store_failing.set(1);
+                if gw.refusal_log.allow("\0store") {
+                    log_store_error(&e);
+                }
             }
         }
     }
@@ -478,7 +500,9 @@ fn refuse(gw: &Gateway, agent: &str, what: &str, reason: &str, detail: impl FnOn
 }
 
 fn log_store_error(e: &StoreError) {
-    tracing::error!("batch not stored (the agent will resend it): {e}");
+    tracing::error!(
+        "batch not stored (the agent will resend it; logged at most once a minute, counted in tend_gateway_store_errors_total): {e}"
+    );
 }
 
 #[cfg(test)]

@@ -59,6 +59,12 @@ pub struct Metrics {
     /// Messages on agents' topics not believed (`unsigned`, `bad_signature`,
     /// `unknown_agent`, `revoked`, `wrong_agent`, ...): dropped unread.
     pub rejected: Family<ReasonLabel, Counter>,
+    /// Records about devices not in the fleet file (kept without tickets, or dropped when
+    /// the stray list is full).
+    pub unknown_device_records: Counter,
+    pub stray_records_dropped: Counter,
+    /// 1 while the last batch could not be stored (a full disk, ...), else 0.
+    pub store_failing: Gauge,
     /// Agents whose clock is off by more than `clock_tolerance`.
     pub agents_clock_skewed: Gauge,
     skewed: std::sync::Mutex<std::collections::BTreeSet<String>>,
@@ -121,6 +127,9 @@ impl Metrics {
             auth_failures: Counter::default(),
             rejected: Family::default(),
             agents_clock_skewed: Gauge::default(),
+            store_failing: Gauge::default(),
+            unknown_device_records: Counter::default(),
+            stray_records_dropped: Counter::default(),
             skewed: Default::default(),
             broker_refused: Arc::default(),
         };
@@ -200,6 +209,21 @@ impl Metrics {
             "broker_refused_connections",
             "Connections the embedded broker refused: no credentials or refused ones",
             SharedCounter(m.broker_refused.clone()),
+        );
+        registry.register(
+            "unknown_device_records",
+            "Records about devices the fleet file does not list (no tickets)",
+            m.unknown_device_records.clone(),
+        );
+        registry.register(
+            "stray_records_dropped",
+            "Records about devices not in the fleet file dropped because 32 such devices are kept already",
+            m.stray_records_dropped.clone(),
+        );
+        registry.register(
+            "store_failing",
+            "1 while batches cannot be stored (a full disk: the store reopens itself once space is back), else 0",
+            m.store_failing.clone(),
         );
         registry.register(
             "agents_clock_skewed",

@@ -112,8 +112,33 @@ impl TrustDir {
         })?;
         for d in [&self.dir, &agents] {
             set_mode(d, 0o700)?;
+            self.give_to_service(d)?;
         }
         Ok(())
+    }
+
+    /// Run as root (`sudo tend-gateway agent add` on an installed gateway), what is made
+    /// here goes to the owner of the directory above the trust directory (the service's
+    /// data directory), or the gateway, running as its own user, could not read it.
+    fn give_to_service(&self, path: &Path) -> Result<(), TrustError> {
+        use std::os::unix::fs::MetadataExt;
+        let io = |source| TrustError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let made = std::fs::metadata(path).map_err(io)?;
+        if made.uid() != 0 {
+            return Ok(());
+        }
+        let Some(owner) = self
+            .dir
+            .parent()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .filter(|m| m.uid() != 0)
+        else {
+            return Ok(());
+        };
+        std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid())).map_err(io)
     }
 
     /// Enrols `agent` with a new key. Refused while it is enrolled and not revoked.
@@ -219,6 +244,7 @@ impl TrustDir {
         })?;
         let tmp = self.agents().join(format!(".{}.tmp", e.agent));
         write_private(&tmp, text.as_bytes())?;
+        self.give_to_service(&tmp)?;
         std::fs::rename(&tmp, &path).map_err(|source| TrustError::Io {
             path: path.clone(),
             source,

@@ -278,6 +278,7 @@ impl World {
             incarnation: "a0".into(),
             site: "s-017-main".into(),
             sent_at: now,
+            oldest: None,
             records,
         };
         let applied = store.apply(&batch, &cx, now).unwrap();

@@ -47,6 +47,7 @@ fn batch(sent_at: Timestamp, seq0: u64, at: Timestamp) -> UpBatch {
         incarnation: "skew1".into(),
         site: "s-main".into(),
         sent_at,
+        oldest: None,
         records: vec![
             rec(
                 seq0,

@@ -195,6 +195,7 @@ fn feed(gw: &Gateway, records: Vec<(u64, Timestamp, EpisodeEvent)>) -> Vec<Strin
         incarnation: "f0".into(),
         site: "s-017-main".into(),
         sent_at: Timestamp::now(),
+        oldest: None,
         records: records
             .into_iter()
             .map(|(seq, at, ev)| Record {

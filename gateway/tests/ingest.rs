@@ -92,6 +92,7 @@ fn batch(records: Vec<Record>) -> UpBatch {
         incarnation: "i1".into(),
         site: "s-1".into(),
         sent_at: t0(),
+        oldest: None,
         records,
     }
 }
@@ -111,6 +112,11 @@ fn replay_is_acked_again_applied_once_and_fills_the_gap() {
         // seq 4 and 5 are still in the agent's outbox (the link was down).
         episode(6, 90, EpisodeChange::Cleared),
     ]);
+    // Sent now (replayed from the outbox): the records are old, the clock is right.
+    let first = UpBatch {
+        sent_at: now,
+        ..first
+    };
     let a = store.apply(&first, &cx, now).unwrap();
     assert_eq!(
         a.stored,
@@ -144,6 +150,10 @@ fn replay_is_acked_again_applied_once_and_fills_the_gap() {
         state(7, 100, DeviceState::Maintenance, DeviceState::Up),
         episode(3, 60, EpisodeChange::Opened), // a resend mixed in
     ]);
+    let late = UpBatch {
+        sent_at: now,
+        ..late
+    };
     let b = store.apply(&late, &cx, now).unwrap();
     assert_eq!((b.new_records, b.duplicates), (3, 1));
     assert!(!b.has_jobs(), "a replayed opening opens nothing");
@@ -308,4 +318,67 @@ fn a_damaged_store_file_is_refused_naming_it() {
         "{e}"
     );
     assert!(e.to_string().contains("move it aside"), "{e}");
+}
+
+/// Months of readings do not grow the dedup: what lies below each batch's `oldest` is
+/// forgotten but for a watermark, and still counts as stored; a replay of it is a
+/// duplicate.
+#[test]
+fn dedup_forgets_below_the_agents_oldest_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let cx = cx();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let reading = |seq: u64| Record {
+        seq,
+        at: at(1),
+        device: "vent".into(),
+        body: RecordBody::Readings {
+            readings: Vec::new(),
+        },
+    };
+    // Batches of 100 readings, each sent once the one before was acked and deleted.
+    let send = |from: u64, to: u64| {
+        for b in from..to {
+            let mut batch = batch((b * 100 + 1..=b * 100 + 100).map(reading).collect());
+            batch.oldest = Some(b * 100 + 1);
+            let a = store.apply(&batch, &cx, at(2)).unwrap();
+            assert_eq!(a.new_records, 100);
+        }
+    };
+    let size = || {
+        std::fs::metadata(dir.path().join("gateway.redb"))
+            .unwrap()
+            .len()
+    };
+    send(0, 100);
+    let after_10k = size();
+    send(100, 1_000);
+    let after_100k = size();
+    // Without forgetting, 90,000 more rows of ~74 bytes would add over 6 MB.
+    assert!(
+        after_100k < after_10k + (1 << 20),
+        "the store grew from {after_10k} to {after_100k} bytes"
+    );
+    assert_eq!(store.records_stored().unwrap(), 100_000);
+    assert_eq!(store.records_stored_of("agent-1").unwrap(), 100_000);
+    assert_eq!(store.records_stored_of("agent-2").unwrap(), 0);
+    assert!(store.has_record_in("agent-1", "i1", 1).unwrap());
+    assert!(store.has_record("agent-1", 50_000).unwrap());
+    assert!(store.has_record_in("agent-1", "i1", 100_000).unwrap());
+    assert!(!store.has_record_in("agent-1", "i1", 100_001).unwrap());
+    assert!(!store.has_record_in("agent-1", "other", 1).unwrap());
+
+    // A replay of a forgotten batch: acknowledged, nothing applied.
+    let mut old = batch((1..=100).map(reading).collect());
+    old.oldest = Some(1);
+    let a = store.apply(&old, &cx, at(3)).unwrap();
+    assert_eq!((a.new_records, a.duplicates), (0, 100));
+    assert_eq!(
+        a.stored,
+        vec![SeqRange {
+            first: 1,
+            last: 100
+        }]
+    );
+    assert_eq!(store.records_stored().unwrap(), 100_000);
 }

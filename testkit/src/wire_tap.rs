@@ -33,9 +33,22 @@ pub struct WireTap {
 
 impl WireTap {
     pub async fn start(broker_url: &str, id: &str) -> WireTap {
+        Self::start_with(broker_url, id, None).await
+    }
+
+    /// The same, logged in as `user` (also its client id) with `password`: on a broker
+    /// that admits only enrolled agents, the tap is one (see [`crate::trust::enrol`]).
+    pub async fn start_as(broker_url: &str, user: &str, password: String) -> WireTap {
+        Self::start_with(broker_url, user, Some((user, password))).await
+    }
+
+    async fn start_with(broker_url: &str, id: &str, login: Option<(&str, String)>) -> WireTap {
         let hostport = broker_url.trim_start_matches("mqtt://");
         let (host, port) = hostport.rsplit_once(':').unwrap();
         let mut opts = rumqttc::MqttOptions::new(id, host, port.parse::<u16>().unwrap());
+        if let Some((user, password)) = login {
+            opts.set_credentials(user, password);
+        }
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut el) = rumqttc::AsyncClient::new(opts, 1024);
@@ -54,7 +67,12 @@ impl WireTap {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                         let mut s = s.lock().unwrap();
                         s.batches += 1;
-                        let Ok(b) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+                        // A sealed batch is its JSON body and a trailer line; the tap reads
+                        // the body without checking the seal (it holds no key).
+                        let body = tend_wire::seal::split(&p.payload)
+                            .map(|(body, _)| body)
+                            .unwrap_or(&p.payload);
+                        let Ok(b) = serde_json::from_slice::<serde_json::Value>(body) else {
                             s.undecodable += 1;
                             continue;
                         };

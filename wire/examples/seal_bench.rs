@@ -19,6 +19,7 @@ fn batch(records: usize) -> UpBatch {
         incarnation: "9f1c2e4a7b3d5f60a1b2c3d4e5f60718".into(),
         site: "s-017-main".into(),
         sent_at: at,
+        oldest: Some(1),
         records: (0..records as u64)
             .map(|seq| Record {
                 seq: seq + 1,

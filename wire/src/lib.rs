@@ -90,6 +90,18 @@ pub mod topic {
 /// `online` / `offline`, retained on the status topic (offline is the last will).
 pub const STATUS_ONLINE: &str = "online";
 pub const STATUS_OFFLINE: &str = "offline";
+/// The prefix of the status an agent leaves when it stops because it cannot go on
+/// (`degraded: outbox cannot be written (disk full?)`).
+pub const STATUS_DEGRADED: &str = "degraded: ";
+
+/// `online`, `offline`, or `degraded: ` and a short printable reason.
+pub fn valid_status(s: &str) -> bool {
+    s == STATUS_ONLINE
+        || s == STATUS_OFFLINE
+        || s.strip_prefix(STATUS_DEGRADED).is_some_and(|why| {
+            !why.is_empty() && why.len() <= 120 && why.chars().all(|c| !c.is_control())
+        })
+}
 
 /// One record, numbered by the agent that made it durable.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,6 +228,12 @@ pub struct UpBatch {
     /// The agent's clock when it sent the batch: beside the gateway's clock at arrival,
     /// it tells how far off the agent's clock is (records carry the agent's time).
     pub sent_at: Timestamp,
+    /// The oldest seq still in the agent's outbox when it sent the batch: everything
+    /// below it was acknowledged and deleted and is never sent again, so the gateway may
+    /// forget those seqs but for a watermark (its dedup stays bounded over months).
+    /// Absent when the agent cannot say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest: Option<u64>,
     pub records: Vec<Record>,
 }
 
@@ -413,6 +431,7 @@ mod tests {
             incarnation: "9f1c2e4a7b3d5f60a1b2c3d4e5f60718".into(),
             site: "s-017-main".into(),
             sent_at: ts(),
+            oldest: Some(7),
             records: vec![
                 Record {
                     seq: 7,

@@ -37,6 +37,15 @@ pub enum StoreError {
         what: &'static str,
         detail: String,
     },
+    /// The disk failed under the store (full, or an I/O error): the store closes and
+    /// reopens its file before the next use, so once space is back it works again with
+    /// nothing committed lost; what failed was not committed (and not acknowledged).
+    #[error("store {store}: {what}: {detail} (is the disk full? the store is reopened and the write retried when the agent resends)")]
+    Io {
+        store: String,
+        what: &'static str,
+        detail: String,
+    },
     /// The store's file is damaged (truncated, corrupt, not a store at all): nothing can be
     /// read from it, and nothing was changed in it.
     #[error(
@@ -59,7 +68,9 @@ impl StoreError {
     /// What the store was doing (`read device`, `commit`, ...), for a short message.
     pub fn what(&self) -> &'static str {
         match self {
-            StoreError::Database { what, .. } | StoreError::Encode { what, .. } => what,
+            StoreError::Database { what, .. }
+            | StoreError::Io { what, .. }
+            | StoreError::Encode { what, .. } => what,
             StoreError::Damaged { .. } => "open",
         }
     }
@@ -451,7 +462,13 @@ pub trait GatewayStore: Send + Sync + std::fmt::Debug {
     /// How many (agent, incarnation, seq) records are stored.
     fn records_stored(&self) -> Result<u64, StoreError>;
 
-    /// Whether seq `seq` of `agent` is stored, in any of its outbox incarnations.
+    /// How many records of `agent` (all its incarnations) are stored, those forgotten
+    /// under a watermark included: the exact count of distinct records it delivered.
+    fn records_stored_of(&self, agent: &str) -> Result<u64, StoreError>;
+
+    /// Whether seq `seq` of `agent` is stored, in any of its outbox incarnations. A seq at
+    /// or below an incarnation's watermark answers yes (its row is forgotten): to tell
+    /// that nothing went missing there, compare [`GatewayStore::records_stored_of`].
     fn has_record(&self, agent: &str, seq: u64) -> Result<bool, StoreError>;
 
     /// Whether (agent, incarnation, seq) is stored.

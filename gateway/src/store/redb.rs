@@ -30,6 +30,15 @@ const SEEN: TableDefinition<(&str, &str, u64), Digest> = TableDefinition::new("r
 /// Its keys cannot be told apart by incarnation, and every agent of such a build starts
 /// a new incarnation when it is upgraded.
 const SEEN_BEFORE_INCARNATIONS: TableDefinition<(&str, u64), ()> = TableDefinition::new("seen");
+/// (agent, incarnation) → the watermark: every seq at or below it was handled, and its
+/// rows in [`SEEN`] and [`CONFLICTS`] are gone (the agent had deleted those records).
+const WATERMARKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("watermarks");
+/// (agent, incarnation) → how many of its [`SEEN`] rows were forgotten.
+const FORGOTTEN_OF: TableDefinition<(&str, &str), u64> = TableDefinition::new("forgotten");
+/// Name in [`META`] of the number of [`SEEN`] rows forgotten under watermarks.
+const FORGOTTEN: &str = "records_forgotten";
+/// Name in [`META`] of the number of devices not in the fleet file kept in [`DEVICES`].
+const STRAYS: &str = "stray_devices";
 /// (agent, incarnation, seq, digest) of every conflicting version counted.
 const CONFLICTS: TableDefinition<(&str, &str, u64, Digest), ()> = TableDefinition::new("conflicts");
 /// agent id → [`AgentRecord`] (JSON).
@@ -78,7 +87,8 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
 
 /// The gateway's store in `gateway.redb`.
 pub struct RedbStore {
-    db: Database,
+    /// `None` between closing after a disk error and the reopen that failed.
+    db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
 }
 
@@ -100,8 +110,11 @@ impl RedbStore {
             detail: e.to_string(),
         })?;
         let db = open_database(&path)?;
-        let store = RedbStore { db, path };
-        let txn = store.db.begin_write().map_err(store.error("begin write"))?;
+        let store = RedbStore {
+            db: std::sync::RwLock::new(Some(db)),
+            path,
+        };
+        let txn = store.begin_write()?;
         Tables::open(&txn, &store)?;
         txn.delete_table(SEEN_BEFORE_INCARNATIONS)
             .map_err(store.error("drop the dedup of an older build"))?;
@@ -114,11 +127,144 @@ impl RedbStore {
     }
 
     fn error<E: Into<::redb::Error>>(&self, what: &'static str) -> impl Fn(E) -> StoreError + '_ {
-        move |e: E| StoreError::Database {
-            store: self.path.display().to_string(),
-            what,
-            detail: e.into().to_string(),
+        move |e: E| {
+            let e: ::redb::Error = e.into();
+            let store = self.path.display().to_string();
+            let detail = e.to_string();
+            match e {
+                ::redb::Error::Io(_) | ::redb::Error::PreviousIo => StoreError::Io {
+                    store,
+                    what,
+                    detail,
+                },
+                _ => StoreError::Database {
+                    store,
+                    what,
+                    detail,
+                },
+            }
         }
+    }
+
+    /// The open database (a handle: transactions outlive the guard), reopening it first
+    /// if a disk error closed it.
+    fn db(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Database>>, StoreError> {
+        {
+            let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+            if db.is_some() {
+                return Ok(db);
+            }
+        }
+        self.reopen()?;
+        Ok(self.db.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn begin_read(&self) -> Result<::redb::ReadTransaction, StoreError> {
+        let db = self.db()?;
+        let db = db.as_ref().ok_or_else(|| self.closed())?;
+        db.begin_read().map_err(self.error("begin read"))
+    }
+
+    fn begin_write(&self) -> Result<::redb::WriteTransaction, StoreError> {
+        let db = self.db()?;
+        let db = db.as_ref().ok_or_else(|| self.closed())?;
+        db.begin_write().map_err(self.error("begin write"))
+    }
+
+    fn closed(&self) -> StoreError {
+        StoreError::Io {
+            store: self.path.display().to_string(),
+            what: "reopen",
+            detail: "closed after a disk error".into(),
+        }
+    }
+
+    /// Closes the database and opens its file again: after an I/O error (a full disk)
+    /// redb refuses every later write until then. What was committed is in the file;
+    /// redb checks it on open.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if db.is_some() {
+            return Ok(());
+        }
+        *db = Some(open_database(&self.path)?);
+        tracing::info!("store {}: reopened", self.path.display());
+        Ok(())
+    }
+
+    /// After a disk error: closes the database (dropped before the next open: the file
+    /// is locked while a handle is open), so the next use reopens it.
+    fn close_after(&self, e: &StoreError) {
+        if matches!(e, StoreError::Io { .. }) {
+            self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        }
+    }
+
+    /// The outbox incarnations of `agent` the store knows: those with a watermark and
+    /// those with records not yet forgotten.
+    fn incarnations(
+        &self,
+        txn: &::redb::ReadTransaction,
+        agent: &str,
+    ) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let mut all = std::collections::BTreeSet::new();
+        let w = txn
+            .open_table(WATERMARKS)
+            .map_err(self.error("open watermarks"))?;
+        for row in w
+            .range((agent, "")..)
+            .map_err(self.error("read watermarks"))?
+        {
+            let (k, _) = row.map_err(self.error("read watermarks"))?;
+            let (a, incarnation) = k.value();
+            if a != agent {
+                break;
+            }
+            all.insert(incarnation.to_string());
+        }
+        let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
+        // Keys are ordered by agent, then incarnation: hop from one incarnation of the
+        // agent to the next ("x" + "\0" is the least string after "x").
+        let mut from = String::new();
+        loop {
+            let first = t
+                .range((agent, from.as_str(), 0)..)
+                .map_err(self.error("read seen"))?
+                .next()
+                .transpose()
+                .map_err(self.error("read seen"))?;
+            let Some((k, _)) = first else {
+                return Ok(all);
+            };
+            let (a, incarnation, _) = k.value();
+            if a != agent {
+                return Ok(all);
+            }
+            all.insert(incarnation.to_string());
+            from = format!("{incarnation}\0");
+        }
+    }
+
+    fn watermark(
+        &self,
+        txn: &::redb::ReadTransaction,
+        agent: &str,
+        incarnation: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let w = txn
+            .open_table(WATERMARKS)
+            .map_err(self.error("open watermarks"))?;
+        Ok(w.get((agent, incarnation))
+            .map_err(self.error("read watermarks"))?
+            .map(|v| v.value()))
+    }
+
+    fn meta_value(&self, txn: &::redb::ReadTransaction, name: &str) -> Result<u64, StoreError> {
+        let m = txn.open_table(META).map_err(self.error("open meta"))?;
+        Ok(m.get(name)
+            .map_err(self.error("read meta"))?
+            .map(|v| v.value())
+            .unwrap_or(0))
     }
 
     /// Every row of a table of JSON values, in key order, unreadable ones skipped.
@@ -127,7 +273,7 @@ impl RedbStore {
         table: TableDefinition<'static, K, &'static [u8]>,
         what: &'static str,
     ) -> Result<Vec<T>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(table).map_err(self.error(what))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(self.error(what))? {
@@ -202,6 +348,8 @@ fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
 struct Tables<'t> {
     store: &'t RedbStore,
     seen: Table<'t, (&'static str, &'static str, u64), Digest>,
+    watermarks: Table<'t, (&'static str, &'static str), u64>,
+    forgotten_of: Table<'t, (&'static str, &'static str), u64>,
     conflicts: Table<'t, (&'static str, &'static str, u64, Digest), ()>,
     agents: Table<'t, &'static str, &'static [u8]>,
     devices: Table<'t, &'static str, &'static [u8]>,
@@ -220,6 +368,8 @@ impl<'t> Tables<'t> {
         Ok(Tables {
             store,
             seen: txn.open_table(SEEN).map_err(e("open seen"))?,
+            watermarks: txn.open_table(WATERMARKS).map_err(e("open watermarks"))?,
+            forgotten_of: txn.open_table(FORGOTTEN_OF).map_err(e("open forgotten"))?,
             conflicts: txn.open_table(CONFLICTS).map_err(e("open conflicts"))?,
             agents: txn.open_table(AGENTS).map_err(e("open agents"))?,
             devices: txn.open_table(DEVICES).map_err(e("open devices"))?,
@@ -237,7 +387,24 @@ impl<'t> Tables<'t> {
     /// What the store holds of what a group of batches needs.
     fn load<'a>(&self, needs: &Needs<'a>) -> Result<Stored<'a>, StoreError> {
         let s = self.store;
-        let mut stored = Stored::default();
+        let mut stored = Stored {
+            strays: self
+                .meta
+                .get(STRAYS)
+                .map_err(s.error("read meta"))?
+                .map(|v| v.value())
+                .unwrap_or(0),
+            ..Stored::default()
+        };
+        for &key in &needs.outboxes {
+            if let Some(w) = self
+                .watermarks
+                .get(key)
+                .map_err(s.error("read watermark"))?
+            {
+                stored.watermarks.insert(key, w.value());
+            }
+        }
         for &key in &needs.records {
             let (agent, incarnation, seq) = key;
             let Some(d) = self.seen.get(key).map_err(s.error("read seen"))? else {
@@ -298,6 +465,16 @@ impl<'t> Tables<'t> {
         let s = self.store;
         for &(key, d) in &changes.seen {
             self.seen.insert(key, d).map_err(s.error("write seen"))?;
+        }
+        if changes.new_strays > 0 {
+            let e = s.error("write meta");
+            let n = self.meta.get(STRAYS).map_err(&e)?.map(|v| v.value());
+            self.meta
+                .insert(STRAYS, n.unwrap_or(0) + changes.new_strays)
+                .map_err(&e)?;
+        }
+        for (&(agent, incarnation), &w) in &changes.watermarks {
+            self.forget(agent, incarnation, w)?;
         }
         for &((agent, incarnation, seq), d) in &changes.conflicts {
             self.conflicts
@@ -374,6 +551,44 @@ impl<'t> Tables<'t> {
     }
 
     /// Takes the next value of counter `name` (starting at 1).
+    /// Raises an outbox's watermark to `w` and forgets its seqs at or below it.
+    fn forget(&mut self, agent: &str, incarnation: &str, w: u64) -> Result<(), StoreError> {
+        let s = self.store;
+        self.watermarks
+            .insert((agent, incarnation), w)
+            .map_err(s.error("write watermark"))?;
+        let mut gone = 0u64;
+        self.seen
+            .retain_in((agent, incarnation, 0)..=(agent, incarnation, w), |_, _| {
+                gone += 1;
+                false
+            })
+            .map_err(s.error("forget seen"))?;
+        self.conflicts
+            .retain_in(
+                (agent, incarnation, 0, [0u8; 32])..=(agent, incarnation, w, [0xffu8; 32]),
+                |_, _| false,
+            )
+            .map_err(s.error("forget conflicts"))?;
+        if gone > 0 {
+            let e = s.error("write forgotten");
+            let n = self
+                .forgotten_of
+                .get((agent, incarnation))
+                .map_err(&e)?
+                .map(|v| v.value());
+            self.forgotten_of
+                .insert((agent, incarnation), n.unwrap_or(0) + gone)
+                .map_err(&e)?;
+            let e = s.error("write meta");
+            let n = self.meta.get(FORGOTTEN).map_err(&e)?.map(|v| v.value());
+            self.meta
+                .insert(FORGOTTEN, n.unwrap_or(0) + gone)
+                .map_err(&e)?;
+        }
+        Ok(())
+    }
+
     fn next(&mut self, name: &'static str) -> Result<u64, StoreError> {
         let e = self.store.error("write meta");
         let n = self
@@ -394,13 +609,19 @@ impl RedbStore {
         &self,
         f: impl FnOnce(&mut Tables<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self.db.begin_write().map_err(self.error("begin write"))?;
-        let out = {
-            let mut tables = Tables::open(&txn, self)?;
-            f(&mut tables)?
-        };
-        txn.commit().map_err(self.error("commit"))?;
-        Ok(out)
+        let done = (|| {
+            let txn = self.begin_write()?;
+            let out = {
+                let mut tables = Tables::open(&txn, self)?;
+                f(&mut tables)?
+            };
+            txn.commit().map_err(self.error("commit"))?;
+            Ok(out)
+        })();
+        if let Err(e) = &done {
+            self.close_after(e);
+        }
+        done
     }
 }
 
@@ -421,43 +642,51 @@ impl GatewayStore for RedbStore {
     }
 
     fn records_stored(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
-        t.len().map_err(self.error("count seen"))
+        let rows = t.len().map_err(self.error("count seen"))?;
+        Ok(rows + self.meta_value(&txn, FORGOTTEN)?)
+    }
+
+    fn records_stored_of(&self, agent: &str) -> Result<u64, StoreError> {
+        let txn = self.begin_read()?;
+        let seen = txn.open_table(SEEN).map_err(self.error("open seen"))?;
+        let forgotten = txn
+            .open_table(FORGOTTEN_OF)
+            .map_err(self.error("open forgotten"))?;
+        let mut n = 0u64;
+        for incarnation in self.incarnations(&txn, agent)? {
+            let inc = incarnation.as_str();
+            n += seen
+                .range((agent, inc, 0)..=(agent, inc, u64::MAX))
+                .map_err(self.error("read seen"))?
+                .count() as u64;
+            n += forgotten
+                .get((agent, inc))
+                .map_err(self.error("read forgotten"))?
+                .map(|v| v.value())
+                .unwrap_or(0);
+        }
+        Ok(n)
     }
 
     fn has_record(&self, agent: &str, seq: u64) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
-        let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
-        // Keys are ordered by agent, then incarnation: hop from one incarnation of the
-        // agent to the next ("x" + "\0" is the least string after "x").
-        let mut from = String::new();
-        loop {
-            let first = t
-                .range((agent, from.as_str(), 0)..)
-                .map_err(self.error("read seen"))?
-                .next()
-                .transpose()
-                .map_err(self.error("read seen"))?;
-            let Some((k, _)) = first else {
-                return Ok(false);
-            };
-            let (a, incarnation, _) = k.value();
-            if a != agent {
-                return Ok(false);
-            }
-            if t.get((agent, incarnation, seq))
-                .map_err(self.error("read seen"))?
-                .is_some()
-            {
+        let txn = self.begin_read()?;
+        for incarnation in self.incarnations(&txn, agent)? {
+            if self.has_record_in(agent, &incarnation, seq)? {
                 return Ok(true);
             }
-            from = format!("{incarnation}\0");
         }
+        Ok(false)
     }
 
     fn has_record_in(&self, agent: &str, incarnation: &str, seq: u64) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
+        if let Some(w) = self.watermark(&txn, agent, incarnation)? {
+            if seq <= w {
+                return Ok(true);
+            }
+        }
         let t = txn.open_table(SEEN).map_err(self.error("open seen"))?;
         Ok(t.get((agent, incarnation, seq))
             .map_err(self.error("read seen"))?
@@ -473,7 +702,7 @@ impl GatewayStore for RedbStore {
     }
 
     fn device(&self, id: &str) -> Result<Option<DeviceLive>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         let t = txn
             .open_table(DEVICES)
             .map_err(self.error("open devices"))?;
@@ -482,7 +711,7 @@ impl GatewayStore for RedbStore {
     }
 
     fn ledger(&self, id: &str) -> Result<Ledger, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         let t = txn
             .open_table(TRANSITIONS)
             .map_err(self.error("open transitions"))?;
@@ -509,7 +738,7 @@ impl GatewayStore for RedbStore {
     }
 
     fn history(&self, id: &str, limit: usize) -> Result<Vec<LifeEvent>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         let t = txn
             .open_table(HISTORY)
             .map_err(self.error("open history"))?;
@@ -532,7 +761,7 @@ impl GatewayStore for RedbStore {
     }
 
     fn ticket(&self, key: &str) -> Result<Option<TicketRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.error("begin read"))?;
+        let txn = self.begin_read()?;
         let t = txn
             .open_table(TICKETS)
             .map_err(self.error("open tickets"))?;
