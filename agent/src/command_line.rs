@@ -90,7 +90,10 @@ fn run(config: &std::path::Path) -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // One thread does all the async work (a link task per port or bus, the recorder, the
+    // uplink): it waits on sockets and timers almost all the time, and more workers would
+    // only add wake-ups and memory. The outbox's commits run on a blocking-pool thread.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -81,6 +81,10 @@ pub struct OutboxSection {
     /// Group commit window.
     #[serde(default = "default_commit_window")]
     pub commit_window: Dur,
+    /// The longest a reading (and an acknowledged deletion) waits to share a commit;
+    /// states, fault episodes and identities never wait.
+    #[serde(default = "default_linger")]
+    pub linger: Dur,
 }
 
 impl Default for OutboxSection {
@@ -88,12 +92,17 @@ impl Default for OutboxSection {
         OutboxSection {
             max_size: default_max_size(),
             commit_window: default_commit_window(),
+            linger: default_linger(),
         }
     }
 }
 
 fn default_max_size() -> ByteSize {
     ByteSize(256 << 20)
+}
+
+fn default_linger() -> Dur {
+    Dur(crate::outbox::DEFAULT_LINGER)
 }
 
 fn default_commit_window() -> Dur {

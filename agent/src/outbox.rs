@@ -20,6 +20,16 @@
 //! answers each caller. Reads (`pending`, `stats`) never wait for the writer: redb read
 //! transactions see the last commit.
 //!
+//! Group commit with a linger: readings handed over with [`Outbox::append_lingering`] may
+//! wait up to `linger` (100 ms by default) for company, and deletions handed over with
+//! [`Outbox::ack_later`] up to `ack_linger` (5 s), so a link that polls its units in turn
+//! makes one fsync per linger instead of one per poll and one per ack: acknowledged
+//! deletions ride along with the next commit of records. Anything else (states, fault
+//! episodes, identities, [`Outbox::append`], [`Outbox::append_soon`], a durable
+//! [`Outbox::ack`], closing) commits at once and takes every waiting op with it. A
+//! lingering reading still counts only once its commit returned; a deletion lost to a
+//! crash only means the record is sent again, and the gateway keeps one copy.
+//!
 //! Size cap: when the encoded records exceed `max_bytes`, the oldest readings are
 //! deleted until the total is a little below the cap (see [`drop_slack`]), and one
 //! `Dropped { count, first_seq, last_seq }` record is appended for that drop event, with
@@ -38,9 +48,12 @@
 use jiff::Timestamp;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::Serialize;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tend_wire::{Record, RecordBody, SeqRange};
 use tokio::sync::oneshot;
@@ -65,6 +78,16 @@ pub const AGENT_DEVICE: &str = "";
 pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
 /// Default group-commit window.
 pub const DEFAULT_COMMIT_WINDOW: Duration = Duration::from_millis(2);
+/// Default linger of readings (`[outbox] linger`).
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(100);
+/// Default longest wait of a deferred ack for a commit to ride along with: past a poll
+/// interval or two, so that with devices polled every second or so acks never cost a
+/// commit of their own; a crash loses at most this much of deletions (records sent again).
+pub const DEFAULT_ACK_LINGER: Duration = Duration::from_secs(5);
+/// Default bound of redb's page cache. redb's own default (1 GiB) lets the cache grow
+/// with the file, so an outage's backlog would show up as resident memory; the writer
+/// only touches the newest pages and the uplink reads the oldest ones once.
+pub const DEFAULT_CACHE_BYTES: usize = 2 << 20;
 
 /// Upper bound of records in one transaction, so one commit's latency stays bounded
 /// when a long queue builds up behind a slow disk.
@@ -101,15 +124,24 @@ pub struct OutboxConfig {
     /// or when nothing new arrives for a tenth of it (at least 20 µs), so a lone
     /// appender is not slowed down by the full window.
     pub commit_window: Duration,
+    /// The longest lingering readings wait for a commit (see the module doc).
+    pub linger: Duration,
+    /// The longest deferred acks wait for a commit to ride along with.
+    pub ack_linger: Duration,
+    /// Bound of redb's page cache, bytes.
+    pub cache_bytes: usize,
 }
 
 impl OutboxConfig {
-    /// A config with the default cap and commit window.
+    /// A config with the default cap, commit window, linger and cache.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         OutboxConfig {
             path: path.into(),
             max_bytes: DEFAULT_MAX_BYTES,
             commit_window: DEFAULT_COMMIT_WINDOW,
+            linger: DEFAULT_LINGER,
+            ack_linger: DEFAULT_ACK_LINGER,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -213,17 +245,97 @@ enum Op {
         items: Vec<(bool, Vec<u8>)>,
         /// Written with the records, in the same commit.
         state: Option<(String, Vec<u8>)>,
+        /// The caller lets readings wait up to the linger for company.
+        linger: bool,
         reply: oneshot::Sender<Result<Vec<u64>, OutboxError>>,
     },
     Ack {
         ranges: Vec<SeqRange>,
-        reply: oneshot::Sender<Result<u64, OutboxError>>,
+        /// None: a deferred ack ([`Outbox::ack_later`]), riding along with the next commit.
+        reply: Option<oneshot::Sender<Result<u64, OutboxError>>>,
     },
     /// Records `pending` could not decode: move them to the quarantine table.
     Quarantine { seqs: Vec<u64> },
     Close {
         reply: oneshot::Sender<Result<(), OutboxError>>,
     },
+}
+
+/// How long an op may wait for company before its commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Commit at once (within the commit window).
+    Prompt,
+    /// Up to `linger`: readings only (no state, nothing that may not be dropped) handed
+    /// over to linger.
+    Linger,
+    /// Up to `ack_linger`: deferred acks and quarantine moves.
+    AckLinger,
+}
+
+impl Op {
+    fn wait(&self) -> Wait {
+        match self {
+            Op::Append {
+                items,
+                state,
+                linger,
+                ..
+            } => {
+                if *linger && state.is_none() && items.iter().all(|(droppable, _)| *droppable) {
+                    Wait::Linger
+                } else {
+                    Wait::Prompt
+                }
+            }
+            Op::Ack { reply: None, .. } | Op::Quarantine { .. } => Wait::AckLinger,
+            Op::Ack { reply: Some(_), .. } | Op::Close { .. } => Wait::Prompt,
+        }
+    }
+}
+
+/// One range handed to the writer with [`Outbox::ack_later`] and not committed yet, and
+/// the records and bytes its commit deletes.
+#[derive(Debug, Clone, Copy)]
+struct UnsavedAck {
+    range: SeqRange,
+    records: u64,
+    bytes: u64,
+}
+
+/// The deferred acks not committed yet: `pending` skips them, `ack_later` does not count
+/// them twice, and `stats` counts their records as gone.
+type Unsaved = Arc<Mutex<Vec<UnsavedAck>>>;
+
+fn unsaved_covers(unsaved: &[UnsavedAck], seq: u64) -> bool {
+    unsaved
+        .iter()
+        .any(|u| u.range.first <= seq && seq <= u.range.last)
+}
+
+fn covered(ranges: &[SeqRange], seq: u64) -> bool {
+    ranges.iter().any(|r| r.first <= seq && seq <= r.last)
+}
+
+/// The commit of records handed over with [`Outbox::append_lingering`] or
+/// [`Outbox::append_soon`]: resolves to their seqs once they are durable.
+#[derive(Debug)]
+pub struct Commit {
+    path: PathBuf,
+    rx: oneshot::Receiver<Result<Vec<u64>, OutboxError>>,
+}
+
+impl Future for Commit {
+    type Output = Result<Vec<u64>, OutboxError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(r)) => Poll::Ready(r),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(OutboxError::Closed {
+                path: self.path.clone(),
+            })),
+        }
+    }
 }
 
 /// A record as stored, minus the seq that the writer splices in front.
@@ -241,6 +353,7 @@ struct Inner {
     db: Arc<Database>,
     tx: Mutex<Option<std_mpsc::Sender<Op>>>,
     stats: Arc<Mutex<OutboxStats>>,
+    unsaved: Unsaved,
 }
 
 /// Handle to the outbox; clones share one file and one writer.
@@ -302,13 +415,17 @@ impl Outbox {
         let incarnation = state.incarnation.clone();
         let stats = Arc::new(Mutex::new(state.stats()));
         let (tx, rx) = std_mpsc::channel();
+        let unsaved = Unsaved::default();
         let writer = Writer {
             path: path.clone(),
             db: Some(db.clone()),
             max_bytes: cfg.max_bytes,
             window: cfg.commit_window,
+            linger: cfg.linger,
+            ack_linger: cfg.ack_linger,
             state,
             stats: stats.clone(),
+            unsaved: unsaved.clone(),
         };
         rt.spawn_blocking(move || writer.run(rx));
         Ok(Outbox {
@@ -318,6 +435,7 @@ impl Outbox {
                 db,
                 tx: Mutex::new(Some(tx)),
                 stats,
+                unsaved,
             }),
         })
     }
@@ -367,7 +485,7 @@ impl Outbox {
     ) -> Result<u64, OutboxError> {
         // Encoding here, on the caller's task, keeps the single writer's work to inserts.
         let item = (body.is_droppable(), self.encode(device, at, &body)?);
-        let seqs = self.append_encoded(vec![item], None).await?;
+        let seqs = self.append_encoded(vec![item], None, false).await?;
         seqs.first().copied().ok_or_else(|| self.closed())
     }
 
@@ -383,7 +501,50 @@ impl Outbox {
             .iter()
             .map(|(device, at, body)| Ok((body.is_droppable(), self.encode(device, *at, body)?)))
             .collect::<Result<Vec<_>, OutboxError>>()?;
-        self.append_encoded(encoded, None).await
+        self.append_encoded(encoded, None, false).await
+    }
+
+    /// Hands records over for the next commit and returns at once; the [`Commit`]
+    /// resolves to their seqs once they are durable. Readings may wait up to the linger
+    /// for other work to share their commit; records that may not be dropped (states,
+    /// episodes, identities) make the commit start at once.
+    pub fn append_lingering(
+        &self,
+        items: Vec<(String, Timestamp, RecordBody)>,
+    ) -> Result<Commit, OutboxError> {
+        self.hand_over(items, true)
+    }
+
+    /// Hands records over for a commit that starts at once, and returns at once; the
+    /// [`Commit`] resolves to their seqs once they are durable. For a caller that gathered
+    /// its records itself and must not wait for the disk meanwhile.
+    pub fn append_soon(
+        &self,
+        items: Vec<(String, Timestamp, RecordBody)>,
+    ) -> Result<Commit, OutboxError> {
+        self.hand_over(items, false)
+    }
+
+    fn hand_over(
+        &self,
+        items: Vec<(String, Timestamp, RecordBody)>,
+        linger: bool,
+    ) -> Result<Commit, OutboxError> {
+        let items = items
+            .iter()
+            .map(|(device, at, body)| Ok((body.is_droppable(), self.encode(device, *at, body)?)))
+            .collect::<Result<Vec<_>, OutboxError>>()?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Append {
+            items,
+            state: None,
+            linger,
+            reply,
+        })?;
+        Ok(Commit {
+            path: self.inner.path.clone(),
+            rx,
+        })
     }
 
     /// Like [`Outbox::append_many`], and stores `state` under `key` in the same commit: a
@@ -399,7 +560,7 @@ impl Outbox {
             .iter()
             .map(|(device, at, body)| Ok((body.is_droppable(), self.encode(device, *at, body)?)))
             .collect::<Result<Vec<_>, OutboxError>>()?;
-        self.append_encoded(encoded, Some((key.to_string(), state)))
+        self.append_encoded(encoded, Some((key.to_string(), state)), false)
             .await
     }
 
@@ -424,11 +585,13 @@ impl Outbox {
         &self,
         items: Vec<(bool, Vec<u8>)>,
         state: Option<(String, Vec<u8>)>,
+        linger: bool,
     ) -> Result<Vec<u64>, OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.send(Op::Append {
             items,
             state,
+            linger,
             reply,
         })?;
         rx.await.map_err(|_| self.closed())?
@@ -437,7 +600,8 @@ impl Outbox {
     /// Oldest first, records with seq > after (None = from the oldest), at most max
     /// records / max_bytes of encoded JSON. The first record is returned even when it
     /// alone is larger than `max_bytes`, so that an oversized record cannot stall the
-    /// queue. Records that fail to decode are skipped, counted and moved aside.
+    /// queue. Records that fail to decode are skipped, counted and moved aside; records
+    /// acknowledged with [`Outbox::ack_later`] are skipped before their deletion commits.
     pub fn pending(
         &self,
         after: Option<u64>,
@@ -454,6 +618,7 @@ impl Outbox {
         if max == 0 {
             return Ok(out);
         }
+        let unsaved = lock(&self.inner.unsaved).clone();
         let txn = self
             .inner
             .db
@@ -470,6 +635,9 @@ impl Outbox {
         {
             let (k, v) = item.map_err(storage(path, "read records"))?;
             let seq = k.value();
+            if unsaved_covers(&unsaved, seq) {
+                continue;
+            }
             let stored = v.value();
             let json = stored.get(1..).unwrap_or_default();
             if !out.is_empty() && total + json.len() > max_bytes {
@@ -511,12 +679,81 @@ impl Outbox {
             return Ok(0);
         }
         let (reply, rx) = oneshot::channel();
-        self.send(Op::Ack { ranges, reply })?;
+        self.send(Op::Ack {
+            ranges,
+            reply: Some(reply),
+        })?;
         rx.await.map_err(|_| self.closed())?
     }
 
+    /// Deletes exactly the records in these ranges with the next commit, without waiting
+    /// for it: `pending` skips them from now on, and a crash before that commit only means
+    /// they are sent again (the gateway keeps one copy). Returns how many records it
+    /// deletes (ranges may cover seqs already gone or already acknowledged).
+    pub fn ack_later(&self, ranges: &[SeqRange]) -> Result<u64, OutboxError> {
+        let ranges: Vec<SeqRange> = ranges
+            .iter()
+            .filter(|r| r.first <= r.last)
+            .copied()
+            .collect();
+        if ranges.is_empty() {
+            return Ok(0);
+        }
+        let path = &self.inner.path;
+        // Held until the writer has the op: it takes the ranges out only after their
+        // commit, so each record is counted once, whichever side of it this read lands.
+        let mut unsaved = lock(&self.inner.unsaved);
+        let txn = self
+            .inner
+            .db
+            .begin_read()
+            .map_err(storage(path, "begin read"))?;
+        let table = txn
+            .open_table(RECORDS)
+            .map_err(storage(path, "open records table"))?;
+        let mut entries = Vec::with_capacity(ranges.len());
+        for (i, r) in ranges.iter().enumerate() {
+            let mut e = UnsavedAck {
+                range: *r,
+                records: 0,
+                bytes: 0,
+            };
+            for item in table
+                .range(r.first..=r.last)
+                .map_err(storage(path, "read records"))?
+            {
+                let (k, v) = item.map_err(storage(path, "read records"))?;
+                let seq = k.value();
+                if !unsaved_covers(&unsaved, seq) && !covered(&ranges[..i], seq) {
+                    e.records += 1;
+                    e.bytes += json_len(v.value());
+                }
+            }
+            entries.push(e);
+        }
+        let n = entries.iter().map(|e| e.records).sum();
+        unsaved.extend_from_slice(&entries);
+        let sent = self.send(Op::Ack {
+            ranges,
+            reply: None,
+        });
+        if sent.is_err() {
+            let keep = unsaved.len() - entries.len();
+            unsaved.truncate(keep);
+        }
+        sent.map(|()| n)
+    }
+
+    /// The counters as of the last commit, less the records deferred acks delete with
+    /// the next one (`oldest_seq` is the last commit's).
     pub fn stats(&self) -> OutboxStats {
-        lock(&self.inner.stats).clone()
+        let unsaved = lock(&self.inner.unsaved);
+        let mut s = lock(&self.inner.stats).clone();
+        for u in unsaved.iter() {
+            s.records = s.records.saturating_sub(u.records);
+            s.bytes = s.bytes.saturating_sub(u.bytes);
+        }
+        s
     }
 
     /// Flushes and stops the writer. Other clones get [`OutboxError::Closed`] afterwards.
@@ -632,11 +869,15 @@ fn new_incarnation(path: &Path) -> Result<(u64, u64), OutboxError> {
 
 /// Opens the database, telling damage (which moving the file aside cures) from every other
 /// failure (locked by another process, permissions: those must stop the agent).
-fn open_database(path: &Path) -> Result<Database, OutboxError> {
+fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, OutboxError> {
     // redb 2 panics on some truncated files instead of returning an error; the panic is
     // caught here so a damaged file is treated as damaged, not as a dead agent. Nothing
     // outlives the closure but its result, so no broken state can be observed.
-    let opened = quietly(|| Database::create(path));
+    let opened = quietly(|| {
+        redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+    });
     match opened {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)))) => {
@@ -696,7 +937,7 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 
 fn open_file(cfg: &OutboxConfig) -> Result<(Database, State), OutboxError> {
     let path = &cfg.path;
-    let db = open_database(path)?;
+    let db = open_database(path, cfg.cache_bytes)?;
     let mut txn = db.begin_write().map_err(storage(path, "begin write"))?;
     txn.set_durability(Durability::Immediate);
     let state = {
@@ -766,8 +1007,11 @@ struct Writer {
     db: Option<Arc<Database>>,
     max_bytes: u64,
     window: Duration,
+    linger: Duration,
+    ack_linger: Duration,
     state: State,
     stats: Arc<Mutex<OutboxStats>>,
+    unsaved: Unsaved,
 }
 
 /// What one op produced inside the transaction, sent once the commit returned.
@@ -779,39 +1023,17 @@ enum Outcome {
 
 impl Writer {
     fn run(mut self, rx: std_mpsc::Receiver<Op>) {
-        // The window closes early in two cases. (1) As many callers are waiting as the
-        // last commit answered: callers that await each append (every appender task)
-        // come back right after their answer, and once they are all in, waiting longer
-        // only adds latency. (2) Nothing new arrived for a tenth of the window: nobody
-        // else is coming. Ops that arrive while a commit runs queue up and all go into
-        // the next one, so batches grow with load on their own.
-        let quiet = (self.window / 10).max(Duration::from_micros(20));
+        // Callers that await each append (every appender task) come back right after
+        // their answer; `expect` is how many such callers the last commit answered.
         let mut expect = 1;
         while let Ok(first) = rx.recv() {
-            let deadline = Instant::now() + self.window;
-            let mut n = op_records(&first);
-            let mut closing = matches!(first, Op::Close { .. });
-            let mut batch = vec![first];
-            while !closing && n < MAX_BATCH_RECORDS {
-                let op = match rx.try_recv() {
-                    Ok(op) => op,
-                    Err(std_mpsc::TryRecvError::Disconnected) => break,
-                    Err(std_mpsc::TryRecvError::Empty) => {
-                        let now = Instant::now();
-                        if batch.len() >= expect || now >= deadline {
-                            break;
-                        }
-                        match rx.recv_timeout(quiet.min(deadline - now)) {
-                            Ok(op) => op,
-                            Err(_) => break,
-                        }
-                    }
-                };
-                n += op_records(&op);
-                closing = matches!(op, Op::Close { .. });
-                batch.push(op);
-            }
-            expect = batch.len();
+            let batch = self.gather(&rx, first, expect);
+            expect = batch
+                .iter()
+                .filter(|op| op.wait() == Wait::Prompt)
+                .count()
+                .max(1);
+            let closing = batch.iter().any(|op| matches!(op, Op::Close { .. }));
             self.commit(batch);
             if closing || self.db.is_none() {
                 break;
@@ -821,12 +1043,77 @@ impl Writer {
         // callers see the reply channel close and get `Closed`.
     }
 
+    /// The ops of one commit, `first` and what follows it. Ops that may linger wait for
+    /// company: the commit starts at the earliest of their arrival plus their linger
+    /// (`linger` for readings, `ack_linger` for deferred acks). Once an op that may not wait is
+    /// in, the commit window applies, and it closes early in two cases: (1) as many
+    /// callers wait as the last commit answered (`expect`): once they are all in,
+    /// waiting longer only adds latency; (2) nothing new arrived for a tenth of the
+    /// window: nobody else is coming. Ops that arrive while a commit runs queue up and
+    /// all go into the next one, so batches grow with load on their own.
+    fn gather(&self, rx: &std_mpsc::Receiver<Op>, first: Op, expect: usize) -> Vec<Op> {
+        let quiet = (self.window / 10).max(Duration::from_micros(20));
+        let mut prompt = 0;
+        let mut deadline = Instant::now() + self.ack_linger;
+        self.admit(&first, &mut prompt, &mut deadline);
+        let mut n = op_records(&first);
+        let mut closing = matches!(first, Op::Close { .. });
+        let mut batch = vec![first];
+        while !closing && n < MAX_BATCH_RECORDS {
+            let op = match rx.try_recv() {
+                Ok(op) => op,
+                Err(std_mpsc::TryRecvError::Disconnected) => break,
+                Err(std_mpsc::TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if now >= deadline || (prompt > 0 && prompt >= expect) {
+                        break;
+                    }
+                    let wait = if prompt > 0 {
+                        quiet.min(deadline - now)
+                    } else {
+                        deadline - now
+                    };
+                    match rx.recv_timeout(wait) {
+                        Ok(op) => op,
+                        Err(std_mpsc::RecvTimeoutError::Timeout) if prompt == 0 => continue,
+                        Err(_) => break,
+                    }
+                }
+            };
+            self.admit(&op, &mut prompt, &mut deadline);
+            n += op_records(&op);
+            closing = matches!(op, Op::Close { .. });
+            batch.push(op);
+        }
+        batch
+    }
+
+    /// Counts `op` in: the commit must start by its linger, and a prompt op brings the
+    /// deadline within the commit window.
+    fn admit(&self, op: &Op, prompt: &mut usize, deadline: &mut Instant) {
+        let wait = match op.wait() {
+            Wait::Prompt => {
+                *prompt += 1;
+                self.window
+            }
+            Wait::Linger => self.linger,
+            Wait::AckLinger => self.ack_linger,
+        };
+        *deadline = (*deadline).min(Instant::now() + wait);
+    }
+
     fn commit(&mut self, batch: Vec<Op>) {
         let mut st = self.state.clone();
         let result = match self.db.as_ref() {
             Some(db) => write_batch(db, &batch, &mut st, self.max_bytes),
             None => Err(CommitError::WriterClosed),
         };
+        // Committed or not, deferred acks are no longer waiting: after a failed commit
+        // their records are visible again and go to the gateway once more. The waiting
+        // set and the counters change under one lock, so `stats` never counts a deletion
+        // twice or not at all.
+        let mut unsaved = lock(&self.unsaved);
+        forget_unsaved(&mut unsaved, &batch);
         match result {
             Ok(outcomes) => {
                 if st.over_cap && !self.state.over_cap {
@@ -835,6 +1122,7 @@ impl Writer {
                 }
                 self.state = st;
                 *lock(&self.stats) = self.state.stats();
+                drop(unsaved);
                 let closing = batch.iter().any(|op| matches!(op, Op::Close { .. }));
                 if closing {
                     self.db = None;
@@ -844,7 +1132,12 @@ impl Writer {
                         (Op::Append { reply, .. }, Outcome::Seqs(s)) => {
                             let _ = reply.send(Ok(s));
                         }
-                        (Op::Ack { reply, .. }, Outcome::Acked(n)) => {
+                        (
+                            Op::Ack {
+                                reply: Some(reply), ..
+                            },
+                            Outcome::Acked(n),
+                        ) => {
                             let _ = reply.send(Ok(n));
                         }
                         (Op::Close { reply }, _) => {
@@ -855,6 +1148,7 @@ impl Writer {
                 }
             }
             Err(failure) => {
+                drop(unsaved);
                 tracing::error!(path = %self.path.display(), error = %failure, "outbox commit failed");
                 let err = || OutboxError::Commit {
                     path: self.path.clone(),
@@ -866,7 +1160,9 @@ impl Writer {
                             let _ = reply.send(Err(err()));
                         }
                         Op::Ack { reply, .. } => {
-                            let _ = reply.send(Err(err()));
+                            if let Some(reply) = reply {
+                                let _ = reply.send(Err(err()));
+                            }
                         }
                         Op::Close { reply } => {
                             self.db = None;
@@ -874,6 +1170,23 @@ impl Writer {
                         }
                         Op::Quarantine { .. } => {}
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Takes the deferred acks of `batch` out of the waiting set, one entry per range.
+fn forget_unsaved(unsaved: &mut Vec<UnsavedAck>, batch: &[Op]) {
+    for op in batch {
+        if let Op::Ack {
+            ranges,
+            reply: None,
+        } = op
+        {
+            for r in ranges {
+                if let Some(i) = unsaved.iter().position(|u| u.range == *r) {
+                    unsaved.swap_remove(i);
                 }
             }
         }
@@ -1150,6 +1463,158 @@ mod tests {
         let s = ob.stats();
         assert_eq!((s.records, s.undecodable_total), (2, 1));
         assert_eq!(ob.pending(None, 10, 1 << 20).unwrap().len(), 2);
+        ob.close().await.unwrap();
+    }
+
+    fn reading(i: u64) -> RecordBody {
+        RecordBody::Readings {
+            readings: vec![WireReading {
+                name: "p".into(),
+                value: Value::Num(i as f64),
+                unit: None,
+            }],
+        }
+    }
+
+    fn seqs_pending(ob: &Outbox) -> Vec<u64> {
+        ob.pending(None, 1000, 1 << 20)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect()
+    }
+
+    /// A linger no test outlives: whatever commits did so because something made it.
+    const FOREVER: Duration = Duration::from_secs(3600);
+
+    #[tokio::test]
+    async fn lingering_readings_go_with_the_next_state_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(OutboxConfig {
+            linger: FOREVER,
+            ..OutboxConfig::new(dir.path().join("o.redb"))
+        })
+        .await
+        .unwrap();
+        let at = Timestamp::now();
+        let readings = ob
+            .append_lingering(vec![
+                ("d".into(), at, reading(1)),
+                ("d".into(), at, reading(2)),
+            ])
+            .unwrap();
+        // Not durable, so not there for the uplink.
+        assert!(seqs_pending(&ob).is_empty());
+        let state = RecordBody::State {
+            from: DeviceState::Up,
+            to: DeviceState::Down,
+        };
+        // A state does not wait: it commits at once and takes the readings along.
+        assert_eq!(ob.append("d", at, state.clone()).await.unwrap(), 3);
+        assert_eq!(readings.await.unwrap(), vec![1, 2]);
+        assert_eq!(seqs_pending(&ob), vec![1, 2, 3]);
+        // Handed over to linger but not a reading: no waiting either.
+        let kept = ob.append_lingering(vec![("d".into(), at, state)]).unwrap();
+        assert_eq!(kept.await.unwrap(), vec![4]);
+        ob.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lingering_reading_alone_commits_after_the_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(OutboxConfig {
+            linger: Duration::from_millis(20),
+            ..OutboxConfig::new(dir.path().join("o.redb"))
+        })
+        .await
+        .unwrap();
+        let c = ob
+            .append_lingering(vec![("d".into(), Timestamp::now(), reading(1))])
+            .unwrap();
+        assert_eq!(c.await.unwrap(), vec![1]);
+        assert_eq!(seqs_pending(&ob), vec![1]);
+        ob.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn deferred_acks_count_once_hide_at_once_and_ride_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.redb");
+        let ob = Outbox::open(OutboxConfig {
+            ack_linger: FOREVER,
+            ..OutboxConfig::new(&path)
+        })
+        .await
+        .unwrap();
+        let at = Timestamp::now();
+        let items = (0..10).map(|i| ("d".to_string(), at, reading(i))).collect();
+        assert_eq!(
+            ob.append_many(items).await.unwrap(),
+            (1..=10).collect::<Vec<_>>()
+        );
+        let r = |first, last| SeqRange { first, last };
+        assert_eq!(ob.ack_later(&[r(1, 3)]).unwrap(), 3);
+        // Overlapping what is already acknowledged, within itself, and past the end.
+        assert_eq!(ob.ack_later(&[r(2, 5), r(4, 6), r(9, 99)]).unwrap(), 5);
+        assert_eq!(ob.ack_later(&[r(5, 4)]).unwrap(), 0);
+        assert_eq!(seqs_pending(&ob), vec![7, 8]);
+        // Counted as gone before their commit.
+        assert_eq!(ob.stats().records, 2);
+        // The next commit takes them along.
+        ob.append("d", at, reading(11)).await.unwrap();
+        assert_eq!(ob.stats().records, 3);
+        assert_eq!(seqs_pending(&ob), vec![7, 8, 11]);
+        assert_eq!(ob.ack_later(&[r(1, 8)]).unwrap(), 2);
+        assert_eq!(ob.stats().records, 1);
+        // Closing commits what waits.
+        ob.close().await.unwrap();
+        let ob = Outbox::open(OutboxConfig::new(&path)).await.unwrap();
+        assert_eq!(seqs_pending(&ob), vec![11]);
+        assert_eq!(ob.stats().records, 1);
+        ob.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_deferred_ack_alone_commits_after_its_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.redb");
+        let ob = Outbox::open(OutboxConfig {
+            ack_linger: Duration::from_millis(20),
+            ..OutboxConfig::new(&path)
+        })
+        .await
+        .unwrap();
+        ob.append("d", Timestamp::now(), reading(1)).await.unwrap();
+        assert_eq!(ob.ack_later(&[SeqRange { first: 1, last: 1 }]).unwrap(), 1);
+        // Nothing else comes: the linger running out commits it, which the writer's
+        // own counters (not `stats`, which counts it gone at once) show.
+        while lock(&ob.inner.stats).records != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(seqs_pending(&ob).is_empty());
+        assert!(lock(&ob.inner.unsaved).is_empty());
+        ob.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn records_handed_over_soon_commit_without_waiting_for_the_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(OutboxConfig {
+            linger: FOREVER,
+            ack_linger: FOREVER,
+            ..OutboxConfig::new(dir.path().join("o.redb"))
+        })
+        .await
+        .unwrap();
+        let at = Timestamp::now();
+        let c = ob
+            .append_soon(vec![
+                ("d".into(), at, reading(1)),
+                ("d".into(), at, reading(2)),
+            ])
+            .unwrap();
+        assert_eq!(c.await.unwrap(), vec![1, 2]);
+        assert_eq!(seqs_pending(&ob), vec![1, 2]);
         ob.close().await.unwrap();
     }
 }

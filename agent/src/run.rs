@@ -13,7 +13,7 @@ use crate::transport::mqtt::mqtt_link;
 use crate::transport::serial::SerialSource;
 use crate::transport::Stats;
 use jiff::Timestamp;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tend_profiles::{Profile, ProfileSet};
@@ -239,72 +239,125 @@ fn memory_key(device: &str) -> String {
     format!("monitor/{device}")
 }
 
-/// Most records the recorder gathers into one commit.
+/// Most records the recorder gathers into one hand-over.
 const RECORD_GROUP_MAX: usize = 1000;
+/// Most hand-overs of readings whose commit the recorder has not seen yet; past this it
+/// waits for the oldest before reading more (a slow disk slows the links, it does not
+/// grow memory).
+const COMMITS_IN_FLIGHT: usize = 64;
 
-/// Turns observations into durable records: each through its device's monitor. What is
-/// already waiting when the recorder looks goes to the outbox in as few commits as order
-/// allows (devices polled in the same instant cost one fsync, not one each): readings are
-/// gathered into one commit; an observation that changes a device's episodes or state is
-/// committed on its own with the monitor's memory (after the gathered readings, so the
-/// order of records is kept). `written` is poked after each commit so the uplink sends at
-/// once.
+/// Turns observations into durable records: each through its device's monitor. Readings
+/// are gathered for up to `linger` after the first of them and then handed to the outbox
+/// in one piece without waiting for the disk ([`Outbox::append_soon`]), so the reads of a
+/// link that polls its units in turn share one commit, and the outbox's writer wakes once
+/// per group, not once per read. An observation that changes a device's episodes or
+/// state is committed at once with the monitor's memory, after the readings gathered
+/// before it (the order of records is kept). `written` is poked after each commit so the
+/// uplink sends at once; nothing reaches the uplink before its commit returned, because
+/// the uplink reads what is committed.
+///
+/// [`Outbox::append_soon`]: crate::outbox::Outbox::append_soon
 pub async fn record(
     shared: Arc<Shared>,
     set: Arc<ProfileSet>,
     outbox: crate::outbox::Outbox,
     mut observations: mpsc::Receiver<Observation>,
     written: Arc<tokio::sync::Notify>,
+    linger: Duration,
 ) -> Result<(), crate::outbox::OutboxError> {
-    while let Some(first) = observations.recv().await {
-        let mut gathered: Vec<(String, Timestamp, RecordBody)> = Vec::new();
-        let mut next = Some(first);
-        while let Some(obs) = next.take() {
-            let (bodies, memory) = {
-                let mut monitors = lock(&shared.monitors);
-                match monitors.get_mut(&obs.device) {
-                    None => (Vec::new(), None),
-                    Some(m) => {
-                        let bodies = match obs.result {
-                            Ok(read) => m.observe(obs.at, read),
-                            Err(e) => {
-                                tracing::debug!(device = %obs.device, error = %e, "read failed");
-                                m.observe_failure(obs.at, &set)
-                            }
-                        };
-                        // States and episodes change the monitor's memory: store it in the
-                        // same commit as the records, so a crash cannot reopen or repeat
-                        // them.
-                        let remembers = bodies.iter().any(|b| {
-                            matches!(b, RecordBody::State { .. } | RecordBody::Episode(_))
-                        });
-                        (bodies, remembers.then(|| m.memory()))
-                    }
-                }
-            };
-            let items = bodies.into_iter().map(|b| (obs.device.clone(), obs.at, b));
-            match memory {
-                Some(mem) => {
-                    if !gathered.is_empty() {
-                        outbox.append_many(std::mem::take(&mut gathered)).await?;
-                    }
-                    outbox
-                        .append_many_with_state(items.collect(), &memory_key(&obs.device), mem)
-                        .await?;
-                    written.notify_one();
-                }
-                None => gathered.extend(items),
+    let mut commits: VecDeque<crate::outbox::Commit> = VecDeque::new();
+    let mut gathered: Vec<(String, Timestamp, RecordBody)> = Vec::new();
+    // One timer for the whole group, armed by its first reading.
+    let flush = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(flush);
+    loop {
+        let obs = tokio::select! {
+            biased;
+            done = oldest(&mut commits), if !commits.is_empty() => {
+                commits.pop_front();
+                done?;
+                written.notify_one();
+                continue;
             }
-            if gathered.len() < RECORD_GROUP_MAX {
-                next = observations.try_recv().ok();
+            () = &mut flush, if !gathered.is_empty() => {
+                commits.push_back(outbox.append_soon(std::mem::take(&mut gathered))?);
+                continue;
             }
-        }
-        if !gathered.is_empty() {
-            outbox.append_many(gathered).await?;
-            written.notify_one();
+            obs = observations.recv(), if commits.len() < COMMITS_IN_FLIGHT => match obs {
+                Some(obs) => obs,
+                None => break,
+            },
+        };
+        let Observation { device, at, result } = obs;
+        let (bodies, memory) = observe(&shared, &set, &device, at, result);
+        let items = bodies.into_iter().map(|b| (device.clone(), at, b));
+        match memory {
+            Some(mem) => {
+                if !gathered.is_empty() {
+                    commits.push_back(outbox.append_soon(std::mem::take(&mut gathered))?);
+                }
+                outbox
+                    .append_many_with_state(items.collect(), &memory_key(&device), mem)
+                    .await?;
+                written.notify_one();
+            }
+            None => {
+                if gathered.is_empty() {
+                    flush.as_mut().reset(tokio::time::Instant::now() + linger);
+                }
+                gathered.extend(items);
+                if gathered.len() >= RECORD_GROUP_MAX {
+                    commits.push_back(outbox.append_soon(std::mem::take(&mut gathered))?);
+                }
+            }
         }
     }
+    if !gathered.is_empty() {
+        commits.push_back(outbox.append_soon(gathered)?);
+    }
+    while let Some(done) = commits.pop_front() {
+        done.await?;
+        written.notify_one();
+    }
     Ok(())
+}
+
+/// The oldest hand-over's commit (the caller makes sure there is one).
+async fn oldest(
+    commits: &mut VecDeque<crate::outbox::Commit>,
+) -> Result<Vec<u64>, crate::outbox::OutboxError> {
+    match commits.front_mut() {
+        Some(c) => c.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs one observation through its device's monitor: the records it makes, and the
+/// monitor's memory when they change the device's episodes or state (stored in the same
+/// commit as the records, so a crash cannot reopen or repeat them).
+fn observe(
+    shared: &Shared,
+    set: &ProfileSet,
+    device: &str,
+    at: Timestamp,
+    result: Result<crate::transport::DeviceRead, crate::transport::TransportError>,
+) -> (Vec<RecordBody>, Option<Vec<u8>>) {
+    let mut monitors = lock(&shared.monitors);
+    let Some(m) = monitors.get_mut(device) else {
+        return (Vec::new(), None);
+    };
+    let bodies = match result {
+        Ok(read) => m.observe(at, read),
+        Err(e) => {
+            tracing::debug!(device = %device, error = %e, "read failed");
+            m.observe_failure(at, set)
+        }
+    };
+    let remembers = bodies
+        .iter()
+        .any(|b| matches!(b, RecordBody::State { .. } | RecordBody::Episode(_)));
+    let memory = remembers.then(|| m.memory());
+    (bodies, memory)
 }
 
 /// Everything the running agent is made of, started: the outbox, the link tasks and the
@@ -329,6 +382,9 @@ impl Started {
             path: c.data_dir.join("outbox.redb"),
             max_bytes: c.outbox.max_size.0,
             commit_window: c.outbox.commit_window.0,
+            linger: c.outbox.linger.0,
+            ack_linger: crate::outbox::DEFAULT_ACK_LINGER,
+            cache_bytes: crate::outbox::DEFAULT_CACHE_BYTES,
         })
         .await?;
         let shared = Arc::new(Shared::default());
@@ -354,6 +410,7 @@ impl Started {
             outbox.clone(),
             rx,
             written.clone(),
+            c.outbox.linger.0,
         );
         let failed = recorder_failed.clone();
         let recorder = tokio::spawn(async move {

@@ -241,6 +241,36 @@ impl ModbusDevice for Device {
     }
 }
 
+/// Several ventilators behind one Modbus TCP endpoint (a serial-to-Ethernet gateway in
+/// front of an RS-485 bus): each request goes to the unit it names.
+struct Units(Vec<Arc<Device>>);
+
+impl ModbusDevice for Units {
+    fn respond(&self, unit: u8, pdu: &[u8]) -> Option<Vec<u8>> {
+        let device = self.0.iter().find(|d| d.cfg.unit == unit)?;
+        device.respond(unit, pdu)
+    }
+}
+
+/// Ventilators served by [`Av500Sim::spawn_tcp_units`]. Dropping it stops them all.
+#[derive(Debug)]
+pub struct Av500Units {
+    addr: SocketAddr,
+    units: Vec<(Av500Config, Shared<Av500State>)>,
+    _stopper: Stopper,
+}
+
+impl Av500Units {
+    /// The one endpoint every unit answers on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// Each unit's config and state, in the order given.
+    pub fn units(&self) -> &[(Av500Config, Shared<Av500State>)] {
+        &self.units
+    }
+}
+
 /// Starts AV-500 simulators.
 pub struct Av500Sim;
 
@@ -275,6 +305,43 @@ impl Av500Sim {
             state,
             endpoint: Endpoint::Tcp(local),
             stopper,
+        })
+    }
+
+    /// Serves every ventilator of `cfgs` on one Modbus TCP endpoint `addr`, each under
+    /// its own unit id (which must differ).
+    pub async fn spawn_tcp_units(
+        cfgs: Vec<Av500Config>,
+        addr: SocketAddr,
+    ) -> io::Result<Av500Units> {
+        let mut ids: Vec<u8> = cfgs.iter().map(|c| c.unit).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "two simulated AV-500 units on one endpoint have the same unit id",
+            ));
+        }
+        let listener = modbus::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (units, devices): (Vec<_>, Vec<_>) = cfgs
+            .into_iter()
+            .map(|cfg| {
+                let (state, dev) = Self::device(&cfg);
+                ((cfg, state), dev)
+            })
+            .unzip();
+        let stopper = Stopper::new();
+        tokio::spawn(modbus::serve_tcp(
+            listener,
+            Arc::new(Units(devices)),
+            TcpLimits::default(),
+            stopper.token(),
+        ));
+        Ok(Av500Units {
+            addr,
+            units,
+            _stopper: stopper,
         })
     }
 

@@ -283,3 +283,48 @@ async fn hm2_boil_off_lowers_the_level() {
     let alarms = c.read_holding_registers(7, 1).await.unwrap().unwrap()[0];
     assert_eq!(alarms & 1, 1, "level low alarm bit 0");
 }
+
+#[tokio::test]
+async fn av500_units_behind_one_tcp_endpoint() {
+    let cfgs: Vec<Av500Config> = (1..=3u8)
+        .map(|unit| {
+            let mut c = Av500Config::new(
+                tend_devsim::Version::new(5, 2, 1),
+                format!("AV5C-21-00010{unit}"),
+            );
+            c.unit = unit;
+            c
+        })
+        .collect();
+    let sims = Av500Sim::spawn_tcp_units(cfgs, any_port()).await.unwrap();
+    sims.units()[1]
+        .1
+        .update(|s| s.operating_minutes = 1_966_130);
+    sims.units()[0].1.update(|s| s.operating_minutes = 0);
+    sims.units()[2].1.update(|s| s.operating_minutes = 0);
+    let mut stream = TcpStream::connect(sims.addr()).await.unwrap();
+    for unit in 1..=3u8 {
+        // Each unit answers with its own serial, on the same connection.
+        let hold = raw_tcp(&mut stream, u16::from(unit), unit, &[0x03, 0, 3, 0, 8])
+            .await
+            .expect("the unit answers");
+        let serial = String::from_utf8(hold[2..18].to_vec()).unwrap();
+        assert_eq!(serial.trim_end(), format!("AV5C-21-00010{unit}"));
+        let input = raw_tcp(&mut stream, 10 + u16::from(unit), unit, &[0x04, 0, 4, 0, 2])
+            .await
+            .expect("the unit answers");
+        let minutes = if unit == 2 {
+            [0x00, 0x32, 0x00, 0x1E]
+        } else {
+            [0; 4]
+        };
+        assert_eq!(&input[2..6], &minutes, "unit {unit}");
+    }
+    // A unit id nobody has: silence, as on a bus.
+    assert!(raw_tcp(&mut stream, 99, 9, &[0x03, 0, 3, 0, 8])
+        .await
+        .is_none());
+    // Two units with one id are refused.
+    let twice = vec![Av500Config::v5(), Av500Config::v5()];
+    assert!(Av500Sim::spawn_tcp_units(twice, any_port()).await.is_err());
+}
