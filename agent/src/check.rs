@@ -362,6 +362,7 @@ data_dir = "data"
 
 [uplink]
 broker = "mqtt://gw.example:1883"
+credentials = "agent-icu-a.cred"
 
 [[device]]
 id = "icu7-vent"
