@@ -150,20 +150,20 @@ fn tb_gateway_json(port: u16) -> serde_json::Value {
     })
 }
 
-/// `modbus.json`: one slave per simulator, the registers the agent's AV-500 5.x profile
+/// `modbus.json`: one slave per simulator (its endpoint and unit id), the registers the agent's AV-500 5.x profile
 /// reads every poll (holding 11–12, input 0–15) as two address ranges (one request each,
 /// the cheaper form), every second.
-fn modbus_json(devices: &[SocketAddr]) -> serde_json::Value {
+fn modbus_json(devices: &[(SocketAddr, u8)]) -> serde_json::Value {
     let slaves: Vec<serde_json::Value> = devices
         .iter()
         .enumerate()
-        .map(|(i, a)| {
+        .map(|(i, (a, unit))| {
             serde_json::json!({
                 "host": a.ip().to_string(),
                 "port": a.port(),
                 "type": "tcp",
                 "method": "socket",
-                "unitId": 1,
+                "unitId": unit,
                 "deviceName": crate::tend::device_id(i),
                 "deviceType": "ventilator",
                 "timeout": 1,
@@ -205,7 +205,12 @@ fn package_dir(venv: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Starts the peer in `dir` (its config, `./logs`, and its output).
-pub fn start(venv: &Path, dir: &Path, port: u16, devices: &[SocketAddr]) -> anyhow::Result<Proc> {
+pub fn start(
+    venv: &Path,
+    dir: &Path,
+    port: u16,
+    devices: &[(SocketAddr, u8)],
+) -> anyhow::Result<Proc> {
     let config = dir.join("config");
     std::fs::create_dir_all(&config)?;
     // Without ./logs the logging config fails (and pymodbus floods the console).

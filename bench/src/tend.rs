@@ -194,12 +194,13 @@ pub fn broker_addr(url: &str) -> (String, u16) {
     (h.to_string(), p.parse().unwrap_or(1883))
 }
 
-/// An agent's config: `devices` are the simulators' addresses; its credentials are
-/// `bench-agent.cred` beside it (see [`enrol_agent`]).
+/// An agent's config: `devices` are the simulators' addresses and Modbus unit ids (one
+/// endpoint each, or many units behind one); its credentials are `bench-agent.cred`
+/// beside it (see [`enrol_agent`]).
 pub fn agent_config(
     dir: &Path,
     broker: &str,
-    devices: &[SocketAddr],
+    devices: &[(SocketAddr, u8)],
     flap_damping: &str,
 ) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
@@ -207,10 +208,10 @@ pub fn agent_config(
         "agent_id = \"{AGENT_ID}\"\nsite_id = \"{SITE_ID}\"\ndata_dir = \"data\"\nflap_damping = \"{flap_damping}\"\n\n\
          [uplink]\nbroker = \"{broker}\"\ncredentials = \"{AGENT_ID}.cred\"\n"
     );
-    for (i, a) in devices.iter().enumerate() {
+    for (i, (a, unit)) in devices.iter().enumerate() {
         let _ = write!(
             s,
-            "\n[[device]]\nid = \"{}\"\nprofile = \"aeris/av-500\"\ntransport = \"modbus-tcp\"\naddress = \"{a}\"\nunit = 1\npoll_interval = \"1s\"\n",
+            "\n[[device]]\nid = \"{}\"\nprofile = \"aeris/av-500\"\ntransport = \"modbus-tcp\"\naddress = \"{a}\"\nunit = {unit}\npoll_interval = \"1s\"\n",
             device_id(i)
         );
     }
