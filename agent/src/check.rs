@@ -353,7 +353,6 @@ fn reach_all(items: &[Item]) -> std::io::Result<Vec<Outcome>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     const CONFIG: &str = r#"
 agent_id = "agent-icu-a"
@@ -400,7 +399,11 @@ serial = "VM12-00A4471"
 
     #[test]
     fn one_item_per_link_in_config_order() {
-        let loaded = crate::config::parse("agent.toml", CONFIG, Path::new("/etc/tend")).unwrap();
+        // The config's relative paths resolve against its folder, which holds the
+        // credentials file the uplink requires.
+        let dir = tempfile::tempdir().unwrap();
+        tend_testkit::trust::credentials(dir.path(), "agent-icu-a");
+        let loaded = crate::config::parse("agent.toml", CONFIG, dir.path()).unwrap();
         let items = plan(&loaded);
         let names: Vec<&str> = items.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(

@@ -120,6 +120,22 @@ pub async fn drain_agent(
     .await;
 }
 
+/// Stops the agent as its supervisor does (SIGTERM) and waits for a clean exit: its
+/// outbox closes, which commits the acknowledged deletions still riding along for the next
+/// commit (after a SIGKILL those records stay and are sent again, stored once).
+pub async fn stop_agent(agent: &mut tokio::process::Child) {
+    let pid = agent.id().expect("the agent is running");
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(15), agent.wait())
+        .await
+        .expect("the agent did not stop within 15 s of SIGTERM")
+        .expect("wait for the agent");
+    assert!(status.success(), "agent exit status {status:?}");
+}
+
 /// After the agent and the gateway have stopped: the agent's outbox is empty (everything
 /// acked) and the gateway's store holds exactly seqs 1..=max of `agent`, max being the
 /// last seq the outbox gave out. Returns max.

@@ -494,11 +494,11 @@ mod tests {
             Err(WireError::Malformed(_))
         ));
         assert_eq!(
-            UpBatch::decode(br#"{"v":2,"agent":"a","incarnation":"i1","site":"s","records":[]}"#),
+            UpBatch::decode(br#"{"v":2,"agent":"a","incarnation":"i1","site":"s","sent_at":"2026-12-02T00:00:00Z","records":[]}"#),
             Err(WireError::Version(2))
         );
         assert!(matches!(
-            UpBatch::decode(br#"{"v":1,"agent":"a/#","incarnation":"i1","site":"s","records":[]}"#),
+            UpBatch::decode(br#"{"v":1,"agent":"a/#","incarnation":"i1","site":"s","sent_at":"2026-12-02T00:00:00Z","records":[]}"#),
             Err(WireError::AgentId(_))
         ));
         assert!(
@@ -532,7 +532,7 @@ mod tests {
         let long = "a".repeat(MAX_INCARNATION + 1);
         for bad in ["", "a/b", "a b", "é", long.as_str()] {
             let b = format!(
-                r#"{{"v":1,"agent":"a","incarnation":{},"site":"s","records":[]}}"#,
+                r#"{{"v":1,"agent":"a","incarnation":{},"site":"s","sent_at":"2026-12-02T00:00:00Z","records":[]}}"#,
                 serde_json::json!(bad)
             );
             assert!(
