@@ -62,6 +62,8 @@ fn duration(s: &str) -> Result<Duration, String> {
 #[derive(Parser, Debug)]
 #[command(
     name = "tend-bench",
+    // scripts/bench passes some options first; the user's own come later and win.
+    args_override_self = true,
     about = "The benchmarks of DESIGN §5, tend beside ThingsBoard IoT Gateway"
 )]
 struct Args {
@@ -90,8 +92,13 @@ struct Args {
     /// Where tend-agent and tend-gateway are.
     #[arg(long, default_value = "target/release")]
     bin: PathBuf,
-    /// Where the shipped (dist profile) binaries are, for their sizes.
-    #[arg(long, default_value = "target/dist")]
+    /// The folder of the `tend-agent` to run, when not `--bin` (`scripts/bench` passes the shipped
+    /// one, `target/dist-agent`).
+    #[arg(long)]
+    agent_dir: Option<PathBuf>,
+    /// The target directory holding the shipped binaries (`dist-agent/tend-agent`,
+    /// `dist/tend-gateway`), for their sizes.
+    #[arg(long, default_value = "target")]
     dist: PathBuf,
     /// The virtualenv holding thingsboard-gateway.
     #[arg(long, default_value = ".bench-venv")]
@@ -237,8 +244,10 @@ async fn run(a: Args) -> anyhow::Result<()> {
     }
     let layouts = layouts(&a.layouts)?;
     batch_sizes(&a.ingest_batches)?;
-    for b in ["tend-agent", "tend-gateway"] {
-        let p = a.bin.join(b);
+    for p in [
+        a.agent_folder().join("tend-agent"),
+        a.bin.join("tend-gateway"),
+    ] {
         anyhow::ensure!(
             p.exists(),
             "{} is missing (cargo build --release)",
@@ -316,12 +325,23 @@ fn batch_sizes(s: &str) -> anyhow::Result<Vec<usize>> {
         .collect()
 }
 
-/// Bytes of the shipped binaries, where `scripts/package` or `scripts/bench` built them.
+/// Bytes of the shipped binaries, where `scripts/package` or `scripts/bench` built them
+/// under the target directory `dir`.
 fn dist_sizes(dir: &Path) -> Vec<(String, u64)> {
-    ["tend-agent", "tend-gateway"]
+    [("dist-agent", "tend-agent"), ("dist", "tend-gateway")]
         .iter()
-        .filter_map(|b| Some((b.to_string(), std::fs::metadata(dir.join(b)).ok()?.len())))
+        .filter_map(|(profile, b)| {
+            let bytes = std::fs::metadata(dir.join(profile).join(b)).ok()?.len();
+            Some((b.to_string(), bytes))
+        })
         .collect()
+}
+
+impl Args {
+    /// The folder of the `tend-agent` the bench runs.
+    fn agent_folder(&self) -> &Path {
+        self.agent_dir.as_deref().unwrap_or(&self.bin)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -368,7 +388,7 @@ async fn resources(
         tend::enrol_agent(&a.bin, &plan, &dir.join("agent"))?;
         let gw = Gateway::start(&a.bin, &plan).await?;
         let cfg = tend::agent_config(&dir.join("agent"), &gw.broker, &addrs, "60s")?;
-        let mut agent = tend::start_agent(&a.bin, &cfg, a.agent_wrap.as_deref())?;
+        let mut agent = tend::start_agent(a.agent_folder(), &cfg, a.agent_wrap.as_deref())?;
         tokio::time::sleep(a.warmup).await;
         let r0 = gw.metric("tend_gateway_records_total").await?;
         let u = procs::measure(agent.pid(), a.window, tck).await;
@@ -585,7 +605,7 @@ async fn drain(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyho
             trust_dir: None,
         };
         tend::enrol_agent(&a.bin, &plan, &agent_dir)?;
-        let mut agent = tend::start_agent(&a.bin, &cfg, a.agent_wrap.as_deref())?;
+        let mut agent = tend::start_agent(a.agent_folder(), &cfg, a.agent_wrap.as_deref())?;
         // The agent in the outage, holding the backlog and recording its devices.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let held = procs::sample(agent.pid());
@@ -711,7 +731,7 @@ async fn latency(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> any
             })
         };
         let cfg = tend::agent_config(&dir.join("agent"), &gw.broker, &addrs, "1s")?;
-        let mut agent = tend::start_agent(&a.bin, &cfg, a.agent_wrap.as_deref())?;
+        let mut agent = tend::start_agent(a.agent_folder(), &cfg, a.agent_wrap.as_deref())?;
         let t = Instant::now();
         while identified.lock().unwrap().len() < a.devices && t.elapsed() < Duration::from_secs(60)
         {
