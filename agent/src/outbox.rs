@@ -86,8 +86,10 @@ pub const DEFAULT_LINGER: Duration = Duration::from_millis(100);
 pub const DEFAULT_ACK_LINGER: Duration = Duration::from_secs(5);
 /// Default bound of redb's page cache. redb's own default (1 GiB) lets the cache grow
 /// with the file, so an outage's backlog would show up as resident memory; the writer
-/// only touches the newest pages and the uplink reads the oldest ones once.
-pub const DEFAULT_CACHE_BYTES: usize = 2 << 20;
+/// only touches the newest pages and the uplink reads the oldest ones once. 512 KiB holds
+/// the tree's top and its newest leaves; 2 MiB cost 1.5 MiB more resident memory and no
+/// throughput (BENCHMARKS.md, issue 16).
+pub const DEFAULT_CACHE_BYTES: usize = 512 << 10;
 
 /// Upper bound of records in one transaction, so one commit's latency stays bounded
 /// when a long queue builds up behind a slow disk.

@@ -281,6 +281,12 @@ impl Report {
                 runs(&t, 2),
                 verdict(median(&t) < 15.0)
             );
+            let _ = writeln!(
+                o,
+                "| … of which the agent's reconnect wait, s | {:.2} | {} | | |",
+                median(&f),
+                runs(&f, 2)
+            );
             if !self.outage_mib.is_empty() {
                 let held: Vec<f64> = self.outage_mib.iter().map(|m| m.0).collect();
                 let peak: Vec<f64> = self.outage_mib.iter().map(|m| m.1).collect();
@@ -299,12 +305,6 @@ impl Report {
                     verdict(median(&peak) <= 16.0)
                 );
             }
-            let _ = writeln!(
-                o,
-                "| … of which the agent's reconnect wait, s | {:.2} | {} | | |",
-                median(&f),
-                runs(&f, 2)
-            );
             if let Some((enc, file)) = self.outbox_size {
                 let _ = writeln!(
                     o,
