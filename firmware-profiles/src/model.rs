@@ -95,13 +95,55 @@ impl fmt::Display for DeviceState {
 }
 
 /// One decoded point value. Only points a profile lists ever become a `Value`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// On the wire a number, a string or an array of strings (untagged). Decoding is written
+/// out: serde's untagged derive buffers every value and tries each variant in turn, which
+/// was a large share of the gateway's cost per reading.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Value {
     Num(f64),
     Text(String),
     /// A set of active codes (VM-12 technical alarms, module fault codes).
     Codes(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ValueVisitor;
+        impl<'de> serde::de::Visitor<'de> for ValueVisitor {
+            type Value = Value;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number, a string or an array of strings")
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+                Ok(Value::Num(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+                Ok(Value::Num(v as f64))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+                Ok(Value::Num(v as f64))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+                Ok(Value::Text(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+                Ok(Value::Text(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Value, A::Error> {
+                let mut codes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+                while let Some(c) = seq.next_element::<String>()? {
+                    codes.push(c);
+                }
+                Ok(Value::Codes(codes))
+            }
+        }
+        d.deserialize_any(ValueVisitor)
+    }
 }
 
 impl Value {

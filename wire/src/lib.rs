@@ -104,7 +104,11 @@ pub fn valid_status(s: &str) -> bool {
 }
 
 /// One record, numbered by the agent that made it durable.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// On the wire one flat object: `seq`, `at`, `device`, `type` and the body's fields.
+/// Decoding is written out (see [`Record`]'s `Deserialize`): `#[serde(flatten)]` over a
+/// tagged enum made serde buffer and copy every record before decoding it again.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Record {
     pub seq: u64,
     /// The agent's UTC time when the record was made.
@@ -113,6 +117,114 @@ pub struct Record {
     pub device: String,
     #[serde(flatten)]
     pub body: RecordBody,
+}
+
+/// A record's key: the common fields and `readings` without an allocation, any other
+/// key as it is.
+enum RecordField {
+    Seq,
+    At,
+    Device,
+    Type,
+    Readings,
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for RecordField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+        impl serde::de::Visitor<'_> for FieldVisitor {
+            type Value = RecordField;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RecordField, E> {
+                Ok(match v {
+                    "seq" => RecordField::Seq,
+                    "at" => RecordField::At,
+                    "device" => RecordField::Device,
+                    "type" => RecordField::Type,
+                    "readings" => RecordField::Readings,
+                    other => RecordField::Other(other.to_string()),
+                })
+            }
+        }
+        d.deserialize_identifier(FieldVisitor)
+    }
+}
+
+/// One pass over the record's fields: readings (nearly every record) are decoded in
+/// place; any other body's fields are kept as JSON and decoded as [`RecordBody`] at the
+/// end, with the same rules as the derived form (unknown fields ignored, `type` required).
+impl<'de> Deserialize<'de> for Record {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct RecordVisitor;
+        impl<'de> serde::de::Visitor<'de> for RecordVisitor {
+            type Value = Record;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a record object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Record, A::Error> {
+                use serde::de::Error;
+                let mut seq: Option<u64> = None;
+                let mut at: Option<Timestamp> = None;
+                let mut device: Option<String> = None;
+                let mut kind: Option<String> = None;
+                let mut readings: Option<Vec<WireReading>> = None;
+                let mut rest = serde_json::Map::new();
+                let dup = |k: &str| A::Error::custom(format_args!("duplicate field `{k}`"));
+                while let Some(key) = map.next_key::<RecordField>()? {
+                    match key {
+                        RecordField::Seq if seq.is_some() => return Err(dup("seq")),
+                        RecordField::Seq => seq = Some(map.next_value()?),
+                        RecordField::At if at.is_some() => return Err(dup("at")),
+                        RecordField::At => at = Some(map.next_value()?),
+                        RecordField::Device if device.is_some() => return Err(dup("device")),
+                        RecordField::Device => device = Some(map.next_value()?),
+                        RecordField::Type if kind.is_some() => return Err(dup("type")),
+                        RecordField::Type => kind = Some(map.next_value()?),
+                        RecordField::Readings if readings.is_some() => return Err(dup("readings")),
+                        RecordField::Readings
+                            if kind.as_deref().is_none_or(|k| k == "readings") =>
+                        {
+                            readings = Some(map.next_value()?)
+                        }
+                        RecordField::Readings => {
+                            let v: serde_json::Value = map.next_value()?;
+                            rest.insert("readings".into(), v);
+                        }
+                        RecordField::Other(k) => {
+                            let v: serde_json::Value = map.next_value()?;
+                            rest.insert(k, v);
+                        }
+                    }
+                }
+                let seq = seq.ok_or_else(|| A::Error::missing_field("seq"))?;
+                let at = at.ok_or_else(|| A::Error::missing_field("at"))?;
+                let device = device.ok_or_else(|| A::Error::missing_field("device"))?;
+                let kind = kind.ok_or_else(|| A::Error::missing_field("type"))?;
+                let body = if kind == "readings" {
+                    RecordBody::Readings {
+                        readings: readings.ok_or_else(|| A::Error::missing_field("readings"))?,
+                    }
+                } else {
+                    rest.insert("type".into(), serde_json::Value::String(kind));
+                    RecordBody::deserialize(serde_json::Value::Object(rest))
+                        .map_err(A::Error::custom)?
+                };
+                Ok(Record {
+                    seq,
+                    at,
+                    device,
+                    body,
+                })
+            }
+        }
+        d.deserialize_map(RecordVisitor)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -481,6 +593,79 @@ mod tests {
         assert!(text.contains("\"type\":\"episode\""), "{text}");
         assert!(!b.records[0].body.is_droppable());
         assert!(b.records[2].body.is_droppable());
+    }
+
+    /// The written-out decoders of `Record` and `Value` read what the derived forms
+    /// wrote, in any key order, and refuse what the derived forms refused.
+    #[test]
+    fn records_decode_in_any_key_order_and_bad_ones_are_refused() {
+        let record = |json: &str| serde_json::from_str::<Record>(json);
+        let readings = record(
+            r#"{"readings":[{"name":"ppeak","value":31.5,"unit":"cmH2O"},{"name":"mode","value":"VC"},{"name":"alarms","value":["A1","A7"]},{"name":"n","value":-4}],"device":"d","type":"readings","at":"2026-11-28T02:15:02Z","seq":9}"#,
+        )
+        .unwrap();
+        assert_eq!(readings.seq, 9);
+        assert_eq!(readings.at, ts());
+        let RecordBody::Readings { readings: r } = &readings.body else {
+            panic!("{readings:?}");
+        };
+        assert_eq!(r[0].value, Value::Num(31.5));
+        assert_eq!(r[0].unit.as_deref(), Some("cmH2O"));
+        assert_eq!(r[1].value, Value::Text("VC".into()));
+        assert_eq!(r[2].value, Value::Codes(vec!["A1".into(), "A7".into()]));
+        assert_eq!(r[3].value, Value::Num(-4.0));
+        // Every body survives a round trip, and an unknown field is ignored as before.
+        for body in [
+            RecordBody::Identity {
+                model: "aeris/av-500".into(),
+                firmware: "5.2.1".into(),
+                serial: None,
+                profile: "aeris/av-500-5.x".into(),
+            },
+            RecordBody::State {
+                from: DeviceState::Up,
+                to: DeviceState::Down,
+            },
+            RecordBody::Dropped {
+                count: 3,
+                first_seq: 1,
+                last_seq: 5,
+            },
+            readings.body.clone(),
+        ] {
+            let r = Record {
+                seq: 1,
+                at: ts(),
+                device: "d".into(),
+                body,
+            };
+            let mut json = serde_json::to_value(&r).unwrap();
+            json["extra"] = serde_json::json!({"nested": [1, 2]});
+            assert_eq!(serde_json::from_value::<Record>(json).unwrap(), r);
+        }
+        let state_with_readings_field = record(
+            r#"{"seq":1,"at":"2026-11-28T02:15:02Z","device":"d","type":"state","readings":7,"from":"up","to":"down"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            state_with_readings_field.body,
+            RecordBody::State { .. }
+        ));
+        for bad in [
+            r#"{"seq":1,"at":"2026-11-28T02:15:02Z","device":"d","readings":[]}"#,
+            r#"{"seq":1,"at":"2026-11-28T02:15:02Z","device":"d","type":"readings"}"#,
+            r#"{"seq":1,"seq":2,"at":"2026-11-28T02:15:02Z","device":"d","type":"readings","readings":[]}"#,
+            r#"{"at":"2026-11-28T02:15:02Z","device":"d","type":"readings","readings":[]}"#,
+            r#"{"seq":1,"at":"2026-11-28T02:15:02Z","device":"d","type":"nonsense"}"#,
+            r#"{"seq":1,"at":"2026-11-28T02:15:02Z","device":"d","type":"state","from":"up"}"#,
+            r#"{"seq":1,"at":"2026-11-28T02:15:02Z","device":"d","type":"readings","readings":[{"name":"x","value":true}]}"#,
+            r#"{"seq":1,"at":"2026-11-28T02:15:02Z","device":"d","type":"readings","readings":[{"name":"x","value":null}]}"#,
+            r#"{"seq":1,"at":"2026-11-28T02:15:02Z","device":"d","type":"readings","readings":[{"name":"x","value":[1]}]}"#,
+            r#"{"seq":1,"at":"2026-11-28T02:15:02Z","device":"d","type":"readings","readings":[{"name":"x","value":{"a":1}}]}"#,
+            r#"[1,"2026-11-28T02:15:02Z","d"]"#,
+        ] {
+            assert!(record(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
