@@ -23,8 +23,9 @@ use tend_mqtt::{BrokerUrl, ClientTls};
 use tend_profiles::schema::Parity;
 use tokio::net::TcpStream;
 
-/// Exit code when the config is invalid or anything it names cannot be reached.
-pub const EXIT_PROBLEMS: u8 = 2;
+/// Exit code when the config is invalid or anything it names cannot be reached: the
+/// one every invalid config gets (the unit's `RestartPreventExitStatus` names it).
+pub const EXIT_PROBLEMS: u8 = crate::profile_cmd::EXIT_INVALID;
 
 /// How long one connection attempt (TCP connect plus TLS handshake) may take.
 pub const REACH_TIMEOUT: Duration = Duration::from_secs(5);

@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tend_mqtt::{BrokerUrl, ClientTls};
 
-/// Exit code when the config is invalid or anything it names is not usable.
-pub const EXIT_PROBLEMS: u8 = 2;
+/// Exit code when the config is invalid or anything it names is not usable: the one
+/// every invalid config gets (the unit's `RestartPreventExitStatus` names it).
+pub const EXIT_PROBLEMS: u8 = crate::command_line::EXIT_INVALID;
 
 /// How long one connection attempt (TCP connect, TLS handshake) may take.
 pub const REACH_TIMEOUT: Duration = Duration::from_secs(5);
