@@ -1049,21 +1049,20 @@ async fn ingest_breakdown(
     total: u64,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    {
-        let payloads: Vec<(AgentKey, String, Bytes)> = batches
-            .iter()
-            .map(|(topic, p, _)| {
-                let agent = agent_of(topic).unwrap_or_default();
-                (keys[agent].clone(), agent.to_string(), p.clone())
-            })
-            .collect();
-        let store_dir = work.join("ingest-breakdown");
-        let devices = a.devices;
-        let group = a.ingest_window.max(1);
-        let (decode_cpu, apply_cpu, apply_wall) =
-            tokio::task::spawn_blocking(move || breakdown(&payloads, &store_dir, devices, group))
-                .await??;
-        log(format!(
+    let payloads: Vec<(AgentKey, String, Bytes)> = batches
+        .iter()
+        .map(|(topic, p, _)| {
+            let agent = agent_of(topic).unwrap_or_default();
+            (keys[agent].clone(), agent.to_string(), p.clone())
+        })
+        .collect();
+    let store_dir = work.join("ingest-breakdown");
+    let devices = a.devices;
+    let group = a.ingest_window.max(1);
+    let (decode_cpu, apply_cpu, apply_wall) =
+        tokio::task::spawn_blocking(move || breakdown(&payloads, &store_dir, devices, group))
+            .await??;
+    log(format!(
             "ingest CPU per record on one core: open and decode {:.2} µs ({:.0} records/s), apply {:.2} µs ({:.0} records/s; {:.0} records/s with its fsyncs, groups of {group})",
             decode_cpu * 1e6 / total as f64,
             total as f64 / decode_cpu,
@@ -1071,8 +1070,7 @@ async fn ingest_breakdown(
             total as f64 / apply_cpu,
             total as f64 / apply_wall,
         ));
-        report.ingest_breakdown = Some((total as f64 / decode_cpu, total as f64 / apply_cpu));
-    }
+    report.ingest_breakdown = Some((total as f64 / decode_cpu, total as f64 / apply_cpu));
     Ok(())
 }
 
@@ -1089,92 +1087,88 @@ async fn ingest_run(
     in_flight: usize,
 ) -> anyhow::Result<(f64, f64, f64)> {
     let tck = procs::clk_tck();
-    {
-        let gw = Gateway::start(bin, plan).await?;
-        let (host, port) = gw.broker_addr();
-        let login = |name: &str| Some(logins[name].clone());
-        let mut acks = mqtt::connect_as(
-            &host,
-            port,
-            "bench-acks",
-            login("bench-acks"),
-            &["tend/v1/+/ack".to_string()],
-        )
-        .await?;
-        let mut pubs = Vec::new();
-        for i in 0..4 {
-            let name = format!("bench-pub-{i}");
-            pubs.push(mqtt::connect_as(&host, port, &name, login(&name), &[]).await?);
-        }
-        let window = Arc::new(tokio::sync::Semaphore::new(in_flight));
-        let acked = Arc::new(AtomicU64::new(0));
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Instant>();
-        let ack_task = {
-            let (window, acked, keys) = (window.clone(), acked.clone(), keys.clone());
-            tokio::spawn(async move {
-                let mut done_tx = Some(done_tx);
-                while let Some(m) = acks.rx.recv().await {
-                    // Only acks sealed with the agent's key count, as for a real agent.
-                    let opened = agent_of(&m.topic)
-                        .and_then(|agent| Some((agent, keys.get(agent)?)))
-                        .and_then(|(agent, key)| {
-                            seal::open(key, Purpose::Ack, agent, &m.payload).ok()
-                        });
-                    let Some(Ok(ack)) = opened.map(tend_wire::Ack::decode) else {
-                        continue;
-                    };
-                    let n: u64 = ack.ranges.iter().map(|r| r.last - r.first + 1).sum();
-                    window.add_permits(1);
-                    if acked.fetch_add(n, Ordering::Relaxed) + n >= total {
-                        if let Some(tx) = done_tx.take() {
-                            let _ = tx.send(m.at);
-                        }
+    let gw = Gateway::start(bin, plan).await?;
+    let (host, port) = gw.broker_addr();
+    let login = |name: &str| Some(logins[name].clone());
+    let mut acks = mqtt::connect_as(
+        &host,
+        port,
+        "bench-acks",
+        login("bench-acks"),
+        &["tend/v1/+/ack".to_string()],
+    )
+    .await?;
+    let mut pubs = Vec::new();
+    for i in 0..4 {
+        let name = format!("bench-pub-{i}");
+        pubs.push(mqtt::connect_as(&host, port, &name, login(&name), &[]).await?);
+    }
+    let window = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    let acked = Arc::new(AtomicU64::new(0));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let ack_task = {
+        let (window, acked, keys) = (window.clone(), acked.clone(), keys.clone());
+        tokio::spawn(async move {
+            let mut done_tx = Some(done_tx);
+            while let Some(m) = acks.rx.recv().await {
+                // Only acks sealed with the agent's key count, as for a real agent.
+                let opened = agent_of(&m.topic)
+                    .and_then(|agent| Some((agent, keys.get(agent)?)))
+                    .and_then(|(agent, key)| seal::open(key, Purpose::Ack, agent, &m.payload).ok());
+                let Some(Ok(ack)) = opened.map(tend_wire::Ack::decode) else {
+                    continue;
+                };
+                let n: u64 = ack.ranges.iter().map(|r| r.last - r.first + 1).sum();
+                window.add_permits(1);
+                if acked.fetch_add(n, Ordering::Relaxed) + n >= total {
+                    if let Some(tx) = done_tx.take() {
+                        let _ = tx.send(m.at);
                     }
                 }
-            })
-        };
-        let me = std::process::id();
-        let (g0, b0) = (procs::sample(gw.proc.pid()), procs::sample(me));
-        let t0 = Instant::now();
-        for (i, (topic, payload, _)) in batches.iter().enumerate() {
-            window.acquire().await?.forget();
-            pubs[i % pubs.len()]
-                .client
-                .publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
-                .await?;
-        }
-        let t_end = tokio::time::timeout(Duration::from_secs(600), done_rx)
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "ingest: not every batch was acknowledged within 600 s ({} records)",
-                    acked.load(Ordering::Relaxed)
-                )
-            })??;
-        let (g1, b1) = (procs::sample(gw.proc.pid()), procs::sample(me));
-        ack_task.abort();
-        let secs = (t_end - t0).as_secs_f64();
-        let stored = gw.metric("tend_gateway_records_total").await?;
-        drop(pubs);
-        gw.stop().await;
-        if let Some(dir) = plan.dir.parent() {
-            clean(dir);
-        }
-        let rate = total as f64 / secs;
-        let gw_cpu_s = (g1.ticks - g0.ticks) as f64 / tck;
-        let bench_cpu_s = (b1.ticks.saturating_sub(b0.ticks)) as f64 / tck;
-        let cpu = gw_cpu_s / secs * 100.0;
-        let us = gw_cpu_s * 1e6 / total as f64;
-        log(format!(
-            "  {total} records in {secs:.2} s; gateway stored {stored}; publisher {:.1} µs a record",
-            bench_cpu_s * 1e6 / total as f64
-        ));
-        anyhow::ensure!(
-            stored >= total,
-            "the gateway stored {stored} of {total} records"
-        );
-        Ok((rate, cpu, us))
+            }
+        })
+    };
+    let me = std::process::id();
+    let (g0, b0) = (procs::sample(gw.proc.pid()), procs::sample(me));
+    let t0 = Instant::now();
+    for (i, (topic, payload, _)) in batches.iter().enumerate() {
+        window.acquire().await?.forget();
+        pubs[i % pubs.len()]
+            .client
+            .publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+            .await?;
     }
+    let t_end = tokio::time::timeout(Duration::from_secs(600), done_rx)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "ingest: not every batch was acknowledged within 600 s ({} records)",
+                acked.load(Ordering::Relaxed)
+            )
+        })??;
+    let (g1, b1) = (procs::sample(gw.proc.pid()), procs::sample(me));
+    ack_task.abort();
+    let secs = (t_end - t0).as_secs_f64();
+    let stored = gw.metric("tend_gateway_records_total").await?;
+    drop(pubs);
+    gw.stop().await;
+    if let Some(dir) = plan.dir.parent() {
+        clean(dir);
+    }
+    let rate = total as f64 / secs;
+    let gw_cpu_s = (g1.ticks - g0.ticks) as f64 / tck;
+    let bench_cpu_s = (b1.ticks.saturating_sub(b0.ticks)) as f64 / tck;
+    let cpu = gw_cpu_s / secs * 100.0;
+    let us = gw_cpu_s * 1e6 / total as f64;
+    log(format!(
+        "  {total} records in {secs:.2} s; gateway stored {stored}; publisher {:.1} µs a record",
+        bench_cpu_s * 1e6 / total as f64
+    ));
+    anyhow::ensure!(
+        stored >= total,
+        "the gateway stored {stored} of {total} records"
+    );
+    Ok((rate, cpu, us))
 }
 
 #[cfg(test)]
