@@ -221,6 +221,12 @@ fn event(o: &Open, change: EpisodeChange, available: bool) -> EpisodeEvent {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StateTracker {
     current: Option<DeviceState>,
+    /// The device was `down` when the agent stopped: the time the agent was not running
+    /// is `unknown`, but silence after the restart continues the `down` (a device already
+    /// `down` stays `down` while silent, and the stop does not repair it). Cleared by the
+    /// next state the device is given. Absent in memory stored by an older agent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    down_before_stop: bool,
 }
 
 impl StateTracker {
@@ -233,7 +239,32 @@ impl StateTracker {
     pub fn update(&mut self, to: DeviceState) -> Option<(DeviceState, DeviceState)> {
         let from = self.current.unwrap_or(DeviceState::Unknown);
         self.current = Some(to);
+        self.down_before_stop = false;
         (from != to).then_some((from, to))
+    }
+
+    /// The agent starts again with this (restored) tracker: while it was not running the
+    /// device's state was `unknown`, so a restored state other than `unknown` makes the
+    /// transition to `unknown` (`Some((from, Unknown))`; `None` when it already was).
+    pub fn restarted(&mut self) -> Option<(DeviceState, DeviceState)> {
+        let from = self.current?;
+        if from == DeviceState::Unknown {
+            return None;
+        }
+        self.down_before_stop |= from == DeviceState::Down;
+        self.current = Some(DeviceState::Unknown);
+        Some((from, DeviceState::Unknown))
+    }
+
+    /// The state a device that stopped answering is in: `down` when it was `down` when
+    /// last heard (also before a restart of the agent), else `unknown`. Silence never
+    /// makes a device `down`, but it does not repair one either.
+    pub fn silent(&self) -> DeviceState {
+        if self.down_before_stop || self.current == Some(DeviceState::Down) {
+            DeviceState::Down
+        } else {
+            DeviceState::Unknown
+        }
     }
 }
 
@@ -400,5 +431,71 @@ mod tests {
             Some((DeviceState::Up, DeviceState::Down))
         );
         assert_eq!(st.current(), Some(DeviceState::Down));
+    }
+
+    /// A tracker as a restarted agent restores it from `saved`.
+    fn restored(saved: &StateTracker) -> StateTracker {
+        serde_json::from_slice(&serde_json::to_vec(saved).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_restart_makes_the_restored_state_unknown() {
+        use DeviceState::*;
+        let mut st = StateTracker::default();
+        st.update(Up);
+        let mut back = restored(&st);
+        assert_eq!(back.restarted(), Some((Up, Unknown)));
+        assert_eq!(back.current(), Some(Unknown));
+        // Silent after the restart: unknown, as before it.
+        assert_eq!(back.silent(), Unknown);
+        // Heard: a transition from unknown, as for a fresh start.
+        assert_eq!(back.update(Up), Some((Unknown, Up)));
+        // Maintenance likewise.
+        let mut st = StateTracker::default();
+        st.update(Maintenance);
+        assert_eq!(restored(&st).restarted(), Some((Maintenance, Unknown)));
+    }
+
+    #[test]
+    fn a_restart_keeps_a_down_device_down_while_silent() {
+        use DeviceState::*;
+        let mut st = StateTracker::default();
+        st.update(Down);
+        let mut back = restored(&st);
+        assert_eq!(back.restarted(), Some((Down, Unknown)));
+        assert_eq!(back.current(), Some(Unknown));
+        assert_eq!(back.silent(), Down);
+        // Stopped again before the silence counted: still unknown, nothing new, and the
+        // silence after the second restart still continues the down.
+        let mut again = restored(&back);
+        assert_eq!(again.restarted(), None);
+        assert_eq!(again.silent(), Down);
+        assert_eq!(again.update(Down), Some((Unknown, Down)));
+        assert_eq!(again.silent(), Down);
+        // Heard up: silence is unknown again.
+        let mut heard = restored(&back);
+        assert_eq!(heard.update(Up), Some((Unknown, Up)));
+        assert_eq!(heard.silent(), Unknown);
+    }
+
+    #[test]
+    fn a_restart_with_nothing_known_or_unknown_makes_nothing() {
+        let mut fresh = StateTracker::default();
+        assert_eq!(fresh.restarted(), None);
+        assert_eq!(fresh.current(), None);
+        let mut st = StateTracker::default();
+        st.update(DeviceState::Unknown);
+        let mut back = restored(&st);
+        assert_eq!(back.restarted(), None);
+        assert_eq!(back, st);
+        assert_eq!(back.silent(), DeviceState::Unknown);
+        // Memory without the flag (an older agent's, or one that never restarted) reads,
+        // and the flag is written only when set, so such memory stays as it was.
+        let old: StateTracker = serde_json::from_str(r#"{"current":"down"}"#).unwrap();
+        assert_eq!(old.silent(), DeviceState::Down);
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"current":"down"}"#
+        );
     }
 }

@@ -151,11 +151,9 @@ impl DeviceMonitor {
         // Silence never makes a device `down`: a pump in a drawer is switched off, and an
         // always-on monitor that stops answering is unmonitored, not broken. But a device
         // already `down` stays `down` until it is heard again: switched off, it is still
-        // broken.
-        let state = match self.state.current() {
-            Some(DeviceState::Down) => DeviceState::Down,
-            _ => DeviceState::Unknown,
-        };
+        // broken (also when it was `down` when the agent stopped, and the time the agent
+        // was not running became `unknown`).
+        let state = self.state.silent();
         let mut signals = self.last_signals.clone();
         let profile = self.profile.clone().or_else(|| {
             set.family(&self.model)
@@ -213,12 +211,21 @@ impl DeviceMonitor {
         .unwrap_or_default()
     }
 
-    /// Restores what [`DeviceMonitor::memory`] stored; false (and nothing changed) when it
-    /// is unreadable or belongs to another device. The restored episodes whose signal was
-    /// active stand for the last read's signals until the device is heard again, so they
-    /// are held while it stays silent and clear only after it answers without them for the
-    /// damping time.
-    pub fn restore(&mut self, bytes: &[u8]) -> bool {
+    /// Restores what [`DeviceMonitor::memory`] stored, as an agent that starts again;
+    /// `None` (and nothing changed) when it is unreadable or belongs to another device.
+    /// The restored episodes whose signal was active stand for the last read's signals
+    /// until the device is heard again, so they are held while it stays silent and clear
+    /// only after it answers without them for the damping time.
+    ///
+    /// The restored state is the one the device had when the agent stopped, and while the
+    /// agent was not running the device's state was `unknown`: a restored `up`, `down` or
+    /// `maintenance` becomes `unknown` now, and the records returned (that transition, or
+    /// nothing when the state already was `unknown`) are to be stamped at the last moment
+    /// the agent is known to have been watching before it stopped, and stored with the
+    /// new memory. So the first read after the restart is a transition from `unknown`, as
+    /// for a fresh start, and a device that was `down` and is still silent becomes `down`
+    /// again once its silence counts (see [`StateTracker::silent`]).
+    pub fn restore(&mut self, bytes: &[u8]) -> Option<Vec<RecordBody>> {
         match serde_json::from_slice::<Memory>(bytes) {
             Ok(m) if m.device == self.device => {
                 let damping = self.episodes.damping();
@@ -226,10 +233,20 @@ impl DeviceMonitor {
                 self.episodes = m.episodes;
                 self.episodes.set_damping(damping);
                 self.last_signals = self.episodes.active_signals();
-                true
+                let gap = self.state.restarted();
+                Some(
+                    gap.map(|(from, to)| RecordBody::State { from, to })
+                        .into_iter()
+                        .collect(),
+                )
             }
-            _ => false,
+            _ => None,
         }
+    }
+
+    /// The device's availability state, when it has one.
+    pub fn state(&self) -> Option<DeviceState> {
+        self.state.current()
     }
 
     pub fn live(&self) -> LiveView {
@@ -367,13 +384,117 @@ mod tests {
         let saved = m.memory();
         // A restarted agent with the saved memory: the same faults are no news.
         let mut back = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
-        assert!(back.restore(&saved));
+        let gap = back.restore(&saved).unwrap();
+        assert_eq!(kinds(&gap), ["state down->unknown"]);
         let out = back.observe(t(5), hm2_read(&set, 2, 0x0008));
-        assert_eq!(kinds(&out), ["identity 2.5", "readings"]);
+        assert_eq!(
+            kinds(&out),
+            ["identity 2.5", "readings", "state unknown->down"]
+        );
         // Memory of another device, or garbage, is refused.
         let mut other = DeviceMonitor::new("a1", "pump", "lumen/lip-300", Duration::from_secs(10));
-        assert!(!other.restore(&saved));
-        assert!(!other.restore(b"{"));
+        assert!(other.restore(&saved).is_none());
+        assert!(other.restore(b"{").is_none());
+        assert_eq!(other.state(), None);
+    }
+
+    #[test]
+    fn a_restored_up_device_is_unknown_until_heard_again() {
+        let set = ProfileSet::builtin().unwrap();
+        let mut m = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        m.observe(t(0), hm2_read(&set, 1, 0));
+        let saved = m.memory();
+        // The agent stopped at about t=0 and starts again: the time it was not running is
+        // unknown, whatever the device did meanwhile.
+        let mut back = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        let gap = back.restore(&saved).unwrap();
+        assert_eq!(
+            gap,
+            [RecordBody::State {
+                from: DeviceState::Up,
+                to: DeviceState::Unknown
+            }]
+        );
+        assert_eq!(back.state(), Some(DeviceState::Unknown));
+        // The first read after the restart: a transition from unknown, as for a fresh
+        // start; then nothing new.
+        let out = back.observe(t(8), hm2_read(&set, 1, 0));
+        assert_eq!(
+            kinds(&out),
+            ["identity 2.5", "readings", "state unknown->up"]
+        );
+        assert_eq!(
+            kinds(&back.observe(t(9), hm2_read(&set, 1, 0))),
+            ["readings"]
+        );
+        // The new memory (stored with the gap's record) restores without another gap
+        // only while it is unknown.
+        let mut again = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        let mut unknown =
+            DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        unknown.restore(&saved).unwrap();
+        assert_eq!(again.restore(&unknown.memory()), Some(Vec::new()));
+        // Silent after the restart instead: it stays unknown, with nothing more to say
+        // (an always-on device's monitoring_lost comes after its own 5 minutes).
+        let mut silent = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        silent.restore(&saved).unwrap();
+        let mut all = Vec::new();
+        for s in 1..=100 {
+            all.extend(silent.observe_failure(t(s), &set));
+        }
+        assert_eq!(kinds(&all), Vec::<String>::new());
+        assert_eq!(silent.state(), Some(DeviceState::Unknown));
+    }
+
+    #[test]
+    fn a_restored_down_device_still_silent_is_down_again_once_the_silence_counts() {
+        let set = ProfileSet::builtin().unwrap();
+        let mut m = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        m.observe(t(0), hm2_read(&set, 2, 0x0008));
+        assert_eq!(m.state(), Some(DeviceState::Down));
+        let mut back = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        let gap = back.restore(&m.memory()).unwrap();
+        assert_eq!(kinds(&gap), ["state down->unknown"]);
+        // The first two failed reads after the restart: still unknown, as any device's.
+        assert!(back.observe_failure(t(10), &set).is_empty());
+        assert!(back.observe_failure(t(11), &set).is_empty());
+        // Another stop and start here: nothing more to say, and the down still holds.
+        let mut again = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        assert_eq!(again.restore(&back.memory()), Some(Vec::new()));
+        for mon in [&mut back, &mut again] {
+            let mut all = Vec::new();
+            for s in 12..=100 {
+                all.extend(mon.observe_failure(t(s), &set));
+            }
+            assert_eq!(kinds(&all), ["state unknown->down"]);
+            assert_eq!(mon.state(), Some(DeviceState::Down));
+            assert_eq!(mon.live().open_faults, ["ALM.3", "COMPRESSOR_STATE_FAULT"]);
+        }
+    }
+
+    #[test]
+    fn a_restored_unknown_device_makes_no_record() {
+        let set = ProfileSet::builtin().unwrap();
+        // Never heard: no state at all.
+        let m = DeviceMonitor::new("a1", "pump", "lumen/lip-300", Duration::from_secs(10));
+        let mut back = DeviceMonitor::new("a1", "pump", "lumen/lip-300", Duration::from_secs(10));
+        assert_eq!(back.restore(&m.memory()), Some(Vec::new()));
+        assert_eq!(back.state(), None);
+        // Heard, then silent: unknown.
+        let mut m = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        m.observe(t(0), hm2_read(&set, 1, 0));
+        for s in 1..=3 {
+            m.observe_failure(t(s), &set);
+        }
+        assert_eq!(m.state(), Some(DeviceState::Unknown));
+        let mut back = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
+        assert_eq!(back.restore(&m.memory()), Some(Vec::new()));
+        assert_eq!(back.state(), Some(DeviceState::Unknown));
+        let out = back.observe(t(10), hm2_read(&set, 1, 0));
+        assert_eq!(
+            kinds(&out),
+            ["identity 2.5", "readings", "state unknown->up"]
+        );
     }
 
     #[test]
@@ -421,14 +542,16 @@ mod tests {
         let opened = episode_ids(&m.observe(t(0), hm2_read(&set, 2, 0x0008)));
         assert_eq!(opened.len(), 2);
         let mut back = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", damping);
-        assert!(back.restore(&m.memory()));
+        let gap = back.restore(&m.memory()).unwrap();
+        assert_eq!(kinds(&gap), ["state down->unknown"]);
         // Never heard after the restart: 25 damping times of failed reads (short of the
-        // 5 minutes after which the HM-2's silence is monitoring_lost).
+        // 5 minutes after which the HM-2's silence is monitoring_lost). Down again once
+        // the silence counts, with no episode change.
         let mut all = Vec::new();
         for s in 1..=250 {
             all.extend(back.observe_failure(t(s), &set));
         }
-        assert_eq!(kinds(&all), Vec::<String>::new());
+        assert_eq!(kinds(&all), ["state unknown->down"]);
         assert_eq!(back.live().state, Some(DeviceState::Down));
         assert_eq!(back.live().open_faults, ["ALM.3", "COMPRESSOR_STATE_FAULT"]);
         // Heard again without the faults: they clear once they stayed away for the
@@ -464,7 +587,7 @@ mod tests {
         // Restarted while the monitor is still silent: for longer than its own 5 minutes
         // of silence, the same monitoring_lost stays open and nothing else happens.
         let mut back = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", damping);
-        assert!(back.restore(&m.memory()));
+        assert_eq!(back.restore(&m.memory()), Some(Vec::new()));
         let mut all = Vec::new();
         for s in 401..=1000 {
             all.extend(back.observe_failure(t(s), &set));
@@ -493,12 +616,13 @@ mod tests {
             o.as_object_mut().unwrap().remove("opening").unwrap();
         }
         let mut back = DeviceMonitor::new("a1", "mri", "cryosense/hm-2", Duration::from_secs(10));
-        assert!(back.restore(&serde_json::to_vec(&old).unwrap()));
+        let gap = back.restore(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(kinds(&gap), ["state down->unknown"]);
         let mut all = Vec::new();
         for s in 1..=100 {
             all.extend(back.observe_failure(t(s), &set));
         }
-        assert_eq!(kinds(&all), Vec::<String>::new());
+        assert_eq!(kinds(&all), ["state unknown->down"]);
         assert_eq!(back.live().open_faults, ["ALM.3", "COMPRESSOR_STATE_FAULT"]);
     }
 

@@ -12,7 +12,14 @@
 //!   *incarnation*: 128 random bits made when the file is created (or first opened by a
 //!   build that has them), sent with every batch, so the gateway can tell this file's
 //!   seqs from those of an outbox that was lost and replaced;
-//! - `quarantine`: records that no longer decode, moved aside (never sent, never fatal).
+//! - `quarantine`: records that no longer decode, moved aside (never sent, never fatal);
+//! - `state`: small state the agent keeps in step with the records (a device monitor's
+//!   memory), written in the same transaction as the records it belongs to.
+//!
+//! `meta` also keeps `observed_until`: the newest agent time (`at`) of the records
+//! committed, or of a bare observation handed over with [`Outbox::observed`]. It rides
+//! along with every commit (no write of its own), and tells a restarted agent until when
+//! it was known to be running and watching its devices.
 //!
 //! Writes go through one writer (on the runtime's blocking pool, because a redb commit
 //! blocks on fsync) that takes appends and acks from a channel and commits everything
@@ -104,6 +111,8 @@ const K_BYTES: &str = "bytes";
 const K_DROPPED: &str = "dropped_total";
 const K_UNDECODABLE: &str = "undecodable_total";
 const K_FORMAT: &str = "format";
+/// [`OutboxStats::observed_until`], nanoseconds since the Unix epoch.
+const K_OBSERVED_UNTIL: &str = "observed_until_ns";
 /// The incarnation's two halves (meta holds u64s).
 const K_INCARNATION_HI: &str = "incarnation_hi";
 const K_INCARNATION_LO: &str = "incarnation_lo";
@@ -166,6 +175,10 @@ pub struct OutboxStats {
     pub over_cap: bool,
     /// Records that failed to decode and were moved to the quarantine table.
     pub undecodable_total: u64,
+    /// The newest agent time of the records committed to this file, or of an observation
+    /// handed over with [`Outbox::observed`]: the agent was running and watching its
+    /// devices until then. `None` for a file no build that keeps it has written to.
+    pub observed_until: Option<Timestamp>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,8 +258,10 @@ enum Op {
     Append {
         /// (droppable, the record's JSON without its seq: `{"at":...}`)
         items: Vec<(bool, Vec<u8>)>,
-        /// Written with the records, in the same commit.
-        state: Option<(String, Vec<u8>)>,
+        /// Written with the records, in the same commit: (key, value) in the state table.
+        states: Vec<(String, Vec<u8>)>,
+        /// The newest agent time of the records, or of an observation that made none.
+        observed: Option<Timestamp>,
         /// The caller lets readings wait up to the linger for company.
         linger: bool,
         reply: oneshot::Sender<Result<Vec<u64>, OutboxError>>,
@@ -280,11 +295,11 @@ impl Op {
         match self {
             Op::Append {
                 items,
-                state,
+                states,
                 linger,
                 ..
             } => {
-                if *linger && state.is_none() && items.iter().all(|(droppable, _)| *droppable) {
+                if *linger && states.is_empty() && items.iter().all(|(droppable, _)| *droppable) {
                     Wait::Linger
                 } else {
                     Wait::Prompt
@@ -338,6 +353,13 @@ impl Future for Commit {
             })),
         }
     }
+}
+
+/// Records encoded for the writer: (droppable, the record's JSON without its seq), and
+/// the newest of their times.
+struct Encoded {
+    records: Vec<(bool, Vec<u8>)>,
+    observed: Option<Timestamp>,
 }
 
 /// A record as stored, minus the seq that the writer splices in front.
@@ -478,6 +500,20 @@ impl Outbox {
         })
     }
 
+    /// Encodes records for the writer (on the caller's task, which keeps the single
+    /// writer's work to inserts), with the newest of their times.
+    fn encode_all(
+        &self,
+        items: &[(String, Timestamp, RecordBody)],
+    ) -> Result<Encoded, OutboxError> {
+        let records = items
+            .iter()
+            .map(|(device, at, body)| Ok((body.is_droppable(), self.encode(device, *at, body)?)))
+            .collect::<Result<Vec<_>, OutboxError>>()?;
+        let observed = items.iter().map(|(_, at, _)| *at).max();
+        Ok(Encoded { records, observed })
+    }
+
     /// Assigns the next seq and returns only once the record is durable (redb commit returned).
     pub async fn append(
         &self,
@@ -485,9 +521,8 @@ impl Outbox {
         at: Timestamp,
         body: RecordBody,
     ) -> Result<u64, OutboxError> {
-        // Encoding here, on the caller's task, keeps the single writer's work to inserts.
-        let item = (body.is_droppable(), self.encode(device, at, &body)?);
-        let seqs = self.append_encoded(vec![item], None, false).await?;
+        let encoded = self.encode_all(&[(device.to_string(), at, body)])?;
+        let seqs = self.append_encoded(encoded, Vec::new(), false).await?;
         seqs.first().copied().ok_or_else(|| self.closed())
     }
 
@@ -499,11 +534,8 @@ impl Outbox {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let encoded = items
-            .iter()
-            .map(|(device, at, body)| Ok((body.is_droppable(), self.encode(device, *at, body)?)))
-            .collect::<Result<Vec<_>, OutboxError>>()?;
-        self.append_encoded(encoded, None, false).await
+        let encoded = self.encode_all(&items)?;
+        self.append_encoded(encoded, Vec::new(), false).await
     }
 
     /// Hands records over for the next commit and returns at once; the [`Commit`]
@@ -514,7 +546,7 @@ impl Outbox {
         &self,
         items: Vec<(String, Timestamp, RecordBody)>,
     ) -> Result<Commit, OutboxError> {
-        self.hand_over(items, true)
+        self.hand_over(self.encode_all(&items)?, Vec::new(), true)
     }
 
     /// Hands records over for a commit that starts at once, and returns at once; the
@@ -524,22 +556,42 @@ impl Outbox {
         &self,
         items: Vec<(String, Timestamp, RecordBody)>,
     ) -> Result<Commit, OutboxError> {
-        self.hand_over(items, false)
+        self.hand_over(self.encode_all(&items)?, Vec::new(), false)
+    }
+
+    /// [`Outbox::append_soon`], storing each `(key, state)` of `states` in the same commit
+    /// (see [`Outbox::append_many_with_state`]).
+    pub fn append_soon_with_states(
+        &self,
+        items: Vec<(String, Timestamp, RecordBody)>,
+        states: Vec<(String, Vec<u8>)>,
+    ) -> Result<Commit, OutboxError> {
+        self.hand_over(self.encode_all(&items)?, states, false)
+    }
+
+    /// Notes that the agent observed its devices at `at` without making a record: it
+    /// rides along with the next commit (within the linger) as
+    /// [`OutboxStats::observed_until`], and the [`Commit`] resolves (to no seqs) once it
+    /// is durable.
+    pub fn observed(&self, at: Timestamp) -> Result<Commit, OutboxError> {
+        let encoded = Encoded {
+            records: Vec::new(),
+            observed: Some(at),
+        };
+        self.hand_over(encoded, Vec::new(), true)
     }
 
     fn hand_over(
         &self,
-        items: Vec<(String, Timestamp, RecordBody)>,
+        encoded: Encoded,
+        states: Vec<(String, Vec<u8>)>,
         linger: bool,
     ) -> Result<Commit, OutboxError> {
-        let items = items
-            .iter()
-            .map(|(device, at, body)| Ok((body.is_droppable(), self.encode(device, *at, body)?)))
-            .collect::<Result<Vec<_>, OutboxError>>()?;
         let (reply, rx) = oneshot::channel();
         self.send(Op::Append {
-            items,
-            state: None,
+            items: encoded.records,
+            states,
+            observed: encoded.observed,
             linger,
             reply,
         })?;
@@ -558,11 +610,8 @@ impl Outbox {
         key: &str,
         state: Vec<u8>,
     ) -> Result<Vec<u64>, OutboxError> {
-        let encoded = items
-            .iter()
-            .map(|(device, at, body)| Ok((body.is_droppable(), self.encode(device, *at, body)?)))
-            .collect::<Result<Vec<_>, OutboxError>>()?;
-        self.append_encoded(encoded, Some((key.to_string(), state)), false)
+        let encoded = self.encode_all(&items)?;
+        self.append_encoded(encoded, vec![(key.to_string(), state)], false)
             .await
     }
 
@@ -585,14 +634,15 @@ impl Outbox {
 
     async fn append_encoded(
         &self,
-        items: Vec<(bool, Vec<u8>)>,
-        state: Option<(String, Vec<u8>)>,
+        encoded: Encoded,
+        states: Vec<(String, Vec<u8>)>,
         linger: bool,
     ) -> Result<Vec<u64>, OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.send(Op::Append {
-            items,
-            state,
+            items: encoded.records,
+            states,
+            observed: encoded.observed,
             linger,
             reply,
         })?;
@@ -796,6 +846,7 @@ struct State {
     /// Every record below this seq may not be dropped (not persisted: after a restart
     /// the first drop event walks from the start once).
     scan_from: u64,
+    observed_until: Option<Timestamp>,
 }
 
 impl State {
@@ -809,6 +860,7 @@ impl State {
             oldest_seq: self.oldest_seq,
             over_cap: self.over_cap,
             undecodable_total: self.undecodable_total,
+            observed_until: self.observed_until,
         }
     }
 }
@@ -985,6 +1037,7 @@ fn open_file(cfg: &OutboxConfig) -> Result<(Database, State), OutboxError> {
             oldest_seq: None,
             over_cap: false,
             scan_from: 0,
+            observed_until: get(&meta, K_OBSERVED_UNTIL)?.and_then(from_nanos),
         };
         let first = records.first().map_err(storage(path, "read records"))?;
         s.oldest_seq = first.as_ref().map(|(k, _)| k.value());
@@ -1216,6 +1269,16 @@ fn number(tag: u8, seq: u64, unnumbered: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A time as meta keeps it: nanoseconds since the Unix epoch (`None` before 1970 or after
+/// 2554, which no record of a running agent has).
+fn to_nanos(t: Timestamp) -> Option<u64> {
+    u64::try_from(t.as_nanosecond()).ok()
+}
+
+fn from_nanos(ns: u64) -> Option<Timestamp> {
+    Timestamp::from_nanosecond(i128::from(ns)).ok()
+}
+
 /// Encoded JSON size of a stored value (without the format byte).
 fn json_len(stored: &[u8]) -> u64 {
     stored.len().saturating_sub(1) as u64
@@ -1240,12 +1303,18 @@ fn write_batch(
         let mut states = txn.open_table(STATE).map_err(failed("open state"))?;
         for op in batch {
             outcomes.push(match op {
-                Op::Append { items, state, .. } => {
-                    if let Some((k, v)) = state {
+                Op::Append {
+                    items,
+                    states: kept,
+                    observed,
+                    ..
+                } => {
+                    for (k, v) in kept {
                         states
                             .insert(k.as_str(), v.as_slice())
                             .map_err(failed("store state"))?;
                     }
+                    st.observed_until = st.observed_until.max(*observed);
                     let mut seqs = Vec::with_capacity(items.len());
                     for (droppable, unnumbered) in items {
                         let seq = st.next_seq;
@@ -1314,6 +1383,10 @@ fn write_batch(
             (K_UNDECODABLE, st.undecodable_total),
         ] {
             meta.insert(k, v).map_err(failed("write meta"))?;
+        }
+        if let Some(ns) = st.observed_until.and_then(to_nanos) {
+            meta.insert(K_OBSERVED_UNTIL, ns)
+                .map_err(failed("write meta"))?;
         }
     }
     txn.commit().map_err(failed("commit"))?;
@@ -1617,6 +1690,49 @@ mod tests {
             .unwrap();
         assert_eq!(c.await.unwrap(), vec![1, 2]);
         assert_eq!(seqs_pending(&ob), vec![1, 2]);
+        ob.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_newest_time_observed_rides_along_and_outlives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.redb");
+        let t = |s: i64| Timestamp::from_second(1_795_000_000 + s).unwrap();
+        let ob = Outbox::open(OutboxConfig {
+            linger: FOREVER,
+            ..OutboxConfig::new(&path)
+        })
+        .await
+        .unwrap();
+        assert_eq!(ob.stats().observed_until, None);
+        ob.append_many(vec![
+            ("d".into(), t(5), reading(1)),
+            ("e".into(), t(3), reading(2)),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(ob.stats().observed_until, Some(t(5)));
+        // A record stamped in the past does not take it back.
+        ob.append("d", t(1), reading(3)).await.unwrap();
+        assert_eq!(ob.stats().observed_until, Some(t(5)));
+        // A bare observation waits for company (no commit of its own within the linger)
+        // and rides along with the next commit, with the states stored beside records.
+        let bare = ob.observed(t(9)).unwrap();
+        let with = ob
+            .append_soon_with_states(
+                vec![("d".into(), t(7), reading(4))],
+                vec![("k1".into(), b"v1".to_vec()), ("k2".into(), b"v2".to_vec())],
+            )
+            .unwrap();
+        assert_eq!(with.await.unwrap(), vec![4]);
+        assert_eq!(bare.await.unwrap(), Vec::<u64>::new());
+        assert_eq!(ob.stats().observed_until, Some(t(9)));
+        assert_eq!(ob.load_state("k1").unwrap().as_deref(), Some(&b"v1"[..]));
+        assert_eq!(ob.load_state("k2").unwrap().as_deref(), Some(&b"v2"[..]));
+        ob.close().await.unwrap();
+        let ob = Outbox::open(OutboxConfig::new(&path)).await.unwrap();
+        assert_eq!(ob.stats().observed_until, Some(t(9)));
+        assert_eq!(seqs_pending(&ob), vec![1, 2, 3, 4]);
         ob.close().await.unwrap();
     }
 }

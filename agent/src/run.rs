@@ -239,6 +239,36 @@ fn memory_key(device: &str) -> String {
     format!("monitor/{device}")
 }
 
+/// The longest the outbox's [`observed_until`] may lag behind the observations while a
+/// device holds a state without making records (a `down` device that stays silent, whose
+/// state a restart turns `unknown` from that time on): past it, the next such observation
+/// is noted on its own ([`Outbox::observed`]), a small commit no more than once per this
+/// and only when nothing else was committed meanwhile. Any record carries its time along.
+///
+/// [`observed_until`]: crate::outbox::OutboxStats::observed_until
+/// [`Outbox::observed`]: crate::outbox::Outbox::observed
+const OBSERVED_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// What starting again made of the restored monitors: the records of the time the agent
+/// was not running (a restored state turned `unknown`, stamped when the agent stopped),
+/// and the monitors' memories to store with them. The recorder commits them first.
+#[derive(Debug, Default)]
+pub struct Resumed {
+    pub records: Vec<(String, Timestamp, RecordBody)>,
+    /// (state key, memory)
+    pub memories: Vec<(String, Vec<u8>)>,
+}
+
+/// When the agent stopped, as far as it can tell after a restart: the newest time of its
+/// observations the outbox kept (`observed_until`, carried by every commit), so within a
+/// poll interval and a linger of the stop for a device that was making records, and within
+/// [`OBSERVED_HEARTBEAT`] for one that held its state silently. Never later than `now` (a
+/// clock set back meanwhile); `now` when the outbox kept no such time (a file written by
+/// an older build: the gap is then as short as it was before).
+fn stopped_at(observed_until: Option<Timestamp>, now: Timestamp) -> Timestamp {
+    observed_until.map_or(now, |t| t.min(now))
+}
+
 /// Most records the recorder gathers into one hand-over.
 const RECORD_GROUP_MAX: usize = 1000;
 /// Most hand-overs of readings whose commit the recorder has not seen yet; past this it
@@ -254,7 +284,7 @@ const COMMITS_IN_FLIGHT: usize = 64;
 /// state is committed at once with the monitor's memory, after the readings gathered
 /// before it (the order of records is kept). `written` is poked after each commit so the
 /// uplink sends at once; nothing reaches the uplink before its commit returned, because
-/// the uplink reads what is committed.
+/// the uplink reads what is committed. The records of a restart (`resumed`) go first.
 ///
 /// [`Outbox::append_soon`]: crate::outbox::Outbox::append_soon
 pub async fn record(
@@ -264,12 +294,18 @@ pub async fn record(
     mut observations: mpsc::Receiver<Observation>,
     written: Arc<tokio::sync::Notify>,
     linger: Duration,
+    resumed: Resumed,
 ) -> Result<(), crate::outbox::OutboxError> {
     let mut commits: VecDeque<crate::outbox::Commit> = VecDeque::new();
+    if !resumed.records.is_empty() {
+        commits.push_back(outbox.append_soon_with_states(resumed.records, resumed.memories)?);
+    }
     let mut gathered: Vec<(String, Timestamp, RecordBody)> = Vec::new();
     // One timer for the whole group, armed by its first reading.
     let flush = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(flush);
+    // When a time of observation last went to the outbox (with records or alone).
+    let mut noted = tokio::time::Instant::now();
     loop {
         let obs = tokio::select! {
             biased;
@@ -289,7 +325,15 @@ pub async fn record(
             },
         };
         let Observation { device, at, result } = obs;
-        let (bodies, memory) = observe(&shared, &set, &device, at, result);
+        let (bodies, memory, holds) = observe(&shared, &set, &device, at, result);
+        if bodies.is_empty() {
+            if holds && noted.elapsed() >= OBSERVED_HEARTBEAT {
+                commits.push_back(outbox.observed(at)?);
+                noted = tokio::time::Instant::now();
+            }
+            continue;
+        }
+        noted = tokio::time::Instant::now();
         let items = bodies.into_iter().map(|b| (device.clone(), at, b));
         match memory {
             Some(mem) => {
@@ -332,19 +376,20 @@ async fn oldest(
     }
 }
 
-/// Runs one observation through its device's monitor: the records it makes, and the
+/// Runs one observation through its device's monitor: the records it makes, the
 /// monitor's memory when they change the device's episodes or state (stored in the same
-/// commit as the records, so a crash cannot reopen or repeat them).
+/// commit as the records, so a crash cannot reopen or repeat them), and whether the device
+/// holds a state other than `unknown` afterwards.
 fn observe(
     shared: &Shared,
     set: &ProfileSet,
     device: &str,
     at: Timestamp,
     result: Result<crate::transport::DeviceRead, crate::transport::TransportError>,
-) -> (Vec<RecordBody>, Option<Vec<u8>>) {
+) -> (Vec<RecordBody>, Option<Vec<u8>>, bool) {
     let mut monitors = lock(&shared.monitors);
     let Some(m) = monitors.get_mut(device) else {
-        return (Vec::new(), None);
+        return (Vec::new(), None, false);
     };
     let bodies = match result {
         Ok(read) => m.observe(at, read),
@@ -357,7 +402,48 @@ fn observe(
         .iter()
         .any(|b| matches!(b, RecordBody::State { .. } | RecordBody::Episode(_)));
     let memory = remembers.then(|| m.memory());
-    (bodies, memory)
+    let holds = m
+        .state()
+        .is_some_and(|s| s != tend_profiles::DeviceState::Unknown);
+    (bodies, memory, holds)
+}
+
+/// Every configured device's monitor, with the memory the outbox kept restored (an
+/// unreadable one is logged and the monitor starts afresh), and what the restart makes of
+/// them: a restored state other than `unknown` turns `unknown` at the moment the agent
+/// stopped ([`stopped_at`]), for the time it was not running.
+fn restore_monitors(
+    c: &crate::config::AgentConfig,
+    outbox: &crate::outbox::Outbox,
+) -> Result<(BTreeMap<String, DeviceMonitor>, Resumed), crate::outbox::OutboxError> {
+    // The stamp of the gap: the newest observation time the outbox kept rides along with
+    // every commit, so it costs no write of its own and is as fresh as the last commit;
+    // a device's own newest record may already be acknowledged and deleted.
+    let stopped = stopped_at(outbox.stats().observed_until, Timestamp::now());
+    let mut monitors = BTreeMap::new();
+    let mut resumed = Resumed::default();
+    for d in &c.devices {
+        let mut m = DeviceMonitor::new(&c.agent_id, &d.id, &d.profile, c.flap_damping.0);
+        let key = memory_key(&d.id);
+        if let Some(mem) = outbox.load_state(&key)? {
+            match m.restore(&mem) {
+                None => {
+                    tracing::warn!(device = %d.id, "stored episode memory unreadable; starting afresh")
+                }
+                Some(gap) if gap.is_empty() => {}
+                Some(gap) => {
+                    tracing::info!(device = %d.id, since = %stopped,
+                        "the agent was not running: device state unknown since it stopped");
+                    resumed
+                        .records
+                        .extend(gap.into_iter().map(|b| (d.id.clone(), stopped, b)));
+                    resumed.memories.push((key, m.memory()));
+                }
+            }
+        }
+        monitors.insert(d.id.clone(), m);
+    }
+    Ok((monitors, resumed))
 }
 
 /// Everything the running agent is made of, started: the outbox, the link tasks and the
@@ -387,19 +473,11 @@ impl Started {
             cache_bytes: crate::outbox::DEFAULT_CACHE_BYTES,
         })
         .await?;
-        let shared = Arc::new(Shared::default());
-        {
-            let mut monitors = lock(&shared.monitors);
-            for d in &c.devices {
-                let mut m = DeviceMonitor::new(&c.agent_id, &d.id, &d.profile, c.flap_damping.0);
-                if let Some(mem) = outbox.load_state(&memory_key(&d.id))? {
-                    if !m.restore(&mem) {
-                        tracing::warn!(device = %d.id, "stored episode memory unreadable; starting afresh");
-                    }
-                }
-                monitors.insert(d.id.clone(), m);
-            }
-        }
+        let (monitors, resumed) = restore_monitors(c, &outbox)?;
+        let shared = Arc::new(Shared {
+            monitors: Mutex::new(monitors),
+            ..Shared::default()
+        });
         let (tx, rx) = mpsc::channel(1024);
         let links = spawn_links(loaded, shared.clone(), tx);
         let written = Arc::new(tokio::sync::Notify::new());
@@ -411,6 +489,7 @@ impl Started {
             rx,
             written.clone(),
             c.outbox.linger.0,
+            resumed,
         );
         let failed = recorder_failed.clone();
         let recorder = tokio::spawn(async move {
@@ -544,5 +623,20 @@ pub async fn run(
         Err(e) => Err(e.into()),
         Ok(()) if recording_failed => Err(RunError::Recording("the recorder stopped".into())),
         Ok(()) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gap_starts_at_the_newest_observation_kept_never_later_than_now() {
+        let t = |s: i64| Timestamp::from_second(1_795_000_000 + s).unwrap();
+        assert_eq!(stopped_at(Some(t(10)), t(18)), t(10));
+        // A clock set back while the agent was not running: not in the future.
+        assert_eq!(stopped_at(Some(t(30)), t(18)), t(18));
+        // An outbox that kept no time (written by an older build): now.
+        assert_eq!(stopped_at(None, t(18)), t(18));
     }
 }

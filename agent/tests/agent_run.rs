@@ -14,6 +14,7 @@ use std::time::Duration;
 use tend_devsim::hm2::{Hm2Config, Hm2Sim};
 use tend_devsim::lip300::{Lip300Config, Lip300Sim};
 use tend_devsim::vm12::{Vm12Config, Vm12Sim};
+use tend_profiles::DeviceState::{self, Unknown, Up};
 use tend_wire::{EpisodeChange, Record, RecordBody};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,8 +116,9 @@ serial = "VM12-0081192"
     .await;
 
     // Killed once more with the fault open: the restarted agent remembers the episode
-    // (stored with the records in one commit), so it is not opened a second time and the
-    // HM-2's state is not announced again.
+    // (stored with the records in one commit), so it is not opened a second time, and the
+    // HM-2's state is never announced twice: each restart makes the time the agent was not
+    // running `unknown` and its first read after it `up` again, one chain of transitions.
     agent.start_kill().unwrap();
     let _ = agent.wait().await;
     let before = store.lock().unwrap().keys().max().copied().unwrap_or(0);
@@ -135,11 +137,28 @@ serial = "VM12-0081192"
             .filter(|r| r.device == "pump" && matches!(&r.body, RecordBody::Episode(e) if e.code == "TALM.0" && e.change == EpisodeChange::Opened))
             .count();
         assert_eq!(opened, 1, "the motor stall was opened {opened} times");
-        let mri_states: Vec<_> = s
+        let mri_states: Vec<(DeviceState, DeviceState)> = s
             .values()
-            .filter(|r| r.device == "mri" && matches!(r.body, RecordBody::State { .. }))
+            .filter_map(|r| match r.body {
+                RecordBody::State { from, to } if r.device == "mri" => Some((from, to)),
+                _ => None,
+            })
             .collect();
-        assert_eq!(mri_states.len(), 1, "{mri_states:?}");
+        assert_eq!(mri_states.first(), Some(&(Unknown, Up)), "{mri_states:?}");
+        assert!(
+            mri_states.windows(2).all(|w| w[0].1 == w[1].0),
+            "not one chain: {mri_states:?}"
+        );
+        assert!(
+            mri_states
+                .iter()
+                .all(|t| *t == (Unknown, Up) || *t == (Up, Unknown)),
+            "{mri_states:?}"
+        );
+        // Four kills, each while the HM-2 was up unless its first read after the previous
+        // restart had not come yet.
+        let gaps = mri_states.iter().filter(|t| **t == (Up, Unknown)).count();
+        assert!((1..=4).contains(&gaps), "{mri_states:?}");
     }
 
     // Let the outbox drain, then stop the agent cleanly.

@@ -1,8 +1,9 @@
 //! `tend-agent run` as a process with a device that stops answering across a restart: an
 //! AV-500 over Modbus TCP raises a major error (the ventilator goes `down`), the agent is
 //! killed with SIGKILL, the ventilator falls silent, and the restarted agent must hold the
-//! open episode and the `down` state for as long as the ventilator stays silent, far past
-//! the damping time; once it answers without the error, the same episode clears after the
+//! open episode for as long as the ventilator stays silent, far past the damping time, and
+//! its `down` state once the silence counts (the time the agent was not running is
+//! `unknown`); once it answers without the error, the same episode clears after the
 //! damping time.
 
 mod common;
@@ -110,12 +111,14 @@ reply_timeout = "200ms"
 
     // The agent dies with the episode open (its memory is committed with the records the
     // gateway already has), and the ventilator stops answering before it is back.
+    let killed = jiff::Timestamp::now();
     agent.start_kill().unwrap();
     let _ = agent.wait().await;
     vent.set_silent(true);
     let before = store.lock().unwrap().keys().max().copied().unwrap_or(0);
     let failed_before = failed_reads(&log);
     let restarted = tokio::time::Instant::now();
+    let restarted_at = jiff::Timestamp::now();
     agent = spawn_agent(&config, &log);
 
     // Silent for many damping times, with many failed reads judged by the restarted agent
@@ -138,11 +141,42 @@ reply_timeout = "200ms"
             "an episode changed while the ventilator was silent: {after:?}"
         );
     }
+    // The time the agent was not running is unknown, and the silence after it is down
+    // again once it counts.
+    wait_for(
+        &store,
+        "the ventilator unknown while the agent was not running, then down again",
+        Duration::from_secs(20),
+        |s| states_in(s).len() >= 4,
+    )
+    .await;
     assert_eq!(
         states(&store),
-        ["unknown->up", "up->down"],
-        "the ventilator is still down while silent"
+        ["unknown->up", "up->down", "down->unknown", "unknown->down"],
+        "the ventilator is down again while silent"
     );
+    {
+        let s = store.lock().unwrap();
+        let at = |t: &str| {
+            s.values()
+                .find(|r| {
+                    r.device == "vent"
+                        && matches!(&r.body, RecordBody::State { from, to } if format!("{from}->{to}") == t)
+                })
+                .map(|r| r.at)
+                .unwrap()
+        };
+        let gap = at("down->unknown");
+        assert!(
+            gap <= killed && killed.duration_since(gap).as_secs_f64() < 1.5,
+            "down->unknown at {gap}, the kill at {killed}"
+        );
+        let down = at("unknown->down");
+        assert!(
+            down >= restarted_at,
+            "unknown->down at {down}, before the restart at {restarted_at}"
+        );
+    }
 
     // Answering again without the error: up, and the same episode clears once the error
     // stayed away for the damping time.
@@ -160,7 +194,16 @@ reply_timeout = "200ms"
     .await;
     agent.start_kill().unwrap();
     let _ = agent.wait().await;
-    assert_eq!(states(&store), ["unknown->up", "up->down", "down->up"]);
+    assert_eq!(
+        states(&store),
+        [
+            "unknown->up",
+            "up->down",
+            "down->unknown",
+            "unknown->down",
+            "down->up"
+        ]
+    );
     let s = store.lock().unwrap();
     let episode = |change| {
         s.values()
