@@ -444,10 +444,7 @@ pub fn render_devices(json: &Value) -> String {
             if d["in_fleet"] == Value::Bool(false) {
                 id.push_str(" (not in fleet)");
             }
-            let mut avail = percent(&d["availability"]);
-            if d["below_target"] == Value::Bool(true) {
-                avail.push_str(" BELOW");
-            }
+            let avail = percent(&d["availability"]);
             let agent = match (&d["agent"], &d["agent_status"]) {
                 (Value::String(a), Value::String(st)) => format!("{a} ({st})"),
                 (a, _) => s(a),
@@ -456,7 +453,8 @@ pub fn render_devices(json: &Value) -> String {
                 id,
                 s(&d["state"]),
                 avail,
-                duration(&d["downtime_budget_s"]),
+                percent(&d["coverage"]),
+                budget(d),
                 s(&d["open_faults"]),
                 short_time(&d["last_seen"]),
                 s(&d["model"]),
@@ -470,7 +468,8 @@ pub fn render_devices(json: &Value) -> String {
             "DEVICE",
             "STATE",
             "AVAILABILITY (MONTH)",
-            "BUDGET",
+            "COVERAGE",
+            "BUDGET LEFT",
             "FAULTS",
             "LAST SEEN",
             "MODEL",
@@ -611,12 +610,16 @@ pub fn render_device(d: &Value) -> String {
         format!("{} since {}", s(&d["state"]), short_time(&d["state_since"])),
     ));
     facts.push(("last seen", short_time(&d["last_seen"])));
-    let mut avail = percent(&d["availability"]);
-    if d["below_target"] == Value::Bool(true) {
-        avail.push_str(" (below 99.5 %)");
-    }
-    facts.push(("availability", format!("{avail} this month")));
-    facts.push(("budget", duration(&d["downtime_budget_s"])));
+    facts.push((
+        "availability",
+        format!(
+            "{} this month (target {}, coverage {})",
+            percent(&d["availability"]),
+            percent(&d["target"]),
+            percent(&d["coverage"])
+        ),
+    ));
+    facts.push(("downtime budget", budget(d)));
     facts.push((
         "agent",
         match &d["agent_status"] {
@@ -707,8 +710,20 @@ pub fn render_availability(r: &Value) -> String {
         ("down", duration(&r["down_s"])),
         ("maintenance", duration(&r["maintenance_s"])),
         ("unknown", duration(&r["unknown_s"])),
-        ("downtime budget", duration(&r["downtime_budget_s"])),
+        ("excluded", duration(&r["excluded_s"])),
+        ("downtime budget", budget(r)),
     ])
+}
+
+/// What is left of the downtime budget, of how much, and its status
+/// (`2h 10m of 3h 36m left (ok)`).
+fn budget(r: &Value) -> String {
+    format!(
+        "{} of {} left ({})",
+        duration(&r["downtime_budget_s"]),
+        duration(&r["downtime_allowed_s"]),
+        s(&r["budget_status"])
+    )
 }
 
 /// A diagnostic's answer.
@@ -844,20 +859,22 @@ mod tests {
     #[test]
     fn devices_table() {
         let v = json!([
-            {"id": "icu7-vent", "state": "down", "availability": 0.9090909, "below_target": true,
-             "downtime_budget_s": 12960.0, "open_faults": 1, "last_seen": "2026-11-28T02:15:02.5Z",
+            {"id": "icu7-vent", "state": "down", "availability": 0.9090909, "coverage": 0.5,
+             "budget_status": "at_risk", "downtime_allowed_s": 12960.0,
+             "downtime_budget_s": 3600.0, "open_faults": 1, "last_seen": "2026-11-28T02:15:02.5Z",
              "model": "AV-500", "location": "ICU bed 7", "agent": "agent-a", "agent_status": "online",
              "in_fleet": true},
-            {"id": "ward3-pump", "state": "unknown", "availability": null, "below_target": false,
-             "downtime_budget_s": 0.0, "open_faults": 0, "last_seen": null, "model": null,
+            {"id": "ward3-pump", "state": "unknown", "availability": null, "coverage": 0.0,
+             "budget_status": "ok", "downtime_allowed_s": 0.0, "downtime_budget_s": 0.0, "open_faults": 0, "last_seen": null, "model": null,
              "location": "Ward 3", "agent": null, "agent_status": null, "in_fleet": true}
         ]);
         let t = render_devices(&v);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
         assert!(lines[0].starts_with("DEVICE"));
-        assert!(lines[1].contains("90.909 % BELOW"), "{t}");
-        assert!(lines[1].contains("3h36m"), "{t}");
+        assert!(lines[1].contains("90.909 %"), "{t}");
+        assert!(lines[1].contains("50.000 %"), "{t}");
+        assert!(lines[1].contains("1h00m of 3h36m left (at_risk)"), "{t}");
         assert!(lines[1].contains("2026-11-28 02:15:02Z"), "{t}");
         assert!(lines[1].contains("agent-a (online)"), "{t}");
         assert!(lines[2].starts_with("ward3-pump"), "{t}");

@@ -162,7 +162,7 @@ fn default_request_timeout() -> Dur {
 }
 
 fn default_status_poll() -> Dur {
-    Dur(Duration::from_secs(300))
+    Dur(Duration::from_secs(60))
 }
 
 #[derive(Debug, Clone, Deserialize)]

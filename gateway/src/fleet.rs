@@ -6,13 +6,16 @@
 //! Every error names file, line and key, like the agent's config and the profiles, so the
 //! person editing the file finds the mistake without reading code.
 
+use crate::sla::Terms;
 use jiff::civil::Date;
+use jiff::SignedDuration;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 use tend_profiles::load::toml_error;
 use tend_profiles::locate::{line_of_path, KeyPath};
+use tend_profiles::units::Dur;
 use tend_profiles::ProfileError;
 
 /// A fleet file that cannot be used, and where it says so (file, line, key, message).
@@ -92,6 +95,69 @@ pub struct Device {
     pub kind: Option<String>,
     #[serde(default)]
     pub vendor: Option<String>,
+    /// The contract this device is serviced under (a `[[contract]]` id); else its
+    /// customer's contract in force, else the seed's terms.
+    #[serde(default)]
+    pub contract: Option<String>,
+}
+
+/// A service contract as the fleet file writes it: every term optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContractDoc {
+    id: String,
+    #[serde(default)]
+    customer: Option<String>,
+    #[serde(default, deserialize_with = "opt_date")]
+    start: Option<Date>,
+    #[serde(default, deserialize_with = "opt_date")]
+    end: Option<Date>,
+    #[serde(default)]
+    availability_target: Option<f64>,
+    #[serde(default)]
+    warranty_months: Option<i64>,
+    #[serde(default)]
+    respond: Option<String>,
+    #[serde(default)]
+    onsite: Option<OnsiteDoc>,
+    #[serde(default)]
+    simple_fix: Option<String>,
+    #[serde(default)]
+    complex_plan: Option<String>,
+    #[serde(default)]
+    major_fix: Option<String>,
+    #[serde(default)]
+    pm_interval_days: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnsiteDoc {
+    #[serde(default)]
+    same_city: Option<String>,
+    #[serde(default)]
+    other_city: Option<String>,
+    #[serde(default)]
+    remote: Option<String>,
+}
+
+/// A service contract: whose it is, when it is in force (both ends inclusive, either may
+/// be open) and its terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contract {
+    pub id: String,
+    /// The customer it covers (all of that customer's devices that name no contract).
+    pub customer: Option<String>,
+    pub start: Option<Date>,
+    pub end: Option<Date>,
+    pub terms: Terms,
+}
+
+impl Contract {
+    /// Whether the contract is in force on `day`.
+    pub fn covers(&self, day: Date) -> bool {
+        self.start.is_none_or(|s| s <= day) && self.end.is_none_or(|e| day <= e)
+    }
 }
 
 /// TOML lets a date be written bare (`2025-03-01`) or quoted (`"2025-03-01"`, as DESIGN §4
@@ -127,6 +193,8 @@ struct FleetDoc {
     sites: Vec<Site>,
     #[serde(rename = "device", default)]
     devices: Vec<Device>,
+    #[serde(rename = "contract", default)]
+    contracts: Vec<ContractDoc>,
 }
 
 /// A checked fleet: every site names a known customer, every device a known site, and no
@@ -136,6 +204,7 @@ pub struct Fleet {
     customers: BTreeMap<String, Customer>,
     sites: BTreeMap<String, Site>,
     devices: BTreeMap<String, Device>,
+    contracts: BTreeMap<String, Contract>,
 }
 
 /// A device with the site and customer it belongs to.
@@ -144,6 +213,37 @@ pub struct DeviceEntry<'a> {
     pub device: &'a Device,
     pub site: &'a Site,
     pub customer: &'a Customer,
+    contracts: &'a BTreeMap<String, Contract>,
+}
+
+impl<'a> DeviceEntry<'a> {
+    /// The contract in force for this device on `day`: the one it names, when in force
+    /// then; else its customer's contract in force then; else none (the seed's terms).
+    pub fn contract_on(&self, day: Date) -> Option<&'a Contract> {
+        if let Some(c) = self
+            .device
+            .contract
+            .as_deref()
+            .and_then(|id| self.contracts.get(id))
+        {
+            if c.covers(day) {
+                return Some(c);
+            }
+        }
+        self.contracts
+            .values()
+            .find(|c| c.customer.as_deref() == Some(&self.customer.id) && c.covers(day))
+    }
+
+    /// The terms that apply to this device on `day`.
+    pub fn terms_on(&self, day: Date) -> Terms {
+        self.contract_on(day).map_or(Terms::SEED, |c| c.terms)
+    }
+
+    /// The terms that apply at the instant `at`, whose day is taken in `tz`.
+    pub fn terms_at(&self, at: jiff::Timestamp, tz: &jiff::tz::TimeZone) -> Terms {
+        self.terms_on(at.to_zoned(tz.clone()).date())
+    }
 }
 
 impl Fleet {
@@ -195,6 +295,12 @@ impl Fleet {
             fleet.sites.insert(s.id.clone(), s);
         }
 
+        for (i, c) in doc.contracts.into_iter().enumerate() {
+            let p = root.key("contract").index(i);
+            let contract = check_contract(c, &p, &fleet).map_err(|(path, m)| err(&path, m))?;
+            fleet.contracts.insert(contract.id.clone(), contract);
+        }
+
         let mut serials = BTreeSet::new();
         for (i, d) in doc.devices.into_iter().enumerate() {
             let p = root.key("device").index(i);
@@ -230,6 +336,26 @@ impl Fleet {
                     ));
                 }
             }
+            if let Some(k) = &d.contract {
+                let Some(c) = fleet.contracts.get(k) else {
+                    return Err(err(
+                        &p.key("contract"),
+                        format!("no [[contract]] has id {k:?}"),
+                    ));
+                };
+                let owner = fleet.sites.get(&d.site).map(|s| s.customer.as_str());
+                if let (Some(cc), Some(owner)) = (c.customer.as_deref(), owner) {
+                    if cc != owner {
+                        return Err(err(
+                            &p.key("contract"),
+                            format!(
+                                "contract {k:?} is customer {cc:?}'s, but site {:?} belongs to {owner:?}",
+                                d.site
+                            ),
+                        ));
+                    }
+                }
+            }
             fleet.devices.insert(d.id.clone(), d);
         }
         Ok(fleet)
@@ -245,6 +371,7 @@ impl Fleet {
             device,
             site,
             customer,
+            contracts: &self.contracts,
         })
     }
 
@@ -254,6 +381,20 @@ impl Fleet {
 
     pub fn customer(&self, id: &str) -> Option<&Customer> {
         self.customers.get(id)
+    }
+
+    /// Every customer, by id.
+    pub fn customers(&self) -> impl Iterator<Item = &Customer> {
+        self.customers.values()
+    }
+
+    pub fn contract(&self, id: &str) -> Option<&Contract> {
+        self.contracts.get(id)
+    }
+
+    /// Every contract, by id.
+    pub fn contracts(&self) -> impl Iterator<Item = &Contract> {
+        self.contracts.values()
     }
 
     /// Every device, by id.
@@ -287,4 +428,115 @@ fn check_id(id: &str) -> Result<(), BadId> {
     } else {
         Ok(())
     }
+}
+
+/// A contract's term that cannot be used: the key path and why.
+type ContractFault = (KeyPath, String);
+
+/// Checks one `[[contract]]`: a unique id, a known customer, an ordered period that
+/// overlaps no other contract of the same customer (which one applied would be a guess),
+/// positive durations, a target in (0, 1], a sane warranty and maintenance interval.
+fn check_contract(c: ContractDoc, p: &KeyPath, fleet: &Fleet) -> Result<Contract, ContractFault> {
+    let at = |k: &str| p.key(k);
+    check_id(&c.id).map_err(|m| (at("id"), m.to_string()))?;
+    if fleet.contracts.contains_key(&c.id) {
+        return Err((at("id"), format!("contract {:?} is listed twice", c.id)));
+    }
+    if let Some(cu) = &c.customer {
+        if !fleet.customers.contains_key(cu) {
+            return Err((at("customer"), format!("no [[customer]] has id {cu:?}")));
+        }
+    }
+    if let (Some(s), Some(e)) = (c.start, c.end) {
+        if e < s {
+            return Err((at("end"), format!("{e} is before the start {s}")));
+        }
+    }
+    let mut terms = Terms::SEED;
+    let dur = |key: KeyPath, text: &Option<String>, slot: &mut SignedDuration| {
+        if let Some(t) = text {
+            *slot = positive_duration(t).map_err(|m| (key, m))?;
+        }
+        Ok::<(), ContractFault>(())
+    };
+    dur(at("respond"), &c.respond, &mut terms.respond)?;
+    if let Some(o) = &c.onsite {
+        let op = at("onsite");
+        dur(
+            op.key("same_city"),
+            &o.same_city,
+            &mut terms.onsite_same_city,
+        )?;
+        dur(
+            op.key("other_city"),
+            &o.other_city,
+            &mut terms.onsite_other_city,
+        )?;
+        dur(op.key("remote"), &o.remote, &mut terms.onsite_remote)?;
+    }
+    dur(at("simple_fix"), &c.simple_fix, &mut terms.simple_fix)?;
+    dur(at("complex_plan"), &c.complex_plan, &mut terms.complex_plan)?;
+    dur(at("major_fix"), &c.major_fix, &mut terms.major_fix)?;
+    if let Some(t) = c.availability_target {
+        if !(t > 0.0 && t <= 1.0) {
+            return Err((
+                at("availability_target"),
+                format!("{t} is not a fraction in (0, 1] (99.5 % is 0.995)"),
+            ));
+        }
+        terms.availability_target = t;
+    }
+    if let Some(m) = c.warranty_months {
+        terms.warranty_months = i32::try_from(m)
+            .ok()
+            .filter(|m| (0..=1200).contains(m))
+            .ok_or_else(|| {
+                (
+                    at("warranty_months"),
+                    format!("{m} is not 0 to 1200 months"),
+                )
+            })?;
+    }
+    if let Some(d) = c.pm_interval_days {
+        terms.pm_interval_days = u32::try_from(d)
+            .ok()
+            .filter(|d| (1..=3660).contains(d))
+            .ok_or_else(|| (at("pm_interval_days"), format!("{d} is not 1 to 3660 days")))?;
+    }
+    let contract = Contract {
+        id: c.id,
+        customer: c.customer,
+        start: c.start,
+        end: c.end,
+        terms,
+    };
+    if let Some(other) = fleet.contracts.values().find(|o| {
+        o.customer.is_some()
+            && o.customer == contract.customer
+            && o.start.is_none_or(|s| contract.end.is_none_or(|e| s <= e))
+            && contract.start.is_none_or(|s| o.end.is_none_or(|e| s <= e))
+    }) {
+        return Err((
+            at("start"),
+            format!(
+                "its period overlaps contract {:?} of the same customer: which one applies would be a guess",
+                other.id
+            ),
+        ));
+    }
+    Ok(contract)
+}
+
+/// A contract duration: `"1h"`, `"90m"`, `"3d"`; zero and negative ones are refused.
+fn positive_duration(text: &str) -> Result<SignedDuration, String> {
+    if text.trim_start().starts_with('-') {
+        return Err(format!(
+            "{text:?} is negative: a deadline is a time to come"
+        ));
+    }
+    let d = Dur::parse(text).map_err(|e| e.to_string())?;
+    if d.0.is_zero() {
+        return Err(format!("{text:?} is zero: no one can keep that promise"));
+    }
+    SignedDuration::try_from(d.0).map_err(|_| format!("{text:?} is out of range"))
 }

@@ -52,7 +52,7 @@ impl Default for ForwarderConfig {
     /// Status read every 5 min, backoff from 500 ms to 5 min.
     fn default() -> Self {
         ForwarderConfig {
-            status_poll: Duration::from_secs(300),
+            status_poll: Duration::from_secs(60),
             min_backoff: DEFAULT_MIN_BACKOFF,
             max_backoff: DEFAULT_MAX_BACKOFF,
         }
@@ -492,14 +492,24 @@ impl Forwarder {
                     return;
                 }
             };
-            if t.backend_status.as_deref() == Some(read.as_str()) {
-                continue;
+            let now = Timestamp::now();
+            let changed = t.backend_status.as_deref() != Some(read.status.as_str())
+                || read
+                    .history
+                    .as_ref()
+                    .is_some_and(|h| *h != t.status_history);
+            if changed {
+                tracing::info!(ticket = %t.key, ticket_id = %id, status = %clip(&read.status), "ticket status changed in the backend");
             }
-            tracing::info!(ticket = %t.key, ticket_id = %id, status = %clip(&read), "ticket status changed in the backend");
             let key = t.key.clone();
-            if let Err(e) =
-                blocking(&self.gw.store, move |s| s.set_backend_status(&key, &read)).await
-            {
+            let stored = blocking(&self.gw.store, move |s| {
+                s.update_ticket(&key, &mut |t| {
+                    t.record_status(&read, now);
+                    Ok(Vec::new())
+                })
+            })
+            .await;
+            if let Err(e) = stored {
                 tracing::error!(ticket = %t.key, "cannot store the ticket's status: {e}");
             }
         }

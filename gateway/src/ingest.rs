@@ -20,8 +20,8 @@
 use crate::clock::AgentClock;
 use crate::fleet::Fleet;
 use crate::store::{
-    encode, to_json, AgentRecord, Conflict, DeviceLive, Forwarding, LifeEvent, LiveIdentity,
-    LiveReading, StoreError, TicketEventRecord, TicketRecord,
+    encode, to_json, AgentRecord, Conflict, DeadlineRecord, DeviceLive, Forwarding, LifeEvent,
+    LiveIdentity, LiveReading, StoreError, TicketEventRecord, TicketRecord,
 };
 use crate::ticket::{
     decide, Action, DeviceFacts, DeviceIdentity, EventRequest, TicketContext, TicketRequest,
@@ -525,9 +525,16 @@ impl<'a> Planner<'a, '_> {
                         t.episodes.push(episode);
                     }
                 }),
-                Action::SetClass { ticket_key, class } => {
-                    self.change_ticket(&r.device, ticket_key, |t| t.class = class)
-                }
+                Action::SetClass {
+                    ticket_key,
+                    class,
+                    deadlines,
+                } => self.change_ticket(&r.device, ticket_key, |t| {
+                    t.class = class;
+                    if let Some(d) = deadlines {
+                        t.deadlines = Some(DeadlineRecord::new(&d, r.at));
+                    }
+                }),
             }
         }
         Ok(())
@@ -541,23 +548,7 @@ impl<'a> Planner<'a, '_> {
         req: Box<TicketRequest>,
         applied: &mut Applied,
     ) -> Result<(), StoreError> {
-        let t = TicketRecord {
-            key: req.idempotency_key.clone(),
-            device: r.device.clone(),
-            agent: agent.to_string(),
-            kind: req.body.kind,
-            code: req.body.fault.code.clone(),
-            class: req.body.fault.class,
-            episodes: vec![req.episode.clone()],
-            open: true,
-            detected_at: ev.opened_at,
-            created_at: self.now,
-            body: to_json("ticket body", &req.body)?,
-            ticket_id: None,
-            backend_status: None,
-            forward: Forwarding::pending(),
-            events: Vec::new(),
-        };
+        let t = TicketRecord::new(&req, &r.device, agent, ev.opened_at, self.now)?;
         self.changes.jobs.push(NewJob {
             ticket_key: t.key.clone(),
             event: None,

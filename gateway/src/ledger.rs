@@ -14,8 +14,8 @@ use serde::Serialize;
 use std::collections::BTreeSet;
 use tend_profiles::DeviceState;
 
-/// The contractual availability: 99.5 %.
-pub const TARGET: f64 = 0.995;
+/// The seed's availability target, 99.5 % (a contract may set another).
+pub const TARGET: f64 = crate::sla::Terms::SEED.availability_target;
 
 /// One device's state history.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -24,8 +24,11 @@ pub struct Ledger {
     /// same instant; the state in the key keeps even a conflicting duplicate deterministic.
     transitions: BTreeSet<(Timestamp, u64, DeviceState)>,
     /// The latest agent time heard from this device (any record). The last state holds up
-    /// to here; after it nobody knows.
+    /// to here; after it nobody knows (except `down`, see [`Ledger::totals`]).
     heard_until: Option<Timestamp>,
+    /// Intervals `[from, to)` the hotline excluded (customer caused, force majeure,
+    /// planned): neither up nor down.
+    exclusions: BTreeSet<(Timestamp, Timestamp)>,
 }
 
 /// Time spent in each state, exact.
@@ -35,21 +38,77 @@ pub struct Totals {
     pub down: SignedDuration,
     pub maintenance: SignedDuration,
     pub unknown: SignedDuration,
+    /// Time inside an exclusion, whatever the device's state was.
+    pub excluded: SignedDuration,
 }
 
 impl Totals {
     pub fn sum(&self) -> SignedDuration {
-        self.up + self.down + self.maintenance + self.unknown
+        self.up + self.down + self.maintenance + self.unknown + self.excluded
     }
 
-    fn add(&mut self, state: DeviceState, d: SignedDuration) {
+    fn add(&mut self, state: Span, d: SignedDuration) {
         let slot = match state {
-            DeviceState::Up => &mut self.up,
-            DeviceState::Down => &mut self.down,
-            DeviceState::Maintenance => &mut self.maintenance,
-            DeviceState::Unknown => &mut self.unknown,
+            Span::State(DeviceState::Up) => &mut self.up,
+            Span::State(DeviceState::Down) => &mut self.down,
+            Span::State(DeviceState::Maintenance) => &mut self.maintenance,
+            Span::State(DeviceState::Unknown) => &mut self.unknown,
+            Span::Excluded => &mut self.excluded,
         };
         *slot += d;
+    }
+}
+
+/// What a stretch of a device's timeline was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", untagged)]
+pub enum Span {
+    State(DeviceState),
+    /// Excluded by the hotline: counts neither as up nor as down.
+    #[serde(serialize_with = "excluded_str")]
+    Excluded,
+}
+
+fn excluded_str<S: serde::Serializer>(s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("excluded")
+}
+
+impl Span {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Span::State(s) => s.as_str(),
+            Span::Excluded => "excluded",
+        }
+    }
+}
+
+/// One stretch of a timeline: `[from, to)` in one state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Stretch {
+    pub from: Timestamp,
+    pub to: Timestamp,
+    pub state: Span,
+}
+
+/// How the downtime budget of a period stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetStatus {
+    /// Half of the period's budget or more is left.
+    Ok,
+    /// Less than half of the period's budget is left.
+    AtRisk,
+    /// The budget is spent: the target can no longer be met in this period.
+    Breached,
+}
+
+impl BudgetStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetStatus::Ok => "ok",
+            BudgetStatus::AtRisk => "at_risk",
+            BudgetStatus::Breached => "breached",
+        }
     }
 }
 
@@ -63,13 +122,19 @@ pub struct AvailabilityReport {
     pub down_s: f64,
     pub maintenance_s: f64,
     pub unknown_s: f64,
+    /// Time the hotline excluded (with a reason): neither up nor down.
+    pub excluded_s: f64,
     /// up ÷ (up + down); `None` (JSON null) when both are 0.
     pub availability: Option<f64>,
-    /// (up + down + maintenance) ÷ the elapsed part of the window; `None` for an empty one.
+    /// (up + down + maintenance + excluded) ÷ the elapsed part of the window: how much of
+    /// it is known; `None` for an empty one.
     pub coverage: Option<f64>,
     pub target: f64,
-    /// See [`downtime_budget`].
+    /// The down time the whole window allows at the target ([`Budget::allowed`]).
+    pub downtime_allowed_s: f64,
+    /// What of it is left ([`Budget::remaining`]): the one budget figure.
     pub downtime_budget_s: f64,
+    pub budget_status: BudgetStatus,
 }
 
 impl Ledger {
@@ -88,9 +153,9 @@ impl Ledger {
     /// is known to have lasted at least until then.
     ///
     /// Only the latest time is kept, so a silence *between* two records (an agent that
-    /// died and restarted, with nothing to replay) is not seen here: whoever learns of it
-    /// (the agent's `offline` will, or a transition whose `from` is `unknown`) records a
-    /// transition to `Unknown` at the last time heard before it.
+    /// died and restarted) is not seen here: the agent itself reports it when it starts
+    /// again, with a transition to `unknown` stamped at its last observation before it
+    /// stopped.
     pub fn heard(&mut self, at: Timestamp) {
         if self.heard_until.is_none_or(|h| at > h) {
             self.heard_until = Some(at);
@@ -101,17 +166,37 @@ impl Ledger {
         self.heard_until
     }
 
-    /// The state at `at` as far as the ledger knows (`Unknown` before the first transition
-    /// and after the last record heard).
-    pub fn state_at(&self, at: Timestamp) -> DeviceState {
-        if self.heard_until.is_none_or(|h| at >= h) {
-            return DeviceState::Unknown;
+    /// Excludes `[from, to)`: that time counts neither as up nor as down. Overlaps are the
+    /// caller's to refuse; the arithmetic merges them.
+    pub fn exclude(&mut self, from: Timestamp, to: Timestamp) {
+        if from < to {
+            self.exclusions.insert((from, to));
         }
+    }
+
+    /// The last state recorded at or before `at`, heard or not.
+    fn recorded_at(&self, at: Timestamp) -> DeviceState {
         self.transitions
             .range(..=(at, u64::MAX, DeviceState::Unknown))
             .next_back()
-            .map(|t| t.2)
-            .unwrap_or(DeviceState::Unknown)
+            .map_or(DeviceState::Unknown, |x| x.2)
+    }
+
+    /// The state at `at` as far as the ledger knows: `Unknown` before the first transition;
+    /// after the last record heard `Unknown`, unless the device was `down` then. A broken
+    /// device that falls silent (switched off, unplugged) is still broken: its down time
+    /// goes on counting until a record says otherwise. An agent that stops running says so
+    /// itself when it starts again (a transition to `unknown` at its last observation), and
+    /// that replaces the presumed down time with unknown.
+    pub fn state_at(&self, at: Timestamp) -> DeviceState {
+        match self.heard_until {
+            None => DeviceState::Unknown,
+            Some(h) if at >= h => match self.recorded_at(h) {
+                DeviceState::Down => DeviceState::Down,
+                _ => DeviceState::Unknown,
+            },
+            Some(_) => self.recorded_at(at),
+        }
     }
 
     /// Drops transitions before `before` that no window starting at or after `before` needs
@@ -127,20 +212,31 @@ impl Ledger {
         }
     }
 
-    /// Time in each state over `[from, to)`. The state before the first transition is
-    /// unknown, and so is the time after the last record heard.
-    pub fn totals(&self, from: Timestamp, to: Timestamp) -> Totals {
-        let mut t = Totals::default();
+    /// The device's states over `[from, to)` as consecutive stretches (adjacent ones in
+    /// the same state merged), before exclusions. The state before the first transition is
+    /// unknown, and so is the time after the last record heard, unless the device was down
+    /// then ([`Ledger::state_at`]).
+    fn states(&self, from: Timestamp, to: Timestamp) -> Vec<Stretch> {
+        let mut out: Vec<Stretch> = Vec::new();
+        let mut push = |a: Timestamp, b: Timestamp, s: DeviceState| {
+            if b <= a {
+                return;
+            }
+            match out.last_mut() {
+                Some(last) if last.state == Span::State(s) && last.to == a => last.to = b,
+                _ => out.push(Stretch {
+                    from: a,
+                    to: b,
+                    state: Span::State(s),
+                }),
+            }
+        };
         if to <= from {
-            return t;
+            return out;
         }
         let known_end = self.heard_until.map_or(from, |h| h.clamp(from, to));
         let mut cursor = from;
-        let mut state = self
-            .transitions
-            .range(..=(from, u64::MAX, DeviceState::Unknown))
-            .next_back()
-            .map_or(DeviceState::Unknown, |x| x.2);
+        let mut state = self.recorded_at(from);
         for &(at, _, to_state) in self
             .transitions
             .range((from, u64::MAX, DeviceState::Unknown)..)
@@ -149,32 +245,80 @@ impl Ledger {
                 break;
             }
             if at > cursor {
-                t.add(state, at.duration_since(cursor));
+                push(cursor, at, state);
                 cursor = at;
             }
             state = to_state;
         }
         if known_end > cursor {
-            t.add(state, known_end.duration_since(cursor));
+            push(cursor, known_end, state);
+            cursor = known_end;
         }
-        if to > known_end.max(cursor) {
-            t.add(
-                DeviceState::Unknown,
-                to.duration_since(known_end.max(cursor)),
-            );
+        // After the last record heard (every transition is a record heard, so none comes
+        // later): down holds, anything else is unknown.
+        let silent_down = self
+            .heard_until
+            .is_some_and(|h| self.recorded_at(h) == DeviceState::Down);
+        let tail_state = if silent_down {
+            DeviceState::Down
+        } else {
+            DeviceState::Unknown
+        };
+        push(cursor, to, tail_state);
+        out
+    }
+
+    /// The device's timeline over `[from, to)`: its states, with excluded time cut out as
+    /// [`Span::Excluded`]. Consecutive stretches, covering the window exactly.
+    pub fn timeline(&self, from: Timestamp, to: Timestamp) -> Vec<Stretch> {
+        let states = self.states(from, to);
+        let excl = merged(&self.exclusions);
+        let mut out: Vec<Stretch> = Vec::new();
+        let mut push = |a: Timestamp, b: Timestamp, s: Span| {
+            if b <= a {
+                return;
+            }
+            match out.last_mut() {
+                Some(last) if last.state == s && last.to == a => last.to = b,
+                _ => out.push(Stretch {
+                    from: a,
+                    to: b,
+                    state: s,
+                }),
+            }
+        };
+        for st in states {
+            let mut cursor = st.from;
+            for &(xa, xb) in excl.iter().filter(|(xa, xb)| *xb > st.from && *xa < st.to) {
+                let (xa, xb) = (xa.max(st.from), xb.min(st.to));
+                push(cursor, xa, st.state);
+                push(xa, xb, Span::Excluded);
+                cursor = xb;
+            }
+            push(cursor, st.to, st.state);
+        }
+        out
+    }
+
+    /// Time in each state over `[from, to)` ([`Ledger::timeline`] summed).
+    pub fn totals(&self, from: Timestamp, to: Timestamp) -> Totals {
+        let mut t = Totals::default();
+        for s in self.timeline(from, to) {
+            t.add(s.state, s.to.duration_since(s.from));
         }
         t
     }
 
-    /// The hotline report for `[from, to)` as of `now`. The state fields cover the elapsed
-    /// part `[from, min(to, now))`; the rest of the window (the future) enters only the
-    /// downtime budget, as time that may still be up or down.
+    /// The hotline report for `[from, to)` as of `now`, against `target`. The state fields
+    /// cover the elapsed part `[from, min(to, now))`; the rest of the window (the future)
+    /// enters only the downtime budget, as time that may still be up or down.
     pub fn report(
         &self,
         device: &str,
         from: Timestamp,
         to: Timestamp,
         now: Timestamp,
+        target: f64,
     ) -> AvailabilityReport {
         let elapsed_end = to.min(now).max(from);
         let t = self.totals(from, elapsed_end);
@@ -186,6 +330,7 @@ impl Ledger {
         let secs = |d: SignedDuration| d.as_secs_f64();
         let window = secs(elapsed_end.duration_since(from));
         let counted = secs(t.up) + secs(t.down);
+        let budget = Budget::of(&t, future, target);
         AvailabilityReport {
             device: device.to_string(),
             from,
@@ -194,11 +339,80 @@ impl Ledger {
             down_s: secs(t.down),
             maintenance_s: secs(t.maintenance),
             unknown_s: secs(t.unknown),
+            excluded_s: secs(t.excluded),
             availability: (counted > 0.0).then(|| secs(t.up) / counted),
-            coverage: (window > 0.0)
-                .then(|| (secs(t.up) + secs(t.down) + secs(t.maintenance)) / window),
-            target: TARGET,
-            downtime_budget_s: downtime_budget(&t, future, TARGET),
+            coverage: (window > 0.0).then(|| {
+                (secs(t.up) + secs(t.down) + secs(t.maintenance) + secs(t.excluded)) / window
+            }),
+            target,
+            downtime_allowed_s: budget.allowed,
+            downtime_budget_s: budget.remaining(),
+            budget_status: budget.status(),
+        }
+    }
+}
+
+/// Overlapping or touching intervals joined, in order.
+fn merged(set: &BTreeSet<(Timestamp, Timestamp)>) -> Vec<(Timestamp, Timestamp)> {
+    let mut out: Vec<(Timestamp, Timestamp)> = Vec::new();
+    for &(a, b) in set {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// A period's downtime budget: what down time the whole period allows at the target, and
+/// what of it is spent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    /// `(1 − target) × (up + down + future)`, seconds: the down time the period may have
+    /// with its availability still at the target (maintenance, unknown and excluded time
+    /// count neither way, as in availability itself).
+    pub allowed: f64,
+    /// Down time so far, seconds.
+    pub spent: f64,
+}
+
+impl Budget {
+    pub fn of(t: &Totals, future: SignedDuration, target: f64) -> Budget {
+        let counted = t.up.as_secs_f64() + t.down.as_secs_f64() + future.as_secs_f64().max(0.0);
+        Budget {
+            allowed: (1.0 - target) * counted,
+            spent: t.down.as_secs_f64(),
+        }
+    }
+
+    /// The sum of several devices' budgets (a customer's).
+    pub fn sum(budgets: impl IntoIterator<Item = Budget>) -> Budget {
+        budgets.into_iter().fold(
+            Budget {
+                allowed: 0.0,
+                spent: 0.0,
+            },
+            |a, b| Budget {
+                allowed: a.allowed + b.allowed,
+                spent: a.spent + b.spent,
+            },
+        )
+    }
+
+    /// What down time is left ([`downtime_budget`]).
+    pub fn remaining(&self) -> f64 {
+        (self.allowed - self.spent).max(0.0)
+    }
+
+    /// `breached` once more down time was spent than the period allows (its target can no
+    /// longer be met), `at_risk` when less than half is left, else `ok`.
+    pub fn status(&self) -> BudgetStatus {
+        if self.spent > self.allowed {
+            BudgetStatus::Breached
+        } else if self.remaining() < self.allowed / 2.0 {
+            BudgetStatus::AtRisk
+        } else {
+            BudgetStatus::Ok
         }
     }
 }
@@ -219,8 +433,7 @@ impl Ledger {
 /// down time already exceeds what the target allows for the whole window. For a window
 /// wholly in the past (`future` = 0) it is how much up time could still have been down.
 pub fn downtime_budget(t: &Totals, future: SignedDuration, target: f64) -> f64 {
-    let counted = t.up.as_secs_f64() + t.down.as_secs_f64() + future.as_secs_f64().max(0.0);
-    ((1.0 - target) * counted - t.down.as_secs_f64()).max(0.0)
+    Budget::of(t, future, target).remaining()
 }
 
 /// `[start, end)` of the calendar month containing `at` in `tz` (local midnight of the
@@ -237,38 +450,4 @@ pub fn month_window(at: Timestamp, tz: &TimeZone) -> (Timestamp, Timestamp) {
         // Only at the ends of jiff's range (years -9999 / 9999): a one-instant window.
         _ => (at, at),
     }
-}
-
-/// A device below target in the month so far.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct BelowTarget {
-    pub device: String,
-    pub availability: f64,
-    /// The month's remaining downtime budget (0 once the month is already lost).
-    pub downtime_budget_s: f64,
-    pub report: AvailabilityReport,
-}
-
-/// Every device whose availability in the calendar month containing `now` (in `tz`) is
-/// below 99.5 %, with its remaining downtime budget for that month (the rest of the month
-/// counts as future). Devices without up or down time are not flagged: nothing is known.
-pub fn below_target_this_month<'a>(
-    ledgers: impl IntoIterator<Item = (&'a str, &'a Ledger)>,
-    now: Timestamp,
-    tz: &TimeZone,
-) -> Vec<BelowTarget> {
-    let (from, to) = month_window(now, tz);
-    ledgers
-        .into_iter()
-        .filter_map(|(device, ledger)| {
-            let report = ledger.report(device, from, to, now);
-            let a = report.availability?;
-            (a < TARGET).then(|| BelowTarget {
-                device: device.to_string(),
-                availability: a,
-                downtime_budget_s: report.downtime_budget_s,
-                report,
-            })
-        })
-        .collect()
 }

@@ -24,6 +24,17 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadlineLabel {
+    pub deadline: String,
+    pub status: String,
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -52,8 +63,14 @@ pub struct Metrics {
     pub diagnostics: Family<OutcomeLabel, Counter>,
     /// Fleet devices by availability state.
     pub devices: Family<StateLabel, Gauge>,
-    /// Fleet devices below 99.5 % this month.
-    pub below_target: Gauge,
+    /// Fleet devices by the status of this month's downtime budget (`ok`, `at_risk`,
+    /// `breached`).
+    pub devices_budget: Family<StatusLabel, Gauge>,
+    /// Deadlines of the gateway's tickets by kind and status (`pending`, `at_risk`, `met`,
+    /// `missed`), as the SLA watch last judged them.
+    pub sla_deadlines: Family<DeadlineLabel, Gauge>,
+    /// `sla_at_risk` and `sla_missed` events queued for the backend, by deadline and status.
+    pub sla_events: Family<DeadlineLabel, Counter>,
     /// Hotline requests refused for a missing or wrong token, or while their address waits.
     pub auth_failures: Counter,
     /// Messages on agents' topics not believed (`unsigned`, `bad_signature`,
@@ -123,7 +140,9 @@ impl Metrics {
             forward_queue: Gauge::default(),
             diagnostics: Family::default(),
             devices: Family::default(),
-            below_target: Gauge::default(),
+            devices_budget: Family::default(),
+            sla_deadlines: Family::default(),
+            sla_events: Family::default(),
             auth_failures: Counter::default(),
             rejected: Family::default(),
             agents_clock_skewed: Gauge::default(),
@@ -191,9 +210,19 @@ impl Metrics {
         );
         registry.register("devices", "Fleet devices by state", m.devices.clone());
         registry.register(
-            "devices_below_target",
-            "Fleet devices below 99.5 % availability this month",
-            m.below_target.clone(),
+            "devices_budget",
+            "Fleet devices by the status of this month's downtime budget (ok, at_risk: less than half left, breached: the target can no longer be met)",
+            m.devices_budget.clone(),
+        );
+        registry.register(
+            "sla_deadlines",
+            "Ticket deadlines by kind (respond, onsite, plan, resolve) and status (pending, at_risk, met, missed)",
+            m.sla_deadlines.clone(),
+        );
+        registry.register(
+            "sla_events",
+            "sla_at_risk and sla_missed events queued for the backend, by deadline",
+            m.sla_events.clone(),
         );
         registry.register(
             "auth_failures",

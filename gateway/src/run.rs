@@ -166,6 +166,17 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         }));
     }
 
+    // The service watch: deadlines, SLA events and maintenance due, at the pace the
+    // backend's tickets are read back (60 s without a backend).
+    {
+        let every = cfg
+            .backend
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(60), |b| b.status_poll.0);
+        let (gw, sd) = (gw.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(crate::service_watch::run(gw, every, sd)));
+    }
+
     // The forwarder; without a backend, tickets stay in the store and the API shows them.
     match &cfg.backend {
         Some(b) => {

@@ -17,30 +17,69 @@ use std::fmt;
 use tend_profiles::{FaultClass, SignalKind};
 
 const HOUR: i64 = 3600;
-
-/// Every ticket: answered within 1 h.
-pub const RESPOND_WITHIN: SignedDuration = SignedDuration::from_secs(HOUR);
-/// Simple faults: remote guidance first, fixed within 24 h.
-pub const SIMPLE_RESOLVE_WITHIN: SignedDuration = SignedDuration::from_secs(24 * HOUR);
-/// Complex faults: a repair plan agreed and started within 48 h.
-pub const COMPLEX_PLAN_WITHIN: SignedDuration = SignedDuration::from_secs(48 * HOUR);
-/// Major faults: fixed within 72 h.
-pub const MAJOR_RESOLVE_WITHIN: SignedDuration = SignedDuration::from_secs(72 * HOUR);
-/// Maintenance or a consumable that is already due: done within 24 h.
-pub const OVERDUE_RESOLVE_WITHIN: SignedDuration = SignedDuration::from_secs(24 * HOUR);
-/// The free warranty runs this long from acceptance.
-pub const WARRANTY_YEARS: i16 = 2;
-
-/// How long an engineer may take to be on site.
-pub fn onsite_within(area: ServiceArea) -> SignedDuration {
-    SignedDuration::from_secs(
-        HOUR * match area {
-            ServiceArea::SameCity => 3,
-            ServiceArea::OtherCity => 24,
-            ServiceArea::Remote => 48,
-        },
-    )
+const fn hours(h: i64) -> SignedDuration {
+    SignedDuration::from_secs(h * HOUR)
 }
+
+/// The terms of a service contract: how fast the service organisation answers, travels and
+/// fixes, how long the free warranty runs, the availability it promises and how often it
+/// maintains each device. A fleet file's `[[contract]]` sets them per customer or device;
+/// every key it leaves out keeps the seed's value ([`Terms::SEED`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Terms {
+    /// Every ticket: answered within this (seed: 1 h).
+    pub respond: SignedDuration,
+    /// On site by service area (seed: 3 h / 24 h / 48 h).
+    pub onsite_same_city: SignedDuration,
+    pub onsite_other_city: SignedDuration,
+    pub onsite_remote: SignedDuration,
+    /// Simple faults: remote guidance first, fixed within this (seed: 24 h).
+    pub simple_fix: SignedDuration,
+    /// Complex faults: a repair plan agreed and started within this (seed: 48 h).
+    pub complex_plan: SignedDuration,
+    /// Major faults: fixed within this (seed: 72 h).
+    pub major_fix: SignedDuration,
+    /// The free warranty from acceptance, in months (seed: 24).
+    pub warranty_months: i32,
+    /// The availability promised per period (seed: 99.5 %).
+    pub availability_target: f64,
+    /// Preventive maintenance every this many days (seed: every 6 months, 182 days).
+    pub pm_interval_days: u32,
+}
+
+impl Terms {
+    /// The after-sales commitments of the seed: what applies without a contract.
+    pub const SEED: Terms = Terms {
+        respond: hours(1),
+        onsite_same_city: hours(3),
+        onsite_other_city: hours(24),
+        onsite_remote: hours(48),
+        simple_fix: hours(24),
+        complex_plan: hours(48),
+        major_fix: hours(72),
+        warranty_months: 24,
+        availability_target: 0.995,
+        pm_interval_days: 182,
+    };
+
+    /// How long an engineer may take to be on site.
+    pub fn onsite_within(&self, area: ServiceArea) -> SignedDuration {
+        match area {
+            ServiceArea::SameCity => self.onsite_same_city,
+            ServiceArea::OtherCity => self.onsite_other_city,
+            ServiceArea::Remote => self.onsite_remote,
+        }
+    }
+}
+
+impl Default for Terms {
+    fn default() -> Self {
+        Terms::SEED
+    }
+}
+
+/// Maintenance or a consumable that is already due: done within 24 h.
+pub const OVERDUE_RESOLVE_WITHIN: SignedDuration = hours(24);
 
 /// The class a ticket is filed and timed under.
 ///
@@ -83,31 +122,83 @@ pub fn deadlines(
     area: ServiceArea,
     due: Option<&str>,
     tz: &TimeZone,
+    terms: &Terms,
 ) -> Deadlines {
     let plus = |d: SignedDuration| detected.saturating_add(d).unwrap_or(Timestamp::MAX);
     let mut dl = Deadlines {
-        respond_by: plus(RESPOND_WITHIN),
+        respond_by: plus(terms.respond),
         onsite_by: None,
         plan_by: None,
         resolve_by: None,
     };
     match kind {
-        SignalKind::Fault | SignalKind::MonitoringLost => match effective_class(kind, class) {
-            FaultClass::Simple => dl.resolve_by = Some(plus(SIMPLE_RESOLVE_WITHIN)),
-            FaultClass::Complex => {
-                dl.onsite_by = Some(plus(onsite_within(area)));
-                dl.plan_by = Some(plus(COMPLEX_PLAN_WITHIN));
-            }
-            FaultClass::Major => {
-                dl.onsite_by = Some(plus(onsite_within(area)));
-                dl.resolve_by = Some(plus(MAJOR_RESOLVE_WITHIN));
-            }
-        },
+        SignalKind::Fault | SignalKind::MonitoringLost => {
+            let by_class = class_deadlines(detected, effective_class(kind, class), area, terms);
+            dl.onsite_by = by_class.onsite_by;
+            dl.plan_by = by_class.plan_by;
+            dl.resolve_by = by_class.resolve_by;
+        }
         SignalKind::MaintenanceDue | SignalKind::Consumable => {
             dl.resolve_by = Some(due_deadline(detected, due, tz));
         }
     }
     dl
+}
+
+/// The deadlines a fault of `class` gets from `from`: `simple` → `resolve_by`; `complex`
+/// → `onsite_by` by area and `plan_by`; `major` → `onsite_by` by area and `resolve_by`.
+/// `respond_by` is `from` + the response time. Used at detection, and from the moment a
+/// class rose for the deadlines the new class brings.
+pub fn class_deadlines(
+    from: Timestamp,
+    class: FaultClass,
+    area: ServiceArea,
+    terms: &Terms,
+) -> Deadlines {
+    let plus = |d: SignedDuration| from.saturating_add(d).unwrap_or(Timestamp::MAX);
+    let mut dl = Deadlines {
+        respond_by: plus(terms.respond),
+        onsite_by: None,
+        plan_by: None,
+        resolve_by: None,
+    };
+    match class {
+        FaultClass::Simple => dl.resolve_by = Some(plus(terms.simple_fix)),
+        FaultClass::Complex => {
+            dl.onsite_by = Some(plus(terms.onsite_within(area)));
+            dl.plan_by = Some(plus(terms.complex_plan));
+        }
+        FaultClass::Major => {
+            dl.onsite_by = Some(plus(terms.onsite_within(area)));
+            dl.resolve_by = Some(plus(terms.major_fix));
+        }
+    }
+    dl
+}
+
+/// The deadlines after a fault's class rose from `old` at `rose_at`: the new class's
+/// deadlines, counted from the moment it rose. The response time stays as it was (the
+/// ticket was answered or not already), and an on-site time already promised stays when
+/// it is earlier: an escalation never gives the service organisation more time to be at
+/// the device than it had. A deadline the new class does not have no longer applies.
+pub fn escalated_deadlines(
+    old: &Deadlines,
+    rose_at: Timestamp,
+    class: FaultClass,
+    area: ServiceArea,
+    terms: &Terms,
+) -> Deadlines {
+    let new = class_deadlines(rose_at, class, area, terms);
+    let onsite_by = match (old.onsite_by, new.onsite_by) {
+        (Some(o), Some(n)) => Some(o.min(n)),
+        (_, n) => n,
+    };
+    Deadlines {
+        respond_by: old.respond_by,
+        onsite_by,
+        plan_by: new.plan_by,
+        resolve_by: new.resolve_by,
+    }
 }
 
 fn due_deadline(detected: Timestamp, due: Option<&str>, tz: &TimeZone) -> Timestamp {
@@ -209,12 +300,12 @@ pub struct Warranty {
 /// read as the last day covered, inclusive: a repair on the boundary day is never billed
 /// by mistake, the reading a customer holding the paper would make. The free warranty
 /// wins over an extension that overlaps it.
-pub fn warranty(device: &Device, at: Timestamp, tz: &TimeZone) -> Warranty {
+pub fn warranty(device: &Device, at: Timestamp, tz: &TimeZone, terms: &Terms) -> Warranty {
     let day = at.to_zoned(tz.clone()).date();
     // Feb 29 + 2 years lands on Feb 28 (jiff clamps), never past the end of February.
     let free_until = device
         .accepted
-        .checked_add(WARRANTY_YEARS.years())
+        .checked_add(terms.warranty_months.months())
         .unwrap_or(Date::MAX);
     if day <= free_until {
         return Warranty {

@@ -503,30 +503,41 @@ async fn device_list_has_every_fleet_device_and_the_strays() {
     assert_eq!(vent["agent"], AGENT);
     assert_eq!(vent["agent_status"], "online");
     if w.history_in_this_month() {
-        // Up 1 h, then down 6 min, then nothing heard.
-        approx(&vent["availability"], 3600.0 / 3960.0);
-        assert_eq!(vent["below_target"], true);
-        // The month's budget counts the rest of the month as usable:
-        // 0.005 × (up + down + rest of month) − down.
-        let (_, month_end) = month_window(before, &shanghai());
-        let budget = |now: Timestamp| {
-            let future = month_end.duration_since(now).as_secs_f64();
-            (0.005 * (3960.0 + future) - 360.0).max(0.0)
-        };
-        let got = vent["downtime_budget_s"].as_f64().unwrap();
+        // Up 1 h, then down, heard until 66 min, and silent since: a broken device that
+        // falls silent stays down, so its down time runs to now.
+        let down_at = |now: Timestamp| now.duration_since(w.t0 + mins(60)).as_secs_f64();
+        let a = vent["availability"].as_f64().unwrap();
         assert!(
-            budget(after) - 1e-6 <= got && got <= budget(before) + 1e-6,
-            "{got} not in [{}, {}]",
-            budget(after),
-            budget(before)
+            3600.0 / (3600.0 + down_at(after)) - 1e-9 <= a
+                && a <= 3600.0 / (3600.0 + down_at(before)) + 1e-9,
+            "{a}"
         );
+        // The month's budget counts the rest of the month as usable:
+        // 0.005 × (up + down + rest of month) − down; the flag is the budget's status.
+        let (_, month_end) = month_window(before, &shanghai());
+        let allowed = vent["downtime_allowed_s"].as_f64().unwrap();
+        let want = 0.005 * (3600.0 + month_end.duration_since(w.t0 + mins(60)).as_secs_f64());
+        assert!((allowed - want).abs() < 1e-6, "{allowed} vs {want}");
+        let left = vent["downtime_budget_s"].as_f64().unwrap();
+        assert!(
+            (allowed - down_at(after)).max(0.0) - 1e-6 <= left
+                && left <= (allowed - down_at(before)).max(0.0) + 1e-6,
+            "{left}"
+        );
+        let status = if down_at(before) > allowed {
+            "breached"
+        } else {
+            "at_risk"
+        };
+        assert_eq!(vent["budget_status"], status, "2 h down of {allowed} s");
+        assert!(vent["coverage"].as_f64().unwrap() > 0.0);
     }
 
     let pump = &list[1];
     assert_eq!(pump["state"], "up");
     assert_eq!(pump["open_faults"], 1);
     assert_eq!(pump["model"], "LIP-300");
-    assert_eq!(pump["below_target"], false);
+    assert_eq!(pump["budget_status"], "ok");
 
     let monitor = &list[2];
     assert_eq!(monitor["state"], "unknown");
@@ -534,7 +545,7 @@ async fn device_list_has_every_fleet_device_and_the_strays() {
     assert_eq!(monitor["open_faults"], 0);
     assert_eq!(monitor["serial"], "VM12-7-000123");
     assert_eq!(monitor["availability"], Value::Null);
-    assert_eq!(monitor["below_target"], false);
+    assert_eq!(monitor["budget_status"], "ok");
     assert_eq!(monitor["agent"], Value::Null);
     assert!(monitor["downtime_budget_s"].is_number());
 
@@ -661,10 +672,13 @@ async fn availability_report_is_exact() {
         "down_s",
         "maintenance_s",
         "unknown_s",
+        "excluded_s",
         "availability",
         "coverage",
         "target",
+        "downtime_allowed_s",
         "downtime_budget_s",
+        "budget_status",
     ];
     want.sort();
     let mut keys_sorted: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
@@ -690,11 +704,13 @@ async fn availability_report_is_exact() {
     approx(&r["availability"], 1.0);
     approx(&r["downtime_budget_s"], 18.0);
 
-    // Two hours: the last 54 min were never heard of.
+    // Two hours: silent for the last 54 min, but down when last heard: down all along.
     let (_, r) = w.get_q(path, &q(t0, t0 + mins(120))).await;
-    approx(&r["unknown_s"], 54.0 * 60.0);
-    approx(&r["coverage"], 3960.0 / 7200.0);
-    approx(&r["availability"], 3600.0 / 3960.0);
+    approx(&r["unknown_s"], 0.0);
+    approx(&r["down_s"], 3600.0);
+    approx(&r["coverage"], 1.0);
+    approx(&r["availability"], 0.5);
+    assert_eq!(r["budget_status"], "breached");
 
     // Nothing known: availability null.
     let (_, r) = w.get_q(path, &q(t0 - mins(60), t0)).await;
@@ -711,9 +727,16 @@ async fn availability_report_is_exact() {
     assert_eq!(from, month_window(before, &shanghai()).0);
     let start = from.to_zoned(shanghai());
     assert_eq!((start.day(), start.hour(), start.minute()), (1, 0, 0));
-    assert!(before <= to && to <= after);
+    // The whole month: its elapsed part measured, the rest in the budget (the same
+    // window as the device list's, so both show one budget).
+    assert_eq!(to, month_window(before, &shanghai()).1);
     if w.history_in_this_month() {
-        approx(&r["availability"], 3600.0 / 3960.0);
+        let a = r["availability"].as_f64().unwrap();
+        let down = after.duration_since(t0 + mins(60)).as_secs_f64();
+        assert!(
+            a >= 3600.0 / (3600.0 + down) - 1e-9 && a < 3600.0 / 3960.0,
+            "{a}"
+        );
     }
 
     // Bad input.
@@ -938,8 +961,9 @@ async fn metrics_openapi_and_page_without_surprises() {
         assert!(text.contains(line), "{line} missing:\n{text}");
     }
     if w.history_in_this_month() {
+        // The pump and the monitor have all their budget; the vent has spent 2 h of it.
         assert!(
-            text.contains("tend_gateway_devices_below_target 1"),
+            text.contains(r#"tend_gateway_devices_budget{status="ok"} 2"#),
             "{text}"
         );
     }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tend_gateway::app::Gateway;
 use tend_gateway::backend::service_api::{ServiceApi, ServiceApiConfig};
-use tend_gateway::backend::{BoxFuture, Reply, TicketBackend};
+use tend_gateway::backend::{BoxFuture, Reply, StatusRead, TicketBackend};
 use tend_gateway::diag::DiagClient;
 use tend_gateway::fleet::Fleet;
 use tend_gateway::forwarder::{self, ForwarderConfig};
@@ -1289,10 +1289,10 @@ impl TicketBackend for MemoryBackend {
         Box::pin(async { Reply::Accepted(()) })
     }
 
-    fn ticket_status<'a>(&'a self, ticket_id: &'a str) -> BoxFuture<'a, Reply<String>> {
+    fn ticket_status<'a>(&'a self, ticket_id: &'a str) -> BoxFuture<'a, Reply<StatusRead>> {
         self.0.called(format!("status {ticket_id}"));
         let status = self.0.status.lock().unwrap().clone();
-        Box::pin(async move { Reply::Accepted(status) })
+        Box::pin(async move { Reply::Accepted(StatusRead::bare(&status)) })
     }
 }
 

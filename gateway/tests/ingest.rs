@@ -137,9 +137,10 @@ fn replay_is_acked_again_applied_once_and_fills_the_gap() {
     assert_eq!(store.tickets().unwrap().len(), 1);
     assert_eq!(store.jobs().unwrap().len(), 2);
 
-    // Before the replay, the ledger thinks the device was down from 60 until last heard.
+    // Before the replay, the ledger thinks the device was down from 60 on: last heard at
+    // 90, and a device down and silent stays down.
     let before = store.ledger("vent").unwrap().totals(at(0), at(120));
-    assert_eq!(before.down, SignedDuration::from_mins(30));
+    assert_eq!(before.down, SignedDuration::from_mins(60));
 
     // The late records: it was back up at 75 and went into maintenance at 80.
     drop(store);

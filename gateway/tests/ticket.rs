@@ -247,12 +247,16 @@ fn apply(known: &mut Vec<KnownTicket>, device: &str, actions: &[Action]) {
                 .unwrap()
                 .episodes
                 .push(episode.clone()),
-            Action::SetClass { ticket_key, class } => {
-                known
-                    .iter_mut()
-                    .find(|t| &t.key == ticket_key)
-                    .unwrap()
-                    .class = *class
+            Action::SetClass {
+                ticket_key,
+                class,
+                deadlines,
+            } => {
+                let t = known.iter_mut().find(|t| &t.key == ticket_key).unwrap();
+                t.class = *class;
+                if let Some(d) = deadlines {
+                    t.deadlines = Some(*d);
+                }
             }
             Action::Event(_) => {}
         }
@@ -386,14 +390,38 @@ fn class_rise_escalates_and_a_fall_is_a_note() {
     assert_eq!(er.body.detail["class"], "major");
     assert_eq!(er.body.detail["previous_class"], "complex");
     assert_eq!(er.body.at, "2026-11-28T11:00:00+08:00");
+    // The major class's deadlines, from the moment it rose: fixed within 72 h of 11:00,
+    // no plan any more, the earlier on-site promise kept.
+    assert_eq!(
+        er.body.detail["sla"]["resolve_by"],
+        "2026-12-01T11:00:00+08:00"
+    );
+    assert_eq!(er.body.detail["sla"]["plan_by"], serde_json::Value::Null);
+    assert_eq!(er.body.detail["sla"]["onsite_by"], body["sla"]["onsite_by"]);
+    assert_eq!(
+        er.body.detail["sla"]["respond_by"],
+        body["sla"]["respond_by"]
+    );
     apply(&mut known, "icu7-vent", &e);
     assert_eq!(known[0].class, FaultClass::Major);
+    assert_eq!(
+        known[0].deadlines.unwrap().resolve_by.unwrap(),
+        ts("2026-12-01T03:00:00Z")
+    );
     // Replayed: the class is already major, nothing.
     assert!(decide(&cx, &ev, up_at, &known).is_empty());
 
     ev.class = Some(FaultClass::Complex);
     let d = decide(&cx, &ev, ts("2026-11-28T04:00:00Z"), &known);
     assert_eq!(events(&d), vec![(EventType::Note, known[0].key.clone())]);
+    // A fall keeps the promises made: no new deadlines.
+    assert!(d.iter().any(|a| matches!(
+        a,
+        Action::SetClass {
+            deadlines: None,
+            ..
+        }
+    )));
     apply(&mut known, "icu7-vent", &d);
     // Up again: a second escalation with a key of its own.
     ev.class = Some(FaultClass::Major);

@@ -13,6 +13,7 @@
 //! | `POST /api/v1/tickets/{key}/retry` | yes | requeue a ticket the backend refused (audited) |
 //! | `POST /api/v1/devices/{id}/diagnostics` | yes | run a read-only diagnostic (audited) |
 //! | `GET /api/v1/agents` | yes | every agent: status, outbox incarnation, conflicting records, clock offset and skew |
+//! | service level | yes | SLA figures, customers' availability, exclusions, maintenance, the paged life record ([`service`]) |
 //!
 //! Every `/api/v1` call needs `Authorization: Bearer <token>`, the OpenAPI document
 //! included (DESIGN §4 says every `/api/v1` call); a missing or wrong token is a 401 with a
@@ -41,10 +42,11 @@ use crate::app::Gateway;
 use crate::audit::{Audit, AuditEntry};
 use crate::diag::{self, DiagError};
 use crate::fleet::DeviceEntry;
-use crate::ledger::{month_window, TARGET};
-use crate::metrics::{Metrics, StateLabel};
+use crate::ledger::{month_window, AvailabilityReport};
+use crate::metrics::{Metrics, StateLabel, StatusLabel};
 use crate::refusals::Backoff;
 use crate::serve::Limits;
+use crate::sla::Terms;
 use crate::store::{AgentRecord, DeviceLive, ForwardState, Forwarding, StoreError, TicketRecord};
 use crate::ticket::{sha256_hex, DeviceFacts, DeviceIdentity};
 use axum::body::Bytes;
@@ -63,8 +65,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+pub mod service;
+
 /// The OpenAPI 3.0 description served on `/api/v1/openapi.json`.
-pub const OPENAPI: &str = include_str!("openapi.json");
+pub const OPENAPI: &str = include_str!("../openapi.json");
 pub use crate::page::PAGE;
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -104,6 +108,24 @@ pub fn router(gw: Gateway, token: String, audit: Audit) -> Router {
         .route("/devices", get(list_devices))
         .route("/devices/:id", get(device_detail))
         .route("/devices/:id/availability", get(availability))
+        .route(
+            "/devices/:id/availability/exclusions",
+            get(service::exclusions).post(service::add_exclusion),
+        )
+        .route(
+            "/devices/:id/availability/exclusions/:n",
+            axum::routing::delete(service::remove_exclusion),
+        )
+        .route(
+            "/devices/:id/maintenance",
+            get(service::maintenance).post(service::add_maintenance),
+        )
+        .route("/devices/:id/history", get(service::history))
+        .route(
+            "/customers/:id/availability",
+            get(service::customer_availability),
+        )
+        .route("/sla", get(service::sla))
         .route("/devices/:id/diagnostics", post(diagnostics))
         .route("/tickets", get(tickets))
         .route("/tickets/*rest", post(retry))
@@ -315,23 +337,34 @@ async fn not_found() -> ApiError {
 
 // ---------- devices ----------
 
-/// The month's availability of a device: the calendar month containing `now` in the
-/// configured zone, its elapsed part measured, the rest counted as future in the budget
-/// (as [`crate::ledger::below_target_this_month`] does).
-struct MonthFigures {
-    availability: Option<f64>,
-    coverage: Option<f64>,
-    downtime_budget_s: f64,
+/// The availability target of a device at `at`: its contract's, else the seed's.
+pub(crate) fn target_of(gw: &Gateway, id: &str, at: Timestamp) -> f64 {
+    gw.cx
+        .fleet
+        .device(id)
+        .map_or(Terms::SEED, |e| e.terms_at(at, &gw.cx.tz))
+        .availability_target
 }
 
-fn month_figures(gw: &Gateway, id: &str, now: Timestamp) -> Result<MonthFigures, StoreError> {
+/// The availability report of a device over `[from, to)` as of `now`, against its
+/// contract's target: the one computation behind every figure the hotline shows.
+pub(crate) fn device_report(
+    gw: &Gateway,
+    id: &str,
+    from: Timestamp,
+    to: Timestamp,
+    now: Timestamp,
+) -> Result<AvailabilityReport, StoreError> {
+    let target = target_of(gw, id, from.max(now.min(to)));
+    Ok(gw.store.ledger(id)?.report(id, from, to, now, target))
+}
+
+/// The month's availability of a device: the calendar month containing `now` in the
+/// configured zone, its elapsed part measured, the rest counted as future in the budget.
+/// The availability endpoint's default window is the same month, so both show one budget.
+fn month_figures(gw: &Gateway, id: &str, now: Timestamp) -> Result<AvailabilityReport, StoreError> {
     let (from, to) = month_window(now, &gw.cx.tz);
-    let r = gw.store.ledger(id)?.report(id, from, to, now);
-    Ok(MonthFigures {
-        availability: r.availability,
-        coverage: r.coverage,
-        downtime_budget_s: r.downtime_budget_s,
-    })
+    device_report(gw, id, from, to, now)
 }
 
 /// The fields a device has in the list (and in its detail).
@@ -398,11 +431,10 @@ fn summary(
     o.insert("agent_status".into(), json!(agent_status));
     o.insert("availability".into(), json!(m.availability));
     o.insert("coverage".into(), json!(m.coverage));
-    o.insert(
-        "below_target".into(),
-        json!(m.availability.is_some_and(|a| a < TARGET)),
-    );
+    o.insert("target".into(), json!(m.target));
+    o.insert("budget_status".into(), json!(m.budget_status));
     o.insert("downtime_budget_s".into(), json!(m.downtime_budget_s));
+    o.insert("downtime_allowed_s".into(), json!(m.downtime_allowed_s));
     Ok(o)
 }
 
@@ -560,14 +592,7 @@ async fn availability(
     let Path(id) = id.map_err(path_error)?;
     let Query(q) = q.map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))?;
     let now = Timestamp::now();
-    let to = match q.get("to") {
-        Some(s) => parse_time("to", s)?,
-        None => now,
-    };
-    let from = match q.get("from") {
-        Some(s) => parse_time("from", s)?,
-        None => month_window(to, &st.gw.cx.tz).0,
-    };
+    let (from, to) = window_query(&q, now, &st.gw.cx.tz)?;
     let explicit = q.contains_key("from") || q.contains_key("to");
     if explicit && from >= to {
         return Err(ApiError::bad_request(format!(
@@ -579,10 +604,28 @@ async fn availability(
         if !known_device(&gw, &id)? {
             return Err(unknown_device(&id));
         }
-        Ok(gw.store.ledger(&id)?.report(&id, from, to, now))
+        Ok(device_report(&gw, &id, from, to, now)?)
     })
     .await??;
     Ok(Json(report).into_response())
+}
+
+/// `from` and `to` of a query (RFC 3339). Without them: this calendar month in the
+/// gateway's zone, whole (its elapsed part is measured, the rest enters the budget);
+/// with only `to`: from the start of its month; with only `from`: to now.
+fn window_query(
+    q: &HashMap<String, String>,
+    now: Timestamp,
+    tz: &jiff::tz::TimeZone,
+) -> Result<(Timestamp, Timestamp), ApiError> {
+    let to = q.get("to").map(|s| parse_time("to", s)).transpose()?;
+    let from = q.get("from").map(|s| parse_time("from", s)).transpose()?;
+    Ok(match (from, to) {
+        (None, None) => month_window(now, tz),
+        (None, Some(to)) => (month_window(to, tz).0, to),
+        (Some(from), None) => (from, now),
+        (Some(from), Some(to)) => (from, to),
+    })
 }
 
 // ---------- tickets ----------
@@ -603,7 +646,7 @@ fn forwarding_json(f: &Forwarding, backend: bool) -> Value {
     o
 }
 
-fn ticket_json(t: &TicketRecord, backend: bool) -> Value {
+fn ticket_json(t: &TicketRecord, backend: bool, now: Timestamp, tz: &jiff::tz::TimeZone) -> Value {
     let events: Vec<Value> = t
         .events
         .iter()
@@ -628,12 +671,34 @@ fn ticket_json(t: &TicketRecord, backend: bool) -> Value {
         "backend_status": t.backend_status,
         "detected_at": t.detected_at,
         "created_at": t.created_at,
-        "sla": t.body.get("sla"),
+        "sla": deadlines_json(t, tz),
+        "sla_status": t.sla_status(now),
+        "status_history": t.status_history,
+        "status_read_at": t.status_read_at,
         "warranty": t.body.get("warranty"),
         "episodes": t.episodes,
         "forwarding": forwarding_json(&t.forward, backend),
         "events": events,
     })
+}
+
+/// The deadlines that apply now (after an escalation, the new class's), RFC 3339 in the
+/// gateway's zone, with where the class's deadlines count from; the body's `sla` for a
+/// ticket that has none stored.
+fn deadlines_json(t: &TicketRecord, tz: &jiff::tz::TimeZone) -> Value {
+    match t.current_deadlines() {
+        Some(d) => {
+            let f = |x: Option<Timestamp>| x.map(|x| crate::sla::rfc3339(x, tz));
+            json!({
+                "respond_by": crate::sla::rfc3339(d.respond_by, tz),
+                "onsite_by": f(d.onsite_by),
+                "plan_by": f(d.plan_by),
+                "resolve_by": f(d.resolve_by),
+                "class_from": crate::sla::rfc3339(d.class_from, tz),
+            })
+        }
+        None => t.body.get("sla").cloned().unwrap_or(Value::Null),
+    }
 }
 
 async fn tickets(
@@ -656,11 +721,12 @@ async fn tickets(
     let gw = st.gw.clone();
     let list = blocking(move || gw.store.tickets()).await??;
     let backend = st.gw.backend_configured;
+    let now = Timestamp::now();
     let out: Vec<Value> = list
         .iter()
         .filter(|t| device.as_ref().is_none_or(|d| &t.device == d))
         .filter(|t| open.is_none_or(|o| t.open == o))
-        .map(|t| ticket_json(t, backend))
+        .map(|t| ticket_json(t, backend, now, &st.gw.cx.tz))
         .collect();
     Ok(Json(Value::Array(out)).into_response())
 }
@@ -740,7 +806,7 @@ async fn retry(
             gw.store.requeue(&k)?;
             let after = gw.store.ticket(&k)?;
             let v = after
-                .map(|t| ticket_json(&t, gw.backend_configured))
+                .map(|t| ticket_json(&t, gw.backend_configured, Timestamp::now(), &gw.cx.tz))
                 .unwrap_or(Value::Null);
             Ok((
                 StatusCode::OK,
@@ -981,24 +1047,23 @@ fn human_duration(d: Duration) -> String {
 
 // ---------- metrics ----------
 
-/// Sets the `devices` gauges (fleet devices by state) and `devices_below_target` from the
-/// store.
+/// Sets the `devices` gauges (fleet devices by state) and `devices_budget` (by this
+/// month's budget status) from the store.
 pub fn refresh_gauges(gw: &Gateway, now: Timestamp) -> Result<(), StoreError> {
     let mut counts: HashMap<&'static str, i64> = ["up", "down", "maintenance", "unknown"]
         .into_iter()
         .map(|s| (s, 0))
         .collect();
-    let mut below = 0i64;
+    let mut budgets: HashMap<&'static str, i64> = ["ok", "at_risk", "breached"]
+        .into_iter()
+        .map(|s| (s, 0))
+        .collect();
     for e in gw.cx.fleet.devices() {
         let live = gw.store.device(&e.device.id)?;
         let state = live.as_ref().map_or("unknown", |d| d.state.as_str());
         *counts.entry(state).or_default() += 1;
-        if month_figures(gw, &e.device.id, now)?
-            .availability
-            .is_some_and(|a| a < TARGET)
-        {
-            below += 1;
-        }
+        let status = month_figures(gw, &e.device.id, now)?.budget_status;
+        *budgets.entry(status.as_str()).or_default() += 1;
     }
     for (state, n) in counts {
         gw.metrics
@@ -1008,7 +1073,14 @@ pub fn refresh_gauges(gw: &Gateway, now: Timestamp) -> Result<(), StoreError> {
             })
             .set(n);
     }
-    gw.metrics.below_target.set(below);
+    for (status, n) in budgets {
+        gw.metrics
+            .devices_budget
+            .get_or_create(&StatusLabel {
+                status: status.to_string(),
+            })
+            .set(n);
+    }
     Ok(())
 }
 

@@ -108,8 +108,26 @@ pub trait TicketBackend: Send + Sync {
         document: &'a serde_json::Value,
     ) -> BoxFuture<'a, Reply<()>>;
 
-    /// Reads the status of the ticket `ticket_id`.
-    fn ticket_status<'a>(&'a self, ticket_id: &'a str) -> BoxFuture<'a, Reply<String>>;
+    /// Reads the status of the ticket `ticket_id` (and its history, from a v1.1 backend).
+    fn ticket_status<'a>(&'a self, ticket_id: &'a str) -> BoxFuture<'a, Reply<StatusRead>>;
+}
+
+/// What a read of a ticket gave: its status now and, from a v1.1 backend, every change
+/// with its time (oldest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusRead {
+    pub status: String,
+    pub history: Option<Vec<crate::sla_watch::StatusChange>>,
+}
+
+impl StatusRead {
+    /// A status without history (a v1 backend).
+    pub fn bare(status: &str) -> StatusRead {
+        StatusRead {
+            status: status.to_string(),
+            history: None,
+        }
+    }
 }
 
 /// Why a backend cannot be set up from its config section.

@@ -7,8 +7,9 @@
 //! [`classify`] and [`classify_status_read`] are the pure part (no I/O, no clock): what an
 //! answer means, per the API's table. The token is never logged, nor are bodies.
 
-use super::{clip, parse_retry_after, Reply, TicketBackend};
+use super::{clip, parse_retry_after, Reply, StatusRead, TicketBackend};
 use crate::config::{read_secret, BackendSection, SecretFileError};
+use crate::sla_watch::StatusChange;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
 use std::path::{Path, PathBuf};
@@ -230,7 +231,7 @@ impl TicketBackend for ServiceApi {
         })
     }
 
-    fn ticket_status<'a>(&'a self, ticket_id: &'a str) -> BoxFuture<'a, Reply<String>> {
+    fn ticket_status<'a>(&'a self, ticket_id: &'a str) -> BoxFuture<'a, Reply<StatusRead>> {
         Box::pin(async move {
             let url = self
                 .cfg
@@ -344,7 +345,7 @@ pub fn classify(target: Target<'_>, answer: Answer<'_>, now: Timestamp) -> Reply
 /// accepted with it; 401, 403 → unauthorized; 429, 5xx, no answer → retry later (the other
 /// tickets' reads are no use now); any other status, or a 200 without a status → refused
 /// (this ticket's read; the next ticket's may work).
-pub fn classify_status_read(answer: Answer<'_>, now: Timestamp) -> Reply<String> {
+pub fn classify_status_read(answer: Answer<'_>, now: Timestamp) -> Reply<StatusRead> {
     let (status, retry_after, body) = match answer {
         Answer::NoAnswer { error } => {
             return Reply::RetryLater {
@@ -362,7 +363,7 @@ pub fn classify_status_read(answer: Answer<'_>, now: Timestamp) -> Reply<String>
     match status {
         200 => serde_json::from_str::<serde_json::Value>(body)
             .ok()
-            .and_then(|v| v.get("status")?.as_str().map(str::to_string))
+            .and_then(|v| status_read(&v))
             .map_or_else(
                 || Reply::Refused {
                     reason: "the backend's status answer has no status".into(),
@@ -381,6 +382,25 @@ pub fn classify_status_read(answer: Answer<'_>, now: Timestamp) -> Reply<String>
             reason: status_error(status, body),
         },
     }
+}
+
+/// The status of a read answer and, when the backend sends one (v1.1), its history. An
+/// entry of the history that cannot be read (no status, a time that is not RFC 3339) is
+/// left out rather than failing the read: the status itself is what matters most.
+fn status_read(v: &serde_json::Value) -> Option<StatusRead> {
+    let status = v.get("status")?.as_str()?.to_string();
+    let history = v.get("history").and_then(|h| h.as_array()).map(|items| {
+        items
+            .iter()
+            .filter_map(|c| {
+                Some(StatusChange {
+                    status: c.get("status")?.as_str()?.to_string(),
+                    at: c.get("at")?.as_str()?.parse().ok()?,
+                })
+            })
+            .collect::<Vec<_>>()
+    });
+    Some(StatusRead { status, history })
 }
 
 /// The backend's reason from an answer body: its `error` field when it is JSON with one,
@@ -798,7 +818,23 @@ mod tests {
         let read = |status, body| classify_status_read(http(status, None, body), now);
         assert_eq!(
             read(200, r#"{"ticket_id": "T-1", "status": "on_site"}"#),
-            Reply::Accepted("on_site".into())
+            Reply::Accepted(StatusRead::bare("on_site"))
+        );
+        // A v1.1 answer: the history, an unreadable entry left out.
+        let Reply::Accepted(r) = read(
+            200,
+            r#"{"ticket_id": "T-1", "status": "on_site", "history": [
+                {"status": "open", "at": "2026-11-28T10:40:12+08:00"},
+                {"status": "acknowledged", "at": "yesterday"},
+                {"status": "on_site", "at": "2026-11-28T12:02:00+08:00"}]}"#,
+        ) else {
+            panic!("not accepted")
+        };
+        let h = r.history.unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(
+            (h[1].status.as_str(), h[1].at.to_string().as_str()),
+            ("on_site", "2026-11-28T04:02:00Z")
         );
         // This ticket's read failed; the next ticket's may work.
         for (status, body) in [

@@ -19,8 +19,12 @@ mod redb;
 
 pub use self::redb::RedbStore;
 
+use crate::backend::StatusRead;
 use crate::ingest::{Applied, IngestContext};
 use crate::ledger::Ledger;
+use crate::sla::Deadlines;
+use crate::sla_watch::{Promises, SlaStatus, StatusChange};
+use crate::ticket::{EventRequest, TicketRequest};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -236,6 +240,102 @@ pub enum LifeEvent {
         at: Timestamp,
         count: u64,
     },
+    /// The hotline excluded a stretch of time from the device's availability.
+    Excluded {
+        at: Timestamp,
+        exclusion: Exclusion,
+    },
+    /// The hotline took an exclusion back.
+    ExclusionRemoved {
+        at: Timestamp,
+        exclusion: Exclusion,
+    },
+    /// Preventive maintenance done (recorded through the hotline, or a maintenance ticket
+    /// resolved in the backend).
+    Maintenance {
+        at: Timestamp,
+        maintenance: MaintenanceDone,
+    },
+}
+
+/// Why a stretch of time does not count against the service organisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExclusionReason {
+    /// The customer caused it (misuse, power cut in the ward, refused access).
+    CustomerCaused,
+    ForceMajeure,
+    /// Agreed with the customer beforehand.
+    Planned,
+}
+
+impl ExclusionReason {
+    pub const ALL: [&'static str; 3] = ["customer_caused", "force_majeure", "planned"];
+
+    pub fn parse(s: &str) -> Option<ExclusionReason> {
+        match s {
+            "customer_caused" => Some(ExclusionReason::CustomerCaused),
+            "force_majeure" => Some(ExclusionReason::ForceMajeure),
+            "planned" => Some(ExclusionReason::Planned),
+            _ => None,
+        }
+    }
+}
+
+/// A stretch `[from, to)` of a device's time excluded from its availability: neither up
+/// nor down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exclusion {
+    /// Assigned by the store, unique per device.
+    pub id: u64,
+    pub device: String,
+    pub from: Timestamp,
+    pub to: Timestamp,
+    pub reason: ExclusionReason,
+    #[serde(default)]
+    pub note: String,
+    /// Gateway time it was recorded.
+    pub recorded_at: Timestamp,
+}
+
+/// Preventive maintenance done on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceDone {
+    /// Assigned by the store, unique per device.
+    pub id: u64,
+    pub device: String,
+    /// When it was done.
+    pub done_at: Timestamp,
+    /// `hotline`, or `ticket <key>` for a maintenance ticket resolved in the backend.
+    pub source: String,
+    #[serde(default)]
+    pub note: String,
+    pub recorded_at: Timestamp,
+}
+
+/// Where a page of a device's life record starts: the entry's (time, n) key. Written as
+/// `<ns>.<n>` in the API's `before`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HistoryCursor {
+    pub at_ns: i128,
+    pub n: u64,
+}
+
+impl std::fmt::Display for HistoryCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.at_ns, self.n)
+    }
+}
+
+impl std::str::FromStr for HistoryCursor {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (a, n) = s.split_once('.').ok_or(())?;
+        Ok(HistoryCursor {
+            at_ns: a.parse().map_err(|_| ())?,
+            n: n.parse().map_err(|_| ())?,
+        })
+    }
 }
 
 /// Where a ticket or an event stands with the backend.
@@ -317,6 +417,53 @@ pub struct TicketRecord {
     pub backend_status: Option<String>,
     pub forward: Forwarding,
     pub events: Vec<TicketEventRecord>,
+    /// The deadlines that apply now (a rise of the class replaces them). `None` in records
+    /// written before the SLA watch: then the body's `sla` holds them.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub deadlines: Option<DeadlineRecord>,
+    /// Every status change the backend reported (v1.1), or the gateway's reads of a
+    /// changed status with their time (v1), oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub status_history: Vec<StatusChange>,
+    /// Gateway time of the last successful status read.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub status_read_at: Option<Timestamp>,
+}
+
+/// A ticket's deadlines as the SLA watch judges them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadlineRecord {
+    pub respond_by: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub onsite_by: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub plan_by: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub resolve_by: Option<Timestamp>,
+    /// Detection, or the moment the class last rose: the class's deadlines count from
+    /// here.
+    pub class_from: Timestamp,
+}
+
+impl DeadlineRecord {
+    pub fn new(d: &Deadlines, class_from: Timestamp) -> DeadlineRecord {
+        DeadlineRecord {
+            respond_by: d.respond_by,
+            onsite_by: d.onsite_by,
+            plan_by: d.plan_by,
+            resolve_by: d.resolve_by,
+            class_from,
+        }
+    }
+
+    pub fn deadlines(&self) -> Deadlines {
+        Deadlines {
+            respond_by: self.respond_by,
+            onsite_by: self.onsite_by,
+            plan_by: self.plan_by,
+            resolve_by: self.resolve_by,
+        }
+    }
 }
 
 /// A forwarder job: create the ticket `ticket_key`, or send its event `event` (an event's
@@ -345,6 +492,37 @@ pub enum JobOutcome {
 }
 
 impl TicketRecord {
+    /// A new ticket for `req` about `device`, reported by `agent`, detected at `detected`
+    /// (agent time) and decided at `now` (gateway time): pending, no events yet.
+    pub fn new(
+        req: &TicketRequest,
+        device: &str,
+        agent: &str,
+        detected: Timestamp,
+        now: Timestamp,
+    ) -> Result<TicketRecord, StoreError> {
+        Ok(TicketRecord {
+            key: req.idempotency_key.clone(),
+            device: device.to_string(),
+            agent: agent.to_string(),
+            kind: req.body.kind,
+            code: req.body.fault.code.clone(),
+            class: req.body.fault.class,
+            episodes: vec![req.episode.clone()],
+            open: true,
+            detected_at: detected,
+            created_at: now,
+            body: to_json("ticket body", &req.body)?,
+            ticket_id: None,
+            backend_status: None,
+            forward: Forwarding::pending(),
+            events: Vec::new(),
+            deadlines: Some(DeadlineRecord::new(&req.deadlines, detected)),
+            status_history: Vec::new(),
+            status_read_at: None,
+        })
+    }
+
     /// What the ticket decision needs to know of it.
     pub fn known(&self) -> crate::ticket::KnownTicket {
         crate::ticket::KnownTicket {
@@ -355,6 +533,7 @@ impl TicketRecord {
             class: self.class,
             episodes: self.episodes.clone(),
             open: self.open,
+            deadlines: self.current_deadlines().map(|d| d.deadlines()),
         }
     }
 
@@ -418,10 +597,72 @@ impl TicketRecord {
     }
 
     /// Notes the backend's status (`resolved` and `closed` end the ticket: a fault that
-    /// returns afterwards opens a new ticket rather than a recurrence).
-    pub fn set_backend_status(&mut self, status: &str) {
-        self.backend_status = Some(status.to_string());
-        self.open = !matches!(status, "resolved" | "closed");
+    /// returns afterwards opens a new ticket rather than a recurrence) and its history
+    /// ([`crate::sla_watch::merge_history`]), read at `read_at`.
+    pub fn record_status(&mut self, read: &StatusRead, read_at: Timestamp) {
+        self.status_history = crate::sla_watch::merge_history(
+            &self.status_history,
+            &read.status,
+            read.history.clone(),
+            read_at,
+        );
+        self.backend_status = Some(read.status.clone());
+        self.status_read_at = Some(read_at);
+        self.open = !matches!(read.status.as_str(), "resolved" | "closed");
+    }
+
+    /// The deadlines that apply now: the stored ones, else (a record from before the SLA
+    /// watch) those of the body sent.
+    pub fn current_deadlines(&self) -> Option<DeadlineRecord> {
+        if self.deadlines.is_some() {
+            return self.deadlines;
+        }
+        let sla = self.body.get("sla")?;
+        let at = |k: &str| sla.get(k)?.as_str()?.parse::<Timestamp>().ok();
+        Some(DeadlineRecord {
+            respond_by: at("respond_by")?,
+            onsite_by: at("onsite_by"),
+            plan_by: at("plan_by"),
+            resolve_by: at("resolve_by"),
+            class_from: self.detected_at,
+        })
+    }
+
+    /// The ticket's promises, for the SLA watch.
+    pub fn promises(&self) -> Promises {
+        let d = self.current_deadlines();
+        Promises {
+            detected: self.detected_at,
+            class_from: d.map_or(self.detected_at, |d| d.class_from),
+            respond_by: d.map(|d| d.respond_by),
+            onsite_by: d.and_then(|d| d.onsite_by),
+            plan_by: d.and_then(|d| d.plan_by),
+            resolve_by: d.and_then(|d| d.resolve_by),
+        }
+    }
+
+    /// Every deadline judged as of `now`.
+    pub fn sla_status(&self, now: Timestamp) -> SlaStatus {
+        self.promises().judge(&self.status_history, now)
+    }
+
+    /// Adds `event` unless one with its key is there; true when added (queue its job).
+    pub fn add_event(&mut self, event: &EventRequest) -> Result<bool, StoreError> {
+        if self
+            .events
+            .iter()
+            .any(|e| e.idempotency_key == event.idempotency_key)
+        {
+            return Ok(false);
+        }
+        let body = to_json("ticket event", &event.body)?;
+        self.events.push(TicketEventRecord {
+            idempotency_key: event.idempotency_key.clone(),
+            kind: event.body.kind.as_str().to_string(),
+            body,
+            forward: Forwarding::pending(),
+        });
+        Ok(true)
     }
 }
 
@@ -487,7 +728,52 @@ pub trait GatewayStore: Send + Sync + std::fmt::Debug {
     fn ledger(&self, id: &str) -> Result<Ledger, StoreError>;
 
     /// The device's life record, oldest first (at most `limit` newest entries).
-    fn history(&self, id: &str, limit: usize) -> Result<Vec<LifeEvent>, StoreError>;
+    fn history(&self, id: &str, limit: usize) -> Result<Vec<LifeEvent>, StoreError> {
+        Ok(self
+            .history_page(id, None, limit)?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect())
+    }
+
+    /// A page of the device's life record: at most `limit` entries before `before` (all
+    /// the newest without it), oldest first, each with its cursor.
+    fn history_page(
+        &self,
+        id: &str,
+        before: Option<HistoryCursor>,
+        limit: usize,
+    ) -> Result<Vec<(HistoryCursor, LifeEvent)>, StoreError>;
+
+    /// The device's exclusions, by start.
+    fn exclusions(&self, device: &str) -> Result<Vec<Exclusion>, StoreError>;
+
+    /// Stores an exclusion under the next id (its `id` is ignored) with a life-record
+    /// line, unless it overlaps one of the device's exclusions: then that one comes back
+    /// as `Err` and nothing is stored.
+    fn add_exclusion(&self, ex: Exclusion) -> Result<Result<Exclusion, Exclusion>, StoreError>;
+
+    /// Removes exclusion `id` of `device` with a life-record line at `at`; the exclusion
+    /// removed, `None` when there is none.
+    fn remove_exclusion(
+        &self,
+        device: &str,
+        id: u64,
+        at: Timestamp,
+    ) -> Result<Option<Exclusion>, StoreError>;
+
+    /// The maintenance done on the device, oldest first.
+    fn maintenance_done(&self, device: &str) -> Result<Vec<MaintenanceDone>, StoreError>;
+
+    /// Records maintenance done under the next id (its `id` is ignored), with a
+    /// life-record line. A maintenance with the same `source` as one stored (a resolved
+    /// ticket read twice) is not stored again: the stored one comes back.
+    fn record_maintenance(&self, m: MaintenanceDone) -> Result<MaintenanceDone, StoreError>;
+
+    /// Stores a ticket the gateway decided outside ingest (maintenance due from the
+    /// contract) with its create job and a life-record line, unless its key is stored:
+    /// false then.
+    fn open_ticket(&self, t: TicketRecord) -> Result<bool, StoreError>;
 
     /// Every ticket, oldest detection first (then by key).
     fn tickets(&self) -> Result<Vec<TicketRecord>, StoreError>;
@@ -507,9 +793,14 @@ pub trait GatewayStore: Send + Sync + std::fmt::Debug {
     /// ([`TicketRecord::requeue_failed`]). False when no such ticket is stored.
     fn requeue(&self, key: &str) -> Result<bool, StoreError>;
 
-    /// Notes the backend's status of a ticket ([`TicketRecord::set_backend_status`]); a
-    /// key not stored is ignored.
-    fn set_backend_status(&self, key: &str, status: &str) -> Result<(), StoreError>;
+    /// Changes the ticket `key` with `change` in one transaction, and queues a forwarder
+    /// job for each event key `change` returns (in order). The ticket after the change;
+    /// `None` when no such ticket is stored (nothing done).
+    fn update_ticket(
+        &self,
+        key: &str,
+        change: &mut dyn FnMut(&mut TicketRecord) -> Result<Vec<String>, StoreError>,
+    ) -> Result<Option<TicketRecord>, StoreError>;
 }
 
 #[cfg(test)]
@@ -542,6 +833,9 @@ mod tests {
                 body: serde_json::json!({}),
                 forward: Forwarding::pending(),
             }],
+            deadlines: None,
+            status_history: Vec::new(),
+            status_read_at: None,
         }
     }
 
@@ -602,9 +896,9 @@ mod tests {
     #[test]
     fn resolved_or_closed_in_the_backend_ends_the_ticket() {
         let mut t = ticket();
-        t.set_backend_status("acknowledged");
+        t.record_status(&StatusRead::bare("acknowledged"), at(1));
         assert!(t.open);
-        t.set_backend_status("closed");
+        t.record_status(&StatusRead::bare("closed"), at(2));
         assert!(!t.open);
         assert_eq!(t.backend_status.as_deref(), Some("closed"));
     }

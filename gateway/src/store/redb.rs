@@ -11,8 +11,8 @@
 //! should decide to start without it.
 
 use super::{
-    encode, AgentRecord, DeviceLive, GatewayStore, Job, JobOutcome, LifeEvent, StoreError,
-    TicketRecord,
+    encode, AgentRecord, DeviceLive, Exclusion, GatewayStore, HistoryCursor, Job, JobOutcome,
+    LifeEvent, MaintenanceDone, StoreError, TicketRecord,
 };
 use crate::ingest::{plan, Applied, Changes, Digest, IngestContext, Needs, Stored};
 use crate::ledger::Ledger;
@@ -55,6 +55,10 @@ const TICKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("tickets");
 const DEVICE_TICKETS: TableDefinition<(&str, &str), ()> = TableDefinition::new("device_tickets");
 /// job id → [`Job`] (JSON): what the forwarder still has to send, in order.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// (device, id) → [`Exclusion`] (JSON).
+const EXCLUSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("exclusions");
+/// (device, id) → [`MaintenanceDone`] (JSON).
+const MAINTENANCE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("maintenance");
 /// counters.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -358,6 +362,8 @@ struct Tables<'t> {
     tickets: Table<'t, &'static str, &'static [u8]>,
     device_tickets: Table<'t, (&'static str, &'static str), ()>,
     outbox: Table<'t, u64, &'static [u8]>,
+    exclusions: Table<'t, (&'static str, u64), &'static [u8]>,
+    maintenance: Table<'t, (&'static str, u64), &'static [u8]>,
     meta: Table<'t, &'static str, u64>,
 }
 
@@ -380,6 +386,8 @@ impl<'t> Tables<'t> {
                 .open_table(DEVICE_TICKETS)
                 .map_err(e("open device tickets"))?,
             outbox: txn.open_table(OUTBOX).map_err(e("open outbox"))?,
+            exclusions: txn.open_table(EXCLUSIONS).map_err(e("open exclusions"))?,
+            maintenance: txn.open_table(MAINTENANCE).map_err(e("open maintenance"))?,
             meta: txn.open_table(META).map_err(e("open meta"))?,
         })
     }
@@ -499,11 +507,7 @@ impl<'t> Tables<'t> {
                 .map_err(s.error("write transition"))?;
         }
         for line in &changes.life {
-            let n = self.next("next_history")?;
-            let bytes = encode("life record", &line.event)?;
-            self.history
-                .insert((line.device.as_str(), ns(line.at), n), bytes.as_slice())
-                .map_err(s.error("write history"))?;
+            self.life(&line.device, line.at, &line.event)?;
         }
         for (key, t) in &changes.tickets {
             self.put_ticket(key, t)?;
@@ -533,6 +537,33 @@ impl<'t> Tables<'t> {
             .insert(key, bytes.as_slice())
             .map_err(self.store.error("write ticket"))?;
         Ok(())
+    }
+
+    /// Appends a line to a device's life record.
+    fn life(&mut self, device: &str, at: Timestamp, event: &LifeEvent) -> Result<(), StoreError> {
+        let n = self.next("next_history")?;
+        let bytes = encode("life record", event)?;
+        self.history
+            .insert((device, ns(at), n), bytes.as_slice())
+            .map_err(self.store.error("write history"))?;
+        Ok(())
+    }
+
+    /// Every JSON row of `device` in a (device, id) table.
+    fn rows_of<T: DeserializeOwned>(
+        table: &Table<'t, (&'static str, u64), &'static [u8]>,
+        device: &str,
+        store: &RedbStore,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        let range = table
+            .range((device, 0)..=(device, u64::MAX))
+            .map_err(store.error("read rows"))?;
+        for row in range {
+            let (_, v) = row.map_err(store.error("read rows"))?;
+            out.extend(decode(v.value()));
+        }
+        Ok(out)
     }
 
     /// Queues a job for the forwarder under the next job id.
@@ -734,24 +765,19 @@ impl GatewayStore for RedbStore {
                 ledger.heard(at);
             }
         }
-        Ok(ledger)
-    }
-
-    fn history(&self, id: &str, limit: usize) -> Result<Vec<LifeEvent>, StoreError> {
-        let txn = self.begin_read()?;
-        let t = txn
-            .open_table(HISTORY)
-            .map_err(self.error("open history"))?;
-        let range = t
-            .range((id, i128::MIN, 0)..=(id, i128::MAX, u64::MAX))
-            .map_err(self.error("read history"))?;
-        let mut out = Vec::new();
-        for row in range.rev().take(limit) {
-            let (_, v) = row.map_err(self.error("read history"))?;
-            out.extend(decode(v.value()));
+        let exclusions = txn
+            .open_table(EXCLUSIONS)
+            .map_err(self.error("open exclusions"))?;
+        for row in exclusions
+            .range((id, 0)..=(id, u64::MAX))
+            .map_err(self.error("read exclusions"))?
+        {
+            let (_, v) = row.map_err(self.error("read exclusions"))?;
+            if let Some(ex) = decode::<Exclusion>(v.value()) {
+                ledger.exclude(ex.from, ex.to);
+            }
         }
-        out.reverse();
-        Ok(out)
+        Ok(ledger)
     }
 
     fn tickets(&self) -> Result<Vec<TicketRecord>, StoreError> {
@@ -809,13 +835,189 @@ impl GatewayStore for RedbStore {
         })
     }
 
-    fn set_backend_status(&self, key: &str, status: &str) -> Result<(), StoreError> {
+    fn update_ticket(
+        &self,
+        key: &str,
+        change: &mut dyn FnMut(&mut TicketRecord) -> Result<Vec<String>, StoreError>,
+    ) -> Result<Option<TicketRecord>, StoreError> {
         self.write(|t| {
-            if let Some(mut ticket) = t.ticket(key)? {
-                ticket.set_backend_status(status);
-                t.put_ticket(key, &ticket)?;
+            let Some(mut ticket) = t.ticket(key)? else {
+                return Ok(None);
+            };
+            let events = change(&mut ticket)?;
+            for event in events {
+                t.queue(key, Some(event))?;
             }
-            Ok(())
+            t.put_ticket(key, &ticket)?;
+            Ok(Some(ticket))
+        })
+    }
+
+    fn history_page(
+        &self,
+        id: &str,
+        before: Option<HistoryCursor>,
+        limit: usize,
+    ) -> Result<Vec<(HistoryCursor, LifeEvent)>, StoreError> {
+        let txn = self.begin_read()?;
+        let t = txn
+            .open_table(HISTORY)
+            .map_err(self.error("open history"))?;
+        let range = match before {
+            Some(c) => t.range((id, i128::MIN, 0)..(id, c.at_ns, c.n)),
+            None => t.range((id, i128::MIN, 0)..=(id, i128::MAX, u64::MAX)),
+        }
+        .map_err(self.error("read history"))?;
+        let mut out = Vec::new();
+        for row in range.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = row.map_err(self.error("read history"))?;
+            let (_, at_ns, n) = k.value();
+            if let Some(e) = decode(v.value()) {
+                out.push((HistoryCursor { at_ns, n }, e));
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn exclusions(&self, device: &str) -> Result<Vec<Exclusion>, StoreError> {
+        let txn = self.begin_read()?;
+        let t = txn
+            .open_table(EXCLUSIONS)
+            .map_err(self.error("open exclusions"))?;
+        let mut out: Vec<Exclusion> = Vec::new();
+        for row in t
+            .range((device, 0)..=(device, u64::MAX))
+            .map_err(self.error("read exclusions"))?
+        {
+            let (_, v) = row.map_err(self.error("read exclusions"))?;
+            out.extend(decode(v.value()));
+        }
+        out.sort_by_key(|e| (e.from, e.id));
+        Ok(out)
+    }
+
+    fn add_exclusion(&self, ex: Exclusion) -> Result<Result<Exclusion, Exclusion>, StoreError> {
+        self.write(|t| {
+            let existing: Vec<Exclusion> = Tables::rows_of(&t.exclusions, &ex.device, self)?;
+            if let Some(other) = existing
+                .into_iter()
+                .find(|o| o.from < ex.to && ex.from < o.to)
+            {
+                return Ok(Err(other));
+            }
+            let id = t.next("next_exclusion")?;
+            let ex = Exclusion { id, ..ex };
+            let bytes = encode("exclusion", &ex)?;
+            t.exclusions
+                .insert((ex.device.as_str(), id), bytes.as_slice())
+                .map_err(self.error("write exclusion"))?;
+            t.life(
+                &ex.device,
+                ex.recorded_at,
+                &LifeEvent::Excluded {
+                    at: ex.recorded_at,
+                    exclusion: ex.clone(),
+                },
+            )?;
+            Ok(Ok(ex))
+        })
+    }
+
+    fn remove_exclusion(
+        &self,
+        device: &str,
+        id: u64,
+        at: Timestamp,
+    ) -> Result<Option<Exclusion>, StoreError> {
+        self.write(|t| {
+            let removed = t
+                .exclusions
+                .remove((device, id))
+                .map_err(self.error("remove exclusion"))?
+                .and_then(|v| decode::<Exclusion>(v.value()));
+            if let Some(ex) = &removed {
+                t.life(
+                    device,
+                    at,
+                    &LifeEvent::ExclusionRemoved {
+                        at,
+                        exclusion: ex.clone(),
+                    },
+                )?;
+            }
+            Ok(removed)
+        })
+    }
+
+    fn maintenance_done(&self, device: &str) -> Result<Vec<MaintenanceDone>, StoreError> {
+        let txn = self.begin_read()?;
+        let t = txn
+            .open_table(MAINTENANCE)
+            .map_err(self.error("open maintenance"))?;
+        let mut out: Vec<MaintenanceDone> = Vec::new();
+        for row in t
+            .range((device, 0)..=(device, u64::MAX))
+            .map_err(self.error("read maintenance"))?
+        {
+            let (_, v) = row.map_err(self.error("read maintenance"))?;
+            out.extend(decode(v.value()));
+        }
+        out.sort_by_key(|m| (m.done_at, m.id));
+        Ok(out)
+    }
+
+    fn record_maintenance(&self, m: MaintenanceDone) -> Result<MaintenanceDone, StoreError> {
+        self.write(|t| {
+            let existing: Vec<MaintenanceDone> = Tables::rows_of(&t.maintenance, &m.device, self)?;
+            if m.source != "hotline" {
+                if let Some(same) = existing.into_iter().find(|o| o.source == m.source) {
+                    return Ok(same);
+                }
+            }
+            let id = t.next("next_maintenance")?;
+            let m = MaintenanceDone { id, ..m };
+            let bytes = encode("maintenance", &m)?;
+            t.maintenance
+                .insert((m.device.as_str(), id), bytes.as_slice())
+                .map_err(self.error("write maintenance"))?;
+            t.life(
+                &m.device,
+                m.recorded_at,
+                &LifeEvent::Maintenance {
+                    at: m.recorded_at,
+                    maintenance: m.clone(),
+                },
+            )?;
+            Ok(m)
+        })
+    }
+
+    fn open_ticket(&self, ticket: TicketRecord) -> Result<bool, StoreError> {
+        self.write(|t| {
+            if t.ticket(&ticket.key)?.is_some() {
+                return Ok(false);
+            }
+            t.put_ticket(&ticket.key, &ticket)?;
+            t.device_tickets
+                .insert((ticket.device.as_str(), ticket.key.as_str()), ())
+                .map_err(self.error("write device tickets"))?;
+            t.life(
+                &ticket.device,
+                ticket.created_at,
+                &LifeEvent::TicketOpened {
+                    at: ticket.created_at,
+                    ticket_key: ticket.key.clone(),
+                    kind: ticket.kind,
+                    code: ticket.code.clone(),
+                    class: ticket.class,
+                },
+            )?;
+            t.queue(&ticket.key, None)?;
+            Ok(true)
         })
     }
 }

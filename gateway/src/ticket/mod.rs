@@ -11,9 +11,10 @@
 
 use crate::fleet::{Customer, DeviceEntry, ServiceArea, Site};
 use crate::sla::{
-    clinical_impact, deadlines, effective_class, rfc3339, warranty, ClinicalImpact, SlaJson,
-    Warranty,
+    clinical_impact, deadlines, effective_class, escalated_deadlines, rfc3339, warranty,
+    ClinicalImpact, Deadlines, SlaJson, Warranty,
 };
+use crate::sla_watch::{risk_from, DeadlineKind};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::Serialize;
@@ -206,6 +207,9 @@ pub struct TicketRequest {
     /// The episode the ticket is for.
     pub episode: String,
     pub body: TicketBody,
+    /// The deadlines in `body.sla`, as instants (for the SLA watch).
+    #[serde(skip)]
+    pub deadlines: Deadlines,
 }
 
 impl TicketRequest {
@@ -226,6 +230,7 @@ pub fn build_ticket(cx: &TicketContext<'_>, ev: &EpisodeEvent) -> TicketRequest 
     let opening = Opened::of(ev);
     let class = effective_class(ev.kind, opening.class);
     let detected = ev.opened_at;
+    let terms = cx.entry.terms_at(detected, cx.tz);
     let sla = deadlines(
         detected,
         ev.kind,
@@ -233,6 +238,7 @@ pub fn build_ticket(cx: &TicketContext<'_>, ev: &EpisodeEvent) -> TicketRequest 
         cx.entry.site.service_area,
         opening.due,
         cx.tz,
+        &terms,
     );
     let body = TicketBody {
         schema: SCHEMA,
@@ -258,7 +264,7 @@ pub fn build_ticket(cx: &TicketContext<'_>, ev: &EpisodeEvent) -> TicketRequest 
             suggested_action: opening.action.map(str::to_string),
         },
         clinical_impact: clinical_impact(opening.device_available, class),
-        warranty: warranty(d, detected, cx.tz),
+        warranty: warranty(d, detected, cx.tz, &terms),
         sla: sla.to_json(cx.tz),
         source: SourceJson {
             gateway: cx.gateway.to_string(),
@@ -270,6 +276,7 @@ pub fn build_ticket(cx: &TicketContext<'_>, ev: &EpisodeEvent) -> TicketRequest 
         idempotency_key: ticket_key(&ev.episode),
         episode: ev.episode.clone(),
         body,
+        deadlines: sla,
     }
 }
 
@@ -337,6 +344,8 @@ pub enum EventType {
     FaultCleared,
     FaultRecurred,
     Escalated,
+    SlaAtRisk,
+    SlaMissed,
     Note,
 }
 
@@ -346,6 +355,8 @@ impl EventType {
             EventType::FaultCleared => "fault_cleared",
             EventType::FaultRecurred => "fault_recurred",
             EventType::Escalated => "escalated",
+            EventType::SlaAtRisk => "sla_at_risk",
+            EventType::SlaMissed => "sla_missed",
             EventType::Note => "note",
         }
     }
@@ -457,6 +468,7 @@ pub fn class_event(
     ev: &EpisodeEvent,
     previous: FaultClass,
     at: Timestamp,
+    deadlines: Option<&Deadlines>,
     tz: &TimeZone,
 ) -> EventRequest {
     let class = effective_class(ev.kind, ev.class);
@@ -475,6 +487,16 @@ pub fn class_event(
         "clinical_impact": clinical_impact(ev.device_available, class),
         "evidence": ev.evidence,
     });
+    if let Some(d) = deadlines {
+        // The deadlines that now apply, counted from the moment the class rose.
+        let j = d.to_json(tz);
+        detail["sla"] = serde_json::json!({
+            "respond_by": j.respond_by,
+            "onsite_by": j.onsite_by,
+            "plan_by": j.plan_by,
+            "resolve_by": j.resolve_by,
+        });
+    }
     if kind == EventType::Note {
         detail["text"] = format!(
             "{} lowered from {previous} to {class} by the device",
@@ -494,6 +516,44 @@ pub fn class_event(
 }
 
 /// A ticket the gateway has (created or waiting to be), as the decision needs it.
+/// The `sla_at_risk` or `sla_missed` event of deadline `deadline` (due at `due`, counted
+/// from `from`) on the ticket `ticket_key` opened by `episode`.
+///
+/// Its key names the deadline and its due instant, so each deadline gets each event once,
+/// and a deadline moved by an escalation is a new promise with events of its own. Its
+/// body depends only on the deadline (the event's time is when the deadline was missed,
+/// or when 75 % of its time was gone), so every gateway builds the same body for a key.
+pub fn sla_event(
+    ticket_key: &str,
+    episode: &str,
+    deadline: DeadlineKind,
+    missed: bool,
+    from: Timestamp,
+    due: Timestamp,
+    tz: &TimeZone,
+) -> EventRequest {
+    let (kind, at) = if missed {
+        (EventType::SlaMissed, due)
+    } else {
+        (EventType::SlaAtRisk, risk_from(from, due))
+    };
+    let head = format!("tend-e:{}:{}:", kind.as_str(), deadline.as_str());
+    let hashed = format!("tend-e#{}:{}:", kind.as_str(), deadline.as_str());
+    let tail = format!("{}:{episode}", due.as_nanosecond());
+    EventRequest {
+        ticket_key: ticket_key.to_string(),
+        idempotency_key: key_of(&head, &hashed, &tail),
+        body: EventBody {
+            kind,
+            at: rfc3339(at, tz),
+            detail: serde_json::json!({
+                "deadline": deadline.as_str(),
+                "due": rfc3339(due, tz),
+            }),
+        },
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KnownTicket {
     /// Its Idempotency-Key.
@@ -507,6 +567,8 @@ pub struct KnownTicket {
     pub episodes: Vec<String>,
     /// Still open in the backend (not resolved or closed).
     pub open: bool,
+    /// The deadlines that apply now, when known.
+    pub deadlines: Option<Deadlines>,
 }
 
 impl KnownTicket {
@@ -520,6 +582,7 @@ impl KnownTicket {
             class: req.body.fault.class,
             episodes: vec![req.episode.clone()],
             open: true,
+            deadlines: Some(req.deadlines),
         }
     }
 }
@@ -538,6 +601,9 @@ pub enum Action {
     SetClass {
         ticket_key: String,
         class: FaultClass,
+        /// The deadlines after a rise, counted from its moment; `None` when the class
+        /// fell (the promises already made stand).
+        deadlines: Option<Deadlines>,
     },
 }
 
@@ -572,12 +638,12 @@ pub fn decide(
             .filter(mine)
             .find(|t| t.open && t.code == ev.code && t.kind == ev.kind)
     };
-    let (key, ticket_class) = match owner {
+    let (key, ticket_class, old_deadlines) = match owner {
         Some(t) => {
             if ev.change == EpisodeChange::Opened {
                 return actions;
             }
-            (t.key.clone(), Some(t.class))
+            (t.key.clone(), Some(t.class), t.deadlines)
         }
         None => match recurring() {
             Some(t) => {
@@ -586,7 +652,7 @@ pub fn decide(
                     ticket_key: t.key.clone(),
                     episode: ev.episode.clone(),
                 });
-                (t.key.clone(), Some(t.class))
+                (t.key.clone(), Some(t.class), t.deadlines)
             }
             None => {
                 let req = build_ticket(cx, ev);
@@ -594,10 +660,12 @@ pub fn decide(
                 // Built from the opening: when this later change raised the class, the new
                 // ticket is escalated at once.
                 let opened_class = req.body.fault.class;
+                let opened_deadlines = req.deadlines;
                 actions.push(Action::Create(Box::new(req)));
                 (
                     key,
                     (ev.change != EpisodeChange::Opened).then_some(opened_class),
+                    Some(opened_deadlines),
                 )
             }
         },
@@ -605,10 +673,26 @@ pub fn decide(
     if let Some(previous) = ticket_class {
         let lowered = ev.change == EpisodeChange::ClassChanged && class < previous;
         if class > previous || lowered {
-            actions.push(Action::Event(class_event(&key, ev, previous, at, cx.tz)));
+            // Only a fault's class sets deadlines; maintenance and consumables keep their
+            // due date.
+            let rose = class > previous
+                && matches!(ev.kind, SignalKind::Fault | SignalKind::MonitoringLost);
+            let deadlines = old_deadlines.filter(|_| rose).map(|old| {
+                let terms = cx.entry.terms_at(at, cx.tz);
+                escalated_deadlines(&old, at, class, cx.entry.site.service_area, &terms)
+            });
+            actions.push(Action::Event(class_event(
+                &key,
+                ev,
+                previous,
+                at,
+                deadlines.as_ref(),
+                cx.tz,
+            )));
             actions.push(Action::SetClass {
                 ticket_key: key.clone(),
                 class,
+                deadlines,
             });
         }
     }
