@@ -77,6 +77,44 @@ pub enum HotlineCommand {
         /// The ticket's key (as `tickets` shows it).
         key: String,
     },
+    /// Deadlines met and missed per kind (respond, onsite, plan, resolve), and the rate met
+    /// (default: this month).
+    Sla {
+        /// Only this customer's tickets.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Start, RFC 3339; default: the first of the month.
+        #[arg(long)]
+        from: Option<String>,
+        /// End, RFC 3339; default: the end of the month.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Reports for the customer.
+    #[command(subcommand)]
+    Report(ReportCommand),
+}
+
+/// `tend-gateway report ...`
+#[derive(clap::Subcommand, Debug, Clone, PartialEq)]
+pub enum ReportCommand {
+    /// The monthly service report of a customer: availability, coverage and budget per
+    /// device with a timeline, tickets with every deadline met or missed, maintenance,
+    /// consumables.
+    Monthly {
+        /// The customer's id (as in the fleet file).
+        #[arg(long)]
+        customer: String,
+        /// The month, YYYY-MM; default: this month.
+        #[arg(long)]
+        month: Option<String>,
+        /// `text` (a summary table), `csv`, `html` (printable on A4) or `json`.
+        #[arg(long, default_value = "text")]
+        format: String,
+        /// Write the report to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 /// The hotline subcommands with where to reach the API: what `main` embeds as one
@@ -267,8 +305,52 @@ pub async fn output(
             url(&ep.base, &["api", "v1", "tickets", key, "retry"], &[]),
             None,
         ),
+        HotlineCommand::Sla { customer, from, to } => {
+            let mut q = Vec::new();
+            for (k, v) in [("customer", customer), ("from", from), ("to", to)] {
+                if let Some(v) = v {
+                    q.push((k, v.as_str()));
+                }
+            }
+            (Method::GET, url(&ep.base, &["api", "v1", "sla"], &q), None)
+        }
+        HotlineCommand::Report(ReportCommand::Monthly {
+            customer,
+            month,
+            format,
+            ..
+        }) => {
+            if !["text", "csv", "html", "json"].contains(&format.as_str()) {
+                return Err(Failure::usage(format!(
+                    "--format {format:?}: text, csv, html or json"
+                )));
+            }
+            let mut q = vec![("customer", customer.as_str())];
+            if let Some(m) = month {
+                q.push(("month", m.as_str()));
+            }
+            (
+                Method::GET,
+                url(&ep.base, &["api", "v1", "reports", "monthly"], &q),
+                None,
+            )
+        }
     };
     let v = call(&ep, method, u, body).await?;
+    if let HotlineCommand::Report(ReportCommand::Monthly { format, out, .. }) = cmd {
+        let text = match (json, format.as_str()) {
+            (true, _) | (_, "json") => pretty(&v) + "\n",
+            (_, "csv") => crate::report::render_csv(&v),
+            (_, "html") => crate::report::render_html(&v),
+            _ => render_report(&v),
+        };
+        return match out {
+            Some(path) => std::fs::write(path, &text)
+                .map(|()| format!("report written to {}\n", path.display()))
+                .map_err(|e| Failure::call(format!("cannot write {}: {e}", path.display()))),
+            None => Ok(text),
+        };
+    }
     if json {
         let mut s = pretty(&v);
         s.push('\n');
@@ -281,7 +363,108 @@ pub async fn output(
         HotlineCommand::Tickets { .. } => render_tickets(&v),
         HotlineCommand::Diag { .. } => render_diag(&v),
         HotlineCommand::Retry { .. } => render_retry(&v),
+        HotlineCommand::Sla { .. } => render_sla(&v),
+        HotlineCommand::Report(_) => render_report(&v),
     })
+}
+
+/// `GET /api/v1/sla` as a table: per deadline kind met, missed, at risk, pending, rate.
+pub fn render_sla(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = ["respond", "onsite", "plan", "resolve"]
+        .iter()
+        .map(|k| {
+            let d = &v["deadlines"][*k];
+            vec![
+                k.to_string(),
+                s(&d["met"]),
+                s(&d["missed"]),
+                s(&d["at_risk"]),
+                s(&d["pending"]),
+                percent(&d["rate"]),
+            ]
+        })
+        .chain(std::iter::once(vec![
+            "all".into(),
+            s(&v["met"]),
+            s(&v["missed"]),
+            String::new(),
+            String::new(),
+            percent(&v["rate"]),
+        ]))
+        .collect();
+    let mut out = format!(
+        "deadlines due {} .. {}{}\n",
+        short_time(&v["from"]),
+        short_time(&v["to"]),
+        match v["customer"].as_str() {
+            Some(c) => format!(" (customer {c})"),
+            None => String::new(),
+        }
+    );
+    out.push_str(&table(
+        &[
+            "DEADLINE", "MET", "MISSED", "AT RISK", "PENDING", "RATE MET",
+        ],
+        &rows,
+    ));
+    out
+}
+
+/// The monthly report as a terminal summary: one line per device.
+pub fn render_report(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = as_array(&v["devices"])
+        .iter()
+        .map(|d| {
+            let a = &d["availability"];
+            let (mut met, mut missed) = (0, 0);
+            for t in as_array(&d["tickets"]) {
+                for (_, dl) in t["deadlines"].as_object().into_iter().flatten() {
+                    match dl["status"].as_str() {
+                        Some("met") => met += 1,
+                        Some("missed") => missed += 1,
+                        _ => {}
+                    }
+                }
+            }
+            vec![
+                s(&d["id"]),
+                percent(&a["availability"]),
+                percent(&a["coverage"]),
+                duration(&a["down_s"]),
+                budget(a),
+                as_array(&d["tickets"]).len().to_string(),
+                format!("{met}/{missed}"),
+                s(&d["maintenance"]["next_due"]),
+            ]
+        })
+        .collect();
+    let t = &v["totals"];
+    let mut out = format!(
+        "{} ({}) {}: availability {}, coverage {}, budget {}; deadlines met {} missed {} (rate {})\n",
+        s(&v["customer_name"]),
+        s(&v["customer"]),
+        s(&v["month"]),
+        percent(&t["availability"]),
+        percent(&t["coverage"]),
+        budget(t),
+        s(&v["sla"]["met"]),
+        s(&v["sla"]["missed"]),
+        percent(&v["sla"]["rate"]),
+    );
+    out.push_str(&table(
+        &[
+            "DEVICE",
+            "AVAILABILITY",
+            "COVERAGE",
+            "DOWN",
+            "BUDGET LEFT",
+            "TICKETS",
+            "MET/MISSED",
+            "NEXT PM",
+        ],
+        &rows,
+    ));
+    out
 }
 
 async fn call(
@@ -531,6 +714,7 @@ pub fn render_tickets(json: &Value) -> String {
                 short_time(&t["sla"]["respond_by"]),
                 short_time(&t["sla"]["onsite_by"]),
                 short_time(&t["sla"]["resolve_by"]),
+                sla_summary(&t["sla_status"]),
                 state,
                 note,
             ]
@@ -546,11 +730,29 @@ pub fn render_tickets(json: &Value) -> String {
             "RESPOND BY",
             "ONSITE BY",
             "RESOLVE BY",
+            "SLA",
             "FORWARDING",
             "ERROR",
         ],
         &rows,
     )
+}
+
+/// A ticket's `sla_status` in a few words: each deadline that applies with its status
+/// (`respond met, onsite missed, resolve at_risk`).
+fn sla_summary(v: &Value) -> String {
+    let parts: Vec<String> = ["respond", "onsite", "plan", "resolve"]
+        .iter()
+        .filter_map(|k| match v[*k].as_str() {
+            None | Some("n/a") => None,
+            Some(st) => Some(format!("{k} {st}")),
+        })
+        .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 /// `key  value` lines, keys padded to the longest.

@@ -42,6 +42,14 @@ enum Command {
     /// The hotline from a terminal, through the gateway's API: devices, device, availability,
     /// tickets, diag, retry. Target with --config gateway.toml, or --api URL --token-file F.
     Hotline(crate::cli::HotlineArgs),
+    /// Reports through the gateway's API (`report monthly --customer ID --month YYYY-MM
+    /// --format html --out FILE`); the same as `hotline report ...`.
+    Report {
+        #[command(flatten)]
+        target: crate::cli::ApiTarget,
+        #[command(subcommand)]
+        command: crate::cli::ReportCommand,
+    },
     /// Enrolment: which agents this fleet's gateways accept (needs only the config file;
     /// a running gateway picks changes up within a second).
     #[command(subcommand)]
@@ -83,25 +91,12 @@ pub fn main() -> ExitCode {
             check: true,
         } => crate::check::main(&config),
         Command::Run { config, .. } => run(&config),
-        Command::Hotline(args) => {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("tend-gateway: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(crate::cli::run_args(&args)) {
-                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-                Err(e) => {
-                    eprintln!("tend-gateway: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Report { target, command } => hotline(crate::cli::HotlineArgs {
+            target,
+            json: false,
+            command: crate::cli::HotlineCommand::Report(command),
+        }),
+        Command::Hotline(args) => hotline(args),
         Command::Agent(cmd) => agent(cmd),
         Command::Check { config } => match crate::config::load(&config) {
             Ok(l) => {
@@ -216,5 +211,26 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Runs a hotline command on a small runtime of its own.
+fn hotline(args: crate::cli::HotlineArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tend-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(crate::cli::run_args(&args)) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("tend-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -30,6 +30,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod page;
 pub mod refusals;
+pub mod report;
 pub mod run;
 pub mod serve;
 pub mod service_watch;

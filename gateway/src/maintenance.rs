@@ -6,7 +6,6 @@
 //! Pure: dates and times are arguments.
 
 use jiff::civil::Date;
-use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -63,19 +62,13 @@ pub fn episode(device: &str, due: Date) -> String {
     format!("pm/{device}/{due}")
 }
 
-/// The maintenance-due "episode" a ticket is built from. Its time is the start of the day
-/// the ticket opens in `tz` (or `now` when that is later, for maintenance already overdue
-/// when first seen), so it does not depend on which sweep saw it first that day.
-pub fn due_event(
-    device: &str,
-    s: &Schedule,
-    contract: &str,
-    now: Timestamp,
-    tz: &TimeZone,
-) -> EpisodeEvent {
-    let day_start = |d: Date| d.to_zoned(tz.clone()).ok().map(|z| z.timestamp());
-    let today = now.to_zoned(tz.clone()).date();
-    let opened_at = day_start(s.ticket_from.max(today)).unwrap_or(now);
+/// The maintenance-due "episode" a ticket is built from, detected `now`: the moment the
+/// gateway opens the ticket is when its response time starts (a time taken from the
+/// calendar, such as the day's start, would make the answer late before anyone could
+/// give it). The ticket's key comes from device and due date alone, and the store opens
+/// a key once.
+pub fn due_event(device: &str, s: &Schedule, contract: &str, now: Timestamp) -> EpisodeEvent {
+    let opened_at = now;
     let mut evidence = BTreeMap::new();
     evidence.insert("contract".into(), contract.into());
     evidence.insert("interval_days".into(), s.interval_days.into());
@@ -128,14 +121,14 @@ mod tests {
     }
 
     #[test]
-    fn the_event_is_the_same_whenever_that_day_it_is_built() {
-        let tz = TimeZone::get("Asia/Shanghai").unwrap();
+    fn one_episode_per_due_date_detected_when_opened() {
         let s = schedule(date(2026, 6, 1), &[], 30);
-        let a = due_event("d", &s, "k", "2026-06-17T01:00:00Z".parse().unwrap(), &tz);
-        let b = due_event("d", &s, "k", "2026-06-17T09:00:00Z".parse().unwrap(), &tz);
-        assert_eq!(a, b);
-        assert_eq!(a.opened_at.to_string(), "2026-06-16T16:00:00Z");
+        let now: Timestamp = "2026-06-17T09:00:00Z".parse().unwrap();
+        let a = due_event("d", &s, "k", now);
+        assert_eq!(a.opened_at, now);
         assert_eq!(a.episode, "pm/d/2026-07-01");
         assert_eq!(a.due.as_deref(), Some("2026-07-01"));
+        assert_eq!(a.kind, SignalKind::MaintenanceDue);
+        assert_eq!(a.evidence["last_done"], serde_json::Value::Null);
     }
 }

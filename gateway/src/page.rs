@@ -95,6 +95,15 @@ fn page_csp(html: &str) -> String {
     )
 }
 
+/// The policy of a generated document (the monthly report) whose only inline content is
+/// the `<style>` blocks of `html`: those by their hash, nothing else loaded or run.
+pub fn document_csp(html: &str) -> String {
+    let styles: String = blocks(html, "style")
+        .map(|b| format!(" 'sha256-{}'", base64(sha256(b.as_bytes()).as_ref())))
+        .collect();
+    format!("default-src 'none'; style-src{styles}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+}
+
 /// The text between each `<tag>` (without attributes) and its `</tag>`.
 fn blocks<'a>(html: &'a str, tag: &str) -> impl Iterator<Item = &'a str> {
     let open = format!("<{tag}>");

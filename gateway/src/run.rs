@@ -166,27 +166,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         }));
     }
 
-    // The service watch: deadlines, SLA events and maintenance due, at the pace the
-    // backend's tickets are read back (60 s without a backend).
-    {
-        let every = cfg
-            .backend
-            .as_ref()
-            .map_or(std::time::Duration::from_secs(60), |b| b.status_poll.0);
-        let (gw, sd) = (gw.clone(), shutdown.clone());
-        tasks.push(tokio::spawn(crate::service_watch::run(gw, every, sd)));
-    }
-
-    // The forwarder; without a backend, tickets stay in the store and the API shows them.
-    match &cfg.backend {
-        Some(b) => {
-            let backend = crate::backend::from_section(b)?;
-            let fcfg = crate::forwarder::ForwarderConfig::from_section(b);
-            let (gw, sd) = (gw.clone(), shutdown.clone());
-            tasks.push(tokio::spawn(crate::forwarder::run(gw, backend, fcfg, sd)));
-        }
-        None => tracing::info!("no backend configured: tickets are kept by the gateway"),
-    }
+    tasks.extend(spawn_ticket_tasks(cfg, &gw, &shutdown)?);
 
     // The hotline API. Bound here, so a config with port 0 still reports the real one.
     let token = read_secret(&cfg.api.token_file)?;
@@ -317,4 +297,31 @@ fn embedded(
     _: &crate::trust::GatewayLogin,
 ) -> Result<(String, String), StartError> {
     Err(StartError::NoEmbeddedBroker)
+}
+
+/// The service watch (deadlines, SLA events, maintenance due, at the pace the backend's
+/// tickets are read back, 60 s without a backend) and, with a backend, the forwarder;
+/// without one, tickets stay in the store and the API shows them.
+fn spawn_ticket_tasks(
+    cfg: &crate::config::GatewayConfig,
+    gw: &Gateway,
+    shutdown: &CancellationToken,
+) -> Result<Vec<JoinHandle<()>>, StartError> {
+    let mut tasks = Vec::new();
+    let every = cfg
+        .backend
+        .as_ref()
+        .map_or(std::time::Duration::from_secs(60), |b| b.status_poll.0);
+    let (g, sd) = (gw.clone(), shutdown.clone());
+    tasks.push(tokio::spawn(crate::service_watch::run(g, every, sd)));
+    match &cfg.backend {
+        Some(b) => {
+            let backend = crate::backend::from_section(b)?;
+            let fcfg = crate::forwarder::ForwarderConfig::from_section(b);
+            let (g, sd) = (gw.clone(), shutdown.clone());
+            tasks.push(tokio::spawn(crate::forwarder::run(g, backend, fcfg, sd)));
+        }
+        None => tracing::info!("no backend configured: tickets are kept by the gateway"),
+    }
+    Ok(tasks)
 }

@@ -212,7 +212,7 @@ fn open_maintenance(gw: &Gateway, now: Timestamp) -> Result<usize, StoreError> {
         if !maintenance::ticket_due(&s, today) {
             continue;
         }
-        let ev = maintenance::due_event(id, &s, &contract, now, tz);
+        let ev = maintenance::due_event(id, &s, &contract, now);
         let live = gw.store.device(id)?;
         let identity = live
             .as_ref()

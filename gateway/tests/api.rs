@@ -979,6 +979,13 @@ async fn metrics_openapi_and_page_without_surprises() {
         "/api/v1/tickets",
         "/api/v1/agents",
         "/api/v1/openapi.json",
+        "/api/v1/sla",
+        "/api/v1/customers/{id}/availability",
+        "/api/v1/devices/{id}/availability/exclusions",
+        "/api/v1/devices/{id}/availability/exclusions/{n}",
+        "/api/v1/devices/{id}/maintenance",
+        "/api/v1/devices/{id}/history",
+        "/api/v1/reports/monthly",
         "/metrics",
     ] {
         assert!(doc["paths"][p].is_object(), "{p} missing");
@@ -1170,5 +1177,338 @@ async fn terminal_client_prints_tables_and_explains_errors() {
         e.message,
         format!("401: wrong token from {}", wrong.display())
     );
+    w.stop().await;
+}
+
+impl World {
+    async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        self.post_raw(path, serde_json::to_vec(&body).unwrap())
+            .await
+    }
+
+    async fn delete(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .delete(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get_text(&self, path: &str) -> (u16, String, reqwest::header::HeaderMap) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        (status, r.text().await.unwrap(), headers)
+    }
+}
+
+#[tokio::test]
+async fn exclusions_are_checked_audited_and_not_downtime() {
+    let w = World::start().await;
+    let t0 = w.t0;
+    let path = "/api/v1/devices/icu7-vent/availability/exclusions";
+    async fn report(w: &World) -> Value {
+        let window = [("from", local(w.t0)), ("to", local(w.t0 + mins(120)))];
+        w.get_q("/api/v1/devices/icu7-vent/availability", &window)
+            .await
+            .1
+    }
+    let r = report(&w).await;
+    approx(&r["down_s"], 3600.0);
+    approx(&r["excluded_s"], 0.0);
+
+    // A power cut in the ward the customer caused: 30 of the 60 minutes down.
+    let (st, ex) = w
+        .post_json(
+            path,
+            json!({"from": local(t0 + mins(60)), "to": local(t0 + mins(90)),
+                   "reason": "customer_caused", "note": "power cut in ICU 7"}),
+        )
+        .await;
+    assert_eq!(st, 201, "{ex}");
+    assert_eq!(ex["reason"], "customer_caused");
+    let id = ex["id"].as_u64().unwrap();
+    let r = report(&w).await;
+    approx(&r["down_s"], 1800.0);
+    approx(&r["excluded_s"], 1800.0);
+    approx(&r["up_s"], 3600.0);
+    approx(&r["coverage"], 1.0);
+    let (_, list) = w.get(path).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+
+    // Bad requests, each named.
+    let cases = [
+        (
+            json!({"from": local(t0 + mins(80)), "to": local(t0 + mins(100)), "reason": "planned"}),
+            409,
+            "overlaps exclusion",
+        ),
+        (
+            json!({"from": local(t0 + mins(100)), "to": local(t0 + mins(110)), "reason": "because"}),
+            400,
+            "reason \"because\"",
+        ),
+        (
+            json!({"from": local(t0 + mins(110)), "to": local(t0 + mins(100)), "reason": "planned"}),
+            400,
+            "must be before",
+        ),
+        (
+            json!({"from": local(t0), "to": local(Timestamp::now() + mins(60)), "reason": "planned"}),
+            400,
+            "future",
+        ),
+        (
+            json!({"from": "2024-01-01T00:00:00+08:00", "to": "2024-01-02T00:00:00+08:00", "reason": "planned"}),
+            400,
+            "life began",
+        ),
+        (
+            json!({"from": local(t0), "reason": "planned"}),
+            400,
+            "to is missing",
+        ),
+        (
+            json!({"from": local(t0), "to": local(t0 + mins(1)), "reason": "planned", "by": "me"}),
+            400,
+            "unknown field",
+        ),
+        (
+            json!({"from": 5, "to": local(t0 + mins(1)), "reason": "planned"}),
+            400,
+            "expected a string",
+        ),
+        (
+            json!({"from": "yesterday", "to": local(t0 + mins(1)), "reason": "planned"}),
+            400,
+            "RFC 3339",
+        ),
+    ];
+    for (body, status, words) in cases {
+        let (st, e) = w.post_json(path, body.clone()).await;
+        assert_eq!(st, status, "{body}: {e}");
+        assert!(e["error"].as_str().unwrap().contains(words), "{body}: {e}");
+    }
+    let (st, e) = w.post_raw(path, b"{not json".to_vec()).await;
+    assert_eq!(st, 400, "{e}");
+    let (st, _) = w
+        .post_json(
+            "/api/v1/devices/lab-spare/availability/exclusions",
+            json!({"from": local(t0), "to": local(t0 + mins(1)), "reason": "planned"}),
+        )
+        .await;
+    assert_eq!(st, 404, "not in the fleet");
+    // Nothing of that changed the figures.
+    approx(&report(&w).await["excluded_s"], 1800.0);
+
+    // Taken back: down again.
+    let (st, e) = w.delete(&format!("{path}/{id}")).await;
+    assert_eq!(st, 200, "{e}");
+    approx(&report(&w).await["down_s"], 3600.0);
+    let (st, _) = w.delete(&format!("{path}/{id}")).await;
+    assert_eq!(st, 404);
+    let (st, _) = w.delete(&format!("{path}/seven")).await;
+    assert_eq!(st, 400);
+
+    // Audited: every attempt with its outcome; the life record has both lines.
+    let audit = w.audit();
+    let ex_lines: Vec<&AuditEntry> = audit
+        .iter()
+        .filter(|a| a.action == "exclude_availability")
+        .collect();
+    assert_eq!(ex_lines.len(), 1 + 9 + 1 + 1, "{ex_lines:#?}");
+    assert_eq!(ex_lines[0].status, 201);
+    assert!(ex_lines[0]
+        .request
+        .as_deref()
+        .unwrap()
+        .contains("power cut"));
+    assert!(ex_lines.iter().any(|a| a.status == 409));
+    let rm: Vec<u16> = audit
+        .iter()
+        .filter(|a| a.action == "remove_exclusion")
+        .map(|a| a.status)
+        .collect();
+    assert_eq!(rm, [200, 404, 400]);
+    let (_, h) = w.get("/api/v1/devices/icu7-vent/history").await;
+    let types: Vec<&str> = h["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert!(
+        types.contains(&"excluded") && types.contains(&"exclusion_removed"),
+        "{types:?}"
+    );
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn maintenance_history_pages_customer_and_monthly_report() {
+    let w = World::start().await;
+    // Maintenance: the seed's 182 days from acceptance (2025-03-01), none done, no
+    // contract: shown, not ticketed.
+    let (st, m) = w.get("/api/v1/devices/icu7-vent/maintenance").await;
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(m["interval_days"], 182);
+    assert_eq!(m["counted_from"], "acceptance");
+    assert_eq!(m["next_due"], "2025-08-30");
+    assert_eq!(m["ticketed"], false);
+    let done_at = Timestamp::now() - mins(60);
+    let (st, d) = w
+        .post_json(
+            "/api/v1/devices/icu7-vent/maintenance",
+            json!({"at": local(done_at), "note": "6-month PM, valve replaced"}),
+        )
+        .await;
+    assert_eq!(st, 201, "{d}");
+    let (_, m) = w.get("/api/v1/devices/icu7-vent/maintenance").await;
+    let day = done_at.to_zoned(shanghai()).date();
+    assert_eq!(m["last_done"], day.to_string());
+    assert_eq!(
+        m["next_due"],
+        day.checked_add(jiff::ToSpan::days(182))
+            .unwrap()
+            .to_string()
+    );
+    assert_eq!(m["overdue"], false);
+    for (body, words) in [
+        (json!({"at": local(Timestamp::now() + mins(60))}), "future"),
+        (json!({"at": "2024-01-01T00:00:00+08:00"}), "accepted"),
+        (json!({"when": "now"}), "unknown field"),
+    ] {
+        let (st, e) = w
+            .post_json("/api/v1/devices/icu7-vent/maintenance", body.clone())
+            .await;
+        assert_eq!(st, 400, "{body}: {e}");
+        assert!(e["error"].as_str().unwrap().contains(words), "{body}: {e}");
+    }
+    assert!(w
+        .audit()
+        .iter()
+        .any(|a| a.action == "record_maintenance" && a.status == 201));
+
+    // The life record, paged from the newest back, without gaps or repeats.
+    let (_, all) = w.get("/api/v1/devices/icu7-vent/history?limit=1000").await;
+    let all: Vec<Value> = all["entries"].as_array().unwrap().clone();
+    assert!(all.len() >= 5, "{all:?}");
+    let mut pages = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let q = match &before {
+            Some(b) => format!("/api/v1/devices/icu7-vent/history?limit=2&before={b}"),
+            None => "/api/v1/devices/icu7-vent/history?limit=2".to_string(),
+        };
+        let (st, p) = w.get(&q).await;
+        assert_eq!(st, 200, "{p}");
+        let entries = p["entries"].as_array().unwrap().clone();
+        assert!(entries.len() <= 2);
+        pages.insert(0, entries);
+        match p["next_before"].as_str() {
+            Some(b) => before = Some(b.to_string()),
+            None => break,
+        }
+    }
+    let joined: Vec<Value> = pages.into_iter().flatten().collect();
+    assert_eq!(joined, all);
+    for bad in ["limit=0", "limit=100000", "limit=x", "before=nonsense"] {
+        let (st, _) = w
+            .get(&format!("/api/v1/devices/icu7-vent/history?{bad}"))
+            .await;
+        assert_eq!(st, 400, "{bad}");
+    }
+    let (st, _) = w.get("/api/v1/devices/nope/history").await;
+    assert_eq!(st, 404);
+
+    // A customer's availability: its three devices summed.
+    let q = [("from", local(w.t0)), ("to", local(w.t0 + mins(120)))];
+    let (st, c) = w.get_q("/api/v1/customers/c-017/availability", &q).await;
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(c["devices"], 3);
+    assert_eq!(c["by_device"].as_array().unwrap().len(), 3);
+    // Vent up 60 min then down (and silent: still down); pump up, last heard at 30 min;
+    // monitor never heard.
+    approx(&c["up_s"], 3600.0 + 1800.0);
+    approx(&c["down_s"], 3600.0);
+    approx(&c["unknown_s"], 5400.0 + 7200.0);
+    approx(&c["availability"], 5400.0 / 9000.0);
+    approx(&c["coverage"], 9000.0 / 21_600.0);
+    let (st, _) = w.get("/api/v1/customers/nobody/availability").await;
+    assert_eq!(st, 404);
+    for (q, words) in [
+        ("period=contract", "no contract is in force"),
+        ("period=year", "month or contract"),
+    ] {
+        let (st, e) = w
+            .get(&format!("/api/v1/customers/c-017/availability?{q}"))
+            .await;
+        assert_eq!(st, 400, "{q}: {e}");
+        assert!(e["error"].as_str().unwrap().contains(words), "{q}: {e}");
+    }
+
+    // The monthly report of this month, in three formats.
+    let month = Timestamp::now()
+        .to_zoned(shanghai())
+        .strftime("%Y-%m")
+        .to_string();
+    let (st, r) = w
+        .get(&format!(
+            "/api/v1/reports/monthly?customer=c-017&month={month}"
+        ))
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["month"], month);
+    let devs = r["devices"].as_array().unwrap();
+    assert_eq!(devs.len(), 3);
+    let vent = devs.iter().find(|d| d["id"] == "icu7-vent").unwrap();
+    assert!(vent["timeline"].as_array().unwrap().len() >= 2, "{vent:#}");
+    if w.history_in_this_month() {
+        assert_eq!(vent["tickets"].as_array().unwrap().len(), 1, "{vent:#}");
+        assert_eq!(vent["maintenance"]["done"].as_array().unwrap().len(), 1);
+    }
+    let (st, csv, h) = w
+        .get_text(&format!(
+            "/api/v1/reports/monthly?customer=c-017&month={month}&format=csv"
+        ))
+        .await;
+    assert_eq!(st, 200);
+    assert!(h["content-type"].to_str().unwrap().starts_with("text/csv"));
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(csv.starts_with("month,customer,device,"));
+    let (st, html, h) = w
+        .get_text(&format!(
+            "/api/v1/reports/monthly?customer=c-017&month={month}&format=html"
+        ))
+        .await;
+    assert_eq!(st, 200);
+    assert!(h["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(html.contains("Monthly service report") && html.contains("<svg"));
+    assert!(html.contains("@page { size: A4;"));
+    let csp = h["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.starts_with("default-src 'none'; style-src 'sha256-"),
+        "{csp}"
+    );
+    for (q, status) in [
+        ("customer=c-017&month=2026-13", 400),
+        ("customer=c-017&month=November", 400),
+        ("month=2026-11", 400),
+        ("customer=nobody&month=2026-11", 404),
+        ("customer=c-017&month=2026-11&format=pdf", 400),
+    ] {
+        let (st, e) = w.get(&format!("/api/v1/reports/monthly?{q}")).await;
+        assert_eq!(st, status, "{q}: {e}");
+    }
     w.stop().await;
 }

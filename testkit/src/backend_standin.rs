@@ -49,12 +49,21 @@ pub const SCHEMA: &str = "service-ticket/1";
 /// Ticket kinds the backend accepts.
 pub const KINDS: [&str; 4] = ["fault", "maintenance_due", "consumable", "monitoring_lost"];
 /// Event types the backend accepts.
-pub const EVENT_TYPES: [&str; 4] = ["fault_cleared", "fault_recurred", "escalated", "note"];
+pub const EVENT_TYPES: [&str; 6] = [
+    "fault_cleared",
+    "fault_recurred",
+    "escalated",
+    "sla_at_risk",
+    "sla_missed",
+    "note",
+];
 /// Ticket statuses the backend reports.
-pub const STATUSES: [&str; 5] = [
+pub const STATUSES: [&str; 7] = [
     "open",
     "acknowledged",
     "engineer_dispatched",
+    "on_site",
+    "plan_agreed",
     "resolved",
     "closed",
 ];
@@ -160,6 +169,8 @@ pub struct StoredTicket {
     pub updated_at: Timestamp,
     /// Events in the order they were accepted.
     pub events: Vec<StoredEvent>,
+    /// Every status with the time it was set, oldest first (v1.1's `history`).
+    pub history: Vec<(String, Timestamp)>,
 }
 
 type Rule = Arc<dyn Fn(&Received) -> Option<Scripted> + Send + Sync>;
@@ -174,6 +185,8 @@ struct Data {
     by_key: HashMap<String, usize>,
     /// event key → (ticket index, event index).
     event_keys: HashMap<String, (usize, usize)>,
+    /// Answer ticket reads as a v1 backend: no `history`.
+    v1: bool,
 }
 
 struct Shared {
@@ -305,15 +318,26 @@ impl Backend {
     /// Changes a ticket's status as an engineer would (`acknowledged`, `closed`, ...).
     /// False when there is no such ticket.
     pub fn set_status(&self, id: &str, status: &str) -> bool {
+        self.set_status_at(id, status, Timestamp::now())
+    }
+
+    /// Changes a ticket's status as of `at` (its history keeps the time).
+    pub fn set_status_at(&self, id: &str, status: &str, at: Timestamp) -> bool {
         let mut d = self.shared.lock();
         match d.tickets.iter_mut().find(|t| t.id == id) {
             Some(t) => {
                 t.status = status.to_string();
-                t.updated_at = Timestamp::now();
+                t.updated_at = at;
+                t.history.push((status.to_string(), at));
                 true
             }
             None => false,
         }
+    }
+
+    /// Answers ticket reads as a v1 backend (status only, no history) when `on`.
+    pub fn set_v1(&self, on: bool) {
+        self.shared.lock().v1 = on;
     }
 
     /// Waits until `pred` holds (checked after every request and every 50 ms); false when
@@ -540,14 +564,21 @@ impl Data {
             ("POST", Route::Tickets) => self.create(r),
             ("POST", Route::Events(id)) => self.event(id, r),
             ("GET", Route::Ticket(id)) => match self.tickets.iter().find(|t| t.id == id) {
-                Some(t) => Answer::json(
-                    200,
-                    json!({
+                Some(t) => {
+                    let mut v = json!({
                         "ticket_id": t.id,
                         "status": t.status,
                         "updated_at": t.updated_at.to_string(),
-                    }),
-                ),
+                    });
+                    if !self.v1 {
+                        v["history"] = t
+                            .history
+                            .iter()
+                            .map(|(s, at)| json!({"status": s, "at": at.to_string()}))
+                            .collect();
+                    }
+                    Answer::json(200, v)
+                }
                 None => Answer::error(404, format!("no ticket {id}")),
             },
             (_, Route::Other) => Answer::error(404, "no such resource"),
@@ -614,6 +645,7 @@ impl Data {
             created: r.time,
             updated_at: r.time,
             events: Vec::new(),
+            history: vec![("open".into(), r.time)],
         });
         Answer::json(201, json!({"ticket_id": id, "created": true}))
     }

@@ -126,6 +126,7 @@ pub fn router(gw: Gateway, token: String, audit: Audit) -> Router {
             get(service::customer_availability),
         )
         .route("/sla", get(service::sla))
+        .route("/reports/monthly", get(service::monthly_report))
         .route("/devices/:id/diagnostics", post(diagnostics))
         .route("/tickets", get(tickets))
         .route("/tickets/*rest", post(retry))
@@ -543,6 +544,12 @@ fn detail(gw: &Gateway, id: &str, now: Timestamp) -> Result<Option<Value>, ApiEr
     );
     o.insert("fleet".into(), fleet.unwrap_or(Value::Null));
     o.insert("history".into(), json!(history));
+    if entry.is_some() {
+        o.insert(
+            "maintenance".into(),
+            service::maintenance_json(gw, id, now)?,
+        );
+    }
     Ok(Some(Value::Object(o)))
 }
 
@@ -592,7 +599,18 @@ async fn availability(
     let Path(id) = id.map_err(path_error)?;
     let Query(q) = q.map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))?;
     let now = Timestamp::now();
-    let (from, to) = window_query(&q, now, &st.gw.cx.tz)?;
+    let tz = &st.gw.cx.tz;
+    let today = now.to_zoned(tz.clone()).date();
+    let contract = st
+        .gw
+        .cx
+        .fleet
+        .device(&id)
+        .and_then(|e| e.contract_on(today));
+    let (from, to) = match period_query(&q, contract, now, tz)? {
+        Some(w) => w,
+        None => window_query(&q, now, tz)?,
+    };
     let explicit = q.contains_key("from") || q.contains_key("to");
     if explicit && from >= to {
         return Err(ApiError::bad_request(format!(
@@ -608,6 +626,63 @@ async fn availability(
     })
     .await??;
     Ok(Json(report).into_response())
+}
+
+/// The window of a contract: its first day's start to the end of its last day, in the
+/// gateway's zone (an open end: the contract has none, so neither has the window: now).
+fn contract_window(
+    c: &crate::fleet::Contract,
+    now: Timestamp,
+    tz: &jiff::tz::TimeZone,
+) -> Result<(Timestamp, Timestamp), ApiError> {
+    let day = |d: jiff::civil::Date| {
+        d.to_zoned(tz.clone())
+            .map(|z| z.timestamp())
+            .map_err(|e| ApiError::bad_request(format!("contract {}: {e}", c.id)))
+    };
+    let from = match c.start {
+        Some(s) => day(s)?,
+        None => {
+            return Err(ApiError::bad_request(format!(
+                "contract {} has no start: give from and to",
+                c.id
+            )))
+        }
+    };
+    let to = match c.end.and_then(|e| e.tomorrow().ok()) {
+        Some(e) => day(e)?,
+        None => now.max(from),
+    };
+    Ok((from, to))
+}
+
+/// `period=contract` on an availability query: the window of the contract in force now.
+fn period_query(
+    q: &HashMap<String, String>,
+    contract: Option<&crate::fleet::Contract>,
+    now: Timestamp,
+    tz: &jiff::tz::TimeZone,
+) -> Result<Option<(Timestamp, Timestamp)>, ApiError> {
+    match q.get("period").map(String::as_str) {
+        None | Some("") | Some("month") => Ok(None),
+        Some("contract") => {
+            if q.contains_key("from") || q.contains_key("to") {
+                return Err(ApiError::bad_request(
+                    "period=contract sets the window: leave out from and to",
+                ));
+            }
+            let c = contract.ok_or_else(|| {
+                ApiError::bad_request(
+                    "period=contract: no contract is in force (the seed's terms apply)",
+                )
+            })?;
+            contract_window(c, now, tz).map(Some)
+        }
+        Some(other) => Err(ApiError::bad_request(format!(
+            "period={:?}: month or contract",
+            clip(other, 32)
+        ))),
+    }
 }
 
 /// `from` and `to` of a query (RFC 3339). Without them: this calendar month in the

@@ -11,6 +11,7 @@
 //! | `GET /api/v1/devices/{id}/maintenance` | the schedule from the contract and the maintenance done |
 //! | `POST /api/v1/devices/{id}/maintenance` | record maintenance done `{"at", "note"}` (audited) |
 //! | `GET /api/v1/devices/{id}/history?before=&limit=` | a page of the life record, newest last |
+//! | `GET /api/v1/reports/monthly?customer=&month=YYYY-MM&format=json\|csv\|html` | the monthly report ([`crate::report`]) |
 
 use super::{
     blocking, clip, device_report, known_device, path_error, remote_of, unknown_device,
@@ -202,7 +203,18 @@ pub(super) async fn customer_availability(
         return Err(unknown_customer(&id));
     }
     let now = Timestamp::now();
-    let (from, to) = window_query(&q, now, &st.gw.cx.tz)?;
+    let tz = &st.gw.cx.tz;
+    let today = now.to_zoned(tz.clone()).date();
+    let contract = st
+        .gw
+        .cx
+        .fleet
+        .contracts()
+        .find(|c| c.customer.as_deref() == Some(id.as_str()) && c.covers(today));
+    let (from, to) = match super::period_query(&q, contract, now, tz)? {
+        Some(w) => w,
+        None => window_query(&q, now, tz)?,
+    };
     ordered(from, to)?;
     let gw = st.gw.clone();
     let v = blocking(move || customer_figures(&gw, &id, from, to, now)).await??;
@@ -596,4 +608,68 @@ pub(super) async fn history(
     })
     .await??;
     Ok(Json(v).into_response())
+}
+
+// ---------- the monthly report ----------
+
+pub(super) async fn monthly_report(State(st): State<ApiState>, q: QueryMap) -> ApiResult {
+    let q = query(q)?;
+    let customer = q
+        .get("customer")
+        .filter(|c| !c.is_empty())
+        .cloned()
+        .ok_or_else(|| ApiError::bad_request("customer is missing: ?customer=ID&month=YYYY-MM"))?;
+    if st.gw.cx.fleet.customer(&customer).is_none() {
+        return Err(unknown_customer(&customer));
+    }
+    let now = Timestamp::now();
+    let first = match q.get("month").filter(|m| !m.is_empty()) {
+        Some(m) => crate::report::parse_month(m).map_err(ApiError::bad_request)?,
+        None => now.to_zoned(st.gw.cx.tz.clone()).date().first_of_month(),
+    };
+    let format = q.get("format").map_or("json", String::as_str).to_string();
+    if !["json", "csv", "html"].contains(&format.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "format={:?}: json, csv or html",
+            clip(&format, 32)
+        )));
+    }
+    let gw = st.gw.clone();
+    let c = customer.clone();
+    let report = blocking(move || crate::report::monthly(&gw, &c, first, now)).await??;
+    let name = format!(
+        "tend-report-{}-{:04}-{:02}",
+        customer.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"),
+        first.year(),
+        first.month()
+    );
+    use axum::http::header;
+    Ok(match format.as_str() {
+        "csv" => (
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{name}.csv\""),
+                ),
+            ],
+            crate::report::render_csv(&report),
+        )
+            .into_response(),
+        "html" => {
+            let html = crate::report::render_html(&report);
+            (
+                [
+                    (header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()),
+                    (
+                        header::CONTENT_SECURITY_POLICY,
+                        crate::page::document_csp(&html),
+                    ),
+                ],
+                html,
+            )
+                .into_response()
+        }
+        _ => Json(report).into_response(),
+    })
 }
