@@ -109,6 +109,34 @@ async fn deadlines_are_watched_events_sent_once_and_maintenance_comes_from_the_c
     let mut agent = spawn_agent(agent_bin(), &agent_cfg, &agent_dir.join("agent.log"));
     until_all_up_no_fault(&gw, 2, Duration::from_secs(60)).await;
 
+    // The agent killed for 4 s and restarted: those seconds are unknown, not up.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed = Timestamp::now();
+    let _ = agent.start_kill();
+    let _ = agent.wait().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    agent = spawn_agent(agent_bin(), &agent_cfg, &agent_dir.join("agent.log"));
+    let back = Timestamp::now();
+    let window = format!(
+        "/api/v1/devices/vent-0/availability?from={}&to={}",
+        (killed - jiff::SignedDuration::from_secs(1))
+            .to_string()
+            .replace('+', "%2B"),
+        back.to_string().replace('+', "%2B")
+    );
+    let r = until(
+        "the dead agent's gap unknown",
+        Duration::from_secs(30),
+        || async {
+            let (_, r) = gw.get(&window).await;
+            (r["unknown_s"].as_f64()? >= 3.5).then_some(r)
+        },
+    )
+    .await;
+    assert!(r["up_s"].as_f64().unwrap() <= 1.5, "{r:#}");
+    assert_eq!(r["down_s"], 0.0, "{r:#}");
+    until_all_up_no_fault(&gw, 2, Duration::from_secs(60)).await;
+
     // Both ventilators' exhalation valves fail: a major fault each.
     for (_, sim) in &sims {
         let Sim::Av(av) = sim else {

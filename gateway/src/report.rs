@@ -111,10 +111,21 @@ pub fn monthly(
                     .is_some_and(|at| from <= at && at < to)
             });
         }
+        let identity =
+            gw.store
+                .device(id)?
+                .and_then(|d| d.identity)
+                .map(|i| crate::ticket::DeviceIdentity {
+                    model: i.model,
+                    firmware: i.firmware,
+                    serial: i.serial,
+                    profile: i.profile,
+                });
+        let facts = crate::ticket::DeviceFacts::resolve(&e, identity.as_ref(), &gw.cx.profiles);
         devices.push(json!({
             "id": id,
             "serial": e.device.serial,
-            "model": e.device.model,
+            "model": facts.model,
             "location": e.device.location,
             "site": e.site.name,
             "contract": e.contract_on(first).map(|c| c.id.clone()),
@@ -267,6 +278,15 @@ pub fn esc(s: &str) -> String {
     out
 }
 
+/// An RFC 3339 time as `2026-12-02 15:05` (the report's zone is in its header).
+fn short(v: &Value) -> String {
+    let t = plain(v);
+    match (t.get(..10), t.get(11..16)) {
+        (Some(d), Some(hm)) if t.len() >= 16 => format!("{d} {hm}"),
+        _ => t,
+    }
+}
+
 fn pct(v: &Value) -> String {
     v.as_f64()
         .map_or("–".into(), |x| format!("{:.3} %", x * 100.0))
@@ -331,7 +351,7 @@ body { font: 10pt/1.35 sans-serif; color: #111; margin: 0 auto; max-width: 190mm
 h1 { font-size: 15pt; margin: 0 0 2mm; } h2 { font-size: 12pt; margin: 6mm 0 1mm; }
 table { border-collapse: collapse; width: 100%; margin: 1mm 0 2mm; }
 th, td { border-bottom: 1px solid #ccc; padding: 1mm 1.5mm; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; } .num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f2f2f2; } table.tickets { font-size: 8.5pt; } .num { text-align: right; font-variant-numeric: tabular-nums; }
 .device { break-inside: avoid; page-break-inside: avoid; border-top: 2px solid #333; margin-top: 5mm; }
 .ok { color: #2e7d32; } .at_risk { color: #b26a00; } .breached, .missed { color: #c62828; font-weight: bold; }
 .met { color: #2e7d32; } .legend span { display: inline-block; margin-right: 4mm; }
@@ -354,13 +374,14 @@ pub fn render_html(r: &Value) -> String {
     );
     let _ = write!(
         h,
-        "<h1>Monthly service report — {} ({})</h1><p>{} · {} to {} · as of {}{}</p>",
+        "<h1>Monthly service report — {} ({})</h1><p>{} · {} to {} (UTC{}) · as of {}{}</p>",
         esc(&plain(&r["customer_name"])),
         esc(&plain(&r["customer"])),
         esc(&plain(&r["month"])),
-        esc(&plain(&r["from"])),
-        esc(&plain(&r["to"])),
-        esc(&plain(&r["as_of"])),
+        esc(&short(&r["from"])),
+        esc(&short(&r["to"])),
+        esc(plain(&r["from"]).get(19..).unwrap_or("")),
+        esc(&short(&r["as_of"])),
         if r["complete"] == json!(true) {
             ""
         } else {
@@ -435,7 +456,7 @@ fn device_html(h: &mut String, d: &Value, from: Option<Timestamp>, to: Option<Ti
     if tickets.is_empty() {
         h.push_str("<p class=note>No tickets this month.</p>");
     } else {
-        h.push_str("<table><tr><th>Ticket</th><th>Fault</th><th>Detected</th><th>Status</th><th>Respond</th><th>On site</th><th>Plan</th><th>Resolve</th></tr>");
+        h.push_str("<table class=tickets><tr><th>Ticket</th><th>Fault</th><th>Detected</th><th>Status</th><th>Respond</th><th>On site</th><th>Plan</th><th>Resolve</th></tr>");
         for t in &tickets {
             let cell = |k: &str| {
                 let dl = &t["deadlines"][k];
@@ -445,7 +466,7 @@ fn device_html(h: &mut String, d: &Value, from: Option<Timestamp>, to: Option<Ti
                         "<td class=\"{}\">{}<br><span class=note>{}</span></td>",
                         esc(s),
                         esc(s),
-                        esc(&plain(&dl["due"]))
+                        esc(&short(&dl["due"]))
                     ),
                 }
             };
@@ -461,7 +482,7 @@ fn device_html(h: &mut String, d: &Value, from: Option<Timestamp>, to: Option<Ti
                 esc(&plain(&t["code"])),
                 esc(&plain(&t["class"])),
                 esc(&plain(&t["description"])),
-                esc(&plain(&t["detected_at"])),
+                esc(&short(&t["detected_at"])),
                 esc(&plain(&t["status"])),
                 cell("respond"),
                 cell("onsite"),
