@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend_standin;
+pub mod browser;
 pub mod certs;
 pub mod config;
 pub mod metrics;

@@ -121,6 +121,7 @@ pub fn router(gw: Gateway, token: String, audit: Audit) -> Router {
             get(service::maintenance).post(service::add_maintenance),
         )
         .route("/devices/:id/history", get(service::history))
+        .route("/devices/:id/timeline", get(service::timeline))
         .route(
             "/customers/:id/availability",
             get(service::customer_availability),

@@ -11,6 +11,7 @@
 //! | `GET /api/v1/devices/{id}/maintenance` | the schedule from the contract and the maintenance done |
 //! | `POST /api/v1/devices/{id}/maintenance` | record maintenance done `{"at", "note"}` (audited) |
 //! | `GET /api/v1/devices/{id}/history?before=&limit=` | a page of the life record, newest last |
+//! | `GET /api/v1/devices/{id}/timeline?from=&to=` | the device's states as stretches (default: this month) |
 //! | `GET /api/v1/reports/monthly?customer=&month=YYYY-MM&format=json\|csv\|html` | the monthly report ([`crate::report`]) |
 
 use super::{
@@ -554,6 +555,34 @@ pub(super) async fn add_maintenance(
     )
     .await?;
     Ok((StatusCode::CREATED, Json(json!(result?))).into_response())
+}
+
+// ---------- the timeline ----------
+
+/// The device's states over `[from, min(to, now))` as consecutive stretches (`up`,
+/// `down`, `maintenance`, `unknown`, `excluded`): what the page draws. Default window:
+/// this month.
+pub(super) async fn timeline(
+    State(st): State<ApiState>,
+    id: Result<Path<String>, PathRejection>,
+    q: QueryMap,
+) -> ApiResult {
+    let Path(id) = id.map_err(path_error)?;
+    let q = query(q)?;
+    let now = Timestamp::now();
+    let (from, to) = window_query(&q, now, &st.gw.cx.tz)?;
+    ordered(from, to)?;
+    let gw = st.gw.clone();
+    let v = blocking(move || -> Result<Value, ApiError> {
+        if !known_device(&gw, &id)? {
+            return Err(unknown_device(&id));
+        }
+        let end = to.min(now).max(from);
+        let stretches = gw.store.ledger(&id)?.timeline(from, end);
+        Ok(json!({ "device": id, "from": from, "to": to, "until": end, "stretches": stretches }))
+    })
+    .await??;
+    Ok(Json(v).into_response())
 }
 
 // ---------- the life record, paged ----------
