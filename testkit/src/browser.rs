@@ -229,6 +229,20 @@ impl Browser {
         r["result"]["value"].clone()
     }
 
+    /// Evaluates `js` and waits for the promise it gives (an `async` IIFE).
+    pub async fn eval_async(&mut self, js: &str) -> serde_json::Value {
+        let s = self.session.clone();
+        let r = self
+            .cdp
+            .call(
+                Some(&s),
+                "Runtime.evaluate",
+                serde_json::json!({ "expression": js, "returnByValue": true, "awaitPromise": true }),
+            )
+            .await;
+        r["result"]["value"].clone()
+    }
+
     /// Waits (up to 20 s) until `js` is true in the page.
     pub async fn until(&mut self, what: &str, js: &str) {
         for _ in 0..200 {
