@@ -290,8 +290,11 @@ async fn deadlines_are_watched_events_sent_once_and_maintenance_comes_from_the_c
         assert!(m.contains(line), "{line} missing:\n{m}");
     }
 
-    // The maintenance ticket resolved in the backend: maintenance done, next due 30 days
-    // on.
+    // The maintenance ticket resolved in the backend, which now answers as a v1 backend
+    // (status only, no history): the gateway stamps what it reads with the time it read
+    // it. Maintenance done, next due 30 days on.
+    backend.set_v1(true);
+    let resolved_at = Timestamp::now();
     assert!(backend.set_status(&pm.id, "acknowledged"));
     assert!(backend.set_status(&pm.id, "resolved"));
     let maint = until(
@@ -310,6 +313,15 @@ async fn deadlines_are_watched_events_sent_once_and_maintenance_comes_from_the_c
     let next: jiff::civil::Date = maint["next_due"].as_str().unwrap().parse().unwrap();
     assert_eq!(next, today.checked_add(jiff::ToSpan::days(30)).unwrap());
     assert_eq!(maint["done"][0]["source"], format!("ticket {}", pm.key));
+    let (_, pms) = gw.get("/api/v1/tickets?device=spare-monitor").await;
+    let hist = pms[0]["status_history"].as_array().unwrap().clone();
+    let last = hist.last().unwrap();
+    assert_eq!(last["status"], "resolved", "{hist:?}");
+    let read_at: Timestamp = last["at"].as_str().unwrap().parse().unwrap();
+    assert!(
+        read_at >= resolved_at && read_at <= Timestamp::now(),
+        "{hist:?}"
+    );
     // Not due again for 30 days: no second maintenance ticket for it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pms = backend

@@ -419,6 +419,9 @@ pub fn render_report(v: &Value) -> String {
             let (mut met, mut missed) = (0, 0);
             for t in as_array(&d["tickets"]) {
                 for (_, dl) in t["deadlines"].as_object().into_iter().flatten() {
+                    if dl["in_month"] == Value::Bool(false) {
+                        continue;
+                    }
                     match dl["status"].as_str() {
                         Some("met") => met += 1,
                         Some("missed") => missed += 1,

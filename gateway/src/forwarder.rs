@@ -501,6 +501,10 @@ impl Forwarder {
             if changed {
                 tracing::info!(ticket = %t.key, ticket_id = %id, status = %clip(&read.status), "ticket status changed in the backend");
             }
+            if !changed {
+                // Nothing new: no write (every open ticket, every poll, would be a commit).
+                continue;
+            }
             let key = t.key.clone();
             let stored = blocking(&self.gw.store, move |s| {
                 s.update_ticket(&key, &mut |t| {

@@ -532,7 +532,8 @@ impl<'a> Planner<'a, '_> {
                 } => self.change_ticket(&r.device, ticket_key, |t| {
                     t.class = class;
                     if let Some(d) = deadlines {
-                        t.deadlines = Some(DeadlineRecord::new(&d, r.at));
+                        let old = t.current_deadlines();
+                        t.deadlines = Some(DeadlineRecord::after_rise(old.as_ref(), &d, r.at));
                     }
                 }),
             }

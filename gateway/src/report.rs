@@ -68,8 +68,16 @@ pub fn monthly(
         let mine: Vec<Value> = tickets
             .iter()
             .filter(|t| t.device == id)
-            // Detected in the month, or detected before and still open at its start.
-            .filter(|t| t.detected_at < to && (t.detected_at >= from || t.open))
+            // Open at some time in the month: detected before its end, and not resolved
+            // (nor closed) before its start. Decided from the history, not from the
+            // ticket's state today, so a past month's report stays as it was.
+            .filter(|t| {
+                let ended = crate::sla_watch::reached(
+                    &t.status_history,
+                    crate::sla_watch::DeadlineKind::Resolve,
+                );
+                t.detected_at < to && ended.is_none_or(|e| e >= from)
+            })
             .map(|t| {
                 let p = t.promises();
                 let status = p.judge(&t.status_history, now);
@@ -79,7 +87,12 @@ pub fn monthly(
                         let due = p.due(*k)?;
                         Some((
                             k.as_str().to_string(),
-                            json!({"due": rfc3339(due, tz), "status": status.get(*k).as_str()}),
+                            json!({
+                                "due": rfc3339(due, tz),
+                                "status": status.get(*k).as_str(),
+                                // Counted in this month's figures: due in it.
+                                "in_month": from <= due && due < to,
+                            }),
                         ))
                     })
                     .collect();
@@ -188,7 +201,9 @@ pub const CSV_COLUMNS: [&str; 21] = [
 /// A CSV field: quoted when it holds a comma, quote or line break (RFC 4180), and a
 /// leading `=`, `+`, `-`, `@` defused so a spreadsheet never runs it as a formula.
 fn csv_field(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@']) && s.parse::<f64>().is_err() {
+    let risky = s.starts_with(['=', '+', '-', '@', '\t', '\r'])
+        || s.trim_start().starts_with(['=', '+', '-', '@']);
+    let s = if risky && s.parse::<f64>().is_err() {
         format!("'{s}")
     } else {
         s.to_string()
@@ -213,6 +228,9 @@ fn deadline_counts(d: &Value) -> (usize, usize) {
     let mut missed = 0;
     for t in d["tickets"].as_array().into_iter().flatten() {
         for (_, dl) in t["deadlines"].as_object().into_iter().flatten() {
+            if dl["in_month"] == json!(false) {
+                continue;
+            }
             match dl["status"].as_str() {
                 Some("met") => met += 1,
                 Some("missed") => missed += 1,
@@ -548,6 +566,8 @@ mod tests {
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(csv_field("=HYPERLINK(1)"), "'=HYPERLINK(1)");
         assert_eq!(csv_field("-0.5"), "-0.5");
+        assert_eq!(csv_field("\t=HYPERLINK(1)"), "'\t=HYPERLINK(1)");
+        assert_eq!(csv_field("  @SUM(1)"), "'  @SUM(1)");
     }
 
     #[test]

@@ -28,6 +28,9 @@ use std::time::Duration;
 use tend_profiles::SignalKind;
 use tokio_util::sync::CancellationToken;
 
+/// How long after a ticket ended a missed deadline is still reported to the backend.
+pub const LATE_NEWS: jiff::SignedDuration = jiff::SignedDuration::from_hours(7 * 24);
+
 /// What one sweep did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sweep {
@@ -42,8 +45,14 @@ pub struct Sweep {
 /// The `sla_at_risk` / `sla_missed` events an open ticket is due and has not had: for each
 /// deadline `at_risk` now, its at-risk event; for each `missed`, its missed event (a
 /// deadline seen only once it was missed gets no at-risk event after the fact).
+///
+/// A ticket already ended (resolved or closed in the backend) gets only the `sla_missed`
+/// of a deadline kept late that nobody saw pass (the gateway or the backend was away),
+/// and only within [`LATE_NEWS`] of its end, so an upgrade does not send the history of
+/// every old ticket.
 pub fn due_sla_events(t: &TicketRecord, now: Timestamp, tz: &TimeZone) -> Vec<EventRequest> {
-    if !t.open {
+    let ended = reached(&t.status_history, DeadlineKind::Resolve);
+    if !t.open && ended.is_none_or(|e| now.duration_since(e) > LATE_NEWS) {
         return Vec::new();
     }
     let promises = t.promises();
@@ -56,7 +65,7 @@ pub fn due_sla_events(t: &TicketRecord, now: Timestamp, tz: &TimeZone) -> Vec<Ev
         };
         let from = promises.counted_from(kind);
         let missed = match status.get(kind) {
-            SlaState::AtRisk => false,
+            SlaState::AtRisk if t.open => false,
             SlaState::Missed => true,
             _ => continue,
         };
@@ -83,7 +92,12 @@ pub fn sweep(gw: &Gateway, now: Timestamp) -> Result<Sweep, StoreError> {
         for kind in DeadlineKind::ALL {
             *gauges.entry((kind, status.get(kind))).or_default() += 1;
         }
-        let events = due_sla_events(t, now, tz);
+        let mut events = due_sla_events(t, now, tz);
+        if !events.is_empty() && maintained_since(gw, t)? {
+            // The maintenance is recorded as done: its ticket waits for the engineer to
+            // close it, without deadlines reported missed for work that was done.
+            events.clear();
+        }
         if !events.is_empty() {
             done.sla_events += queue_events(gw, t, &events)?;
         }
@@ -107,6 +121,19 @@ pub fn sweep(gw: &Gateway, now: Timestamp) -> Result<Sweep, StoreError> {
     }
     done.maintenance_tickets = open_maintenance(gw, now)?;
     Ok(done)
+}
+
+/// Whether `t` is a maintenance ticket whose device has maintenance recorded as done
+/// since the ticket was opened.
+fn maintained_since(gw: &Gateway, t: &TicketRecord) -> Result<bool, StoreError> {
+    if t.kind != SignalKind::MaintenanceDue {
+        return Ok(false);
+    }
+    Ok(gw
+        .store
+        .maintenance_done(&t.device)?
+        .iter()
+        .any(|m| m.done_at >= t.detected_at))
 }
 
 fn queue_events(
@@ -212,6 +239,11 @@ fn open_maintenance(gw: &Gateway, now: Timestamp) -> Result<usize, StoreError> {
         if !maintenance::ticket_due(&s, today) {
             continue;
         }
+        let key = crate::ticket::ticket_key(&maintenance::episode(id, s.next_due));
+        if gw.store.ticket(&key)?.is_some() {
+            // Opened by an earlier sweep: nothing to build, nothing to write.
+            continue;
+        }
         let ev = maintenance::due_event(id, &s, &contract, now);
         let live = gw.store.device(id)?;
         let identity = live
@@ -248,7 +280,8 @@ fn open_maintenance(gw: &Gateway, now: Timestamp) -> Result<usize, StoreError> {
 
 /// Sweeps at start and then every `every` until `shutdown`.
 pub async fn run(gw: Gateway, every: Duration, shutdown: CancellationToken) {
-    let every = every.max(Duration::from_millis(10));
+    // A tiny status_poll must not turn the sweep (every ticket read) into a busy loop.
+    let every = every.max(Duration::from_secs(1));
     loop {
         let g = gw.clone();
         match tokio::task::spawn_blocking(move || sweep(&g, Timestamp::now())).await {

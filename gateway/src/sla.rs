@@ -176,11 +176,12 @@ pub fn class_deadlines(
     dl
 }
 
-/// The deadlines after a fault's class rose from `old` at `rose_at`: the new class's
-/// deadlines, counted from the moment it rose. The response time stays as it was (the
-/// ticket was answered or not already), and an on-site time already promised stays when
-/// it is earlier: an escalation never gives the service organisation more time to be at
-/// the device than it had. A deadline the new class does not have no longer applies.
+/// The deadlines after a fault's class rose at `rose_at`: the new class's deadlines,
+/// counted from the moment it rose, except that a promise already made is never
+/// loosened: where the ticket already has a deadline of a kind the new class also has,
+/// the earlier of the two stands (so a class that falls and rises again cannot push a
+/// deadline out). The response time stays as it was. A deadline the new class does not
+/// have no longer applies.
 pub fn escalated_deadlines(
     old: &Deadlines,
     rose_at: Timestamp,
@@ -189,15 +190,15 @@ pub fn escalated_deadlines(
     terms: &Terms,
 ) -> Deadlines {
     let new = class_deadlines(rose_at, class, area, terms);
-    let onsite_by = match (old.onsite_by, new.onsite_by) {
+    let keep = |o: Option<Timestamp>, n: Option<Timestamp>| match (o, n) {
         (Some(o), Some(n)) => Some(o.min(n)),
         (_, n) => n,
     };
     Deadlines {
         respond_by: old.respond_by,
-        onsite_by,
-        plan_by: new.plan_by,
-        resolve_by: new.resolve_by,
+        onsite_by: keep(old.onsite_by, new.onsite_by),
+        plan_by: keep(old.plan_by, new.plan_by),
+        resolve_by: keep(old.resolve_by, new.resolve_by),
     }
 }
 

@@ -154,9 +154,11 @@ pub fn risk_from(from: Timestamp, due: Timestamp) -> Timestamp {
 pub struct Promises {
     /// Detection: the response time counts from here.
     pub detected: Timestamp,
-    /// Detection, or the moment the class last rose: the class's deadlines count from
-    /// here.
-    pub class_from: Timestamp,
+    /// Where each class deadline counts from: detection, or the moment the class rose to
+    /// the class that set it.
+    pub onsite_from: Timestamp,
+    pub plan_from: Timestamp,
+    pub resolve_from: Timestamp,
     pub respond_by: Option<Timestamp>,
     pub onsite_by: Option<Timestamp>,
     pub plan_by: Option<Timestamp>,
@@ -176,7 +178,9 @@ impl Promises {
     pub fn counted_from(&self, kind: DeadlineKind) -> Timestamp {
         match kind {
             DeadlineKind::Respond => self.detected,
-            _ => self.class_from,
+            DeadlineKind::Onsite => self.onsite_from,
+            DeadlineKind::Plan => self.plan_from,
+            DeadlineKind::Resolve => self.resolve_from,
         }
     }
 
@@ -305,7 +309,9 @@ mod tests {
     fn escalated_deadlines_count_from_the_rise() {
         let p = Promises {
             detected: t(0),
-            class_from: t(10_000),
+            onsite_from: t(10_000),
+            plan_from: t(10_000),
+            resolve_from: t(10_000),
             respond_by: Some(t(3600)),
             onsite_by: Some(t(10_000 + 4000)),
             plan_by: None,

@@ -427,3 +427,40 @@ fn bad_contracts_are_named_with_file_line_and_key() {
     let e = Fleet::parse("fleet.toml", &src).unwrap_err();
     assert!(e.to_string().contains("customer \"d\"'s"), "{e}");
 }
+
+#[test]
+fn a_class_that_falls_and_rises_again_cannot_push_a_deadline_out() {
+    let at: Timestamp = T0.parse().unwrap();
+    let h = |n: i64| at.checked_add(jiff::SignedDuration::from_hours(n)).unwrap();
+    let complex = deadlines(
+        at,
+        SignalKind::Fault,
+        Some(FaultClass::Complex),
+        ServiceArea::SameCity,
+        None,
+        &tz(),
+        &SEED,
+    );
+    // Lowered to simple at 40 h (the promises made stand), complex again at 41 h: the
+    // plan is still due at 48 h, not 89 h.
+    let again = escalated_deadlines(
+        &complex,
+        h(41),
+        FaultClass::Complex,
+        ServiceArea::SameCity,
+        &SEED,
+    );
+    assert_eq!(again.plan_by, complex.plan_by);
+    assert_eq!(again.onsite_by, complex.onsite_by);
+    // Up to major: the fix counts from the rise, the on-site promise stays the earlier.
+    let major = escalated_deadlines(
+        &again,
+        h(42),
+        FaultClass::Major,
+        ServiceArea::SameCity,
+        &SEED,
+    );
+    assert_eq!(major.resolve_by, Some(h(42 + 72)));
+    assert_eq!(major.plan_by, None);
+    assert_eq!(major.onsite_by, complex.onsite_by);
+}

@@ -23,7 +23,7 @@ use crate::backend::StatusRead;
 use crate::ingest::{Applied, IngestContext};
 use crate::ledger::Ledger;
 use crate::sla::Deadlines;
-use crate::sla_watch::{Promises, SlaStatus, StatusChange};
+use crate::sla_watch::{DeadlineKind, Promises, SlaStatus, StatusChange};
 use crate::ticket::{EventRequest, TicketRequest};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -441,8 +441,16 @@ pub struct DeadlineRecord {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub resolve_by: Option<Timestamp>,
     /// Detection, or the moment the class last rose: the class's deadlines count from
-    /// here.
+    /// here unless one of its own is set below.
     pub class_from: Timestamp,
+    /// Where each class deadline counts from when that differs from `class_from`: a
+    /// deadline kept through a rise of the class keeps the start it had.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub onsite_from: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub plan_from: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub resolve_from: Option<Timestamp>,
 }
 
 impl DeadlineRecord {
@@ -453,6 +461,47 @@ impl DeadlineRecord {
             plan_by: d.plan_by,
             resolve_by: d.resolve_by,
             class_from,
+            onsite_from: None,
+            plan_from: None,
+            resolve_from: None,
+        }
+    }
+
+    /// The record after the class rose at `rose` to the deadlines `new`: a deadline that
+    /// did not move keeps its start, a new or moved one counts from the rise.
+    pub fn after_rise(
+        old: Option<&DeadlineRecord>,
+        new: &Deadlines,
+        rose: Timestamp,
+    ) -> DeadlineRecord {
+        let start = |kind: DeadlineKind, due: Option<Timestamp>| -> Option<Timestamp> {
+            let o = old?;
+            (o.due(kind) == due && due.is_some()).then(|| o.starts(kind))
+        };
+        DeadlineRecord {
+            onsite_from: start(DeadlineKind::Onsite, new.onsite_by),
+            plan_from: start(DeadlineKind::Plan, new.plan_by),
+            resolve_from: start(DeadlineKind::Resolve, new.resolve_by),
+            ..DeadlineRecord::new(new, rose)
+        }
+    }
+
+    pub fn due(&self, kind: DeadlineKind) -> Option<Timestamp> {
+        match kind {
+            DeadlineKind::Respond => Some(self.respond_by),
+            DeadlineKind::Onsite => self.onsite_by,
+            DeadlineKind::Plan => self.plan_by,
+            DeadlineKind::Resolve => self.resolve_by,
+        }
+    }
+
+    /// Where a class deadline of `kind` counts from (`class_from` for the response).
+    pub fn starts(&self, kind: DeadlineKind) -> Timestamp {
+        match kind {
+            DeadlineKind::Respond => self.class_from,
+            DeadlineKind::Onsite => self.onsite_from.unwrap_or(self.class_from),
+            DeadlineKind::Plan => self.plan_from.unwrap_or(self.class_from),
+            DeadlineKind::Resolve => self.resolve_from.unwrap_or(self.class_from),
         }
     }
 
@@ -625,15 +674,21 @@ impl TicketRecord {
             plan_by: at("plan_by"),
             resolve_by: at("resolve_by"),
             class_from: self.detected_at,
+            onsite_from: None,
+            plan_from: None,
+            resolve_from: None,
         })
     }
 
     /// The ticket's promises, for the SLA watch.
     pub fn promises(&self) -> Promises {
         let d = self.current_deadlines();
+        let from = |k: DeadlineKind| d.map_or(self.detected_at, |d| d.starts(k));
         Promises {
             detected: self.detected_at,
-            class_from: d.map_or(self.detected_at, |d| d.class_from),
+            onsite_from: from(DeadlineKind::Onsite),
+            plan_from: from(DeadlineKind::Plan),
+            resolve_from: from(DeadlineKind::Resolve),
             respond_by: d.map(|d| d.respond_by),
             onsite_by: d.and_then(|d| d.onsite_by),
             plan_by: d.and_then(|d| d.plan_by),
@@ -891,6 +946,33 @@ mod tests {
         assert_eq!(t.forward.state, ForwardState::Pending);
         assert_eq!(t.events[0].forward.state, ForwardState::Pending);
         assert!(t.requeue_failed().is_empty(), "nothing failed any more");
+    }
+
+    #[test]
+    fn a_deadline_kept_through_a_rise_keeps_its_start() {
+        let d = Deadlines {
+            respond_by: at(3600),
+            onsite_by: Some(at(3 * 3600)),
+            plan_by: Some(at(48 * 3600)),
+            resolve_by: None,
+        };
+        let old = DeadlineRecord::new(&d, at(0));
+        // Risen to major at 2 h: on site stays 3 h (from 0), the fix is new (from 2 h).
+        let new = Deadlines {
+            plan_by: None,
+            resolve_by: Some(at(74 * 3600)),
+            ..d
+        };
+        let r = DeadlineRecord::after_rise(Some(&old), &new, at(7200));
+        assert_eq!(r.starts(DeadlineKind::Onsite), at(0));
+        assert_eq!(r.starts(DeadlineKind::Resolve), at(7200));
+        assert_eq!(r.due(DeadlineKind::Plan), None);
+        // Serialised without the starts it does not need; read back the same.
+        let back: DeadlineRecord =
+            serde_json::from_value(serde_json::to_value(r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let plain = serde_json::to_value(old).unwrap();
+        assert!(plain.get("onsite_from").is_none(), "{plain}");
     }
 
     #[test]
