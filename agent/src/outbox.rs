@@ -2,7 +2,7 @@
 //! the next sequence number and is on disk before it counts as produced, and it stays
 //! there until the gateway acknowledges exactly its seq.
 //!
-//! Storage is one redb file with three tables:
+//! Storage is one redb file with four tables:
 //! - `records`: seq → one format byte ([`TAG_KEEP`] / [`TAG_READING`]) followed by the
 //!   record's JSON exactly as [`tend_wire::encode`] would write it, so `pending` hands out
 //!   what was stored and byte accounting is the size on the wire;
