@@ -34,6 +34,8 @@ pub struct GatewayConfig {
     pub api: ApiSection,
     #[serde(default)]
     pub trust: TrustSection,
+    #[serde(default)]
+    pub service: ServiceSection,
     /// An agent whose clock is off by more than this is flagged, and its records' times
     /// are taken in gateway time.
     #[serde(default = "default_clock_tolerance")]
@@ -42,6 +44,30 @@ pub struct GatewayConfig {
 
 fn default_clock_tolerance() -> Dur {
     Dur(Duration::from_secs(120))
+}
+
+/// `[service]`: the service watch's own work.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    /// Whether this gateway opens the `maintenance_due` tickets the contracts make due.
+    /// Several gateways that share the agents' traffic on an external broker each keep
+    /// their own store: exactly one of them should (the others: `false`), or each would
+    /// open the same ticket with its own detection time.
+    #[serde(default = "yes")]
+    pub maintenance_tickets: bool,
+}
+
+impl Default for ServiceSection {
+    fn default() -> Self {
+        ServiceSection {
+            maintenance_tickets: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `[trust]`: where enrolment material lives.
@@ -653,6 +679,20 @@ token_file = "api.token"
                 listen: "127.0.0.1:1883".parse().unwrap()
             }
         );
+    }
+
+    #[test]
+    fn service_section_defaults_to_opening_maintenance_tickets() {
+        let d = dir();
+        let l = parse("gw.toml", GOOD, d.path()).unwrap();
+        assert!(l.config.service.maintenance_tickets);
+        let off = format!("{GOOD}\n[service]\nmaintenance_tickets = false\n");
+        let l = parse("gw.toml", &off, d.path()).unwrap();
+        assert!(!l.config.service.maintenance_tickets);
+        let bad = format!("{GOOD}\n[service]\nmaintenance = false\n");
+        let e = parse("gw.toml", &bad, d.path()).unwrap_err();
+        assert!(e.to_string().contains("maintenance"), "{e}");
+        assert!(e.line > 0, "{e}");
     }
 
     #[test]

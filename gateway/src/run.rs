@@ -313,7 +313,8 @@ fn spawn_ticket_tasks(
         .as_ref()
         .map_or(std::time::Duration::from_secs(60), |b| b.status_poll.0);
     let (g, sd) = (gw.clone(), shutdown.clone());
-    tasks.push(tokio::spawn(crate::service_watch::run(g, every, sd)));
+    let pm = cfg.service.maintenance_tickets;
+    tasks.push(tokio::spawn(crate::service_watch::run(g, every, pm, sd)));
     match &cfg.backend {
         Some(b) => {
             let backend = crate::backend::from_section(b)?;

@@ -81,8 +81,10 @@ pub fn due_sla_events(t: &TicketRecord, now: Timestamp, tz: &TimeZone) -> Vec<Ev
     out
 }
 
-/// One sweep at `now` (blocking: run it on the blocking pool).
-pub fn sweep(gw: &Gateway, now: Timestamp) -> Result<Sweep, StoreError> {
+/// One sweep at `now` (blocking: run it on the blocking pool); `maintenance_tickets`
+/// says whether this gateway opens the maintenance tickets the contracts make due
+/// (`[service] maintenance_tickets`).
+pub fn sweep(gw: &Gateway, now: Timestamp, maintenance_tickets: bool) -> Result<Sweep, StoreError> {
     let tz = &gw.cx.tz;
     let mut done = Sweep::default();
     let tickets = gw.store.tickets()?;
@@ -119,7 +121,9 @@ pub fn sweep(gw: &Gateway, now: Timestamp) -> Result<Sweep, StoreError> {
                 .set(gauges.get(&(kind, state)).copied().unwrap_or(0));
         }
     }
-    done.maintenance_tickets = open_maintenance(gw, now)?;
+    if maintenance_tickets {
+        done.maintenance_tickets = open_maintenance(gw, now)?;
+    }
     Ok(done)
 }
 
@@ -279,12 +283,19 @@ fn open_maintenance(gw: &Gateway, now: Timestamp) -> Result<usize, StoreError> {
 }
 
 /// Sweeps at start and then every `every` until `shutdown`.
-pub async fn run(gw: Gateway, every: Duration, shutdown: CancellationToken) {
+pub async fn run(
+    gw: Gateway,
+    every: Duration,
+    maintenance_tickets: bool,
+    shutdown: CancellationToken,
+) {
     // A tiny status_poll must not turn the sweep (every ticket read) into a busy loop.
     let every = every.max(Duration::from_secs(1));
     loop {
         let g = gw.clone();
-        match tokio::task::spawn_blocking(move || sweep(&g, Timestamp::now())).await {
+        match tokio::task::spawn_blocking(move || sweep(&g, Timestamp::now(), maintenance_tickets))
+            .await
+        {
             Ok(Ok(s)) if s != Sweep::default() => tracing::debug!(?s, "service watch"),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!("service watch: {e}"),
