@@ -99,6 +99,10 @@ pub struct Device {
     /// customer's contract in force, else the seed's terms.
     #[serde(default)]
     pub contract: Option<String>,
+    /// The last preventive maintenance done before tend kept the record (an installation
+    /// taking over a fleet): the next one counts from it, not from acceptance.
+    #[serde(default, deserialize_with = "opt_date")]
+    pub last_maintenance: Option<Date>,
 }
 
 /// A service contract as the fleet file writes it: every term optional.
@@ -333,6 +337,14 @@ impl Fleet {
                     return Err(err(
                         &p.key("extended_warranty_until"),
                         format!("{ext} is before the acceptance date {}", d.accepted),
+                    ));
+                }
+            }
+            if let Some(m) = d.last_maintenance {
+                if m < d.accepted {
+                    return Err(err(
+                        &p.key("last_maintenance"),
+                        format!("{m} is before the acceptance date {}", d.accepted),
                     ));
                 }
             }

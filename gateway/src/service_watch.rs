@@ -213,11 +213,13 @@ pub fn schedule_of(
         return Ok(None);
     };
     let tz = &gw.cx.tz;
+    // What tend recorded, and what the fleet file says was done before it kept records.
     let done: Vec<_> = gw
         .store
         .maintenance_done(device)?
         .iter()
         .map(|m| m.done_at.to_zoned(tz.clone()).date())
+        .chain(entry.device.last_maintenance)
         .collect();
     let today = now.to_zoned(tz.clone()).date();
     let contract = entry.contract_on(today);

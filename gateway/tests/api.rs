@@ -79,6 +79,7 @@ site = "s-017-hills"
 serial = "VM12-7-000123"
 location = "Exam room"
 accepted = "2024-01-10"
+last_maintenance = "2026-10-01"
 "#;
 
 const AGENT: &str = "agent-icu-a";
@@ -1398,6 +1399,11 @@ async fn maintenance_history_pages_customer_and_monthly_report() {
         .audit()
         .iter()
         .any(|a| a.action == "record_maintenance" && a.status == 201));
+    // Maintenance done before tend kept records, from the fleet file: counted from it.
+    let (_, m) = w.get("/api/v1/devices/xr-monitor/maintenance").await;
+    assert_eq!(m["last_done"], "2026-10-01");
+    assert_eq!(m["counted_from"], "last_maintenance");
+    assert_eq!(m["next_due"], "2027-04-01");
 
     // The life record, paged from the newest back, without gaps or repeats.
     let (_, all) = w.get("/api/v1/devices/icu7-vent/history?limit=1000").await;

@@ -414,6 +414,16 @@ fn bad_contracts_are_named_with_file_line_and_key() {
         assert!(e.line > 0, "{text}");
     }
     // A device naming an unknown contract, or another customer's.
+    let src = CONTRACTS.replace(
+        "contract = \"gold\"",
+        "contract = \"gold\"\nlast_maintenance = \"2024-01-01\"",
+    );
+    let e = Fleet::parse("fleet.toml", &src).unwrap_err();
+    assert!(
+        e.to_string().contains("device[1].last_maintenance")
+            && e.to_string().contains("before the acceptance"),
+        "{e}"
+    );
     let src = CONTRACTS.replace("contract = \"gold\"", "contract = \"silver\"");
     let e = Fleet::parse("fleet.toml", &src).unwrap_err();
     assert!(
