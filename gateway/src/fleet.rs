@@ -234,9 +234,7 @@ impl<'a> DeviceEntry<'a> {
                 return Some(c);
             }
         }
-        self.contracts
-            .values()
-            .find(|c| c.customer.as_deref() == Some(&self.customer.id) && c.covers(day))
+        customer_contract_on(self.contracts, &self.customer.id, day)
     }
 
     /// The terms that apply to this device on `day`.
@@ -409,6 +407,11 @@ impl Fleet {
         self.contracts.values()
     }
 
+    /// The contract of `customer` in force on `day`, if any.
+    pub fn customer_contract_on(&self, customer: &str, day: Date) -> Option<&Contract> {
+        customer_contract_on(&self.contracts, customer, day)
+    }
+
     /// Every device, by id.
     pub fn devices(&self) -> impl Iterator<Item = DeviceEntry<'_>> {
         self.devices.keys().filter_map(|id| self.device(id))
@@ -421,6 +424,17 @@ impl Fleet {
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
     }
+}
+
+/// The contract of `customer` in force on `day` (periods of one customer never overlap).
+fn customer_contract_on<'a>(
+    contracts: &'a BTreeMap<String, Contract>,
+    customer: &str,
+    day: Date,
+) -> Option<&'a Contract> {
+    contracts
+        .values()
+        .find(|c| c.customer.as_deref() == Some(customer) && c.covers(day))
 }
 
 /// What is wrong with a customer, site or device id (the caller names the key).

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tend_testkit::browser::{chromium, Browser};
+use tend_testkit::browser::{chromium, Browser, HEADLESS};
 use tend_testkit::config::{fleet_toml, BrokerChoice, FleetDevice, GatewaySpec, API_TOKEN};
 use tend_testkit::ports::free_port;
 use tend_testkit::procs::GatewayProc;
@@ -20,18 +20,8 @@ async fn browse(chromium: &Path, profile: &Path, lang: &str, url: &str, extra: &
     let out = tokio::time::timeout(
         Duration::from_secs(90),
         tokio::process::Command::new(chromium)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--window-size=1280,900",
-                "--virtual-time-budget=5000",
-            ])
+            .args(HEADLESS)
+            .args(["--window-size=1280,900", "--virtual-time-budget=5000"])
             .arg(format!("--user-data-dir={}", profile.display()))
             // `--lang` alone does not reach navigator.languages in the new headless mode.
             .arg(format!("--lang={lang}"))

@@ -7,6 +7,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The Chromium binary, or `None` (after saying so) where it may be missing.
+/// How every suite runs Chromium: headless, no sandbox (CI containers run as root), and
+/// nothing that would reach the network on its own.
+pub const HEADLESS: [&str; 8] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];
+
 pub fn chromium() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("TEND_CHROMIUM") {
         return Some(p.into());
@@ -149,17 +162,8 @@ impl Browser {
         use tokio::io::AsyncBufReadExt;
         let profile = tempfile::tempdir().unwrap();
         let mut child = tokio::process::Command::new(chromium)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--remote-debugging-port=0",
-            ])
+            .args(HEADLESS)
+            .arg("--remote-debugging-port=0")
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(format!("--lang={lang}"))
             .arg(format!("--accept-lang={lang}"))
@@ -217,27 +221,26 @@ impl Browser {
 
     /// Evaluates `js` in the page (DevTools is not bound by the page's CSP).
     pub async fn eval(&mut self, js: &str) -> serde_json::Value {
-        let s = self.session.clone();
-        let r = self
-            .cdp
-            .call(
-                Some(&s),
-                "Runtime.evaluate",
-                serde_json::json!({ "expression": js, "returnByValue": true }),
-            )
-            .await;
-        r["result"]["value"].clone()
+        self.evaluate(js, false).await
     }
 
     /// Evaluates `js` and waits for the promise it gives (an `async` IIFE).
     pub async fn eval_async(&mut self, js: &str) -> serde_json::Value {
+        self.evaluate(js, true).await
+    }
+
+    async fn evaluate(&mut self, js: &str, await_promise: bool) -> serde_json::Value {
         let s = self.session.clone();
         let r = self
             .cdp
             .call(
                 Some(&s),
                 "Runtime.evaluate",
-                serde_json::json!({ "expression": js, "returnByValue": true, "awaitPromise": true }),
+                serde_json::json!({
+                    "expression": js,
+                    "returnByValue": true,
+                    "awaitPromise": await_promise,
+                }),
             )
             .await;
         r["result"]["value"].clone()

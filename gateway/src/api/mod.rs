@@ -607,7 +607,7 @@ async fn availability(
     q: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> ApiResult {
     let Path(id) = id.map_err(path_error)?;
-    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))?;
+    let q = service::query(q)?;
     let now = Timestamp::now();
     let tz = &st.gw.cx.tz;
     let today = now.to_zoned(tz.clone()).date();
@@ -617,10 +617,7 @@ async fn availability(
         .fleet
         .device(&id)
         .and_then(|e| e.contract_on(today));
-    let (from, to) = match period_query(&q, contract, now, tz)? {
-        Some(w) => w,
-        None => window_query(&q, now, tz)?,
-    };
+    let (from, to) = availability_window(&q, contract, now, tz)?;
     let explicit = q.contains_key("from") || q.contains_key("to");
     if explicit && from >= to {
         return Err(ApiError::bad_request(format!(
@@ -666,15 +663,16 @@ fn contract_window(
     Ok((from, to))
 }
 
-/// `period=contract` on an availability query: the window of the contract in force now.
-fn period_query(
+/// The window of an availability query: `period=contract` (the window of `contract`,
+/// the one in force now), else [`window_query`].
+fn availability_window(
     q: &HashMap<String, String>,
     contract: Option<&crate::fleet::Contract>,
     now: Timestamp,
     tz: &jiff::tz::TimeZone,
-) -> Result<Option<(Timestamp, Timestamp)>, ApiError> {
+) -> Result<(Timestamp, Timestamp), ApiError> {
     match q.get("period").map(String::as_str) {
-        None | Some("") | Some("month") => Ok(None),
+        None | Some("") | Some("month") => window_query(q, now, tz),
         Some("contract") => {
             if q.contains_key("from") || q.contains_key("to") {
                 return Err(ApiError::bad_request(
@@ -686,7 +684,7 @@ fn period_query(
                     "period=contract: no contract is in force (the seed's terms apply)",
                 )
             })?;
-            contract_window(c, now, tz).map(Some)
+            contract_window(c, now, tz)
         }
         Some(other) => Err(ApiError::bad_request(format!(
             "period={:?}: month or contract",
@@ -790,7 +788,7 @@ async fn tickets(
     State(st): State<ApiState>,
     q: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> ApiResult {
-    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))?;
+    let q = service::query(q)?;
     let open = match q.get("open").map(String::as_str) {
         None | Some("") => None,
         Some("true") => Some(true),

@@ -39,9 +39,9 @@ pub const MAX_HISTORY_PAGE: usize = 1000;
 /// Longest note kept with an exclusion or a maintenance.
 pub const MAX_NOTE: usize = 1000;
 
-type QueryMap = Result<Query<HashMap<String, String>>, QueryRejection>;
+pub(super) type QueryMap = Result<Query<HashMap<String, String>>, QueryRejection>;
 
-fn query(q: QueryMap) -> Result<HashMap<String, String>, ApiError> {
+pub(super) fn query(q: QueryMap) -> Result<HashMap<String, String>, ApiError> {
     q.map(|Query(q)| q)
         .map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))
 }
@@ -206,16 +206,8 @@ pub(super) async fn customer_availability(
     let now = Timestamp::now();
     let tz = &st.gw.cx.tz;
     let today = now.to_zoned(tz.clone()).date();
-    let contract = st
-        .gw
-        .cx
-        .fleet
-        .contracts()
-        .find(|c| c.customer.as_deref() == Some(id.as_str()) && c.covers(today));
-    let (from, to) = match super::period_query(&q, contract, now, tz)? {
-        Some(w) => w,
-        None => window_query(&q, now, tz)?,
-    };
+    let contract = st.gw.cx.fleet.customer_contract_on(&id, today);
+    let (from, to) = super::availability_window(&q, contract, now, tz)?;
     ordered(from, to)?;
     let gw = st.gw.clone();
     let v = blocking(move || customer_figures(&gw, &id, from, to, now)).await??;
@@ -366,17 +358,15 @@ pub(super) async fn add_exclusion(
         }
     })
     .await?;
-    let (status, outcome) = match &result {
-        Ok(ex) => (StatusCode::CREATED, format!("excluded as {}", ex.id)),
-        Err(e) => (e.status, format!("refused: {}", e.message)),
-    };
+    let action = "exclude_availability";
     audit(
         &st,
-        "exclude_availability",
+        action,
         &device,
         request,
-        outcome,
-        status,
+        &result,
+        StatusCode::CREATED,
+        |ex| format!("excluded as {}", ex.id),
         &remote,
     )
     .await?;
@@ -404,32 +394,38 @@ pub(super) async fn remove_exclusion(
             })
     })
     .await?;
-    let (status, outcome) = match &result {
-        Ok(ex) => (StatusCode::OK, format!("exclusion {} taken back", ex.id)),
-        Err(e) => (e.status, format!("refused: {}", e.message)),
-    };
+    let action = "remove_exclusion";
     audit(
         &st,
-        "remove_exclusion",
+        action,
         &device,
         request,
-        outcome,
-        status,
+        &result,
+        StatusCode::OK,
+        |ex| format!("exclusion {} taken back", ex.id),
         &remote,
     )
     .await?;
     Ok(Json(json!({"removed": result?})).into_response())
 }
 
-async fn audit(
+/// Appends the audit line of an action that gave `result`: `ok` with its outcome in
+/// words, or the refusal with its status and message.
+#[allow(clippy::too_many_arguments)]
+async fn audit<T>(
     st: &ApiState,
     action: &str,
     device: &str,
     request: Option<String>,
-    outcome: String,
-    status: StatusCode,
+    result: &Result<T, ApiError>,
+    ok: StatusCode,
+    outcome: impl Fn(&T) -> String,
     remote: &Option<ConnectInfo<SocketAddr>>,
 ) -> Result<(), ApiError> {
+    let (status, outcome) = match result {
+        Ok(x) => (ok, outcome(x)),
+        Err(e) => (e.status, format!("refused: {}", e.message)),
+    };
     let entry = AuditEntry {
         at: Timestamp::now(),
         action: action.into(),
@@ -537,20 +533,15 @@ pub(super) async fn add_maintenance(
         })?)
     })
     .await?;
-    let (status, outcome) = match &result {
-        Ok(m) => (
-            StatusCode::CREATED,
-            format!("maintenance {} recorded", m.id),
-        ),
-        Err(e) => (e.status, format!("refused: {}", e.message)),
-    };
+    let action = "record_maintenance";
     audit(
         &st,
-        "record_maintenance",
+        action,
         &device,
         request,
-        outcome,
-        status,
+        &result,
+        StatusCode::CREATED,
+        |m| format!("maintenance {} recorded", m.id),
         &remote,
     )
     .await?;
