@@ -36,6 +36,8 @@ pub struct GatewayConfig {
     pub trust: TrustSection,
     #[serde(default)]
     pub service: ServiceSection,
+    #[serde(default)]
+    pub store: StoreSection,
     /// An agent whose clock is off by more than this is flagged, and its records' times
     /// are taken in gateway time.
     #[serde(default = "default_clock_tolerance")]
@@ -68,6 +70,29 @@ impl Default for ServiceSection {
 
 fn yes() -> bool {
     true
+}
+
+/// `[store]`: where the gateway keeps everything: one redb file in `data_dir` (the
+/// default), or a PostgreSQL database that several gateways of one fleet share.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// `postgres://user@host:port/db` (`?sslmode=require` for TLS to the database); the
+    /// password comes from `password_file`, never from the URL.
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// PEM roots the database's TLS certificate must chain to (default: the system's).
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Redb,
+    Postgres,
 }
 
 /// `[trust]`: where enrolment material lives.
@@ -338,6 +363,7 @@ pub fn parse(file: &str, src: &str, base: &Path) -> Result<Loaded, ProfileError>
     })?;
     check_broker(&config.broker, &at)?;
     check_api(&config.api, &at)?;
+    check_store(&config.store, &at)?;
     if let Some(b) = &config.backend {
         check_backend(b, &at)?;
     }
@@ -399,6 +425,8 @@ impl GatewayConfig {
             &mut self.trust.dir,
             &mut self.broker.tls_cert,
             &mut self.broker.tls_key,
+            &mut self.store.password_file,
+            &mut self.store.ca_file,
         ]
         .into_iter()
         .flatten()
@@ -522,6 +550,43 @@ fn check_api(api: &ApiSection, at: &Locator) -> Result<(), ProfileError> {
     Ok(())
 }
 
+/// `[store]`: a PostgreSQL store needs a URL that parses and holds no password; redb
+/// takes no URL.
+fn check_store(store: &StoreSection, at: &Locator) -> Result<(), ProfileError> {
+    let st = KeyPath::root().key("store");
+    match (store.kind, &store.url) {
+        (StoreKind::Redb, None) => {
+            for (key, set) in [
+                ("password_file", store.password_file.is_some()),
+                ("ca_file", store.ca_file.is_some()),
+            ] {
+                if set {
+                    return Err(at.error(&st.key(key), "is for kind = \"postgres\""));
+                }
+            }
+            Ok(())
+        }
+        (StoreKind::Redb, Some(_)) => Err(at.error(
+            &st.key("url"),
+            "is for kind = \"postgres\" (redb keeps its file in data_dir)",
+        )),
+        (StoreKind::Postgres, None) => Err(at.error(
+            &st.key("url"),
+            "kind = \"postgres\" needs url = \"postgres://user@host:port/database\"",
+        )),
+        (StoreKind::Postgres, Some(url)) => {
+            let parsed = crate::store::pg_config(url).map_err(|e| at.error(&st.key("url"), e))?;
+            if parsed.get_password().is_some() {
+                return Err(at.error(
+                    &st.key("url"),
+                    "holds a password: put it in password_file (a file only the gateway can read)",
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
 /// `[backend]`: the ticket system is reached over HTTP(S).
 fn check_backend(backend: &BackendSection, at: &Locator) -> Result<(), ProfileError> {
     if !(backend.url.starts_with("http://") || backend.url.starts_with("https://")) {
@@ -558,6 +623,14 @@ fn check_files_exist(config: &GatewayConfig, at: &Locator) -> Result<(), Profile
             bk.key("ca_file"),
             config.backend.as_ref().and_then(|b| b.ca_file.as_ref()),
         ),
+        (
+            root.key("store").key("password_file"),
+            config.store.password_file.as_ref(),
+        ),
+        (
+            root.key("store").key("ca_file"),
+            config.store.ca_file.as_ref(),
+        ),
     ];
     files.extend(optional.into_iter().filter_map(|(k, p)| Some((k, p?))));
     for (key, p) in files {
@@ -590,6 +663,10 @@ fn check_secrets(config: &GatewayConfig, at: &Locator) -> Result<(), ProfileErro
     if let Some(p) = &config.broker.password_file {
         tend_mqtt::read_secret("password file", p)
             .map_err(|e| at.error(&root.key("broker").key("password_file"), e.to_string()))?;
+    }
+    if let Some(p) = &config.store.password_file {
+        read_secret(p)
+            .map_err(|e| at.error(&root.key("store").key("password_file"), e.to_string()))?;
     }
     // Private keys are parsed only when used, but one open to others is refused now.
     for (key, p) in [

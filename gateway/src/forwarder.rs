@@ -46,7 +46,14 @@ pub struct ForwarderConfig {
     pub status_poll: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// This gateway's id: on a shared store, the owner of the jobs it claims.
+    pub gateway_id: String,
 }
+
+/// How long a claim on a ticket's jobs lasts without being renewed (every pass renews
+/// it): a gateway killed mid-send leaves its jobs to another after this, which resends
+/// them under the same Idempotency-Key. Far above a request's timeout.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(120);
 
 impl Default for ForwarderConfig {
     /// Status read every 5 min, backoff from 500 ms to 5 min.
@@ -55,6 +62,7 @@ impl Default for ForwarderConfig {
             status_poll: Duration::from_secs(60),
             min_backoff: DEFAULT_MIN_BACKOFF,
             max_backoff: DEFAULT_MAX_BACKOFF,
+            gateway_id: "gateway".into(),
         }
     }
 }
@@ -328,10 +336,20 @@ impl Forwarder {
         };
         let mut queued = jobs.len();
         self.metrics().forward_queue.set(queued as i64);
+        // On a store other gateways share, only the tickets this one holds a claim on
+        // are its to send: each job goes out from one gateway.
+        let theirs = match self.claims(&jobs).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!("forwarder cannot claim its jobs: {e}");
+                self.pause_briefly();
+                return pass;
+            }
+        };
         // Tickets whose later jobs must wait: a job of theirs is not due yet.
         let mut blocked: HashSet<String> = HashSet::new();
         for job in jobs {
-            if blocked.contains(&job.ticket_key) {
+            if blocked.contains(&job.ticket_key) || theirs.contains(&job.ticket_key) {
                 continue;
             }
             match self.try_job(&job, &mut pass).await {
@@ -346,6 +364,27 @@ impl Forwarder {
             self.metrics().forward_queue.set(queued as i64);
         }
         pass
+    }
+
+    /// The tickets of `jobs` another gateway holds (none unless the store is shared);
+    /// claims or renews the rest for this one.
+    async fn claims(&self, jobs: &[Job]) -> Result<HashSet<String>, OutboxError> {
+        if !self.gw.store.shared() || jobs.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let keys: Vec<String> = jobs
+            .iter()
+            .map(|j| j.ticket_key.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let owner = self.cfg.gateway_id.clone();
+        let asked = keys.clone();
+        let mine = blocking(&self.gw.store, move |s| {
+            s.claim_jobs(&asked, &owner, CLAIM_LEASE)
+        })
+        .await?;
+        Ok(keys.into_iter().filter(|k| !mine.contains(k)).collect())
     }
 
     /// Sends `job` when it is due; notes in `pass` what it found.

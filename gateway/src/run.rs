@@ -3,12 +3,13 @@
 
 use crate::app::Gateway;
 use crate::backend::BackendError;
+use crate::config::StoreKind;
 use crate::config::{read_secret, BrokerPlan, GatewayConfig, Loaded, SecretFileError};
 use crate::diag::DiagClient;
 use crate::ingest::IngestContext;
 use crate::link::{self, LinkConfig};
 use crate::metrics::Metrics;
-use crate::store::{RedbStore, StoreError};
+use crate::store::{GatewayStore, PgConnect, PgStore, RedbStore, StoreError};
 use crate::tls::ServerTlsError;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -81,14 +82,36 @@ pub enum StartError {
     Random(#[from] tend_wire::seal::RandomError),
 }
 
+/// The store `[store]` names: redb in `data_dir`, or the shared PostgreSQL database
+/// (connected, its schema migrated).
+pub fn open_store(
+    data_dir: &std::path::Path,
+    section: &crate::config::StoreSection,
+) -> Result<Arc<dyn GatewayStore>, StoreError> {
+    match section.kind {
+        StoreKind::Redb => Ok(Arc::new(RedbStore::open(data_dir)?)),
+        StoreKind::Postgres => {
+            let connect =
+                PgConnect::from_section(section).map_err(|detail| StoreError::Database {
+                    store: "postgres".into(),
+                    what: "configure",
+                    detail,
+                })?;
+            let store = PgStore::open(connect)?;
+            tracing::info!("store: {} (shared)", store.target());
+            Ok(Arc::new(store))
+        }
+    }
+}
+
 /// Starts everything the config describes.
 pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let cfg = &loaded.config;
     // Before the broker and the API open sockets: the hotline gets a share of this.
     let open_files = crate::limits::raise_open_files();
     let store = {
-        let dir = cfg.data_dir.clone();
-        tokio::task::spawn_blocking(move || RedbStore::open(&dir))
+        let (dir, section) = (cfg.data_dir.clone(), cfg.store.clone());
+        tokio::task::spawn_blocking(move || open_store(&dir, &section))
             .await
             .map_err(StartError::StoreTask)??
     };
@@ -120,7 +143,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let login = crate::trust::GatewayLogin::new(&cfg.gateway_id)?;
     let (diag, diag_out) = DiagClient::new(&cfg.gateway_id);
     let gw = Gateway {
-        store: Arc::new(store),
+        store,
         cx: Arc::new(cx),
         metrics: Arc::new(Metrics::new()),
         diag,
@@ -318,7 +341,10 @@ fn spawn_ticket_tasks(
     match &cfg.backend {
         Some(b) => {
             let backend = crate::backend::from_section(b)?;
-            let fcfg = crate::forwarder::ForwarderConfig::from_section(b);
+            let fcfg = crate::forwarder::ForwarderConfig {
+                gateway_id: cfg.gateway_id.clone(),
+                ..crate::forwarder::ForwarderConfig::from_section(b)
+            };
             let (g, sd) = (gw.clone(), shutdown.clone());
             tasks.push(tokio::spawn(crate::forwarder::run(g, backend, fcfg, sd)));
         }

@@ -107,6 +107,7 @@ fn config(backend: &Backend, token: &str) -> Config {
             status_poll: Duration::from_secs(3600),
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
+            ..ForwarderConfig::default()
         },
     }
 }
@@ -1335,6 +1336,7 @@ async fn the_forwarder_needs_nothing_but_the_backend_trait() {
         status_poll: Duration::from_millis(50),
         min_backoff: Duration::from_millis(10),
         max_backoff: Duration::from_millis(400),
+        ..ForwarderConfig::default()
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(forwarder::run(

@@ -16,6 +16,7 @@ pub mod config;
 pub mod metrics;
 pub mod mosquitto;
 pub mod ports;
+pub mod postgres;
 pub mod procs;
 pub mod rng;
 pub mod rss;

@@ -151,6 +151,15 @@ pub async fn assert_delivered(
     agent: &str,
     only_agent: bool,
 ) -> u64 {
+    let max = acknowledged_all(agent_data).await;
+    let store = tend_gateway::store::RedbStore::open(gw_data).unwrap();
+    assert_store_holds(&store, agent, max, only_agent);
+    max
+}
+
+/// The stopped agent's outbox (in `agent_data`) is empty, everything acknowledged: the
+/// last seq it gave out.
+pub async fn acknowledged_all(agent_data: &Path) -> u64 {
     use tend_agent::outbox::{Outbox, OutboxConfig};
     let outbox = Outbox::open(OutboxConfig::new(agent_data.join("outbox.redb")))
         .await
@@ -160,8 +169,16 @@ pub async fn assert_delivered(
     assert_eq!(stats.records, 0, "unacknowledged records left: {stats:?}");
     let max = stats.next_seq - 1;
     assert!(max > 0);
-    use tend_gateway::store::{GatewayStore, RedbStore};
-    let store = RedbStore::open(gw_data).unwrap();
+    max
+}
+
+/// `store` holds exactly seqs 1..=max of `agent` (and, when `only_agent`, nothing else).
+pub fn assert_store_holds(
+    store: &dyn tend_gateway::store::GatewayStore,
+    agent: &str,
+    max: u64,
+    only_agent: bool,
+) {
     let missing: Vec<u64> = (1..=max)
         .filter(|s| !store.has_record(agent, *s).unwrap())
         .collect();
@@ -197,7 +214,6 @@ pub async fn assert_delivered(
             );
         }
     }
-    max
 }
 
 /// Figures of the ticket check.
@@ -220,9 +236,19 @@ pub fn assert_one_ticket_per_episode(
     devices: &[&str],
     refused: &[String],
 ) -> TicketFigures {
+    let store = tend_gateway::store::RedbStore::open(gw_data).unwrap();
+    assert_one_ticket_per_episode_in(&store, backend, devices, refused)
+}
+
+/// [`assert_one_ticket_per_episode`] on any store (a shared PostgreSQL one).
+pub fn assert_one_ticket_per_episode_in(
+    store: &dyn tend_gateway::store::GatewayStore,
+    backend: &tend_testkit::backend_standin::Backend,
+    devices: &[&str],
+    refused: &[String],
+) -> TicketFigures {
     use std::collections::{BTreeMap, BTreeSet};
-    use tend_gateway::store::{ForwardState, GatewayStore, LifeEvent, RedbStore};
-    let store = RedbStore::open(gw_data).unwrap();
+    use tend_gateway::store::{ForwardState, LifeEvent};
     let tickets = store.tickets().unwrap();
     let mut episodes: BTreeMap<String, String> = BTreeMap::new();
     let mut opened: BTreeMap<String, u32> = BTreeMap::new();

@@ -15,8 +15,10 @@
 //! is decided by pure code ([`crate::ingest::plan`], the `TicketRecord` bookkeeping
 //! below), so an implementation only loads, writes and commits.
 
+mod postgres;
 mod redb;
 
+pub use self::postgres::{pg_config, PgConnect, PgStore};
 pub use self::redb::RedbStore;
 
 use crate::backend::StatusRead;
@@ -837,6 +839,25 @@ pub trait GatewayStore: Send + Sync + std::fmt::Debug {
 
     /// The forwarder's jobs in the order they were queued.
     fn jobs(&self) -> Result<Vec<Job>, StoreError>;
+
+    /// Whether other gateways use this store too (then the forwarder claims jobs before
+    /// sending them).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Claims the jobs of `tickets` for the forwarder of gateway `owner` for `lease`:
+    /// the tickets whose jobs are now its own to send (no other gateway holds them, or
+    /// its lease ran out). A store only one gateway uses gives all of them.
+    fn claim_jobs(
+        &self,
+        tickets: &[String],
+        owner: &str,
+        lease: std::time::Duration,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let _ = (owner, lease);
+        Ok(tickets.iter().cloned().collect())
+    }
 
     /// Records what the forwarder's attempt at `job` gave ([`TicketRecord::record_outcome`]),
     /// in one transaction with the job leaving the outbox unless it is to be retried. A job
