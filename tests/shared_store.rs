@@ -201,6 +201,21 @@ poll_interval = "{poll}"
         Duration::from_secs(90),
     )
     .await;
+    // A diagnostic asked on any gateway reaches the agent (the broker carries it; the
+    // answer comes back to the one that asked), and its audit line is in the database.
+    let outbox = agent_outbox(&gws[2], "icu7-vent").await;
+    assert!(outbox.is_some(), "no diagnostic answer through gw-c");
+    let lines = pg.query(
+        &db,
+        "SELECT gateway || ' ' || line FROM audit_log ORDER BY n",
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("gw-c ") && l.contains("\"diagnostic\"")),
+        "{lines:#?}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("gw-a ")), "{lines:#?}");
     stop_agent(&mut agent).await;
     // Every gateway's forwarder has settled too (each sends only what it claimed).
     for gw in &gws {

@@ -33,6 +33,7 @@ mod peer;
 mod procs;
 mod procs_util;
 mod report;
+mod scaleout;
 mod tend;
 
 use anyhow::Context;
@@ -73,8 +74,8 @@ struct Args {
     /// Runs of each phase; every figure is the median over them.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Phases, comma-separated: resources, outbox, drain, latency, ingest.
-    #[arg(long, default_value = "resources,outbox,drain,latency,ingest")]
+    /// Phases, comma-separated: resources, outbox, drain, latency, ingest, scaleout.
+    #[arg(long, default_value = "resources,outbox,drain,latency,ingest,scaleout")]
     only: String,
     /// Simulated ventilators (Modbus TCP).
     #[arg(long, default_value_t = 50)]
@@ -238,7 +239,15 @@ async fn run(a: Args) -> anyhow::Result<()> {
     let phases: Vec<&str> = a.only.split(',').map(str::trim).collect();
     for p in &phases {
         anyhow::ensure!(
-            ["resources", "outbox", "drain", "latency", "ingest"].contains(p),
+            [
+                "resources",
+                "outbox",
+                "drain",
+                "latency",
+                "ingest",
+                "scaleout"
+            ]
+            .contains(p),
             "unknown phase {p:?}"
         );
     }
@@ -288,6 +297,9 @@ async fn run(a: Args) -> anyhow::Result<()> {
     }
     if phases.contains(&"ingest") {
         ingest(&a, &work, &mut report).await?;
+    }
+    if phases.contains(&"scaleout") {
+        scaleout::scaleout(&a, &work, &mut report).await?;
     }
     let text = report.render();
     println!("{text}");
@@ -384,6 +396,7 @@ async fn resources(
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             backend: None,
             trust_dir: None,
+            shared: None,
         };
         tend::enrol_agent(&a.bin, &plan, &dir.join("agent"))?;
         let gw = Gateway::start(&a.bin, &plan).await?;
@@ -603,6 +616,7 @@ async fn drain(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyho
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
             backend: None,
             trust_dir: None,
+            shared: None,
         };
         tend::enrol_agent(&a.bin, &plan, &agent_dir)?;
         let mut agent = tend::start_agent(a.agent_folder(), &cfg, a.agent_wrap.as_deref())?;
@@ -680,6 +694,7 @@ async fn latency(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> any
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             backend: Some((backend.url(), token.to_string())),
             trust_dir: None,
+            shared: None,
         };
         let key = tend::enrol_agent(&a.bin, &plan, &dir.join("agent"))?;
         let listener_password = tend::enrol_client(
@@ -1005,6 +1020,7 @@ async fn ingest(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         backend: None,
         trust_dir: Some(trust_dir.clone()),
+        shared: None,
     };
     let (keys, logins) = enrol_ingest(a, &plan("enrol"), &work.join("ingest-credentials"))?;
     let sizes = batch_sizes(&a.ingest_batches)?;
@@ -1074,24 +1090,21 @@ async fn ingest_breakdown(
     Ok(())
 }
 
-/// One ingest run: a fresh gateway, `batches` published by four clients with at most
-/// `in_flight` unacknowledged, until acks cover `total` records. Returns records/s, the
-/// gateway's CPU (% of a core) and its CPU µs per record.
-async fn ingest_run(
-    bin: &Path,
-    plan: &GatewayPlan,
-    logins: &HashMap<String, String>,
+/// Publishes `batches` from four clients to the broker at `host:port` (logging in with
+/// `logins` when it asks), at most `in_flight` unacknowledged, until sealed acks cover
+/// `total` records: the seconds from the first publish to that ack.
+async fn publish_until_acked(
+    host: &str,
+    port: u16,
+    logins: Option<&HashMap<String, String>>,
     keys: &HashMap<String, AgentKey>,
     batches: &[(String, Bytes, u64)],
     total: u64,
     in_flight: usize,
-) -> anyhow::Result<(f64, f64, f64)> {
-    let tck = procs::clk_tck();
-    let gw = Gateway::start(bin, plan).await?;
-    let (host, port) = gw.broker_addr();
-    let login = |name: &str| Some(logins[name].clone());
+) -> anyhow::Result<f64> {
+    let login = |name: &str| logins.map(|l| l[name].clone());
     let mut acks = mqtt::connect_as(
-        &host,
+        host,
         port,
         "bench-acks",
         login("bench-acks"),
@@ -1101,7 +1114,7 @@ async fn ingest_run(
     let mut pubs = Vec::new();
     for i in 0..4 {
         let name = format!("bench-pub-{i}");
-        pubs.push(mqtt::connect_as(&host, port, &name, login(&name), &[]).await?);
+        pubs.push(mqtt::connect_as(host, port, &name, login(&name), &[]).await?);
     }
     let window = Arc::new(tokio::sync::Semaphore::new(in_flight));
     let acked = Arc::new(AtomicU64::new(0));
@@ -1128,8 +1141,6 @@ async fn ingest_run(
             }
         })
     };
-    let me = std::process::id();
-    let (g0, b0) = (procs::sample(gw.proc.pid()), procs::sample(me));
     let t0 = Instant::now();
     for (i, (topic, payload, _)) in batches.iter().enumerate() {
         window.acquire().await?.forget();
@@ -1146,11 +1157,32 @@ async fn ingest_run(
                 acked.load(Ordering::Relaxed)
             )
         })??;
-    let (g1, b1) = (procs::sample(gw.proc.pid()), procs::sample(me));
     ack_task.abort();
-    let secs = (t_end - t0).as_secs_f64();
-    let stored = gw.metric("tend_gateway_records_total").await?;
     drop(pubs);
+    Ok((t_end - t0).as_secs_f64())
+}
+
+/// One ingest run: a fresh gateway, `batches` published by four clients with at most
+/// `in_flight` unacknowledged, until acks cover `total` records. Returns records/s, the
+/// gateway's CPU (% of a core) and its CPU µs per record.
+async fn ingest_run(
+    bin: &Path,
+    plan: &GatewayPlan,
+    logins: &HashMap<String, String>,
+    keys: &HashMap<String, AgentKey>,
+    batches: &[(String, Bytes, u64)],
+    total: u64,
+    in_flight: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let tck = procs::clk_tck();
+    let gw = Gateway::start(bin, plan).await?;
+    let (host, port) = gw.broker_addr();
+    let me = std::process::id();
+    let (g0, b0) = (procs::sample(gw.proc.pid()), procs::sample(me));
+    let secs =
+        publish_until_acked(&host, port, Some(logins), keys, batches, total, in_flight).await?;
+    let (g1, b1) = (procs::sample(gw.proc.pid()), procs::sample(me));
+    let stored = gw.metric("tend_gateway_records_total").await?;
     gw.stop().await;
     if let Some(dir) = plan.dir.parent() {
         clean(dir);

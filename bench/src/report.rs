@@ -45,6 +45,8 @@ pub struct Report {
     pub ingest: Vec<(usize, f64, f64, f64)>,
     /// Records/s on one core: decoding batches, applying them to the store.
     pub ingest_breakdown: Option<(f64, f64)>,
+    /// Store kind, gateways, records/s, the gateways' CPU (% of a core).
+    pub scaleout: Vec<(String, usize, f64, f64)>,
     /// Per backlog record: encoded bytes (what the outbox cap counts), bytes of file.
     pub outbox_size: Option<(f64, f64)>,
     windows: String,
@@ -111,6 +113,7 @@ impl Report {
             latency: Vec::new(),
             ingest: Vec::new(),
             ingest_breakdown: None,
+            scaleout: Vec::new(),
             outbox_size: None,
             windows: format!(
                 "{} run(s); resource window {:?} after {:?} warm-up; {} devices, layouts {}; backlog {}; {} faults per run every {:?}; ingest up to {} records (10,000 batches) per batch size {} from {} agents, {} batches in flight for 1,000-record batches, one per agent for smaller ones",
@@ -393,6 +396,26 @@ impl Report {
                 o,
                 "| … one core's worth (CPU time): decode {dec:.0} records/s, apply to the store {app:.0} records/s | {:.0} | | | |",
                 1.0 / (1.0 / dec + 1.0 / app)
+            );
+        }
+        let mut layouts: Vec<(String, usize)> =
+            self.scaleout.iter().map(|s| (s.0.clone(), s.1)).collect();
+        layouts.sort();
+        layouts.dedup();
+        for (kind, n) in layouts {
+            let mine: Vec<&(String, usize, f64, f64)> = self
+                .scaleout
+                .iter()
+                .filter(|s| s.0 == kind && s.1 == n)
+                .collect();
+            let r: Vec<f64> = mine.iter().map(|s| s.2).collect();
+            let c: Vec<f64> = mine.iter().map(|s| s.3).collect();
+            let _ = writeln!(
+                o,
+                "| scale-out: {n} gateway(s) on {kind} behind Mosquitto, batches of 10, records/s (gateways' CPU, % of a core) | {:.0} ({:.0}) | {} | | |",
+                median(&r),
+                median(&c),
+                runs(&r, 0)
             );
         }
         o

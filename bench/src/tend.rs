@@ -53,6 +53,18 @@ pub struct GatewayPlan {
     /// `[trust] dir`, when several runs' gateways share one enrolment (default: the
     /// gateway's own, `<data_dir>/trust`).
     pub trust_dir: Option<PathBuf>,
+    /// One of several gateways sharing an external broker (and maybe a store).
+    pub shared: Option<SharedPlan>,
+}
+
+/// How a gateway of several is set up: its id, the external broker with the group's
+/// shared subscription, and its `[store]` section (empty: redb in its data_dir).
+#[derive(Debug, Clone)]
+pub struct SharedPlan {
+    pub gateway_id: String,
+    pub broker_url: String,
+    pub group: String,
+    pub store: String,
 }
 
 impl GatewayPlan {
@@ -63,12 +75,24 @@ impl GatewayPlan {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("fleet.toml"), fleet(self.devices))?;
         write_secret(dir.join("api.token"), "bench-api-token\n")?;
+        let (id, broker) = match &self.shared {
+            None => (
+                "gw-bench".to_string(),
+                format!("embedded = true\nlisten = \"{}\"", self.listen),
+            ),
+            Some(s) => (
+                s.gateway_id.clone(),
+                format!("url = \"{}\"\nshare_group = \"{}\"", s.broker_url, s.group),
+            ),
+        };
         let mut cfg = format!(
-            "gateway_id = \"gw-bench\"\ndata_dir = \"data\"\nfleet = \"fleet.toml\"\n\n\
-             [broker]\nembedded = true\nlisten = \"{}\"\n\n\
-             [api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\n",
-            self.listen
+            "gateway_id = \"{id}\"\ndata_dir = \"data\"\nfleet = \"fleet.toml\"\n\n\
+             [broker]\n{broker}\n\n\
+             [api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\n"
         );
+        if let Some(s) = &self.shared {
+            let _ = write!(cfg, "\n{}\n", s.store);
+        }
         if let Some((url, token)) = &self.backend {
             write_secret(dir.join("backend.token"), format!("{token}\n"))?;
             let _ = write!(

@@ -80,6 +80,9 @@ pub struct Audit {
     tally: Arc<Mutex<RefusalTally>>,
     path: PathBuf,
     max_size: u64,
+    /// On a shared store: every line is also kept there, under this gateway's id, so the
+    /// fleet's audit log is in one place whichever gateway the hotline used.
+    shared: Option<(Arc<dyn crate::store::GatewayStore>, String)>,
 }
 
 impl Audit {
@@ -101,7 +104,17 @@ impl Audit {
             tally: Arc::default(),
             path: path.to_path_buf(),
             max_size,
+            shared: None,
         })
+    }
+
+    /// Keeps every line in `store` too (when it keeps audit lines: a shared store), under
+    /// `gateway`.
+    pub fn keep_in(mut self, store: Arc<dyn crate::store::GatewayStore>, gateway: &str) -> Audit {
+        if store.shared() {
+            self.shared = Some((store, gateway.to_string()));
+        }
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -127,7 +140,15 @@ impl Audit {
         // One write of the whole line: with O_APPEND it lands at the end in one piece.
         log.file.write_all(&line)?;
         log.size += len;
-        log.file.sync_data()
+        log.file.sync_data()?;
+        drop(log);
+        if let Some((store, gateway)) = &self.shared {
+            let json = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            store
+                .audit(gateway, entry.at, &json)
+                .map_err(io::Error::other)?;
+        }
+        Ok(())
     }
 
     /// Shifts `audit.log.N` to `.N+1` (the oldest is replaced), `audit.log` to `.1`, and

@@ -194,12 +194,12 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     // The hotline API. Bound here, so a config with port 0 still reports the real one.
     let token = read_secret(&cfg.api.token_file)?;
     let audit_path = cfg.data_dir.join("audit.log");
-    let audit = crate::audit::Audit::open_capped(&audit_path, cfg.api.audit_max_size.0).map_err(
-        |source| StartError::Audit {
+    let audit = crate::audit::Audit::open_capped(&audit_path, cfg.api.audit_max_size.0)
+        .map_err(|source| StartError::Audit {
             path: audit_path.clone(),
             source,
-        },
-    )?;
+        })?
+        .keep_in(gw.store.clone(), &cfg.gateway_id);
     tasks.push(tokio::spawn(write_refusal_tallies(
         audit.clone(),
         shutdown.clone(),

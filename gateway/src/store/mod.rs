@@ -840,6 +840,20 @@ pub trait GatewayStore: Send + Sync + std::fmt::Debug {
     /// The forwarder's jobs in the order they were queued.
     fn jobs(&self) -> Result<Vec<Job>, StoreError>;
 
+    /// Keeps a line of the hotline's audit log (JSON, [`crate::audit::AuditEntry`]) of
+    /// gateway `gateway`, on a store several gateways share; a store of one gateway keeps
+    /// none (its log is the file beside it).
+    fn audit(&self, gateway: &str, at: Timestamp, line: &str) -> Result<(), StoreError> {
+        let _ = (gateway, at, line);
+        Ok(())
+    }
+
+    /// The audit lines kept in the store, oldest first, at most `limit` newest.
+    fn audit_lines(&self, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
+        let _ = limit;
+        Ok(Vec::new())
+    }
+
     /// Whether other gateways use this store too (then the forwarder claims jobs before
     /// sending them).
     fn shared(&self) -> bool {

@@ -78,6 +78,9 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (device, id));
      CREATE TABLE maintenance (device text NOT NULL, id bigserial, source text NOT NULL,
          doc text NOT NULL, PRIMARY KEY (device, id));",
+    // 2: the hotline's audit log of every gateway.
+    "CREATE TABLE audit_log (n bigserial PRIMARY KEY, gateway text NOT NULL,
+         at_ns bigint NOT NULL, line text NOT NULL);",
 ];
 
 fn state_code(s: DeviceState) -> i16 {
@@ -1048,6 +1051,31 @@ impl GatewayStore for PgStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn audit(&self, gateway: &str, at: Timestamp, line: &str) -> Result<(), StoreError> {
+        self.transaction(IsolationLevel::ReadCommitted, false, |t| {
+            execute(
+                t,
+                "write audit line",
+                "INSERT INTO audit_log (gateway, at_ns, line) VALUES ($1, $2, $3)",
+                &[&gateway, &ns(at), &line],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn audit_lines(&self, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.read(|t| {
+            query(
+                t,
+                "read audit log",
+                "SELECT gateway, line FROM (SELECT n, gateway, line FROM audit_log ORDER BY n DESC LIMIT $1) l ORDER BY n",
+                &[&limit],
+            )
+        })?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     fn claim_jobs(

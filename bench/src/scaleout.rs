@@ -1,0 +1,112 @@
+//! The scale-out phase (DESIGN "Scale-out"): ingest through a real Mosquitto whose
+//! shared subscription hands the agents' batches to one, two or three gateways, each
+//! storing in one shared PostgreSQL (a throwaway cluster), beside one gateway on redb
+//! behind the same broker. The synthetic agents are the ingest phase's; live agents keep
+//! one batch in flight each.
+
+use super::{
+    clean, enrol_ingest, ingest_batches, log, procs, publish_until_acked, Args, GatewayPlan,
+};
+use crate::report::Report;
+use crate::tend::{Gateway, SharedPlan};
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The layouts measured: store kind and number of gateways.
+const LAYOUTS: [(&str, usize); 4] = [
+    ("redb", 1),
+    ("postgres", 1),
+    ("postgres", 2),
+    ("postgres", 3),
+];
+
+pub async fn scaleout(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let trust_dir = work.join("scaleout-trust");
+    let plan = |name: &str, shared: Option<SharedPlan>| GatewayPlan {
+        dir: work.join(format!("scaleout-{name}")).join("gateway"),
+        devices: a.devices,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        backend: None,
+        trust_dir: Some(trust_dir.clone()),
+        shared,
+    };
+    let (keys, _) = enrol_ingest(a, &plan("enrol", None), &work.join("scaleout-credentials"))?;
+    let pg = tokio::task::spawn_blocking(tend_testkit::postgres::Postgres::start).await?;
+    let mqtt_port = tend_testkit::ports::free_port();
+    let broker_dir = work.join("scaleout-mosquitto");
+    std::fs::create_dir_all(&broker_dir)?;
+    let _mosquitto = tend_testkit::mosquitto::start_mosquitto(&broker_dir, mqtt_port).await;
+    let size = 10;
+    let total = a.ingest_records.min(size as u64 * 10_000);
+    let batches = ingest_batches(a, &keys, size, total)?;
+    let tck = procs::clk_tck();
+    for run in 0..a.runs {
+        for (kind, n) in LAYOUTS {
+            let name = format!("{kind}-{n}-{run}");
+            let store = match kind {
+                "postgres" => {
+                    let db = pg.create_database(&name.replace('-', "_"));
+                    format!(
+                        "[store]\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"../pg.password\"\n",
+                        pg.url(&db)
+                    )
+                }
+                _ => String::new(),
+            };
+            let mut gws = Vec::new();
+            for g in 0..n {
+                let p = plan(
+                    &format!("{name}-{g}"),
+                    Some(SharedPlan {
+                        gateway_id: format!("gw-{g}"),
+                        broker_url: format!("mqtt://127.0.0.1:{mqtt_port}"),
+                        group: "bench".into(),
+                        store: store.clone(),
+                    }),
+                );
+                std::fs::create_dir_all(p.dir.parent().unwrap_or(work))?;
+                tend_testkit::config::write_secret(
+                    p.dir.parent().unwrap_or(work).join("pg.password"),
+                    format!("{}\n", pg.password()),
+                )?;
+                gws.push(Gateway::start(&a.bin, &p).await?);
+            }
+            let pids: Vec<u32> = gws.iter().map(|g| g.proc.pid()).collect();
+            let cpu0: u64 = pids.iter().map(|&p| procs::sample(p).ticks).sum();
+            let secs = publish_until_acked(
+                "127.0.0.1",
+                mqtt_port,
+                None,
+                &keys,
+                &batches,
+                total,
+                a.ingest_agents,
+            )
+            .await?;
+            let cpu1: u64 = pids.iter().map(|&p| procs::sample(p).ticks).sum();
+            let mut stored = 0;
+            for gw in &gws {
+                stored += gw.metric("tend_gateway_records_total").await?;
+            }
+            for gw in gws {
+                gw.stop().await;
+            }
+            for g in 0..n {
+                clean(&work.join(format!("scaleout-{name}-{g}")));
+            }
+            let rate = total as f64 / secs;
+            let cpu = (cpu1 - cpu0) as f64 / tck / secs * 100.0;
+            log(format!(
+                "scale-out run {} ({kind}, {n} gateway(s), batches of {size}, {} in flight): {total} records in {secs:.2} s = {rate:.0} records/s; gateways' CPU {cpu:.0} % of a core; stored {stored}",
+                run + 1,
+                a.ingest_agents
+            ));
+            anyhow::ensure!(
+                stored >= total,
+                "{kind} x{n}: stored {stored} of {total} records"
+            );
+            report.scaleout.push((kind.to_string(), n, rate, cpu));
+        }
+    }
+    Ok(())
+}
