@@ -929,6 +929,51 @@ token_file = "api.token"
     }
 
     #[test]
+    fn a_store_section_is_checked_with_line_and_key_and_never_echoes_a_password() {
+        let d = dir();
+        let l = parse("gw.toml", GOOD, d.path()).unwrap();
+        assert_eq!(l.config.store.kind, StoreKind::Redb);
+        crate::trust::write_private(&d.path().join("pg.pw"), b"s3cret\n").unwrap();
+        let ok = format!(
+            "{GOOD}\n[store]\nkind = \"postgres\"\nurl = \"postgres://tend@db:5432/tend\"\npassword_file = \"pg.pw\"\n"
+        );
+        let l = parse("gw.toml", &ok, d.path()).unwrap();
+        assert_eq!(l.config.store.kind, StoreKind::Postgres);
+        assert_eq!(l.config.store.password_file, Some(d.path().join("pg.pw")));
+        // Line 18 is [store]; the key's own line follows.
+        for (body, line, key, says) in [
+            ("kind = \"sqlite\"", 19, "store.kind", "unknown variant"),
+            ("kind = \"postgres\"", 18, "store.url", "needs url"),
+            ("url = \"postgres://u@h/db\"", 19, "store.url", "kind = \"postgres\""),
+            (
+                "kind = \"postgres\"\nurl = \"mysql://u@h/db\"",
+                20,
+                "store.url",
+                "not a postgres:// URL",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://u:hunter2@h/db\"",
+                20,
+                "store.url",
+                "password_file",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://u@h/db\"\npassword_file = \"missing\"",
+                21,
+                "store.password_file",
+                "not a readable file",
+            ),
+            ("password_file = \"pg.pw\"", 19, "store.password_file", "kind = \"postgres\""),
+        ] {
+            let src = format!("{GOOD}\n[store]\n{body}\n");
+            let e = parse("gw.toml", &src, d.path()).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (line, key), "{body}: {e}");
+            assert!(e.message.contains(says), "{body}: {e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
+
+    #[test]
     fn backend_kind_defaults_to_the_service_api_and_an_unknown_one_is_located() {
         let d = dir();
         let l = parse("gw.toml", GOOD, d.path()).unwrap();
