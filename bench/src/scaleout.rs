@@ -1,6 +1,7 @@
 //! The scale-out phase (DESIGN "Scale-out"): ingest through a real Mosquitto whose
 //! shared subscription hands the agents' batches to one, two or three gateways, each
-//! storing in one shared PostgreSQL (a throwaway cluster), beside one gateway on redb
+//! storing in one shared PostgreSQL (a throwaway cluster on the same machine, fsync on
+//! as in production), beside one gateway on redb
 //! behind the same broker. The synthetic agents are the ingest phase's; live agents keep
 //! one batch in flight each.
 
@@ -31,7 +32,7 @@ pub async fn scaleout(a: &Args, work: &Path, report: &mut Report) -> anyhow::Res
         shared,
     };
     let (keys, _) = enrol_ingest(a, &plan("enrol", None), &work.join("scaleout-credentials"))?;
-    let pg = tokio::task::spawn_blocking(tend_testkit::postgres::Postgres::start).await?;
+    let pg = tokio::task::spawn_blocking(tend_testkit::postgres::Postgres::start_durable).await?;
     let mqtt_port = tend_testkit::ports::free_port();
     let broker_dir = work.join("scaleout-mosquitto");
     std::fs::create_dir_all(&broker_dir)?;

@@ -944,7 +944,12 @@ token_file = "api.token"
         for (body, line, key, says) in [
             ("kind = \"sqlite\"", 19, "store.kind", "unknown variant"),
             ("kind = \"postgres\"", 18, "store.url", "needs url"),
-            ("url = \"postgres://u@h/db\"", 19, "store.url", "kind = \"postgres\""),
+            (
+                "url = \"postgres://u@h/db\"",
+                19,
+                "store.url",
+                "kind = \"postgres\"",
+            ),
             (
                 "kind = \"postgres\"\nurl = \"mysql://u@h/db\"",
                 20,
@@ -963,7 +968,12 @@ token_file = "api.token"
                 "store.password_file",
                 "not a readable file",
             ),
-            ("password_file = \"pg.pw\"", 19, "store.password_file", "kind = \"postgres\""),
+            (
+                "password_file = \"pg.pw\"",
+                19,
+                "store.password_file",
+                "kind = \"postgres\"",
+            ),
         ] {
             let src = format!("{GOOD}\n[store]\n{body}\n");
             let e = parse("gw.toml", &src, d.path()).unwrap_err();

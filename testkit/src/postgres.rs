@@ -14,6 +14,8 @@ pub const USER: &str = "tend";
 
 /// A throwaway cluster.
 pub struct Postgres {
+    /// fsync and synchronous commit on (a bench's database), else off (tests).
+    durable: bool,
     dir: tempfile::TempDir,
     bin: PathBuf,
     port: u16,
@@ -57,8 +59,18 @@ fn is_root() -> bool {
 }
 
 impl Postgres {
-    /// Creates and starts a cluster; panics with PostgreSQL's own words when it cannot.
+    /// Creates and starts a cluster for tests: fsync off (the suites kill gateways, not
+    /// the database's host); panics with PostgreSQL's own words when it cannot.
     pub fn start() -> Postgres {
+        Self::start_with(false)
+    }
+
+    /// A cluster that makes every commit durable, as a production one does (benches).
+    pub fn start_durable() -> Postgres {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Postgres {
         let bin = server_bin();
         let as_postgres = is_root();
         let dir = tempfile::Builder::new()
@@ -81,6 +93,7 @@ impl Postgres {
             assert!(ok, "chown of the cluster's directory to postgres failed");
         }
         let pg = Postgres {
+            durable,
             port: crate::ports::free_port(),
             dir,
             bin,
@@ -143,9 +156,10 @@ impl Postgres {
     /// Starts the server (again) and waits until it accepts connections.
     pub fn start_server(&self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.durable { "" } else { " -c fsync=off" }
         );
         self.run(
             "pg_ctl",
