@@ -1,7 +1,7 @@
 //! Three gateways, one fleet: a real Mosquitto hands one agent's batches to any of three
 //! gateways (shared subscription), and the gateways keep one store in a real PostgreSQL
-//! (DESIGN "Scale-out"). Mid-run one gateway is killed with SIGKILL and started again,
-//! and the database is stopped for a few seconds and started again. In the end: every
+//! (DESIGN "Scale-out"). Gateways are killed with SIGKILL at random moments and started
+//! again, and the database is stopped for a few seconds and started again. In the end: every
 //! record of the agent stored once, every episode in one ticket, every ticket and event
 //! in the backend once and never a 409 (recurrences included, which separate stores
 //! cannot promise), and every gateway's hotline shows the same tickets and devices.
@@ -49,7 +49,8 @@ async fn hotline_view(gw: &GatewayProc) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_gateways_on_one_postgres_keep_one_record_through_a_kill_and_a_database_restart() {
+async fn three_gateways_on_one_postgres_keep_one_record_through_random_kills_and_a_database_restart(
+) {
     let dir = tempfile::tempdir().unwrap();
     let pg = Postgres::start();
     let db = pg.create_database("fleet");
@@ -124,25 +125,39 @@ poll_interval = "{poll}"
     // Six faults of the ventilator, one after another, each raised and cleared; the same
     // valve fault twice, so a recurrence crosses gateways too.
     let bits = [3u16, 4, 5, 3, 6, 7];
+    // Gateways are killed with SIGKILL at random moments (a seed printed, replayed with
+    // TEND_SHARED_STORE_SEED) and started again.
+    let mut rng = Rng::from_env("TEND_SHARED_STORE_SEED");
     for (i, bit) in bits.into_iter().enumerate() {
         av.update(|s| {
             s.alarm_word1 = 1 << bit;
             s.device_state = device_state::FAILURE;
         });
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        av.update(|s| {
-            s.alarm_word1 = 0;
-            s.device_state = device_state::VENTILATING;
-        });
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        match i {
-            // A gateway killed at once, in the middle of whatever it was doing, and
-            // started again.
-            1 => {
-                gws[1].kill().await;
-                let gdir = dir.path().join(ids[1]);
-                gws[1] = spawn_gateway_with(&gdir, &spec(ids[1]), &extra).await;
+        // While the fault is open, or after it cleared: one gateway killed, in the middle
+        // of whatever it was doing, and started again (not while the database is away).
+        let t0 = tokio::time::Instant::now();
+        let clear_at = t0 + Duration::from_millis(1500);
+        let kill_at = t0 + rng.millis(100, 2900);
+        let victim = rng.range(0, 3) as usize;
+        let (mut killed, mut cleared) = (i == 3, false);
+        while !(killed && cleared) {
+            let kill_next = !killed && (cleared || kill_at < clear_at);
+            tokio::time::sleep_until(if kill_next { kill_at } else { clear_at }).await;
+            if kill_next {
+                killed = true;
+                gws[victim].kill().await;
+                let gdir = dir.path().join(ids[victim]);
+                gws[victim] = spawn_gateway_with(&gdir, &spec(ids[victim]), &extra).await;
+            } else {
+                cleared = true;
+                av.update(|s| {
+                    s.alarm_word1 = 0;
+                    s.device_state = device_state::VENTILATING;
+                });
             }
+        }
+        tokio::time::sleep_until(t0 + Duration::from_millis(3000)).await;
+        match i {
             // The database gone for a few seconds: nothing is acknowledged meanwhile.
             3 => {
                 pg.stop_server();
@@ -162,6 +177,12 @@ poll_interval = "{poll}"
                     },
                 )
                 .await;
+                // The hotline says so, naming the database.
+                let (st, body) = gws[2].get("/api/v1/devices").await;
+                assert_eq!(st, 503, "{body}");
+                let said = body["error"].as_str().unwrap_or_default();
+                assert!(said.contains(&format!("127.0.0.1:{}", pg.port())), "{said}");
+                assert!(!said.contains(pg.password()), "{said}");
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 pg.start_server();
             }

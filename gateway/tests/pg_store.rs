@@ -679,3 +679,47 @@ fn a_database_stopped_mid_run_fails_calls_and_the_store_carries_on_when_it_is_ba
     assert_eq!(store.records_stored().unwrap() as usize, records.len());
     assert_eq!(store.tickets().unwrap().len(), 3);
 }
+
+/// `sslmode=require` in the URL: the store speaks TLS to the database and checks its
+/// certificate against `ca_file` (the test CA here); a certificate from another CA is
+/// refused, with a message that says so.
+#[test]
+fn tls_to_the_database_when_the_url_asks_for_it_checked_against_the_ca_file() {
+    use tend_gateway::config::{StoreKind, StoreSection};
+    use tend_testkit::certs::{CA_PEM, OTHER_CA_PEM};
+    let pg = cluster();
+    let db = database("tls");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    tend_testkit::config::write_secret(&pw, format!("{}\n", pg.password())).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), CA_PEM).unwrap();
+    std::fs::write(dir.path().join("other.pem"), OTHER_CA_PEM).unwrap();
+    let section = |ca: &str| StoreSection {
+        kind: StoreKind::Postgres,
+        url: Some(format!("{}?sslmode=require", pg.url(&db))),
+        password_file: Some(pw.clone()),
+        ca_file: Some(dir.path().join(ca)),
+    };
+    let connect = PgConnect::from_section(&section("ca.pem")).unwrap();
+    assert!(connect.tls.is_some());
+    let store = PgStore::open(connect).unwrap();
+    assert_eq!(store.records_stored().unwrap(), 0);
+    let tls = pg.query(
+        &db,
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid \
+         WHERE s.ssl AND a.datname = 'tls' AND a.application_name = 'tend-gateway'",
+    );
+    assert_ne!(
+        tls,
+        vec!["0".to_string()],
+        "the store's connection is not TLS"
+    );
+    let e = PgStore::open(PgConnect::from_section(&section("other.pem")).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("certificate"), "{e}");
+    // Without sslmode=require no TLS is asked for.
+    let plain = StoreSection {
+        url: Some(pg.url(&db)),
+        ..section("ca.pem")
+    };
+    assert!(PgConnect::from_section(&plain).unwrap().tls.is_none());
+}

@@ -115,6 +115,24 @@ impl Postgres {
                 "--no-instructions",
             ],
         );
+        // TLS offered with the test server certificate (for localhost and 127.0.0.1,
+        // signed by the test CA); plain connections stay allowed.
+        for (name, pem) in [
+            ("server.crt", crate::certs::SERVER_CERT_PEM),
+            ("server.key", crate::certs::SERVER_KEY_PEM),
+        ] {
+            let path = pg.data().join(name);
+            crate::config::write_secret(&path, pem).unwrap();
+            if pg.as_postgres {
+                let ok = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&path)
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "chown of {name} to postgres failed");
+            }
+        }
         pg.start_server();
         pg
     }
@@ -156,7 +174,7 @@ impl Postgres {
     /// Starts the server (again) and waits until it accepts connections.
     pub fn start_server(&self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200{}",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 -c ssl=on{}",
             self.port,
             self.dir.path().display(),
             if self.durable { "" } else { " -c fsync=off" }

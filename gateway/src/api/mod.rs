@@ -187,10 +187,20 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "hotline API: store read failed");
-        ApiError::internal(format!(
-            "the gateway's store could not be read: {}",
-            e.what()
-        ))
+        match &e {
+            // The shared database is unreachable (or refused): a passing condition the
+            // hotline should show as such, naming where the store is (never a secret).
+            StoreError::Database { store, what, .. } if store.starts_with("postgres") => {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the fleet's database {store} cannot be used now ({what}); agents keep their records until it is back"),
+                )
+            }
+            _ => ApiError::internal(format!(
+                "the gateway's store could not be read: {}",
+                e.what()
+            )),
+        }
     }
 }
 
