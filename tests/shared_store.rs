@@ -157,36 +157,33 @@ poll_interval = "{poll}"
             }
         }
         tokio::time::sleep_until(t0 + Duration::from_millis(3000)).await;
-        match i {
+        if i == 3 {
             // The database gone for a few seconds: nothing is acknowledged meanwhile.
-            3 => {
-                pg.stop_server();
-                until(
-                    "a gateway shows in /metrics that it cannot store",
-                    Duration::from_secs(20),
-                    || async {
-                        for gw in &gws {
-                            let m = gw.metrics().await;
-                            if metric(&m, "tend_gateway_store_failing") == 1.0
-                                && metric(&m, "tend_gateway_store_errors_total") > 0.0
-                            {
-                                return Some(());
-                            }
+            pg.stop_server();
+            until(
+                "a gateway shows in /metrics that it cannot store",
+                Duration::from_secs(20),
+                || async {
+                    for gw in &gws {
+                        let m = gw.metrics().await;
+                        if metric(&m, "tend_gateway_store_failing") == 1.0
+                            && metric(&m, "tend_gateway_store_errors_total") > 0.0
+                        {
+                            return Some(());
                         }
-                        None
-                    },
-                )
-                .await;
-                // The hotline says so, naming the database.
-                let (st, body) = gws[2].get("/api/v1/devices").await;
-                assert_eq!(st, 503, "{body}");
-                let said = body["error"].as_str().unwrap_or_default();
-                assert!(said.contains(&format!("127.0.0.1:{}", pg.port())), "{said}");
-                assert!(!said.contains(pg.password()), "{said}");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                pg.start_server();
-            }
-            _ => {}
+                    }
+                    None
+                },
+            )
+            .await;
+            // The hotline says so, naming the database.
+            let (st, body) = gws[2].get("/api/v1/devices").await;
+            assert_eq!(st, 503, "{body}");
+            let said = body["error"].as_str().unwrap_or_default();
+            assert!(said.contains(&format!("127.0.0.1:{}", pg.port())), "{said}");
+            assert!(!said.contains(pg.password()), "{said}");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            pg.start_server();
         }
     }
     let codes: Vec<String> = [3u16, 4, 5, 6, 7]
