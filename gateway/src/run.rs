@@ -157,6 +157,22 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(watch_trust(trust.clone(), shutdown.clone())));
+    if gw.store.shared() {
+        // Before the link starts, so agents enrolled on another gateway are heard at once.
+        let (s, t) = (gw.store.clone(), trust.clone());
+        match tokio::task::spawn_blocking(move || sync_trust(s.as_ref(), &t)).await {
+            Ok(Ok(n)) => {
+                tracing::info!("trust store: {n} enrolment(s) taken from the shared store")
+            }
+            Ok(Err(e)) => tracing::error!("trust store: cannot sync with the shared store: {e}"),
+            Err(e) => tracing::error!("trust store: sync task: {e}"),
+        }
+        tasks.push(tokio::spawn(share_trust(
+            gw.store.clone(),
+            trust.clone(),
+            shutdown.clone(),
+        )));
+    }
 
     // Agents connect to `broker_url`; the gateway's own client to `link_url`, which for
     // the embedded broker is its plain loopback side (behind the same login).
@@ -275,6 +291,51 @@ async fn watch_trust(trust: Arc<crate::trust::Trust>, shutdown: CancellationToke
         }
         let t = trust.clone();
         let _ = tokio::task::spawn_blocking(move || t.reload(false)).await;
+    }
+}
+
+/// How often a gateway on a shared store exchanges enrolments with it.
+pub const TRUST_SYNC: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// On a shared store: this gateway's enrolments go to the store and the fleet's come from
+/// it (the newer state of each agent wins: `trust::supersedes`), so an agent enrolled or
+/// revoked with `tend-gateway agent add/revoke` on any running gateway is heard or refused
+/// by all within [`TRUST_SYNC`]. The number of entries taken from the store.
+pub fn sync_trust(store: &dyn GatewayStore, trust: &crate::trust::Trust) -> Result<usize, String> {
+    let dir = trust.dir();
+    for e in dir.entries().map_err(|e| e.to_string())? {
+        store.keep_trust_entry(&e).map_err(|e| e.to_string())?;
+    }
+    let mut taken = 0;
+    for e in store.trust_entries().map_err(|e| e.to_string())? {
+        if dir.merge(&e).map_err(|e| e.to_string())? {
+            tracing::info!(agent = %e.agent, revoked = e.revoked_at.is_some(), "trust store: enrolment taken from the shared store");
+            taken += 1;
+        }
+    }
+    if taken > 0 {
+        trust.reload(true);
+    }
+    Ok(taken)
+}
+
+async fn share_trust(
+    store: Arc<dyn GatewayStore>,
+    trust: Arc<crate::trust::Trust>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(TRUST_SYNC);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let (s, t) = (store.clone(), trust.clone());
+        match tokio::task::spawn_blocking(move || sync_trust(s.as_ref(), &t)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("trust store: cannot sync with the shared store: {e}"),
+            Err(e) => tracing::warn!("trust store: sync task: {e}"),
+        }
     }
 }
 

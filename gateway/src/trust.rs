@@ -196,6 +196,26 @@ impl TrustDir {
         }
     }
 
+    /// Every readable entry, by agent (a damaged one is left out here; the live trust
+    /// store logs it).
+    pub fn entries(&self) -> Result<Vec<Enrolment>, TrustError> {
+        Ok(self.read_all()?.0.into_values().collect())
+    }
+
+    /// Takes `e` (from another gateway, through a shared store) unless this directory
+    /// holds the same or a newer state of that agent ([`supersedes`]); true when written.
+    pub fn merge(&self, e: &Enrolment) -> Result<bool, TrustError> {
+        self.ensure()?;
+        match self.read(&e.agent) {
+            Ok(Some(mine)) if !supersedes(e, &mine) => Ok(false),
+            Ok(_) | Err(TrustError::Damaged { .. }) => {
+                self.write(e)?;
+                Ok(true)
+            }
+            Err(other) => Err(other),
+        }
+    }
+
     /// Every readable entry, and the errors of those that are not (a damaged file must
     /// not make a running gateway forget every other agent).
     fn read_all(&self) -> Result<(BTreeMap<String, Enrolment>, Vec<TrustError>), TrustError> {
@@ -251,6 +271,13 @@ impl TrustDir {
         })?;
         sync_dir(&self.agents())
     }
+}
+
+/// Whether enrolment state `a` of an agent replaces `b`: a later enrolment (a new key), or
+/// the same enrolment revoked (a revocation is never undone but by enrolling again).
+pub fn supersedes(a: &Enrolment, b: &Enrolment) -> bool {
+    a.enrolled_at > b.enrolled_at
+        || (a.enrolled_at == b.enrolled_at && a.revoked_at.is_some() && b.revoked_at.is_none())
 }
 
 fn read_entry(path: &Path) -> Result<Enrolment, TrustError> {

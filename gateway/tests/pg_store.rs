@@ -618,7 +618,7 @@ fn gateways_starting_together_migrate_the_schema_once() {
         &db,
         "SELECT version FROM tend_schema_version ORDER BY version",
     );
-    assert_eq!(rows, vec!["1".to_string(), "2".to_string()]);
+    assert_eq!(rows, ["1", "2", "3"].map(String::from).to_vec());
     // A database of a newer schema than this build knows is refused, by name.
     cluster().query(&db, "INSERT INTO tend_schema_version (version) VALUES (99)");
     let pg = cluster();
@@ -722,4 +722,43 @@ fn tls_to_the_database_when_the_url_asks_for_it_checked_against_the_ca_file() {
         ..section("ca.pem")
     };
     assert!(PgConnect::from_section(&plain).unwrap().tls.is_none());
+}
+
+/// Enrolments in the shared store: the newer state of an agent wins, whichever gateway
+/// brings it and in whatever order (a new key over an old one, a revocation over the
+/// enrolment it revokes, never an older state over a newer).
+#[test]
+fn the_newer_enrolment_of_an_agent_wins_in_the_shared_store() {
+    use tend_gateway::trust::Enrolment;
+    let db = database("trust");
+    let (a, b) = (open(&db), open(&db));
+    let e = |n: u8, at: i64, revoked: Option<i64>| Enrolment {
+        agent: "agent-1".into(),
+        key: tend_wire::AgentKey::from_hex(&format!("{n:02x}").repeat(32)).unwrap(),
+        enrolled_at: at_s(at),
+        revoked_at: revoked.map(at_s),
+    };
+    let first = e(1, 100, None);
+    let revoked = e(1, 100, Some(200));
+    let again = e(2, 300, None);
+    a.keep_trust_entry(&first).unwrap();
+    b.keep_trust_entry(&revoked).unwrap();
+    a.keep_trust_entry(&first).unwrap(); // an older state coming late changes nothing
+    assert_eq!(b.trust_entries().unwrap(), vec![revoked.clone()]);
+    b.keep_trust_entry(&again).unwrap();
+    a.keep_trust_entry(&revoked).unwrap();
+    assert_eq!(a.trust_entries().unwrap(), vec![again.clone()]);
+    // And the trust directory's merge follows the same rule.
+    let dir = tempfile::tempdir().unwrap();
+    let td = tend_gateway::trust::TrustDir::new(dir.path().join("trust"));
+    assert!(td.merge(&first).unwrap());
+    assert!(!td.merge(&first).unwrap());
+    assert!(td.merge(&revoked).unwrap());
+    assert!(!td.merge(&first).unwrap());
+    assert!(td.merge(&again).unwrap());
+    assert_eq!(td.entries().unwrap(), vec![again]);
+}
+
+fn at_s(s: i64) -> Timestamp {
+    Timestamp::from_second(1_790_000_000 + s).unwrap()
 }

@@ -854,6 +854,18 @@ pub trait GatewayStore: Send + Sync + std::fmt::Debug {
         Ok(Vec::new())
     }
 
+    /// The enrolments kept in the store (a shared store: every gateway's), by agent.
+    fn trust_entries(&self) -> Result<Vec<crate::trust::Enrolment>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Keeps enrolment `e` unless the store holds the same or a newer state of that
+    /// agent ([`crate::trust::supersedes`]). A store of one gateway keeps none.
+    fn keep_trust_entry(&self, e: &crate::trust::Enrolment) -> Result<(), StoreError> {
+        let _ = e;
+        Ok(())
+    }
+
     /// Whether other gateways use this store too (then the forwarder claims jobs before
     /// sending them).
     fn shared(&self) -> bool {

@@ -87,6 +87,9 @@ const MIGRATIONS: &[&str] = &[
     // 2: the hotline's audit log of every gateway.
     "CREATE TABLE audit_log (n bigserial PRIMARY KEY, gateway text NOT NULL,
          at_ns bigint NOT NULL, line text NOT NULL);",
+    // 3: the fleet's enrolments, shared by its gateways.
+    "CREATE TABLE trust (agent text PRIMARY KEY, key text NOT NULL,
+         enrolled_at_ns bigint NOT NULL, revoked_at_ns bigint);",
 ];
 
 fn state_code(s: DeviceState) -> i16 {
@@ -1136,6 +1139,50 @@ impl GatewayStore for PgStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn trust_entries(&self) -> Result<Vec<crate::trust::Enrolment>, StoreError> {
+        let rows = self.read(|t| {
+            query(
+                t,
+                "read trust",
+                "SELECT agent, key, enrolled_at_ns, revoked_at_ns FROM trust ORDER BY agent",
+                &[],
+            )
+        })?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let at = |ns: i64| Timestamp::from_nanosecond(ns as i128).ok();
+                Some(crate::trust::Enrolment {
+                    agent: r.get(0),
+                    key: tend_wire::AgentKey::from_hex(r.get(1))?,
+                    enrolled_at: at(r.get(2))?,
+                    revoked_at: r.get::<_, Option<i64>>(3).and_then(at),
+                })
+            })
+            .collect())
+    }
+
+    fn keep_trust_entry(&self, e: &crate::trust::Enrolment) -> Result<(), StoreError> {
+        let key = e.key.to_hex();
+        let (enrolled, revoked) = (ns(e.enrolled_at), e.revoked_at.map(ns));
+        self.transaction(IsolationLevel::ReadCommitted, false, |t| {
+            // The same rule as trust::supersedes, decided by the database.
+            execute(
+                t,
+                "write trust",
+                "INSERT INTO trust (agent, key, enrolled_at_ns, revoked_at_ns) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (agent) DO UPDATE
+                 SET key = EXCLUDED.key, enrolled_at_ns = EXCLUDED.enrolled_at_ns,
+                     revoked_at_ns = EXCLUDED.revoked_at_ns
+                 WHERE EXCLUDED.enrolled_at_ns > trust.enrolled_at_ns
+                    OR (EXCLUDED.enrolled_at_ns = trust.enrolled_at_ns
+                        AND EXCLUDED.revoked_at_ns IS NOT NULL AND trust.revoked_at_ns IS NULL)",
+                &[&e.agent, &key, &enrolled, &revoked],
+            )
+        })?;
+        Ok(())
     }
 
     fn audit(&self, gateway: &str, at: Timestamp, line: &str) -> Result<(), StoreError> {
