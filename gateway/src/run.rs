@@ -158,20 +158,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(watch_trust(trust.clone(), shutdown.clone())));
     if gw.store.shared() {
-        // Before the link starts, so agents enrolled on another gateway are heard at once.
-        let (s, t) = (gw.store.clone(), trust.clone());
-        match tokio::task::spawn_blocking(move || sync_trust(s.as_ref(), &t)).await {
-            Ok(Ok(n)) => {
-                tracing::info!("trust store: {n} enrolment(s) taken from the shared store")
-            }
-            Ok(Err(e)) => tracing::error!("trust store: cannot sync with the shared store: {e}"),
-            Err(e) => tracing::error!("trust store: sync task: {e}"),
-        }
-        tasks.push(tokio::spawn(share_trust(
-            gw.store.clone(),
-            trust.clone(),
-            shutdown.clone(),
-        )));
+        tasks.push(share_trust_from_start(&gw, &shutdown).await);
     }
 
     // Agents connect to `broker_url`; the gateway's own client to `link_url`, which for
@@ -317,6 +304,25 @@ pub fn sync_trust(store: &dyn GatewayStore, trust: &crate::trust::Trust) -> Resu
         trust.reload(true);
     }
     Ok(taken)
+}
+
+/// Takes the fleet's enrolments from the shared store once (before the link starts, so
+/// agents enrolled on another gateway are heard at once), then keeps exchanging them.
+async fn share_trust_from_start(
+    gw: &Gateway,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let (s, t) = (gw.store.clone(), gw.trust.clone());
+    match tokio::task::spawn_blocking(move || sync_trust(s.as_ref(), &t)).await {
+        Ok(Ok(n)) => tracing::info!("trust store: {n} enrolment(s) taken from the shared store"),
+        Ok(Err(e)) => tracing::error!("trust store: cannot sync with the shared store: {e}"),
+        Err(e) => tracing::error!("trust store: sync task: {e}"),
+    }
+    tokio::spawn(share_trust(
+        gw.store.clone(),
+        gw.trust.clone(),
+        shutdown.clone(),
+    ))
 }
 
 async fn share_trust(
