@@ -135,7 +135,7 @@ fn batch(agent: &str, incarnation: &str, records: Vec<Record>) -> UpBatch {
 
 /// The records of one agent over a day: per device, up, then faults opening and
 /// clearing (the device down while open), a few each.
-fn a_day(agent: &str) -> Vec<Record> {
+fn a_day() -> Vec<Record> {
     let mut out = Vec::new();
     let mut seq = 0u64;
     let mut next = || {
@@ -177,7 +177,6 @@ fn a_day(agent: &str) -> Vec<Record> {
             ));
         }
     }
-    let _ = agent;
     out
 }
 
@@ -243,7 +242,7 @@ fn postgres_answers_as_redb_does_for_the_same_batches() {
     let dir = tempfile::tempdir().unwrap();
     let redb = RedbStore::open(dir.path()).unwrap();
     let cx = cx();
-    let records = a_day("agent-1");
+    let records = a_day();
     // Out of order, with resends, a conflict, a second incarnation and a watermark: the
     // awkward paths of ingest.
     let mut batches: Vec<UpBatch> = records
@@ -327,7 +326,7 @@ fn tickets_jobs_exclusions_and_maintenance_behave_as_in_redb() {
     let redb = RedbStore::open(dir.path()).unwrap();
     let cx = cx();
     // Up, down, the fault opened: one ticket, its create job.
-    let b = batch("agent-1", "i1", a_day("agent-1")[..3].to_vec());
+    let b = batch("agent-1", "i1", a_day()[..3].to_vec());
     redb.apply(&b, &cx, at(100)).unwrap();
     pg.apply(&b, &cx, at(100)).unwrap();
     for s in [&redb as &dyn GatewayStore, &pg] {
@@ -428,7 +427,7 @@ fn three_gateways_store_each_record_once_and_decide_each_episode_once() {
     // only agent-1's are in the fleet, which is enough for tickets).
     let mut work: Vec<UpBatch> = Vec::new();
     for agent in agents {
-        let records = a_day(agent);
+        let records = a_day();
         for c in records.chunks(3) {
             let mut recs = c.to_vec();
             if agent != "agent-1" {
@@ -659,7 +658,7 @@ fn a_database_stopped_mid_run_fails_calls_and_the_store_carries_on_when_it_is_ba
     config.password(pg.password());
     let store = PgStore::open(PgConnect { config, tls: None }).unwrap();
     let cx = cx();
-    let records = a_day("agent-1");
+    let records = a_day();
     let (first, second) = records.split_at(10);
     store
         .apply(&batch("agent-1", "i1", first.to_vec()), &cx, at(100))
