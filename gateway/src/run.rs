@@ -290,11 +290,18 @@ pub const TRUST_SYNC: std::time::Duration = std::time::Duration::from_secs(5);
 /// by all within [`TRUST_SYNC`]. The number of entries taken from the store.
 pub fn sync_trust(store: &dyn GatewayStore, trust: &crate::trust::Trust) -> Result<usize, String> {
     let dir = trust.dir();
-    for e in dir.entries().map_err(|e| e.to_string())? {
-        store.keep_trust_entry(&e).map_err(|e| e.to_string())?;
-    }
+    let mine = dir.entries().map_err(|e| e.to_string())?;
+    store.keep_trust_entries(&mine).map_err(|e| e.to_string())?;
+    // What the directory already holds as new is left alone without reading it again;
+    // `merge` checks once more what it writes.
+    let held: std::collections::HashMap<&str, &crate::trust::Enrolment> =
+        mine.iter().map(|e| (e.agent.as_str(), e)).collect();
     let mut taken = 0;
     for e in store.trust_entries().map_err(|e| e.to_string())? {
+        let known = held.get(e.agent.as_str());
+        if known.is_some_and(|m| !crate::trust::supersedes(&e, m)) {
+            continue;
+        }
         if dir.merge(&e).map_err(|e| e.to_string())? {
             tracing::info!(agent = %e.agent, revoked = e.revoked_at.is_some(), "trust store: enrolment taken from the shared store");
             taken += 1;

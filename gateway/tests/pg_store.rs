@@ -740,13 +740,23 @@ fn the_newer_enrolment_of_an_agent_wins_in_the_shared_store() {
     let first = e(1, 100, None);
     let revoked = e(1, 100, Some(200));
     let again = e(2, 300, None);
-    a.keep_trust_entry(&first).unwrap();
-    b.keep_trust_entry(&revoked).unwrap();
-    a.keep_trust_entry(&first).unwrap(); // an older state coming late changes nothing
+    a.keep_trust_entries(std::slice::from_ref(&first)).unwrap();
+    b.keep_trust_entries(std::slice::from_ref(&revoked))
+        .unwrap();
+    a.keep_trust_entries(std::slice::from_ref(&first)).unwrap(); // an older state coming late changes nothing
     assert_eq!(b.trust_entries().unwrap(), vec![revoked.clone()]);
-    b.keep_trust_entry(&again).unwrap();
-    a.keep_trust_entry(&revoked).unwrap();
+    b.keep_trust_entries(std::slice::from_ref(&again)).unwrap();
+    a.keep_trust_entries(std::slice::from_ref(&revoked))
+        .unwrap();
     assert_eq!(a.trust_entries().unwrap(), vec![again.clone()]);
+    // Several agents in one call, each by the same rule.
+    let other = Enrolment {
+        agent: "agent-2".into(),
+        ..first.clone()
+    };
+    b.keep_trust_entries(&[first.clone(), other.clone()])
+        .unwrap();
+    assert_eq!(a.trust_entries().unwrap(), vec![again.clone(), other]);
     // And the trust directory's merge follows the same rule.
     let dir = tempfile::tempdir().unwrap();
     let td = tend_gateway::trust::TrustDir::new(dir.path().join("trust"));

@@ -859,10 +859,11 @@ pub trait GatewayStore: Send + Sync + std::fmt::Debug {
         Ok(Vec::new())
     }
 
-    /// Keeps enrolment `e` unless the store holds the same or a newer state of that
-    /// agent ([`crate::trust::supersedes`]). A store of one gateway keeps none.
-    fn keep_trust_entry(&self, e: &crate::trust::Enrolment) -> Result<(), StoreError> {
-        let _ = e;
+    /// Keeps each enrolment of `entries` (at most one per agent) unless the store holds
+    /// the same or a newer state of that agent ([`crate::trust::supersedes`]), in one
+    /// transaction. A store of one gateway keeps none.
+    fn keep_trust_entries(&self, entries: &[crate::trust::Enrolment]) -> Result<(), StoreError> {
+        let _ = entries;
         Ok(())
     }
 

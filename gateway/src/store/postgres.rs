@@ -1164,22 +1164,29 @@ impl GatewayStore for PgStore {
             .collect())
     }
 
-    fn keep_trust_entry(&self, e: &crate::trust::Enrolment) -> Result<(), StoreError> {
-        let key = e.key.to_hex();
-        let (enrolled, revoked) = (ns(e.enrolled_at), e.revoked_at.map(ns));
+    fn keep_trust_entries(&self, entries: &[crate::trust::Enrolment]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let agents: Vec<&str> = entries.iter().map(|e| e.agent.as_str()).collect();
+        let keys: Vec<String> = entries.iter().map(|e| e.key.to_hex()).collect();
+        let enrolled: Vec<i64> = entries.iter().map(|e| ns(e.enrolled_at)).collect();
+        let revoked: Vec<Option<i64>> = entries.iter().map(|e| e.revoked_at.map(ns)).collect();
         self.transaction(IsolationLevel::ReadCommitted, false, |t| {
-            // The same rule as trust::supersedes, decided by the database.
+            // The same rule as trust::supersedes, decided by the database; all of this
+            // gateway's entries in one statement (they are one per agent).
             execute(
                 t,
                 "write trust",
-                "INSERT INTO trust (agent, key, enrolled_at_ns, revoked_at_ns) VALUES ($1, $2, $3, $4)
+                "INSERT INTO trust (agent, key, enrolled_at_ns, revoked_at_ns)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[])
                  ON CONFLICT (agent) DO UPDATE
                  SET key = EXCLUDED.key, enrolled_at_ns = EXCLUDED.enrolled_at_ns,
                      revoked_at_ns = EXCLUDED.revoked_at_ns
                  WHERE EXCLUDED.enrolled_at_ns > trust.enrolled_at_ns
                     OR (EXCLUDED.enrolled_at_ns = trust.enrolled_at_ns
                         AND EXCLUDED.revoked_at_ns IS NOT NULL AND trust.revoked_at_ns IS NULL)",
-                &[&e.agent, &key, &enrolled, &revoked],
+                &[&agents, &keys, &enrolled, &revoked],
             )
         })?;
         Ok(())
