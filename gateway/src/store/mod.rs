@@ -300,6 +300,14 @@ pub struct Exclusion {
     pub recorded_at: Timestamp,
 }
 
+impl Exclusion {
+    /// Whether the two stretches share time (`[from, to)`: touching ends do not): what
+    /// every store refuses for two exclusions of one device.
+    pub fn overlaps(&self, other: &Exclusion) -> bool {
+        other.from < self.to && self.from < other.to
+    }
+}
+
 /// Preventive maintenance done on a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MaintenanceDone {

@@ -1372,7 +1372,7 @@ impl GatewayStore for PgStore {
                 &[&ex.device],
             )? {
                 if let Some(other) = decode::<Exclusion>(r.get(0)) {
-                    if other.from < ex.to && ex.from < other.to {
+                    if ex.overlaps(&other) {
                         return Ok(Err(other));
                     }
                 }

@@ -903,10 +903,7 @@ impl GatewayStore for RedbStore {
     fn add_exclusion(&self, ex: Exclusion) -> Result<Result<Exclusion, Exclusion>, StoreError> {
         self.write(|t| {
             let existing: Vec<Exclusion> = Tables::rows_of(&t.exclusions, &ex.device, self)?;
-            if let Some(other) = existing
-                .into_iter()
-                .find(|o| o.from < ex.to && ex.from < o.to)
-            {
+            if let Some(other) = existing.into_iter().find(|o| ex.overlaps(o)) {
                 return Ok(Err(other));
             }
             let id = t.next("next_exclusion")?;
