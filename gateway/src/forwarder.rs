@@ -334,11 +334,9 @@ impl Forwarder {
                 return pass;
             }
         };
-        let mut queued = jobs.len();
-        self.metrics().forward_queue.set(queued as i64);
         // On a store other gateways share, only the tickets this one holds a claim on
         // are its to send: each job goes out from one gateway.
-        let theirs = match self.claims(&jobs).await {
+        let (jobs, theirs) = match self.claims(jobs).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!("forwarder cannot claim its jobs: {e}");
@@ -346,6 +344,8 @@ impl Forwarder {
                 return pass;
             }
         };
+        let mut queued = jobs.len();
+        self.metrics().forward_queue.set(queued as i64);
         // Tickets whose later jobs must wait: a job of theirs is not due yet.
         let mut blocked: HashSet<String> = HashSet::new();
         for job in jobs {
@@ -366,11 +366,15 @@ impl Forwarder {
         pass
     }
 
-    /// The tickets of `jobs` another gateway holds (none unless the store is shared);
-    /// claims or renews the rest for this one.
-    async fn claims(&self, jobs: &[Job]) -> Result<HashSet<String>, OutboxError> {
+    /// The jobs to go through and the tickets among them another gateway holds (none
+    /// unless the store is shared); claims or renews the rest for this one.
+    ///
+    /// On a shared store the jobs are read again once the claims are held: the first
+    /// read may predate another gateway sending a job and releasing its claim, and a job
+    /// from that read would be sent a second time.
+    async fn claims(&self, jobs: Vec<Job>) -> Result<(Vec<Job>, HashSet<String>), OutboxError> {
         if !self.gw.store.shared() || jobs.is_empty() {
-            return Ok(HashSet::new());
+            return Ok((jobs, HashSet::new()));
         }
         let keys: Vec<String> = jobs
             .iter()
@@ -379,12 +383,17 @@ impl Forwarder {
             .into_iter()
             .collect();
         let owner = self.cfg.gateway_id.clone();
-        let asked = keys.clone();
-        let mine = blocking(&self.gw.store, move |s| {
-            s.claim_jobs(&asked, &owner, CLAIM_LEASE)
+        let (jobs, mine) = blocking(&self.gw.store, move |s| {
+            let mine = s.claim_jobs(&keys, &owner, CLAIM_LEASE)?;
+            Ok((s.jobs()?, mine))
         })
         .await?;
-        Ok(keys.into_iter().filter(|k| !mine.contains(k)).collect())
+        let theirs = jobs
+            .iter()
+            .filter(|j| !mine.contains(&j.ticket_key))
+            .map(|j| j.ticket_key.clone())
+            .collect();
+        Ok((jobs, theirs))
     }
 
     /// Sends `job` when it is due; notes in `pass` what it found.

@@ -10,14 +10,22 @@ use jiff::{SignedDuration, Timestamp};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tend_gateway::app::Gateway;
+use tend_gateway::backend::service_api::{ServiceApi, ServiceApiConfig};
+use tend_gateway::diag::DiagClient;
 use tend_gateway::fleet::Fleet;
+use tend_gateway::forwarder::{self, ForwarderConfig};
 use tend_gateway::ingest::IngestContext;
+use tend_gateway::metrics::Metrics;
 use tend_gateway::store::{
-    Exclusion, ExclusionReason, GatewayStore, MaintenanceDone, PgConnect, PgStore, RedbStore,
+    Exclusion, ExclusionReason, ForwardState, GatewayStore, MaintenanceDone, PgConnect, PgStore,
+    RedbStore,
 };
+use tend_gateway::trust::{Trust, TrustDir};
 use tend_profiles::{DeviceState, FaultClass, ProfileSet, SignalKind};
 use tend_testkit::postgres::Postgres;
 use tend_wire::{EpisodeChange, EpisodeEvent, Record, RecordBody, UpBatch};
+use tokio_util::sync::CancellationToken;
 
 const FLEET: &str = r#"
 [[customer]]
@@ -560,7 +568,14 @@ fn each_ticket_s_jobs_are_claimed_by_one_gateway_until_its_lease_runs_out() {
     let a = open(&db);
     let b = open(&db);
     let keys: Vec<String> = (0..6).map(|i| format!("t-{i}")).collect();
+    queue_jobs(&db, &keys);
     let long = Duration::from_secs(60);
+    // A ticket whose jobs are gone (another gateway sent them and let go) is nobody's
+    // to claim: a forwarder that read the outbox before must not send them again.
+    assert!(a
+        .claim_jobs(&["t-done".to_string()], "gw-a", long)
+        .unwrap()
+        .is_empty());
     let mine_a = a.claim_jobs(&keys[..4], "gw-a", long).unwrap();
     assert_eq!(mine_a.len(), 4);
     let mine_b = b.claim_jobs(&keys, "gw-b", long).unwrap();
@@ -584,6 +599,7 @@ fn each_ticket_s_jobs_are_claimed_by_one_gateway_until_its_lease_runs_out() {
     let db = database("claims_race");
     let stores: Vec<Arc<PgStore>> = (0..4).map(|_| Arc::new(open(&db))).collect();
     let keys: Arc<Vec<String>> = Arc::new((0..200).map(|i| format!("k-{i}")).collect());
+    queue_jobs(&db, &keys);
     let handles: Vec<_> = stores
         .iter()
         .enumerate()
@@ -599,6 +615,18 @@ fn each_ticket_s_jobs_are_claimed_by_one_gateway_until_its_lease_runs_out() {
     // Skipped rows are not lost: what nobody got in the race is claimable now.
     let rest = stores[0].claim_jobs(&keys, "gw-0", long).unwrap();
     assert_eq!(rest.len() + sum - won[0].len(), 200);
+}
+
+/// A job in the shared outbox for each of `tickets`, as ingest queues a ticket's creation.
+fn queue_jobs(db: &str, tickets: &[String]) {
+    let values: Vec<String> = tickets.iter().map(|k| format!("('{k}')")).collect();
+    cluster().query(
+        db,
+        &format!(
+            "INSERT INTO outbox (ticket_key) VALUES {}",
+            values.join(", ")
+        ),
+    );
 }
 
 #[test]
@@ -770,4 +798,158 @@ fn the_newer_enrolment_of_an_agent_wins_in_the_shared_store() {
 
 fn at_s(s: i64) -> Timestamp {
     Timestamp::from_second(1_790_000_000 + s).unwrap()
+}
+
+/// One gateway's parts the forwarder needs, on its own store.
+fn forwarding_gateway(id: &str, store: Arc<PgStore>, dir: &std::path::Path) -> Gateway {
+    let (diag, _requests) = DiagClient::new(id);
+    Gateway {
+        store,
+        cx: Arc::new(cx()),
+        metrics: Arc::new(Metrics::new()),
+        diag,
+        agents: Arc::default(),
+        forwarder_wake: Arc::default(),
+        backend_configured: true,
+        diag_timeout: Duration::from_secs(5),
+        trust: Trust::open(TrustDir::new(dir.join(id))).unwrap(),
+        refusal_log: Arc::new(tend_mqtt::LogLimit::per_minute()),
+    }
+}
+
+/// Three forwarders on one database racing for the same jobs while ingest adds to the
+/// same tickets. Caught two faults: a forwarder that read the outbox before another sent
+/// a job and let go of its claim sent it again; and a sent job's outcome written over
+/// the ticket from an older read, losing the recurrence ingest had just added to it (its
+/// job then waited forever, and every later event of that ticket behind it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_forwarders_on_one_database_send_each_ticket_and_event_once() {
+    let db = database("three_forwarders");
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = tend_testkit::backend_standin::spawn("fwd-token")
+        .await
+        .unwrap();
+    let mut gateways = Vec::new();
+    let mut running = Vec::new();
+    for i in 0..3 {
+        let id = format!("gw-{i}");
+        let gw = forwarding_gateway(&id, Arc::new(open(&db)), tmp.path());
+        let api = ServiceApi::new(ServiceApiConfig {
+            timeout: Duration::from_secs(3),
+            ..ServiceApiConfig::new(backend.url(), "fwd-token")
+        })
+        .unwrap();
+        let stop = CancellationToken::new();
+        running.push((
+            stop.clone(),
+            tokio::spawn(forwarder::run(
+                gw.clone(),
+                Box::new(api),
+                ForwarderConfig {
+                    status_poll: Duration::from_secs(3600),
+                    min_backoff: Duration::from_millis(50),
+                    max_backoff: Duration::from_secs(1),
+                    gateway_id: id,
+                },
+                stop,
+            )),
+        ));
+        gateways.push(gw);
+    }
+    // Faults opening and clearing on three ventilators, a batch at a time through
+    // alternating gateways; after each, every forwarder wakes at once: they read the
+    // same outbox and race for its jobs.
+    let mut seq = 0u64;
+    let mut next = || {
+        seq += 1;
+        seq
+    };
+    let mut episodes = 0;
+    for n in 1..=30u32 {
+        let mut records = Vec::new();
+        for device in ["vent-1", "vent-2", "vent-3"] {
+            let open = 60 * n as i64;
+            records.push(episode(device, next(), open, n, EpisodeChange::Opened));
+            records.push(episode(
+                device,
+                next(),
+                open + 20,
+                n,
+                EpisodeChange::Cleared,
+            ));
+            episodes += 1;
+        }
+        let store = gateways[n as usize % 3].store.clone();
+        let b = batch("agent-1", "i1", records);
+        tokio::task::spawn_blocking(move || store.apply(&b, &cx(), at(2000)).unwrap())
+            .await
+            .unwrap();
+        for gw in &gateways {
+            gw.forwarder_wake.notify_one();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = gateways[0].store.clone();
+    let all_sent = || {
+        let store = store.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let t = store.tickets().unwrap();
+                !t.is_empty()
+                    && t.iter().all(|t| {
+                        t.forward.state == ForwardState::Sent
+                            && t.events
+                                .iter()
+                                .all(|e| e.forward.state == ForwardState::Sent)
+                    })
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let t = std::time::Instant::now();
+    while !all_sent().await {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "not all forwarded in 60 s; jobs left: {:?}",
+            cluster().query(&db, "SELECT ticket_key, event FROM outbox")
+        );
+        for gw in &gateways {
+            gw.forwarder_wake.notify_one();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (stop, task) in running {
+        stop.cancel();
+        task.await.unwrap();
+    }
+    // Nobody was killed and the backend always answered: every request went out once.
+    let mut sent: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for r in backend.requests() {
+        assert!(r.status.is_some_and(|s| s < 300), "{r:#?}");
+        *sent
+            .entry((
+                r.path.clone(),
+                r.idempotency_key.clone().unwrap_or_default(),
+            ))
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
+    // What the gateways decided is what the backend holds: each ticket once, each of
+    // its events (recurrences, clearances) once.
+    let decided = tokio::task::spawn_blocking(move || store.tickets().unwrap())
+        .await
+        .unwrap();
+    let in_tickets: usize = decided.iter().map(|t| t.episodes.len()).sum();
+    assert_eq!(in_tickets, episodes, "every episode in one ticket");
+    let creates = backend.requests().iter().filter(|r| r.is_create()).count();
+    assert_eq!(creates, decided.len());
+    let events: usize = decided.iter().map(|t| t.events.len()).sum();
+    let received: usize = backend.tickets().iter().map(|t| t.events.len()).sum();
+    assert!(
+        events >= episodes,
+        "{events} events for {episodes} episodes"
+    );
+    assert_eq!(received, events);
 }

@@ -890,11 +890,14 @@ fn put_ticket(t: &Tx<'_>, key: &str, ticket: &TicketRecord) -> Result<(), TxErro
     Ok(())
 }
 
+/// The ticket `key`, its row locked until the transaction ends: every caller writes it
+/// back, and without the lock a change another gateway's ingest made meanwhile (a
+/// recurrence's episode and event) would be overwritten by this older copy.
 fn ticket_in(t: &Tx<'_>, key: &str) -> Result<Option<TicketRecord>, TxError> {
     let rows = query(
         t,
         "read ticket",
-        "SELECT doc FROM tickets WHERE key = $1",
+        "SELECT doc FROM tickets WHERE key = $1 FOR UPDATE",
         &[&key],
     )?;
     Ok(rows.first().and_then(|r| decode(r.get(0))))
@@ -1231,8 +1234,11 @@ impl GatewayStore for PgStore {
             execute(
                 t,
                 "claim jobs",
+                // Only tickets that still have jobs: one another gateway has just
+                // finished would otherwise leave a claim nobody releases.
                 "INSERT INTO job_claims (ticket_key, owner, until)
                  SELECT k, '', '-infinity' FROM unnest($1::text[]) AS k
+                 WHERE EXISTS (SELECT 1 FROM outbox WHERE ticket_key = k)
                  ON CONFLICT (ticket_key) DO NOTHING",
                 &[&tickets],
             )?;
