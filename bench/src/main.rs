@@ -28,6 +28,7 @@
 //! agent, the gateway, mosquitto and the peer are processes of their own.
 #![forbid(unsafe_code)]
 
+mod faults;
 mod mqtt;
 mod peer;
 mod procs;
@@ -40,13 +41,13 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::Parser;
 use jiff::Timestamp;
-use report::{percentile, Report};
+use report::Report;
 use rumqttc::QoS;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tend::{device_id, Gateway, GatewayPlan};
 use tend_agent::outbox::{Outbox, OutboxConfig};
@@ -54,7 +55,7 @@ use tend_devsim::av500::Av500Units;
 use tend_devsim::{Av500Config, Av500Handle, Av500Sim, Av500State};
 use tend_gateway::store::{GatewayStore, RedbStore};
 use tend_profiles::Value;
-use tend_wire::{seal, AgentKey, EpisodeChange, Purpose, Record, RecordBody, UpBatch, WireReading};
+use tend_wire::{seal, AgentKey, Purpose, Record, RecordBody, UpBatch, WireReading};
 
 fn duration(s: &str) -> Result<Duration, String> {
     tend_devsim::duration::parse_duration(s)
@@ -293,13 +294,13 @@ async fn run(a: Args) -> anyhow::Result<()> {
         drain(&a, &sims, &work, &mut report).await?;
     }
     if phases.contains(&"latency") {
-        latency(&a, &sims, &work, &mut report).await?;
+        faults::latency(&a, &sims, &work, &mut report).await?;
     }
     if phases.contains(&"ingest") {
         ingest(&a, &work, &mut report).await?;
     }
     if phases.contains(&"scaleout") {
-        scaleout::scaleout(&a, &work, &mut report).await?;
+        scaleout::scaleout(&a, &sims, &work, &mut report).await?;
     }
     let text = report.render();
     println!("{text}");
@@ -675,153 +676,6 @@ async fn drain(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyho
     Ok(())
 }
 
-// ---------------------------------------------------------------------------------------
-// latency
-
-/// ALM1 bits the faults use, one round of devices after another (each opens a ticket).
-const FAULT_BITS: [u16; 9] = [4, 1, 9, 3, 0, 5, 6, 7, 8];
-
-async fn latency(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyhow::Result<()> {
-    let addrs = sims.addrs();
-    let token = "bench-backend-token";
-    for run in 0..a.runs {
-        sims.reset();
-        let dir = work.join(format!("latency-{run}"));
-        let backend = tend_testkit::backend_standin::spawn(token).await?;
-        let plan = GatewayPlan {
-            dir: dir.join("gateway"),
-            devices: a.devices,
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            backend: Some((backend.url(), token.to_string())),
-            trust_dir: None,
-            shared: None,
-        };
-        let key = tend::enrol_agent(&a.bin, &plan, &dir.join("agent"))?;
-        let listener_password = tend::enrol_client(
-            &a.bin,
-            &plan.dir.join("gateway.toml"),
-            "bench-up-listener",
-            &dir.join("clients"),
-        )?;
-        let gw = Gateway::start(&a.bin, &plan).await?;
-        let (host, port) = gw.broker_addr();
-        // The agent's records as the gateway receives them: the `at` of each episode's
-        // opening is the time of the poll that saw the fault (full precision).
-        let mut up = mqtt::connect_as(
-            &host,
-            port,
-            "bench-up-listener",
-            Some(listener_password),
-            &[tend_wire::topic::up(tend::AGENT_ID)],
-        )
-        .await?;
-        let opened: Arc<Mutex<HashMap<(String, String), Timestamp>>> = Arc::default();
-        let identified: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
-        let listener = {
-            let (opened, identified) = (opened.clone(), identified.clone());
-            tokio::spawn(async move {
-                while let Some(m) = up.rx.recv().await {
-                    let Ok(body) = seal::open(&key, Purpose::Up, tend::AGENT_ID, &m.payload) else {
-                        continue;
-                    };
-                    let Ok(b) = UpBatch::decode(body) else {
-                        continue;
-                    };
-                    for r in b.records {
-                        match &r.body {
-                            RecordBody::Identity { .. } => {
-                                identified.lock().unwrap().insert(r.device.clone());
-                            }
-                            RecordBody::Episode(e) if e.change == EpisodeChange::Opened => {
-                                opened
-                                    .lock()
-                                    .unwrap()
-                                    .entry((r.device.clone(), e.code.clone()))
-                                    .or_insert(r.at);
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            })
-        };
-        let cfg = tend::agent_config(&dir.join("agent"), &gw.broker, &addrs, "1s")?;
-        let mut agent = tend::start_agent(a.agent_folder(), &cfg, a.agent_wrap.as_deref())?;
-        let t = Instant::now();
-        while identified.lock().unwrap().len() < a.devices && t.elapsed() < Duration::from_secs(60)
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::ensure!(
-            identified.lock().unwrap().len() == a.devices,
-            "only {} of {} devices identified within 60 s",
-            identified.lock().unwrap().len(),
-            a.devices
-        );
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        log(format!(
-            "latency run {}: {} faults, one every {:?}",
-            run + 1,
-            a.episodes,
-            a.fault_spacing
-        ));
-        let mut raised: Vec<(String, String, Timestamp)> = Vec::new();
-        for k in 0..a.episodes {
-            let d = k % a.devices;
-            let bit = FAULT_BITS[(k / a.devices) % FAULT_BITS.len()];
-            sims.handles[d].update(|s| s.alarm_word1 |= 1 << bit);
-            raised.push((device_id(d), format!("ALM1.{bit}"), Timestamp::now()));
-            tokio::time::sleep(a.fault_spacing).await;
-        }
-        let want = raised.len();
-        let all_in = backend
-            .wait_for(Duration::from_secs(60), |b| {
-                let got = b.requests();
-                raised
-                    .iter()
-                    .all(|(d, c, _)| got.iter().any(|r| r.is_create() && ticket_is(r, d, c)))
-            })
-            .await;
-        let requests = backend.requests();
-        let opened = opened.lock().unwrap().clone();
-        let mut poll_ms = Vec::new();
-        let mut raise_ms = Vec::new();
-        for (d, c, at_raise) in &raised {
-            let Some(recv) = requests
-                .iter()
-                .find(|r| r.is_create() && ticket_is(r, d, c))
-            else {
-                continue;
-            };
-            if let Some(at_poll) = opened.get(&(d.clone(), c.clone())) {
-                poll_ms.push(ms(recv.time.duration_since(*at_poll)));
-            }
-            raise_ms.push(ms(recv.time.duration_since(*at_raise)));
-        }
-        listener.abort();
-        anyhow::ensure!(agent.alive(), "the agent died:\n{}", agent.tail());
-        agent.stop(Duration::from_secs(10)).await;
-        gw.stop().await;
-        clean(&dir);
-        backend.stop().await;
-        log(format!(
-            "  {} of {want} tickets received{}; poll→ticket p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; fault raised→ticket p50 {:.1} ms",
-            raise_ms.len(),
-            if all_in { "" } else { " (timed out waiting for the rest)" },
-            percentile(&poll_ms, 50.0),
-            percentile(&poll_ms, 99.0),
-            percentile(&poll_ms, 100.0),
-            percentile(&raise_ms, 50.0),
-        ));
-        let mut worst = poll_ms.clone();
-        worst.sort_by(|x, y| y.total_cmp(x));
-        worst.truncate(5);
-        log(format!("  slowest poll→ticket, ms: {worst:.1?}"));
-        report.latency.push((poll_ms, raise_ms, want));
-    }
-    Ok(())
-}
-
 /// CPU seconds this thread has used (utime + stime of /proc/thread-self/stat).
 fn thread_cpu() -> f64 {
     let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
@@ -903,19 +757,6 @@ fn fsync_probe(dir: &Path) -> anyhow::Result<f64> {
     drop(f);
     std::fs::remove_file(&path)?;
     Ok(report::median(&ms))
-}
-
-fn ticket_is(r: &tend_testkit::backend_standin::Received, device: &str, code: &str) -> bool {
-    r.code() == Some(code)
-        && r.body
-            .as_ref()
-            .and_then(|b| b.pointer("/device/id"))
-            .and_then(|v| v.as_str())
-            == Some(device)
-}
-
-fn ms(d: jiff::SignedDuration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1207,7 +1048,7 @@ async fn ingest_run(
 mod tests {
     use super::*;
 
-    use report::median;
+    use report::{median, percentile};
 
     #[test]
     fn percentiles() {
