@@ -110,6 +110,18 @@ pub async fn scaleout(
             for gw in &gws {
                 stored += gw.metric("tend_gateway_records_total").await?;
             }
+            let rate = total as f64 / secs;
+            let cpu = (cpu1 - cpu0) as f64 / tck / secs * 100.0;
+            log(format!(
+                "scale-out run {} ({kind}, {n} gateway(s), batches of {size}, {} in flight): {total} records in {secs:.2} s = {rate:.0} records/s; gateways' CPU {cpu:.0} % of a core; stored {stored}",
+                run + 1,
+                a.ingest_agents
+            ));
+            anyhow::ensure!(
+                stored >= total,
+                "{kind} x{n}: stored {stored} of {total} records"
+            );
+            report.scaleout.push((kind.to_string(), n, rate, cpu));
             sims.reset();
             let agent_dir = work.join(format!("scaleout-{name}-agent"));
             std::fs::create_dir_all(&agent_dir)?;
@@ -148,18 +160,6 @@ pub async fn scaleout(
             report
                 .scaleout_latency
                 .push((kind.to_string(), n, times.poll_ms));
-            let rate = total as f64 / secs;
-            let cpu = (cpu1 - cpu0) as f64 / tck / secs * 100.0;
-            log(format!(
-                "scale-out run {} ({kind}, {n} gateway(s), batches of {size}, {} in flight): {total} records in {secs:.2} s = {rate:.0} records/s; gateways' CPU {cpu:.0} % of a core; stored {stored}",
-                run + 1,
-                a.ingest_agents
-            ));
-            anyhow::ensure!(
-                stored >= total,
-                "{kind} x{n}: stored {stored} of {total} records"
-            );
-            report.scaleout.push((kind.to_string(), n, rate, cpu));
         }
     }
     Ok(())
