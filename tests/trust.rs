@@ -75,6 +75,27 @@ async fn until_rejected(gw: &GatewayProc, before: &str, reason: &str, n: f64) {
     }
 }
 
+/// An attacker's MQTT client; dropped, its connection goes with it. (A connection left
+/// reconnecting would fight the next client of the same login for the client id, each
+/// throwing the other off the broker, and lose what that one publishes.)
+struct Attacker {
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::ops::Deref for Attacker {
+    type Target = AsyncClient;
+    fn deref(&self) -> &AsyncClient {
+        &self.client
+    }
+}
+
+impl Drop for Attacker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// An MQTT client logged in as `login` (user = client id, as an agent logs in) that hands
 /// over what arrives on `filters`.
 async fn client(
@@ -82,7 +103,7 @@ async fn client(
     login: (&str, String),
     filters: &[String],
 ) -> (
-    AsyncClient,
+    Attacker,
     tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
 ) {
     let hostport = url.trim_start_matches("mqtt://");
@@ -95,7 +116,7 @@ async fn client(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (sub_tx, mut subscribed) = tokio::sync::mpsc::unbounded_channel();
     let (c2, filters) = (c.clone(), filters.to_vec());
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             match el.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -120,7 +141,7 @@ async fn client(
     tokio::time::timeout(Duration::from_secs(10), subscribed.recv())
         .await
         .expect("the attacker's client did not connect");
-    (c, rx)
+    (Attacker { client: c, task }, rx)
 }
 
 /// A forged batch "from" `agent`: `TARGET` (or `device`) down with a major fault, under
