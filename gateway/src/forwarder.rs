@@ -55,6 +55,9 @@ pub struct ForwarderConfig {
 /// them under the same Idempotency-Key. Far above a request's timeout.
 pub const CLAIM_LEASE: Duration = Duration::from_secs(120);
 
+/// The duty ([`GatewayStore::lead`]) of reading the open tickets' statuses back.
+const STATUS_DUTY: &str = "status-read-back";
+
 impl Default for ForwarderConfig {
     /// Status read every 5 min, backoff from 500 ms to 5 min.
     fn default() -> Self {
@@ -515,6 +518,19 @@ impl Forwarder {
     /// Reads back the status of every ticket sent and still open; stores what changed.
     /// Stops at the first read the backend cannot answer now.
     async fn poll_statuses(&self) {
+        // Gateways sharing a store take turns: one reads the statuses back for all
+        // (the backend is asked once per ticket and poll, not once per gateway), another
+        // takes over when it stops.
+        let owner = self.cfg.gateway_id.clone();
+        let lease = self.cfg.status_poll.saturating_mul(2) + Duration::from_secs(10);
+        match blocking(&self.gw.store, move |s| s.lead(STATUS_DUTY, &owner, lease)).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::error!("forwarder cannot tell whether it reads the statuses back: {e}");
+                return;
+            }
+        }
         let tickets = match blocking(&self.gw.store, |s| s.tickets()).await {
             Ok(t) => t,
             Err(e) => {

@@ -617,6 +617,30 @@ fn each_ticket_s_jobs_are_claimed_by_one_gateway_until_its_lease_runs_out() {
     assert_eq!(rest.len() + sum - won[0].len(), 200);
 }
 
+#[test]
+fn one_gateway_leads_a_fleet_wide_duty_until_its_lease_runs_out() {
+    let db = database("duties");
+    let (a, b) = (open(&db), open(&db));
+    let long = Duration::from_secs(60);
+    assert!(a.lead("status-read-back", "gw-a", long).unwrap());
+    assert!(!b.lead("status-read-back", "gw-b", long).unwrap());
+    // Another duty is anybody's; the leader keeps its own by renewing it.
+    assert!(b.lead("other", "gw-b", long).unwrap());
+    assert!(a.lead("status-read-back", "gw-a", long).unwrap());
+    // Gateway a stops renewing (killed): after its lease, b leads.
+    assert!(a
+        .lead("status-read-back", "gw-a", Duration::from_millis(200))
+        .unwrap());
+    assert!(!b.lead("status-read-back", "gw-b", long).unwrap());
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(b.lead("status-read-back", "gw-b", long).unwrap());
+    assert!(!a.lead("status-read-back", "gw-a", long).unwrap());
+    // A store of one gateway: it always leads.
+    let dir = tempfile::tempdir().unwrap();
+    let redb = RedbStore::open(dir.path()).unwrap();
+    assert!(redb.lead("status-read-back", "gw", long).unwrap());
+}
+
 /// A job in the shared outbox for each of `tickets`, as ingest queues a ticket's creation.
 fn queue_jobs(db: &str, tickets: &[String]) {
     let values: Vec<String> = tickets.iter().map(|k| format!("('{k}')")).collect();
@@ -645,7 +669,7 @@ fn gateways_starting_together_migrate_the_schema_once() {
         &db,
         "SELECT version FROM tend_schema_version ORDER BY version",
     );
-    assert_eq!(rows, ["1", "2", "3"].map(String::from).to_vec());
+    assert_eq!(rows, ["1", "2", "3", "4"].map(String::from).to_vec());
     // A database of a newer schema than this build knows is refused, by name.
     cluster().query(&db, "INSERT INTO tend_schema_version (version) VALUES (99)");
     let pg = cluster();

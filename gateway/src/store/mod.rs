@@ -881,6 +881,20 @@ pub trait GatewayStore: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether gateway `owner` does `duty` (a fleet-wide chore one gateway is enough
+    /// for, such as reading the tickets' statuses back from the backend) for the next
+    /// `lease`: it did it last, or whoever did let its lease run out. A store only one
+    /// gateway uses always says yes.
+    fn lead(
+        &self,
+        duty: &str,
+        owner: &str,
+        lease: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let _ = (duty, owner, lease);
+        Ok(true)
+    }
+
     /// Claims the jobs of `tickets` for the forwarder of gateway `owner` for `lease`:
     /// the tickets whose jobs are now its own to send (no other gateway holds them, or
     /// its lease ran out). A store only one gateway uses gives all of them.

@@ -90,6 +90,9 @@ const MIGRATIONS: &[&str] = &[
     // 3: the fleet's enrolments, shared by its gateways.
     "CREATE TABLE trust (agent text PRIMARY KEY, key text NOT NULL,
          enrolled_at_ns bigint NOT NULL, revoked_at_ns bigint);",
+    // 4: fleet-wide chores and the gateway doing each (`GatewayStore::lead`).
+    "CREATE TABLE duties (name text PRIMARY KEY, owner text NOT NULL,
+         until timestamptz NOT NULL);",
 ];
 
 fn state_code(s: DeviceState) -> i16 {
@@ -1218,6 +1221,26 @@ impl GatewayStore for PgStore {
             )
         })?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    fn lead(&self, duty: &str, owner: &str, lease: Duration) -> Result<bool, StoreError> {
+        let lease_ms = lease.as_secs_f64() * 1000.0;
+        let rows = self.transaction(IsolationLevel::ReadCommitted, false, |t| {
+            // As a job claim: losing it in a crash only means two gateways do the chore
+            // once.
+            execute(t, "lead", "SET LOCAL synchronous_commit = off", &[])?;
+            query(
+                t,
+                "lead",
+                "INSERT INTO duties (name, owner, until)
+                 VALUES ($1, $2, now() + $3::float8 * interval '1 millisecond')
+                 ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, until = EXCLUDED.until
+                 WHERE duties.owner = EXCLUDED.owner OR duties.until < now()
+                 RETURNING name",
+                &[&duty, &owner, &lease_ms],
+            )
+        })?;
+        Ok(!rows.is_empty())
     }
 
     fn claim_jobs(
