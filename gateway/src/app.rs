@@ -42,6 +42,29 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// A gateway's shared parts around `store`: fresh metrics, no agent heard yet.
+    pub fn new(
+        store: Arc<dyn GatewayStore>,
+        cx: IngestContext,
+        diag: DiagClient,
+        trust: Arc<crate::trust::Trust>,
+        backend_configured: bool,
+        diag_timeout: Duration,
+    ) -> Gateway {
+        Gateway {
+            store,
+            cx: Arc::new(cx),
+            metrics: Arc::new(Metrics::new()),
+            diag,
+            agents: Arc::default(),
+            forwarder_wake: Arc::default(),
+            backend_configured,
+            diag_timeout,
+            trust,
+            refusal_log: Arc::new(tend_mqtt::LogLimit::per_minute()),
+        }
+    }
+
     /// The diagnostic names the device's profile lists (empty until the device has been
     /// identified: without the firmware the gateway cannot know the profile).
     pub fn profile_diagnostics(&self, device: &DeviceLive) -> Vec<String> {

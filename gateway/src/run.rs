@@ -142,18 +142,14 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     );
     let login = crate::trust::GatewayLogin::new(&cfg.gateway_id)?;
     let (diag, diag_out) = DiagClient::new(&cfg.gateway_id);
-    let gw = Gateway {
+    let gw = Gateway::new(
         store,
-        cx: Arc::new(cx),
-        metrics: Arc::new(Metrics::new()),
+        cx,
         diag,
-        agents: Arc::default(),
-        forwarder_wake: Arc::default(),
-        backend_configured: cfg.backend.is_some(),
-        diag_timeout: cfg.api.diag_timeout.0,
-        trust: trust.clone(),
-        refusal_log: Arc::new(tend_mqtt::LogLimit::per_minute()),
-    };
+        trust.clone(),
+        cfg.backend.is_some(),
+        cfg.api.diag_timeout.0,
+    );
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(watch_trust(trust.clone(), shutdown.clone())));
@@ -319,11 +315,9 @@ async fn share_trust_from_start(
     gw: &Gateway,
     shutdown: &CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let (s, t) = (gw.store.clone(), gw.trust.clone());
-    match tokio::task::spawn_blocking(move || sync_trust(s.as_ref(), &t)).await {
-        Ok(Ok(n)) => tracing::info!("trust store: {n} enrolment(s) taken from the shared store"),
-        Ok(Err(e)) => tracing::error!("trust store: cannot sync with the shared store: {e}"),
-        Err(e) => tracing::error!("trust store: sync task: {e}"),
+    match sync_trust_off_thread(&gw.store, &gw.trust).await {
+        Ok(n) => tracing::info!("trust store: {n} enrolment(s) taken from the shared store"),
+        Err(e) => tracing::error!("trust store: cannot sync with the shared store: {e}"),
     }
     tokio::spawn(share_trust(
         gw.store.clone(),
@@ -343,13 +337,21 @@ async fn share_trust(
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let (s, t) = (store.clone(), trust.clone());
-        match tokio::task::spawn_blocking(move || sync_trust(s.as_ref(), &t)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!("trust store: cannot sync with the shared store: {e}"),
-            Err(e) => tracing::warn!("trust store: sync task: {e}"),
+        if let Err(e) = sync_trust_off_thread(&store, &trust).await {
+            tracing::warn!("trust store: cannot sync with the shared store: {e}");
         }
     }
+}
+
+/// [`sync_trust`] on a blocking thread (the store and the trust directory block).
+async fn sync_trust_off_thread(
+    store: &Arc<dyn GatewayStore>,
+    trust: &Arc<crate::trust::Trust>,
+) -> Result<usize, String> {
+    let (s, t) = (store.clone(), trust.clone());
+    tokio::task::spawn_blocking(move || sync_trust(s.as_ref(), &t))
+        .await
+        .map_err(|e| format!("sync task: {e}"))?
 }
 
 /// Starts the embedded broker; returns the URL agents connect to (`mqtts://` with TLS)

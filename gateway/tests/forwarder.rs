@@ -22,7 +22,7 @@ use tend_gateway::diag::DiagClient;
 use tend_gateway::fleet::Fleet;
 use tend_gateway::forwarder::{self, ForwarderConfig};
 use tend_gateway::ingest::IngestContext;
-use tend_gateway::metrics::{Metrics, OutcomeLabel};
+use tend_gateway::metrics::OutcomeLabel;
 use tend_gateway::store::{ForwardState, RedbStore, TicketRecord};
 use tend_gateway::trust::{Trust, TrustDir};
 use tend_profiles::{FaultClass, ProfileSet, SignalKind};
@@ -76,18 +76,14 @@ fn gateway(dir: &Path) -> Gateway {
         clock_tolerance: tend_gateway::clock::DEFAULT_TOLERANCE,
     };
     let (diag, _requests) = DiagClient::new("gw-test");
-    Gateway {
-        store: Arc::new(store),
-        cx: Arc::new(cx),
-        metrics: Arc::new(Metrics::new()),
+    Gateway::new(
+        Arc::new(store),
+        cx,
         diag,
-        agents: Arc::default(),
-        forwarder_wake: Arc::default(),
-        backend_configured: true,
-        diag_timeout: Duration::from_secs(5),
-        trust: Trust::open(TrustDir::new(dir.join("trust"))).unwrap(),
-        refusal_log: Arc::new(tend_mqtt::LogLimit::per_minute()),
-    }
+        Trust::open(TrustDir::new(dir.join("trust"))).unwrap(),
+        true,
+        Duration::from_secs(5),
+    )
 }
 
 /// How a test reaches the stand-in and paces the forwarder.

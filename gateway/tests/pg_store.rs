@@ -16,7 +16,6 @@ use tend_gateway::diag::DiagClient;
 use tend_gateway::fleet::Fleet;
 use tend_gateway::forwarder::{self, ForwarderConfig};
 use tend_gateway::ingest::IngestContext;
-use tend_gateway::metrics::Metrics;
 use tend_gateway::store::{
     Exclusion, ExclusionReason, ForwardState, GatewayStore, MaintenanceDone, PgConnect, PgStore,
     RedbStore,
@@ -827,18 +826,14 @@ fn at_s(s: i64) -> Timestamp {
 /// One gateway's parts the forwarder needs, on its own store.
 fn forwarding_gateway(id: &str, store: Arc<PgStore>, dir: &std::path::Path) -> Gateway {
     let (diag, _requests) = DiagClient::new(id);
-    Gateway {
+    Gateway::new(
         store,
-        cx: Arc::new(cx()),
-        metrics: Arc::new(Metrics::new()),
+        cx(),
         diag,
-        agents: Arc::default(),
-        forwarder_wake: Arc::default(),
-        backend_configured: true,
-        diag_timeout: Duration::from_secs(5),
-        trust: Trust::open(TrustDir::new(dir.join(id))).unwrap(),
-        refusal_log: Arc::new(tend_mqtt::LogLimit::per_minute()),
-    }
+        Trust::open(TrustDir::new(dir.join(id))).unwrap(),
+        true,
+        Duration::from_secs(5),
+    )
 }
 
 /// Three forwarders on one database racing for the same jobs while ingest adds to the

@@ -517,6 +517,20 @@ impl PgStore {
         self.transaction(IsolationLevel::ReadCommitted, false, f)
     }
 
+    /// A write of leases (job claims, duties) that does not wait for the WAL flush: a
+    /// lease lost in a crash costs a chore or a send done twice, and the flush would be
+    /// a fault's ticket waiting.
+    fn lease_write<T>(
+        &self,
+        what: &'static str,
+        mut f: impl FnMut(&Tx<'_>) -> Result<T, TxError>,
+    ) -> Result<T, StoreError> {
+        self.transaction(IsolationLevel::ReadCommitted, false, |t| {
+            execute(t, what, "SET LOCAL synchronous_commit = off", &[])?;
+            f(t)
+        })
+    }
+
     /// A consistent read of several statements.
     fn read<T>(&self, f: impl FnMut(&Tx<'_>) -> Result<T, TxError>) -> Result<T, StoreError> {
         self.transaction(IsolationLevel::RepeatableRead, true, f)
@@ -1225,10 +1239,8 @@ impl GatewayStore for PgStore {
 
     fn lead(&self, duty: &str, owner: &str, lease: Duration) -> Result<bool, StoreError> {
         let lease_ms = lease.as_secs_f64() * 1000.0;
-        let rows = self.transaction(IsolationLevel::ReadCommitted, false, |t| {
-            // As a job claim: losing it in a crash only means two gateways do the chore
-            // once.
-            execute(t, "lead", "SET LOCAL synchronous_commit = off", &[])?;
+        // Losing the lease in a crash only means two gateways do the chore once.
+        let rows = self.lease_write("lead", |t| {
             query(
                 t,
                 "lead",
@@ -1253,11 +1265,9 @@ impl GatewayStore for PgStore {
             return Ok(HashSet::new());
         }
         let lease_ms = lease.as_secs_f64() * 1000.0;
-        let claimed = self.transaction(IsolationLevel::ReadCommitted, false, |t| {
-            // Not worth a WAL flush: a claim the database loses in a crash lets another
-            // gateway send the job again under the same Idempotency-Key, which the
-            // backend answers as the first time. The flush is a fault's ticket waiting.
-            execute(t, "claim jobs", "SET LOCAL synchronous_commit = off", &[])?;
+        // A claim the database loses in a crash lets another gateway send the job again
+        // under the same Idempotency-Key, which the backend answers as the first time.
+        let claimed = self.lease_write("claim jobs", |t| {
             execute(
                 t,
                 "claim jobs",
