@@ -50,7 +50,6 @@ pub async fn latency(
     report: &mut crate::Report,
 ) -> anyhow::Result<()> {
     for run in 0..a.runs {
-        sims.reset();
         let dir = work.join(format!("latency-{run}"));
         let backend = tend_testkit::backend_standin::spawn(BACKEND_TOKEN).await?;
         let plan = GatewayPlan {
@@ -70,19 +69,22 @@ pub async fn latency(
         )?;
         let gw = Gateway::start(&a.bin, &plan).await?;
         let (host, port) = gw.broker_addr();
-        log(format!(
-            "latency run {}: {} faults, one every {:?}",
-            run + 1,
-            a.episodes,
-            a.fault_spacing
-        ));
         let tap = Tap {
             host: &host,
             port,
             login: Some(listener_password),
             key: &key,
         };
-        let t = fault_run(a, sims, &tap, &gw.broker, &dir.join("agent"), &backend).await?;
+        let t = fault_run(
+            a,
+            sims,
+            &format!("latency run {}", run + 1),
+            &tap,
+            &gw.broker,
+            &dir.join("agent"),
+            &backend,
+        )
+        .await?;
         gw.stop().await;
         clean(&dir);
         backend.stop().await;
@@ -91,18 +93,24 @@ pub async fn latency(
     Ok(())
 }
 
-/// One fault run against gateways already running and connected to `backend`: the
-/// agent (its credentials already in `agent_dir`) polls the simulators and sends to
-/// `broker`; `a.episodes` faults are raised once every device is identified, and the
-/// run waits (at most 60 s) for their tickets.
+/// One fault run (`label` in the log) against gateways already running and connected to
+/// `backend`: the simulators healthy again, the agent (its credentials already in
+/// `agent_dir`) polls them and sends to `broker`; `a.episodes` faults are raised once
+/// every device is identified, and the run waits (at most 60 s) for their tickets.
 pub async fn fault_run(
     a: &Args,
     sims: &Sims,
+    label: &str,
     tap: &Tap<'_>,
     broker: &str,
     agent_dir: &Path,
     backend: &Backend,
 ) -> anyhow::Result<FaultTimes> {
+    sims.reset();
+    log(format!(
+        "{label}: {} faults, one every {:?}",
+        a.episodes, a.fault_spacing
+    ));
     // The agent's records as the gateway receives them: the `at` of each episode's
     // opening is the time of the poll that saw the fault (full precision).
     let mut up = mqtt::connect_as(

@@ -122,26 +122,28 @@ pub async fn scaleout(
                 "{kind} x{n}: stored {stored} of {total} records"
             );
             report.scaleout.push((kind.to_string(), n, rate, cpu));
-            sims.reset();
             let agent_dir = work.join(format!("scaleout-{name}-agent"));
             std::fs::create_dir_all(&agent_dir)?;
             std::fs::copy(
                 &agent_cred,
                 agent_dir.join(format!("{}.cred", tend::AGENT_ID)),
             )?;
-            log(format!(
-                "scale-out run {} ({kind}, {n} gateway(s)): {} faults, one every {:?}",
-                run + 1,
-                a.episodes,
-                a.fault_spacing
-            ));
             let tap = faults::Tap {
                 host: "127.0.0.1",
                 port: mqtt_port,
                 login: None,
                 key: &agent_key,
             };
-            let times = faults::fault_run(a, sims, &tap, &broker_url, &agent_dir, &backend).await;
+            let times = faults::fault_run(
+                a,
+                sims,
+                &format!("scale-out run {} ({kind}, {n} gateway(s))", run + 1),
+                &tap,
+                &broker_url,
+                &agent_dir,
+                &backend,
+            )
+            .await;
             for gw in gws {
                 gw.stop().await;
             }
