@@ -447,3 +447,94 @@ async fn rtu_timeout_reopens_the_port_and_recovers() {
     assert_eq!(bus.stats(7).timeouts, 2);
     assert_eq!(bus.read(1, req, &policy).await.unwrap(), vec![5, 2, 1]);
 }
+
+/// A Modbus TCP "device" whose every answer is `reply(request header)`: a device (or a
+/// man in the middle) answering out of turn or with a malformed frame.
+async fn misanswering_server(reply: fn([u8; 7]) -> Vec<u8>) -> SocketAddr {
+    let l = TcpListener::bind(any_port()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut hdr = [0u8; 7];
+                let mut pdu = [0u8; 5];
+                while s.read_exact(&mut hdr).await.is_ok() && s.read_exact(&mut pdu).await.is_ok()
+                {
+                    if s.write_all(&reply(hdr)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_that_are_not_the_answer_are_refused_naming_why() {
+    let req = ReadRequest {
+        table: Table::Holding,
+        start: 0,
+        count: 2,
+    };
+    let policy = UnitPolicy {
+        timeout: Duration::from_millis(300),
+        request_gap: Duration::ZERO,
+        busy_exception: None,
+        busy_retry: Duration::ZERO,
+        max_busy: 0,
+        attempts: 2,
+    };
+    let cases: [(fn([u8; 7]) -> Vec<u8>, &str); 5] = [
+        // The answer to another transaction (a late reply to an earlier request).
+        (
+            |h| vec![h[0], h[1] ^ 1, 0, 0, 0, 7, h[6], 3, 4, 0, 1, 0, 2],
+            "answer to transaction",
+        ),
+        // From another unit.
+        (
+            |h| vec![h[0], h[1], 0, 0, 0, 7, h[6] + 1, 3, 4, 0, 1, 0, 2],
+            "answer from unit",
+        ),
+        // One register where two were asked.
+        (
+            |h| vec![h[0], h[1], 0, 0, 0, 5, h[6], 3, 2, 0, 1],
+            "2 data bytes for 2 registers",
+        ),
+        // A header claiming 65,535 bytes follow.
+        (
+            |h| vec![h[0], h[1], 0, 0, 0xFF, 0xFF, h[6], 3],
+            "frame length 65535",
+        ),
+        // Not Modbus at all.
+        (|_| b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(), "protocol id"),
+    ];
+    for (reply, says) in cases {
+        let addr = misanswering_server(reply).await;
+        let mut bus = ModbusBus::new(Endpoint::Tcp(addr.to_string()));
+        let err = bus.read(1, req, &policy).await.unwrap_err();
+        assert!(matches!(err, TransportError::Protocol(_)), "{err:?}");
+        assert!(err.to_string().contains(says), "{says}: {err}");
+        assert!(err.to_string().contains("unit 1 holding registers 0..1"), "{err}");
+        // Each refused answer dropped the link: the retry came on a new connection.
+        let st = bus.stats(1);
+        assert_eq!((st.requests, st.reconnects), (2, 1), "{says}: {st:?}");
+    }
+    // A link closed by the other end mid-request is an I/O error naming the endpoint.
+    let addr = misanswering_server(|_| Vec::new()).await;
+    let l = TcpListener::bind(any_port()).await.unwrap();
+    let closing = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            drop(s);
+        }
+    });
+    let mut bus = ModbusBus::new(Endpoint::Tcp(closing.to_string()));
+    let err = bus.read(1, req, &policy).await.unwrap_err();
+    assert!(matches!(err, TransportError::Io { .. }), "{err:?}");
+    assert!(err.to_string().contains(&closing.to_string()), "{err}");
+    // Silence (the server reads and never answers) is a timeout, not a hang.
+    let mut bus = ModbusBus::new(Endpoint::Tcp(addr.to_string()));
+    let err = bus.read(1, req, &policy).await.unwrap_err();
+    assert!(matches!(err, TransportError::Timeout { .. }), "{err:?}");
+}

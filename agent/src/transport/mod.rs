@@ -15,6 +15,7 @@
 
 pub mod link;
 pub mod modbus;
+pub mod modbus_frame;
 pub mod mqtt;
 pub mod serial;
 

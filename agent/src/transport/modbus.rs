@@ -11,6 +11,7 @@
 //! answer to the next call. Exception 0x06 (busy, a device booting) backs off and retries
 //! a bounded number of times; any other exception is an error that names its code.
 
+use super::modbus_frame::{self, FrameError, Parsed, Reply, MAX_ADU};
 use super::{dur, family_first, DeviceRead, Stats, TransportError};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,8 +20,7 @@ use std::time::{Duration, Instant};
 use tend_profiles::modbus::{exception_name, ReadRequest, RegisterImage, Table};
 use tend_profiles::schema::Parity;
 use tend_profiles::{Identity, Profile, ProfileSet, Snapshot};
-use tokio_modbus::client::{Client, Context};
-use tokio_modbus::prelude::{Request, Response, Slave, SlaveContext};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Where a bus is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,10 +80,100 @@ impl UnitPolicy {
     }
 }
 
+/// An open link: the stream and the buffer its reply is read into.
+struct Conn {
+    stream: Stream,
+    /// A link waits for one reply at a time, and a reply is at most `MAX_ADU` bytes.
+    buf: Box<[u8; MAX_ADU]>,
+}
+
+enum Stream {
+    Tcp {
+        socket: tokio::net::TcpStream,
+        /// The MBAP transaction id of the last request.
+        transaction: u16,
+    },
+    Rtu(tokio_serial::SerialStream),
+}
+
+/// Why a request got no reply.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+fn closed() -> CallError {
+    CallError::Io(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "the link was closed by the other end",
+    ))
+}
+
+impl Conn {
+    fn new(stream: Stream) -> Self {
+        Self {
+            stream,
+            buf: Box::new([0; MAX_ADU]),
+        }
+    }
+
+    /// Sends one read request and reads its reply.
+    async fn call(&mut self, unit: u8, req: ReadRequest) -> Result<Reply, CallError> {
+        let buf = &mut self.buf[..];
+        let mut len = 0;
+        match &mut self.stream {
+            Stream::Tcp {
+                socket,
+                transaction,
+            } => {
+                *transaction = transaction.wrapping_add(1);
+                let tid = *transaction;
+                socket
+                    .write_all(&modbus_frame::tcp_request(tid, unit, req))
+                    .await?;
+                loop {
+                    // A TCP reply is at most MAX_ADU bytes, so `len` never reaches the end
+                    // before the reply is whole.
+                    let n = socket.read(&mut buf[len..]).await?;
+                    if n == 0 {
+                        return Err(closed());
+                    }
+                    len += n;
+                    if let Parsed::Reply(r) = modbus_frame::parse_tcp(&buf[..len], tid, unit, req)?
+                    {
+                        return Ok(r);
+                    }
+                }
+            }
+            Stream::Rtu(port) => {
+                port.write_all(&modbus_frame::rtu_request(unit, req))
+                    .await?;
+                loop {
+                    let n = port.read(&mut buf[len..]).await?;
+                    if n == 0 {
+                        return Err(closed());
+                    }
+                    len += n;
+                    let (skip, parsed) = modbus_frame::rtu_resync(&buf[..len], unit, req);
+                    if let Parsed::Reply(r) = parsed? {
+                        return Ok(r);
+                    }
+                    // Line noise before the reply: what is left fits (see rtu_resync).
+                    buf.copy_within(skip..len, 0);
+                    len -= skip;
+                }
+            }
+        }
+    }
+}
+
 /// One Modbus link and the units on it.
 pub struct ModbusBus {
     endpoint: Endpoint,
-    ctx: Option<Context>,
+    ctx: Option<Conn>,
     /// The link was open before: opening it again counts as a reconnect.
     opened_before: bool,
     connect_timeout: Duration,
@@ -137,7 +227,7 @@ impl ModbusBus {
         self.ctx = None;
     }
 
-    async fn connect(&mut self, unit: u8) -> Result<&mut Context, TransportError> {
+    async fn connect(&mut self, unit: u8) -> Result<&mut Conn, TransportError> {
         if self.ctx.is_none() {
             let ctx = match &self.endpoint {
                 Endpoint::Tcp(target) => {
@@ -162,7 +252,10 @@ impl ModbusBus {
                         Ok(Ok(stream)) => {
                             // Requests are small and latency-bound.
                             let _ = stream.set_nodelay(true);
-                            tokio_modbus::client::tcp::attach_slave(stream, Slave(unit))
+                            Conn::new(Stream::Tcp {
+                                socket: stream,
+                                transaction: 0,
+                            })
                         }
                     }
                 }
@@ -172,8 +265,7 @@ impl ModbusBus {
                         Parity::Even => tokio_serial::Parity::Even,
                         Parity::Odd => tokio_serial::Parity::Odd,
                     };
-                    let port = super::serial::open_line(path, *baud, parity)?;
-                    tokio_modbus::client::rtu::attach_slave(port, Slave(unit))
+                    Conn::new(Stream::Rtu(super::serial::open_line(path, *baud, parity)?))
                 }
             };
             if self.opened_before {
@@ -207,14 +299,9 @@ impl ModbusBus {
                     tokio::time::sleep(policy.request_gap - since).await;
                 }
             }
-            let request = match req.table {
-                Table::Holding => Request::ReadHoldingRegisters(req.start, req.count),
-                Table::Input => Request::ReadInputRegisters(req.start, req.count),
-            };
             let ctx = self.connect(unit).await?;
-            ctx.set_slave(Slave(unit));
             let started = Instant::now();
-            let outcome = tokio::time::timeout(policy.timeout, ctx.call(request)).await;
+            let outcome = tokio::time::timeout(policy.timeout, ctx.call(unit, req)).await;
             let stats = self.stats.entry(unit).or_default();
             stats.requests += 1;
             match outcome {
@@ -238,17 +325,16 @@ impl ModbusBus {
                         continue;
                     }
                     return Err(match e {
-                        tokio_modbus::Error::Transport(io) => TransportError::Io {
+                        CallError::Io(io) => TransportError::Io {
                             target: self.endpoint.to_string(),
                             reason: io.to_string(),
                         },
-                        tokio_modbus::Error::Protocol(p) => {
+                        CallError::Frame(p) => {
                             TransportError::Protocol(format!("unit {unit} {what}: {p}"))
                         }
                     });
                 }
-                Ok(Ok(Err(exc))) => {
-                    let code = u8::from(exc);
+                Ok(Ok(Reply::Exception(code))) => {
                     stats.exception(code);
                     self.last_reply = Some(Instant::now());
                     stats.last_latency = Some(started.elapsed());
@@ -274,25 +360,10 @@ impl ModbusBus {
                         what,
                     });
                 }
-                Ok(Ok(Ok(resp))) => {
+                Ok(Ok(Reply::Registers(words))) => {
+                    // The frame parser checked the count: the words go to their addresses.
                     self.last_reply = Some(Instant::now());
                     stats.last_latency = Some(started.elapsed());
-                    let words = match resp {
-                        Response::ReadHoldingRegisters(w) | Response::ReadInputRegisters(w) => w,
-                        _ => {
-                            return Err(TransportError::Protocol(format!(
-                                "unit {unit} {what}: answer of another function"
-                            )))
-                        }
-                    };
-                    if words.len() != req.count as usize {
-                        // A short or long answer cannot be placed at the right addresses.
-                        self.ctx = None;
-                        return Err(TransportError::Protocol(format!(
-                            "unit {unit} {what}: {} registers in the answer",
-                            words.len()
-                        )));
-                    }
                     return Ok(words);
                 }
             }
