@@ -75,6 +75,30 @@ pub fn command() -> clap::Command {
     Cli::command()
 }
 
+/// Logs to stderr at the level `RUST_LOG` names (`info`, `tend_agent=debug,info`, ...),
+/// `info` when it is unset. A value that does not parse is said once and `info` used.
+/// `Targets` is EnvFilter without span and field matching, and without the regex
+/// engine that would be a tenth of the agent's code.
+fn log_to_stderr() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let info = Targets::new().with_default(LevelFilter::INFO);
+    let (filter, refused) = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => match v.parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (info, Some((v, e))),
+        },
+        _ => (info, None),
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
+    if let Some((v, e)) = refused {
+        tracing::warn!("RUST_LOG={v:?} is not a log filter ({e}); logging at info");
+    }
+}
+
 fn run(config: &std::path::Path) -> ExitCode {
     let loaded = match crate::config::load(config) {
         Ok(l) => l,
@@ -83,13 +107,7 @@ fn run(config: &std::path::Path) -> ExitCode {
             return ExitCode::from(crate::profile_cmd::EXIT_INVALID);
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    log_to_stderr();
     // One thread does all the async work (a link task per port or bus, the recorder, the
     // uplink): it waits on sockets and timers almost all the time, and more workers would
     // only add wake-ups and memory. The outbox's commits run on a blocking-pool thread.
