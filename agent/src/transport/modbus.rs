@@ -288,7 +288,8 @@ impl ModbusBus {
         req: ReadRequest,
         policy: &UnitPolicy,
     ) -> Result<Vec<u16>, TransportError> {
-        let what = describe(req);
+        // Named only when something went wrong: a poll that succeeds formats nothing.
+        let what = || describe(req);
         let mut busy = 0u32;
         let mut attempt = 0u32;
         loop {
@@ -313,7 +314,7 @@ impl ModbusBus {
                         continue;
                     }
                     return Err(TransportError::Timeout {
-                        what: format!("unit {unit} {what} on {}", self.endpoint),
+                        what: format!("unit {unit} {} on {}", what(), self.endpoint),
                         after: policy.timeout,
                         detail: String::new(),
                     });
@@ -330,7 +331,7 @@ impl ModbusBus {
                             reason: io.to_string(),
                         },
                         CallError::Frame(p) => {
-                            TransportError::Protocol(format!("unit {unit} {what}: {p}"))
+                            TransportError::Protocol(format!("unit {unit} {}: {p}", what()))
                         }
                     });
                 }
@@ -344,7 +345,8 @@ impl ModbusBus {
                             return Err(TransportError::Busy {
                                 attempts: busy,
                                 what: format!(
-                                    "unit {unit} {what}: exception 0x{code:02X} {}",
+                                    "unit {unit} {}: exception 0x{code:02X} {}",
+                                    what(),
                                     exception_name(code)
                                 ),
                             });
@@ -357,7 +359,7 @@ impl ModbusBus {
                         unit,
                         code,
                         name: exception_name(code),
-                        what,
+                        what: what(),
                     });
                 }
                 Ok(Ok(Reply::Registers(words))) => {
