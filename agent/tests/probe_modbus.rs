@@ -448,9 +448,12 @@ async fn rtu_timeout_reopens_the_port_and_recovers() {
     assert_eq!(bus.read(1, req, &policy).await.unwrap(), vec![5, 2, 1]);
 }
 
+/// The answer a misbehaving device gives to a request with this MBAP header.
+type Answer = fn([u8; 7]) -> Vec<u8>;
+
 /// A Modbus TCP "device" whose every answer is `reply(request header)`: a device (or a
 /// man in the middle) answering out of turn or with a malformed frame.
-async fn misanswering_server(reply: fn([u8; 7]) -> Vec<u8>) -> SocketAddr {
+async fn misanswering_server(reply: Answer) -> SocketAddr {
     let l = TcpListener::bind(any_port()).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -458,8 +461,7 @@ async fn misanswering_server(reply: fn([u8; 7]) -> Vec<u8>) -> SocketAddr {
             tokio::spawn(async move {
                 let mut hdr = [0u8; 7];
                 let mut pdu = [0u8; 5];
-                while s.read_exact(&mut hdr).await.is_ok() && s.read_exact(&mut pdu).await.is_ok()
-                {
+                while s.read_exact(&mut hdr).await.is_ok() && s.read_exact(&mut pdu).await.is_ok() {
                     if s.write_all(&reply(hdr)).await.is_err() {
                         return;
                     }
@@ -485,7 +487,7 @@ async fn replies_that_are_not_the_answer_are_refused_naming_why() {
         max_busy: 0,
         attempts: 2,
     };
-    let cases: [(fn([u8; 7]) -> Vec<u8>, &str); 5] = [
+    let cases: [(Answer, &str); 5] = [
         // The answer to another transaction (a late reply to an earlier request).
         (
             |h| vec![h[0], h[1] ^ 1, 0, 0, 0, 7, h[6], 3, 4, 0, 1, 0, 2],
@@ -507,7 +509,10 @@ async fn replies_that_are_not_the_answer_are_refused_naming_why() {
             "frame length 65535",
         ),
         // Not Modbus at all.
-        (|_| b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(), "protocol id"),
+        (
+            |_| b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(),
+            "protocol id",
+        ),
     ];
     for (reply, says) in cases {
         let addr = misanswering_server(reply).await;
@@ -515,7 +520,10 @@ async fn replies_that_are_not_the_answer_are_refused_naming_why() {
         let err = bus.read(1, req, &policy).await.unwrap_err();
         assert!(matches!(err, TransportError::Protocol(_)), "{err:?}");
         assert!(err.to_string().contains(says), "{says}: {err}");
-        assert!(err.to_string().contains("unit 1 holding registers 0..1"), "{err}");
+        assert!(
+            err.to_string().contains("unit 1 holding registers 0..1"),
+            "{err}"
+        );
         // Each refused answer dropped the link: the retry came on a new connection.
         let st = bus.stats(1);
         assert_eq!((st.requests, st.reconnects), (2, 1), "{says}: {st:?}");
@@ -537,4 +545,49 @@ async fn replies_that_are_not_the_answer_are_refused_naming_why() {
     let mut bus = ModbusBus::new(Endpoint::Tcp(addr.to_string()));
     let err = bus.read(1, req, &policy).await.unwrap_err();
     assert!(matches!(err, TransportError::Timeout { .. }), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_of_one_rtu_bus_each_answer_for_themselves() {
+    // Three ventilators on one RS-485 bus (the bench's `bus` layout, smaller); the second
+    // is silent (switched off), and its timeout must not cost the others their reads.
+    let cfgs: Vec<Av500Config> = (1..=3u8)
+        .map(|unit| {
+            let mut c = Av500Config::v5();
+            c.unit = unit;
+            c.serial = format!("AV5C-21-00000{unit}");
+            c
+        })
+        .collect();
+    let bus_sim = Av500Sim::spawn_rtu_bus(cfgs).await.unwrap();
+    let tend_devsim::av500::Endpoint::Pty(path) = bus_sim.endpoint() else {
+        panic!("a bus on a pty");
+    };
+    bus_sim.units()[1].1.update(|s| s.silent = true);
+    let set = ProfileSet::builtin().unwrap();
+    let mut bus = ModbusBus::new(Endpoint::Rtu {
+        path: path.display().to_string(),
+        baud: 19200,
+        parity: tend_profiles::schema::Parity::Even,
+    });
+    for round in 0..2 {
+        for unit in [1u8, 3] {
+            let read = bus
+                .read_once(unit, &set, AV, Some(Duration::from_millis(200)))
+                .await
+                .unwrap_or_else(|e| panic!("round {round} unit {unit}: {e}"));
+            assert_eq!(
+                read.identity.serial.as_deref(),
+                Some(format!("AV5C-21-00000{unit}").as_str())
+            );
+        }
+        let err = bus
+            .read_once(2, &set, AV, Some(Duration::from_millis(200)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
+    }
+    assert_eq!(bus.stats(1).timeouts, 0);
+    assert_eq!(bus.stats(3).timeouts, 0);
+    assert_eq!(bus.stats(2).timeouts, 4);
 }

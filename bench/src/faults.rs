@@ -151,7 +151,7 @@ pub async fn fault_run(
             }
         })
     };
-    let cfg = tend::agent_config(agent_dir, broker, &sims.addrs(), "1s")?;
+    let cfg = tend::agent_config(agent_dir, broker, &tend::Target::tcp(&sims.addrs()), "1s")?;
     let mut agent = tend::start_agent(a.agent_folder(), &cfg, a.agent_wrap.as_deref())?;
     let t = Instant::now();
     while identified.lock().unwrap().len() < a.devices && t.elapsed() < Duration::from_secs(60) {

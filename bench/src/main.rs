@@ -10,7 +10,8 @@
 //!   way (its whole process tree), its MQTT messages counted. Once per layout
 //!   (`--layouts`): `endpoints`, one Modbus TCP endpoint per ventilator, and `one-link`,
 //!   the 50 ventilators as units 1–50 behind one endpoint (a serial-to-Ethernet gateway
-//!   in front of an RS-485 bus, the layout hospitals have most).
+//!   in front of an RS-485 bus, the layout hospitals have most), and `bus`, the 50 as
+//!   units of one RS-485 bus the agent (and the peer) read as Modbus RTU on a pty.
 //! - `outbox`: durable records/s of the agent's outbox, 64 closed-loop appenders.
 //! - `drain`: a 180,000-record backlog in the agent's outbox, the gateway down, the
 //!   agent's memory while it holds it; the gateway starts; time until it has stored
@@ -49,9 +50,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tend::{device_id, Gateway, GatewayPlan};
+use tend::{device_id, Gateway, GatewayPlan, Target};
 use tend_agent::outbox::{Outbox, OutboxConfig};
 use tend_devsim::av500::Av500Units;
+use tend_devsim::av500::Endpoint;
 use tend_devsim::{Av500Config, Av500Handle, Av500Sim, Av500State};
 use tend_gateway::store::{GatewayStore, RedbStore};
 use tend_profiles::Value;
@@ -82,8 +84,9 @@ struct Args {
     #[arg(long, default_value_t = 50)]
     devices: usize,
     /// The resources phase's layouts, comma-separated: `endpoints` (one Modbus TCP
-    /// endpoint per ventilator), `one-link` (every ventilator a unit behind one endpoint).
-    #[arg(long, default_value = "endpoints,one-link")]
+    /// endpoint per ventilator), `one-link` (every ventilator a unit behind one endpoint),
+    /// `bus` (every ventilator a unit of one RS-485 bus, Modbus RTU on a pty).
+    #[arg(long, default_value = "endpoints,one-link,bus")]
     layouts: String,
     /// Settling time after start before a window opens.
     #[arg(long, default_value = "10s", value_parser = duration)]
@@ -95,7 +98,8 @@ struct Args {
     #[arg(long, default_value = "target/release")]
     bin: PathBuf,
     /// The folder of the `tend-agent` to run, when not `--bin` (`scripts/bench` passes the shipped
-    /// one, `target/dist-agent`).
+    /// one, `target/x86_64-unknown-linux-musl/dist-agent`); its size is reported as the
+    /// shipped agent's.
     #[arg(long)]
     agent_dir: Option<PathBuf>,
     /// The target directory holding the shipped binaries (`dist-agent/tend-agent`,
@@ -164,17 +168,21 @@ fn main() -> std::process::ExitCode {
 }
 
 /// The simulated ventilators, in this process: one endpoint each, and (for the
-/// `one-link` layout) the same number again as units 1..=n behind one endpoint.
+/// `one-link` layout) the same number again as units 1..=n behind one endpoint, and (for
+/// the `bus` layout) again as units 1..=n of one RS-485 bus on a pty.
 struct Sims {
     handles: Vec<Av500Handle>,
     units: Option<Av500Units>,
+    /// The `bus` layout: the same number again as units 1..=n of one RS-485 bus (Modbus
+    /// RTU on a pty).
+    bus: Option<Av500Units>,
 }
 
 /// The resources phase's layouts.
-const LAYOUTS: [&str; 2] = ["endpoints", "one-link"];
+const LAYOUTS: [&str; 3] = ["endpoints", "one-link", "bus"];
 
 impl Sims {
-    async fn start(n: usize, one_link: bool) -> anyhow::Result<Sims> {
+    async fn start(n: usize, one_link: bool, bus: bool) -> anyhow::Result<Sims> {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         let cfg = |i: usize| {
             let mut cfg = Av500Config::v5();
@@ -185,20 +193,32 @@ impl Sims {
         for i in 0..n {
             handles.push(Av500Sim::spawn_tcp(cfg(i), any).await?);
         }
-        let units = if one_link {
-            anyhow::ensure!(n <= 247, "one Modbus link has at most 247 units");
-            let cfgs = (0..n)
+        anyhow::ensure!(
+            n <= 247 || !(one_link || bus),
+            "one Modbus link has at most 247 units"
+        );
+        let cfgs = || -> Vec<Av500Config> {
+            (0..n)
                 .map(|i| {
                     let mut c = cfg(i);
                     c.unit = (i + 1) as u8;
                     c
                 })
-                .collect();
-            Some(Av500Sim::spawn_tcp_units(cfgs, any).await?)
-        } else {
-            None
+                .collect()
         };
-        Ok(Sims { handles, units })
+        let units = match one_link {
+            true => Some(Av500Sim::spawn_tcp_units(cfgs(), any).await?),
+            false => None,
+        };
+        let bus = match bus {
+            true => Some(Av500Sim::spawn_rtu_bus(cfgs()).await?),
+            false => None,
+        };
+        Ok(Sims {
+            handles,
+            units,
+            bus,
+        })
     }
 
     /// Each ventilator's endpoint and unit id: one endpoint each (unit 1).
@@ -210,10 +230,22 @@ impl Sims {
     }
 
     /// The targets of `layout`.
-    fn layout(&self, layout: &str) -> Vec<(SocketAddr, u8)> {
-        match (layout, &self.units) {
-            ("one-link", Some(u)) => u.units().iter().map(|(c, _)| (u.addr(), c.unit)).collect(),
-            _ => self.addrs(),
+    fn layout(&self, layout: &str) -> Vec<Target> {
+        match (layout, &self.units, &self.bus) {
+            ("one-link", Some(u), _) => u
+                .units()
+                .iter()
+                .map(|(c, _)| Target::Tcp(u.addr(), c.unit))
+                .collect(),
+            ("bus", _, Some(b)) => match b.endpoint() {
+                Endpoint::Pty(path) => b
+                    .units()
+                    .iter()
+                    .map(|(c, _)| Target::Bus(path.clone(), c.unit))
+                    .collect(),
+                Endpoint::Tcp(_) => Vec::new(),
+            },
+            _ => Target::tcp(&self.addrs()),
         }
     }
 
@@ -222,7 +254,7 @@ impl Sims {
         for h in &self.handles {
             h.update(|s| *s = Av500State::default());
         }
-        for (_, state) in self.units.iter().flat_map(|u| u.units()) {
+        for (_, state) in self.units.iter().chain(&self.bus).flat_map(|u| u.units()) {
             state.update(|s| *s = Av500State::default());
         }
     }
@@ -276,10 +308,11 @@ async fn run(a: Args) -> anyhow::Result<()> {
         }
     };
     let mut report = Report::new(&a, &work);
-    report.dist_sizes = dist_sizes(&a.dist);
+    report.dist_sizes = dist_sizes(&a.dist, a.agent_dir.as_deref());
     log(format!("work dir {}", work.display()));
     let one_link = phases.contains(&"resources") && layouts.contains(&"one-link");
-    let sims = Sims::start(a.devices, one_link).await?;
+    let bus = phases.contains(&"resources") && layouts.contains(&"bus");
+    let sims = Sims::start(a.devices, one_link, bus).await?;
     log(format!("{} simulated AV-500 5.x on Modbus TCP", a.devices));
 
     if phases.contains(&"resources") {
@@ -338,16 +371,21 @@ fn batch_sizes(s: &str) -> anyhow::Result<Vec<usize>> {
         .collect()
 }
 
-/// Bytes of the shipped binaries, where `scripts/package` or `scripts/bench` built them
-/// under the target directory `dir`.
-fn dist_sizes(dir: &Path) -> Vec<(String, u64)> {
-    [("dist-agent", "tend-agent"), ("dist", "tend-gateway")]
-        .iter()
-        .filter_map(|(profile, b)| {
-            let bytes = std::fs::metadata(dir.join(profile).join(b)).ok()?.len();
-            Some((b.to_string(), bytes))
-        })
-        .collect()
+/// Bytes of the shipped binaries, where `scripts/package` or `scripts/bench` built them:
+/// the gateway under the target directory `dir`, the agent in `agent_dir` (its musl
+/// target's folder) or else `dir/dist-agent`.
+fn dist_sizes(dir: &Path, agent_dir: Option<&Path>) -> Vec<(String, u64)> {
+    let agent = agent_dir.map_or_else(|| dir.join("dist-agent"), Path::to_path_buf);
+    [
+        (agent.join("tend-agent"), "tend-agent"),
+        (dir.join("dist").join("tend-gateway"), "tend-gateway"),
+    ]
+    .iter()
+    .filter_map(|(path, b)| {
+        let bytes = std::fs::metadata(path).ok()?.len();
+        Some((b.to_string(), bytes))
+    })
+    .collect()
 }
 
 impl Args {
@@ -556,7 +594,7 @@ async fn outbox(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()
 // drain
 
 async fn drain(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyhow::Result<()> {
-    let addrs = sims.addrs();
+    let addrs = Target::tcp(&sims.addrs());
     for run in 0..a.runs {
         sims.reset();
         let dir = work.join(format!("drain-{run}"));

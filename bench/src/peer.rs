@@ -9,8 +9,8 @@
 
 use crate::mqtt;
 use crate::procs_util::{self, Proc};
+use crate::tend::Target;
 use rumqttc::QoS;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -153,16 +153,40 @@ fn tb_gateway_json(port: u16) -> serde_json::Value {
 /// `modbus.json`: one slave per simulator (its endpoint and unit id), the registers the agent's AV-500 5.x profile
 /// reads every poll (holding 11–12, input 0–15) as two address ranges (one request each,
 /// the cheaper form), every second.
-fn modbus_json(devices: &[(SocketAddr, u8)]) -> serde_json::Value {
+fn modbus_json(devices: &[Target]) -> serde_json::Value {
     let slaves: Vec<serde_json::Value> = devices
         .iter()
         .enumerate()
-        .map(|(i, (a, unit))| {
-            serde_json::json!({
-                "host": a.ip().to_string(),
-                "port": a.port(),
-                "type": "tcp",
-                "method": "socket",
+        .map(|(i, target)| {
+            let (link, unit) = match target {
+                Target::Tcp(a, unit) => (
+                    serde_json::json!({
+                        "host": a.ip().to_string(),
+                        "port": a.port(),
+                        "type": "tcp",
+                        "method": "socket",
+                    }),
+                    unit,
+                ),
+                // The AV-500's bus: 19200 baud, 8 data bits, 1 stop bit, and the manual's
+                // 5 ms between requests, which the agent keeps too. Parity none, not the
+                // bus's even: pyserial's tcsetattr with even parity fails on a Linux pty
+                // (EINVAL), and a pty carries no parity bit, so the bytes are the same.
+                Target::Bus(path, unit) => (
+                    serde_json::json!({
+                        "delayBetweenRequestsMs": 5,
+                        "port": path.display().to_string(),
+                        "type": "serial",
+                        "method": "rtu",
+                        "baudrate": 19200,
+                        "bytesize": 8,
+                        "parity": "N",
+                        "stopbits": 1,
+                    }),
+                    unit,
+                ),
+            };
+            let mut slave = serde_json::json!({
                 "unitId": unit,
                 "deviceName": crate::tend::device_id(i),
                 "deviceType": "ventilator",
@@ -183,7 +207,11 @@ fn modbus_json(devices: &[(SocketAddr, u8)]) -> serde_json::Value {
                 ],
                 "attributeUpdates": [],
                 "rpc": []
-            })
+            });
+            if let (Some(s), serde_json::Value::Object(l)) = (slave.as_object_mut(), link) {
+                s.extend(l);
+            }
+            slave
         })
         .collect();
     serde_json::json!({"master": {"slaves": slaves}})
@@ -205,12 +233,7 @@ fn package_dir(venv: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Starts the peer in `dir` (its config, `./logs`, and its output).
-pub fn start(
-    venv: &Path,
-    dir: &Path,
-    port: u16,
-    devices: &[(SocketAddr, u8)],
-) -> anyhow::Result<Proc> {
+pub fn start(venv: &Path, dir: &Path, port: u16, devices: &[Target]) -> anyhow::Result<Proc> {
     let config = dir.join("config");
     std::fs::create_dir_all(&config)?;
     // Without ./logs the logging config fails (and pymodbus floods the console).

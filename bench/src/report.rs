@@ -193,6 +193,14 @@ impl Report {
             median(&pdps),
             runs(&pmps, 1)
         );
+        // A peer that read nothing did not do the same work: no ratio is taken from it.
+        if pmps.iter().any(|m| *m < 0.9 * median(&rate)) {
+            let _ = writeln!(
+                o,
+                "| {layout}: tend ÷ peer | not compared: the peer published fewer messages than the agent stored records in a run | | ≤ 0.125 (8× less) | **no comparison** |"
+            );
+            return;
+        }
         let cpu_ratio = median(&cpu) / median(&pcpu);
         let mem_ratio = median(&hwm) / median(&phwm);
         let rss_ratio = median(&rss) / median(&prss);

@@ -221,10 +221,25 @@ pub fn broker_addr(url: &str) -> (String, u16) {
 /// An agent's config: `devices` are the simulators' addresses and Modbus unit ids (one
 /// endpoint each, or many units behind one); its credentials are `bench-agent.cred`
 /// beside it (see [`enrol_agent`]).
+/// Where one simulated ventilator is read: its Modbus TCP endpoint or the pty of its
+/// RS-485 bus, and its unit id there.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Tcp(SocketAddr, u8),
+    Bus(PathBuf, u8),
+}
+
+impl Target {
+    /// One target per `(endpoint, unit)`.
+    pub fn tcp(addrs: &[(SocketAddr, u8)]) -> Vec<Target> {
+        addrs.iter().map(|(a, u)| Target::Tcp(*a, *u)).collect()
+    }
+}
+
 pub fn agent_config(
     dir: &Path,
     broker: &str,
-    devices: &[(SocketAddr, u8)],
+    devices: &[Target],
     flap_damping: &str,
 ) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
@@ -232,10 +247,21 @@ pub fn agent_config(
         "agent_id = \"{AGENT_ID}\"\nsite_id = \"{SITE_ID}\"\ndata_dir = \"data\"\nflap_damping = \"{flap_damping}\"\n\n\
          [uplink]\nbroker = \"{broker}\"\ncredentials = \"{AGENT_ID}.cred\"\n"
     );
-    for (i, (a, unit)) in devices.iter().enumerate() {
+    for (i, target) in devices.iter().enumerate() {
+        let (link, unit) = match target {
+            Target::Tcp(a, unit) => (
+                format!("transport = \"modbus-tcp\"\naddress = \"{a}\""),
+                unit,
+            ),
+            // The AV-500's bus settings (19200 8E1) are its profile's defaults.
+            Target::Bus(path, unit) => (
+                format!("transport = \"modbus-rtu\"\nport = \"{}\"", path.display()),
+                unit,
+            ),
+        };
         let _ = write!(
             s,
-            "\n[[device]]\nid = \"{}\"\nprofile = \"aeris/av-500\"\ntransport = \"modbus-tcp\"\naddress = \"{a}\"\nunit = {unit}\npoll_interval = \"1s\"\n",
+            "\n[[device]]\nid = \"{}\"\nprofile = \"aeris/av-500\"\n{link}\nunit = {unit}\npoll_interval = \"1s\"\n",
             device_id(i)
         );
     }

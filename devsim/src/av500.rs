@@ -252,18 +252,27 @@ impl ModbusDevice for Units {
     }
 }
 
-/// Ventilators served by [`Av500Sim::spawn_tcp_units`]. Dropping it stops them all.
+/// Ventilators served by [`Av500Sim::spawn_tcp_units`] or [`Av500Sim::spawn_rtu_bus`].
+/// Dropping it stops them all.
 #[derive(Debug)]
 pub struct Av500Units {
-    addr: SocketAddr,
+    endpoint: Endpoint,
     units: Vec<(Av500Config, Shared<Av500State>)>,
     _stopper: Stopper,
 }
 
 impl Av500Units {
-    /// The one endpoint every unit answers on.
+    /// The one endpoint every unit answers on (a TCP address; `0.0.0.0:0` for a bus on a
+    /// pty, whose path is [`Self::endpoint`]).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        match &self.endpoint {
+            Endpoint::Tcp(a) => *a,
+            Endpoint::Pty(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+    /// Where every unit answers: a TCP endpoint, or the pty of an RS-485 bus.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
     /// Each unit's config and state, in the order given.
     pub fn units(&self) -> &[(Av500Config, Shared<Av500State>)] {
@@ -314,23 +323,9 @@ impl Av500Sim {
         cfgs: Vec<Av500Config>,
         addr: SocketAddr,
     ) -> io::Result<Av500Units> {
-        let mut ids: Vec<u8> = cfgs.iter().map(|c| c.unit).collect();
-        ids.sort_unstable();
-        if ids.windows(2).any(|w| w[0] == w[1]) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "two simulated AV-500 units on one endpoint have the same unit id",
-            ));
-        }
         let listener = modbus::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let (units, devices): (Vec<_>, Vec<_>) = cfgs
-            .into_iter()
-            .map(|cfg| {
-                let (state, dev) = Self::device(&cfg);
-                ((cfg, state), dev)
-            })
-            .unzip();
+        let (units, devices) = Self::units(cfgs)?;
         let stopper = Stopper::new();
         tokio::spawn(modbus::serve_tcp(
             listener,
@@ -339,10 +334,52 @@ impl Av500Sim {
             stopper.token(),
         ));
         Ok(Av500Units {
-            addr,
+            endpoint: Endpoint::Tcp(addr),
             units,
             _stopper: stopper,
         })
+    }
+
+    /// Serves every ventilator of `cfgs` as a unit of one RS-485 bus, Modbus RTU on a
+    /// fresh pty (open it at 19200 8E1): a request goes to the unit it addresses, and
+    /// units answer one at a time, as on a real bus.
+    pub async fn spawn_rtu_bus(cfgs: Vec<Av500Config>) -> io::Result<Av500Units> {
+        let (units, devices) = Self::units(cfgs)?;
+        let pty = pty::open()?;
+        let path = pty.path.clone();
+        let stopper = Stopper::new();
+        tokio::spawn(modbus::serve_rtu(
+            pty,
+            Arc::new(Units(devices)),
+            stopper.token(),
+        ));
+        Ok(Av500Units {
+            endpoint: Endpoint::Pty(path),
+            units,
+            _stopper: stopper,
+        })
+    }
+
+    /// The units of one link, their unit ids checked to differ.
+    #[allow(clippy::type_complexity)]
+    fn units(
+        cfgs: Vec<Av500Config>,
+    ) -> io::Result<(Vec<(Av500Config, Shared<Av500State>)>, Vec<Arc<Device>>)> {
+        let mut ids: Vec<u8> = cfgs.iter().map(|c| c.unit).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "two simulated AV-500 units on one link have the same unit id",
+            ));
+        }
+        Ok(cfgs
+            .into_iter()
+            .map(|cfg| {
+                let (state, dev) = Self::device(&cfg);
+                ((cfg, state), dev)
+            })
+            .unzip())
     }
 
     /// Serves Modbus RTU on a fresh pty (open it at 19200 8E1).
