@@ -253,12 +253,18 @@ async fn unmapped_read_is_an_exception_error_naming_the_code() {
     assert_eq!(ok, vec![5, 2, 1]);
 }
 
-/// A Modbus TCP device that answers every request with exception `code`.
-async fn exception_server(code: u8) -> SocketAddr {
+/// A Modbus TCP "device" whose every answer is `answer(request header, request PDU)`:
+/// one that answers with exceptions, or (a device or a man in the middle) out of turn or
+/// with a malformed frame. An empty answer is silence.
+async fn answering_server(
+    answer: impl Fn([u8; 7], &[u8]) -> Vec<u8> + Send + Sync + 'static,
+) -> SocketAddr {
+    let answer = std::sync::Arc::new(answer);
     let l = TcpListener::bind(any_port()).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut hdr = [0u8; 7];
                 while s.read_exact(&mut hdr).await.is_ok() {
@@ -267,9 +273,7 @@ async fn exception_server(code: u8) -> SocketAddr {
                     if s.read_exact(&mut pdu).await.is_err() {
                         return;
                     }
-                    let fc = pdu.first().copied().unwrap_or(0);
-                    let reply = [hdr[0], hdr[1], 0, 0, 0, 3, hdr[6], fc | 0x80, code];
-                    if s.write_all(&reply).await.is_err() {
+                    if s.write_all(&answer(hdr, &pdu)).await.is_err() {
                         return;
                     }
                 }
@@ -277,6 +281,15 @@ async fn exception_server(code: u8) -> SocketAddr {
         }
     });
     addr
+}
+
+/// A Modbus TCP device that answers every request with exception `code`.
+async fn exception_server(code: u8) -> SocketAddr {
+    answering_server(move |hdr, pdu| {
+        let fc = pdu.first().copied().unwrap_or(0);
+        vec![hdr[0], hdr[1], 0, 0, 0, 3, hdr[6], fc | 0x80, code]
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,27 +464,6 @@ async fn rtu_timeout_reopens_the_port_and_recovers() {
 /// The answer a misbehaving device gives to a request with this MBAP header.
 type Answer = fn([u8; 7]) -> Vec<u8>;
 
-/// A Modbus TCP "device" whose every answer is `reply(request header)`: a device (or a
-/// man in the middle) answering out of turn or with a malformed frame.
-async fn misanswering_server(reply: Answer) -> SocketAddr {
-    let l = TcpListener::bind(any_port()).await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut hdr = [0u8; 7];
-                let mut pdu = [0u8; 5];
-                while s.read_exact(&mut hdr).await.is_ok() && s.read_exact(&mut pdu).await.is_ok() {
-                    if s.write_all(&reply(hdr)).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_that_are_not_the_answer_are_refused_naming_why() {
     let req = ReadRequest {
@@ -515,7 +507,7 @@ async fn replies_that_are_not_the_answer_are_refused_naming_why() {
         ),
     ];
     for (reply, says) in cases {
-        let addr = misanswering_server(reply).await;
+        let addr = answering_server(move |hdr, _| reply(hdr)).await;
         let mut bus = ModbusBus::new(Endpoint::Tcp(addr.to_string()));
         let err = bus.read(1, req, &policy).await.unwrap_err();
         assert!(matches!(err, TransportError::Protocol(_)), "{err:?}");
@@ -529,7 +521,7 @@ async fn replies_that_are_not_the_answer_are_refused_naming_why() {
         assert_eq!((st.requests, st.reconnects), (2, 1), "{says}: {st:?}");
     }
     // A link closed by the other end mid-request is an I/O error naming the endpoint.
-    let addr = misanswering_server(|_| Vec::new()).await;
+    let addr = answering_server(|_, _| Vec::new()).await;
     let l = TcpListener::bind(any_port()).await.unwrap();
     let closing = l.local_addr().unwrap();
     tokio::spawn(async move {

@@ -123,7 +123,6 @@ impl Conn {
     /// Sends one read request and reads its reply.
     async fn call(&mut self, unit: u8, req: ReadRequest) -> Result<Reply, CallError> {
         let buf = &mut self.buf[..];
-        let mut len = 0;
         match &mut self.stream {
             Stream::Tcp {
                 socket,
@@ -131,42 +130,51 @@ impl Conn {
             } => {
                 *transaction = transaction.wrapping_add(1);
                 let tid = *transaction;
-                socket
-                    .write_all(&modbus_frame::tcp_request(tid, unit, req))
-                    .await?;
-                loop {
-                    // A TCP reply is at most MAX_ADU bytes, so `len` never reaches the end
-                    // before the reply is whole.
-                    let n = socket.read(&mut buf[len..]).await?;
-                    if n == 0 {
-                        return Err(closed());
-                    }
-                    len += n;
-                    if let Parsed::Reply(r) = modbus_frame::parse_tcp(&buf[..len], tid, unit, req)?
-                    {
-                        return Ok(r);
-                    }
-                }
+                let request = modbus_frame::tcp_request(tid, unit, req);
+                // A TCP stream carries only replies: nothing is ever skipped.
+                exchange(socket, buf, &request, |b| {
+                    (0, modbus_frame::parse_tcp(b, tid, unit, req))
+                })
+                .await
             }
             Stream::Rtu(port) => {
-                port.write_all(&modbus_frame::rtu_request(unit, req))
-                    .await?;
-                loop {
-                    let n = port.read(&mut buf[len..]).await?;
-                    if n == 0 {
-                        return Err(closed());
-                    }
-                    len += n;
-                    let (skip, parsed) = modbus_frame::rtu_resync(&buf[..len], unit, req);
-                    if let Parsed::Reply(r) = parsed? {
-                        return Ok(r);
-                    }
-                    // Line noise before the reply: what is left fits (see rtu_resync).
-                    buf.copy_within(skip..len, 0);
-                    len -= skip;
-                }
+                let request = modbus_frame::rtu_request(unit, req);
+                exchange(port, buf, &request, |b| {
+                    modbus_frame::rtu_resync(b, unit, req)
+                })
+                .await
             }
         }
+    }
+}
+
+/// Writes `request`, then reads into `buf` until `parse` finds the whole reply. `parse`
+/// says how many bytes at the front to drop before looking again (line noise) with what it
+/// found; both parsers need at most `MAX_ADU` bytes after that, so `buf` never fills up
+/// before the reply is whole.
+async fn exchange<S>(
+    stream: &mut S,
+    buf: &mut [u8],
+    request: &[u8],
+    mut parse: impl FnMut(&[u8]) -> (usize, Result<Parsed, FrameError>),
+) -> Result<Reply, CallError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(request).await?;
+    let mut len = 0;
+    loop {
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 {
+            return Err(closed());
+        }
+        len += n;
+        let (skip, parsed) = parse(&buf[..len]);
+        if let Parsed::Reply(r) = parsed? {
+            return Ok(r);
+        }
+        buf.copy_within(skip..len, 0);
+        len -= skip;
     }
 }
 

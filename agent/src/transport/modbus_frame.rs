@@ -12,9 +12,6 @@ use tend_profiles::modbus::{crc16_modbus, ReadRequest};
 /// The largest Modbus ADU: 260 bytes over TCP (7-byte header, 253-byte PDU), 256 over RTU.
 pub const MAX_ADU: usize = 260;
 
-/// Registers one read may ask for (Modbus application protocol §6.3).
-pub const MAX_READ: u16 = 125;
-
 /// What came back for a read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
@@ -222,10 +219,9 @@ mod tests {
         count: 1,
     };
 
+    /// An RTU frame as the simulators build it (an independent CRC implementation).
     fn rtu(bytes: &[u8]) -> Vec<u8> {
-        let mut f = bytes.to_vec();
-        f.extend(crc16_modbus(bytes).to_le_bytes());
-        f
+        tend_devsim::modbus::rtu_frame(bytes[0], &bytes[1..])
     }
 
     #[test]
@@ -359,17 +355,13 @@ mod tests {
     #[test]
     fn rtu_noise_before_a_reply_is_skipped() {
         let reply = rtu(&[3, 0x03, 4, 0, 7, 0, 8]);
-        let mut line = vec![0x00, 0xFF, 0x03];
-        line.extend(&reply);
-        let (skipped, parsed) = rtu_resync(&line, 3, HOLD);
-        assert_eq!(skipped, 3);
-        assert_eq!(parsed, Ok(Parsed::Reply(Reply::Registers(vec![7, 8]))));
-        // Noise that claims a frame longer than RTU allows is skipped too.
-        let mut line = vec![3, 0x03, 0xFC];
-        line.extend(&reply);
-        let (skipped, parsed) = rtu_resync(&line, 3, HOLD);
-        assert_eq!(skipped, 3);
-        assert_eq!(parsed, Ok(Parsed::Reply(Reply::Registers(vec![7, 8]))));
+        // Plain noise, and noise that claims a frame longer than RTU allows.
+        for noise in [[0x00, 0xFF, 0x03], [3, 0x03, 0xFC]] {
+            let line = [&noise[..], &reply].concat();
+            let (skipped, parsed) = rtu_resync(&line, 3, HOLD);
+            assert_eq!(skipped, 3, "{noise:?}");
+            assert_eq!(parsed, Ok(Parsed::Reply(Reply::Registers(vec![7, 8]))));
+        }
         // Noise alone waits for more bytes, whatever it holds.
         for noise in [
             &[0xFFu8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF][..],
