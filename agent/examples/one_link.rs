@@ -171,7 +171,10 @@ async fn one_run(a: &Args, hz: f64) -> anyhow::Result<Figures> {
         AGENT,
         &agent_dir.join(format!("{AGENT}.cred")),
     );
-    let config = agent_toml(&agent_dir, &gw.broker_url, sims.addr(), a)?;
+    let endpoint = sims
+        .addr()
+        .ok_or_else(|| anyhow::anyhow!("the units are on Modbus TCP"))?;
+    let config = agent_toml(&agent_dir, &gw.broker_url, endpoint, a)?;
     let mut agent = spawn_agent(&a.agent_bin, &config, &agent_dir.join("agent.log"));
     let pid = agent
         .id()

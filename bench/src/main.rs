@@ -231,22 +231,21 @@ impl Sims {
 
     /// The targets of `layout`.
     fn layout(&self, layout: &str) -> Vec<Target> {
-        match (layout, &self.units, &self.bus) {
-            ("one-link", Some(u), _) => u
-                .units()
-                .iter()
-                .map(|(c, _)| Target::Tcp(u.addr(), c.unit))
-                .collect(),
-            ("bus", _, Some(b)) => match b.endpoint() {
-                Endpoint::Pty(path) => b
-                    .units()
-                    .iter()
-                    .map(|(c, _)| Target::Bus(path.clone(), c.unit))
-                    .collect(),
-                Endpoint::Tcp(_) => Vec::new(),
-            },
-            _ => Target::tcp(&self.addrs()),
-        }
+        let shared = match layout {
+            "one-link" => self.units.as_ref(),
+            "bus" => self.bus.as_ref(),
+            _ => None,
+        };
+        let Some(link) = shared else {
+            return Target::tcp(&self.addrs());
+        };
+        link.units()
+            .iter()
+            .map(|(c, _)| match link.endpoint() {
+                Endpoint::Tcp(a) => Target::Tcp(*a, c.unit),
+                Endpoint::Pty(path) => Target::Bus(path.clone(), c.unit),
+            })
+            .collect()
     }
 
     /// Every ventilator healthy again.

@@ -262,12 +262,11 @@ pub struct Av500Units {
 }
 
 impl Av500Units {
-    /// The one endpoint every unit answers on (a TCP address; `0.0.0.0:0` for a bus on a
-    /// pty, whose path is [`Self::endpoint`]).
-    pub fn addr(&self) -> SocketAddr {
+    /// The TCP address every unit answers on, for units behind one Modbus TCP endpoint.
+    pub fn addr(&self) -> Option<SocketAddr> {
         match &self.endpoint {
-            Endpoint::Tcp(a) => *a,
-            Endpoint::Pty(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            Endpoint::Tcp(a) => Some(*a),
+            Endpoint::Pty(_) => None,
         }
     }
     /// Where every unit answers: a TCP endpoint, or the pty of an RS-485 bus.

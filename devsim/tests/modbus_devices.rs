@@ -302,7 +302,7 @@ async fn av500_units_behind_one_tcp_endpoint() {
         .update(|s| s.operating_minutes = 1_966_130);
     sims.units()[0].1.update(|s| s.operating_minutes = 0);
     sims.units()[2].1.update(|s| s.operating_minutes = 0);
-    let mut stream = TcpStream::connect(sims.addr()).await.unwrap();
+    let mut stream = TcpStream::connect(sims.addr().unwrap()).await.unwrap();
     for unit in 1..=3u8 {
         // Each unit answers with its own serial, on the same connection.
         let hold = raw_tcp(&mut stream, u16::from(unit), unit, &[0x03, 0, 3, 0, 8])
