@@ -3,9 +3,14 @@
 //! there until the gateway acknowledges exactly its seq.
 //!
 //! Storage is one redb file with four tables:
-//! - `records`: seq → one format byte ([`TAG_KEEP`] / [`TAG_READING`]) followed by the
-//!   record's JSON exactly as [`tend_wire::encode`] would write it, so `pending` hands out
-//!   what was stored and byte accounting is the size on the wire;
+//! - `records`: seq → one format byte and the record. [`TAG_KEEP_PACKED`] /
+//!   [`TAG_READING_PACKED`] (what this build writes): the record's JSON without its seq,
+//!   compressed as one LZ4 block behind its length (u32, little-endian); the seq is the
+//!   key, and `pending` splices it back in, giving the JSON exactly as
+//!   [`tend_wire::encode`] would write it. An AV-500 poll packs from 842 to about 300
+//!   bytes, and the single writer's cost per record follows the bytes it puts in the
+//!   tree. [`TAG_KEEP`] / [`TAG_READING`] (format 1 files): that JSON, seq included, as
+//!   is. Byte accounting is the size on the wire either way;
 //! - `meta`: the seq counter, record and byte counts, drop and quarantine totals — all
 //!   written in the same transaction as the records they describe, so after a crash the
 //!   counter is never behind a stored seq and seqs never repeat — and the file's
@@ -72,12 +77,24 @@ const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine
 /// written in the same transaction as the records it produced.
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 
-/// First byte of a stored record that may never be dropped.
+/// First byte of a stored record that may never be dropped, its JSON as is (format 1).
 pub const TAG_KEEP: u8 = b'K';
-/// First byte of a stored reading, which the size cap may drop.
+/// First byte of a stored reading, which the size cap may drop, its JSON as is (format 1).
 pub const TAG_READING: u8 = b'R';
-/// The layout described in the module doc; a file with another one is refused.
-const FORMAT: u64 = 1;
+/// [`TAG_KEEP`], the JSON without its seq and packed (LZ4 block behind its length).
+pub const TAG_KEEP_PACKED: u8 = b'k';
+/// [`TAG_READING`], the JSON without its seq and packed.
+pub const TAG_READING_PACKED: u8 = b'r';
+/// The layout described in the module doc; a file with another one is refused. Format 1
+/// files (no packed records) are read and become format 2 on open: a build that knows
+/// only format 1 then refuses the file instead of setting packed records aside.
+const FORMAT: u64 = 2;
+/// Formats this build reads.
+const FORMATS_READ: [u64; 2] = [1, FORMAT];
+/// Largest unpacked record `pending` accepts: a damaged length cannot make it allocate
+/// gigabytes. Far above any record the agent makes (an identity, a poll of a large
+/// profile: a few KiB).
+const MAX_UNPACKED: usize = 16 << 20;
 
 /// The `device` of records the outbox makes itself (`Dropped`): the agent, no device.
 pub const AGENT_DEVICE: &str = "";
@@ -256,7 +273,7 @@ pub enum CommitError {
 /// What the writer is asked to do.
 enum Op {
     Append {
-        /// (droppable, the record's JSON without its seq: `{"at":...}`)
+        /// (droppable, the record as stored but for its seq: tag and packed JSON)
         items: Vec<(bool, Vec<u8>)>,
         /// Written with the records, in the same commit: (key, value) in the state table.
         states: Vec<(String, Vec<u8>)>,
@@ -488,20 +505,24 @@ impl Outbox {
         }
     }
 
+    /// The record as stored, but for its seq: tag and packed JSON.
     fn encode(
         &self,
         device: &str,
         at: Timestamp,
         body: &RecordBody,
     ) -> Result<Vec<u8>, OutboxError> {
-        serde_json::to_vec(&Unnumbered { at, device, body }).map_err(|source| OutboxError::Encode {
-            path: self.inner.path.clone(),
-            source,
-        })
+        let json = serde_json::to_vec(&Unnumbered { at, device, body }).map_err(|source| {
+            OutboxError::Encode {
+                path: self.inner.path.clone(),
+                source,
+            }
+        })?;
+        Ok(pack(body.is_droppable(), &json))
     }
 
-    /// Encodes records for the writer (on the caller's task, which keeps the single
-    /// writer's work to inserts), with the newest of their times.
+    /// Encodes and packs records for the writer (on the caller's task, which keeps the
+    /// single writer's work to inserts), with the newest of their times.
     fn encode_all(
         &self,
         items: &[(String, Timestamp, RecordBody)],
@@ -691,13 +712,13 @@ impl Outbox {
                 continue;
             }
             let stored = v.value();
-            let json = stored.get(1..).unwrap_or_default();
-            if !out.is_empty() && total + json.len() > max_bytes {
+            let len = usize::try_from(json_len(seq, stored)).unwrap_or(usize::MAX);
+            if !out.is_empty() && total.saturating_add(len) > max_bytes {
                 break;
             }
-            match decode_stored(stored) {
+            match decode_stored(seq, stored) {
                 Some(r) if r.seq == seq => {
-                    total += json.len();
+                    total += len;
                     out.push(r);
                     if out.len() >= max {
                         break;
@@ -778,7 +799,7 @@ impl Outbox {
                 let seq = k.value();
                 if !unsaved_covers(&unsaved, seq) && !covered(&ranges[..i], seq) {
                     e.records += 1;
-                    e.bytes += json_len(v.value());
+                    e.bytes += json_len(seq, v.value());
                 }
             }
             entries.push(e);
@@ -824,11 +845,48 @@ impl Outbox {
     }
 }
 
-fn decode_stored(stored: &[u8]) -> Option<Record> {
+/// The record stored under `seq`; `None` if it does not unpack or decode.
+fn decode_stored(seq: u64, stored: &[u8]) -> Option<Record> {
     match stored.split_first() {
         Some((&TAG_KEEP | &TAG_READING, json)) => serde_json::from_slice(json).ok(),
+        Some((&TAG_KEEP_PACKED | &TAG_READING_PACKED, packed)) => {
+            let len = packed_len(packed)?;
+            if len > MAX_UNPACKED {
+                return None;
+            }
+            let unnumbered = lz4_flex::block::decompress_size_prepended(packed).ok()?;
+            // A length that does not match would make the byte accounting wrong.
+            if unnumbered.len() != len {
+                return None;
+            }
+            serde_json::from_slice(&numbered(seq, &unnumbered)).ok()
+        }
         _ => None,
     }
+}
+
+/// Tag and packed JSON of a record without its seq (see the module doc).
+fn pack(droppable: bool, unnumbered: &[u8]) -> Vec<u8> {
+    let tag = if droppable {
+        TAG_READING_PACKED
+    } else {
+        TAG_KEEP_PACKED
+    };
+    let mut stored =
+        Vec::with_capacity(5 + lz4_flex::block::get_maximum_output_size(unnumbered.len()));
+    stored.push(tag);
+    stored.extend_from_slice(&lz4_flex::block::compress_prepend_size(unnumbered));
+    stored
+}
+
+/// The unpacked length that a packed record starts with.
+fn packed_len(packed: &[u8]) -> Option<usize> {
+    let len: [u8; 4] = packed.get(..4)?.try_into().ok()?;
+    usize::try_from(u32::from_le_bytes(len)).ok()
+}
+
+fn is_reading(stored: &[u8]) -> bool {
+    matches!(stored.first(), Some(&TAG_READING | &TAG_READING_PACKED))
 }
 
 /// The counters the writer keeps, mirrored in `meta`.
@@ -1007,7 +1065,7 @@ fn open_file(cfg: &OutboxConfig) -> Result<(Database, State), OutboxError> {
         };
         match get(&meta, K_FORMAT)? {
             None => {}
-            Some(FORMAT) => {}
+            Some(found) if FORMATS_READ.contains(&found) => {}
             Some(found) => {
                 return Err(OutboxError::Format {
                     path: path.clone(),
@@ -1258,15 +1316,19 @@ fn op_records(op: &Op) -> usize {
 }
 
 /// `{"at":...}` → `{"seq":N,"at":...}`, the same bytes `serde_json` writes for a `Record`.
-fn number(tag: u8, seq: u64, unnumbered: &[u8]) -> Vec<u8> {
+fn numbered(seq: u64, unnumbered: &[u8]) -> Vec<u8> {
     let rest = unnumbered.get(1..).unwrap_or_default();
     let mut v = Vec::with_capacity(unnumbered.len() + 28);
-    v.push(tag);
     v.extend_from_slice(b"{\"seq\":");
     v.extend_from_slice(seq.to_string().as_bytes());
     v.push(b',');
     v.extend_from_slice(rest);
     v
+}
+
+/// What [`numbered`] adds to a record's JSON: `"seq":`, the digits and a comma.
+fn seq_len(seq: u64) -> u64 {
+    7 + u64::from(seq.checked_ilog10().unwrap_or(0)) + 1
 }
 
 /// A time as meta keeps it: nanoseconds since the Unix epoch (`None` before 1970 or after
@@ -1279,9 +1341,14 @@ fn from_nanos(ns: u64) -> Option<Timestamp> {
     Timestamp::from_nanosecond(i128::from(ns)).ok()
 }
 
-/// Encoded JSON size of a stored value (without the format byte).
-fn json_len(stored: &[u8]) -> u64 {
-    stored.len().saturating_sub(1) as u64
+/// Size on the wire of the record stored under `seq` (its JSON, seq included).
+fn json_len(seq: u64, stored: &[u8]) -> u64 {
+    match stored.split_first() {
+        Some((&TAG_KEEP_PACKED | &TAG_READING_PACKED, packed)) => {
+            packed_len(packed).map_or(0, |n| n as u64 + seq_len(seq))
+        }
+        _ => stored.len().saturating_sub(1) as u64,
+    }
 }
 
 /// One transaction for the whole batch; one failure is reported to every caller in it.
@@ -1316,16 +1383,14 @@ fn write_batch(
                     }
                     st.observed_until = st.observed_until.max(*observed);
                     let mut seqs = Vec::with_capacity(items.len());
-                    for (droppable, unnumbered) in items {
+                    for (_, stored) in items {
                         let seq = st.next_seq;
                         st.next_seq += 1;
-                        let tag = if *droppable { TAG_READING } else { TAG_KEEP };
-                        let stored = number(tag, seq, unnumbered);
                         records
                             .insert(seq, stored.as_slice())
                             .map_err(failed("insert record"))?;
                         st.records += 1;
-                        st.bytes += json_len(&stored);
+                        st.bytes += json_len(seq, stored);
                         seqs.push(seq);
                     }
                     Outcome::Seqs(seqs)
@@ -1337,9 +1402,9 @@ fn write_batch(
                             .extract_from_if(r.first..=r.last, |_, _| true)
                             .map_err(failed("delete acked"))?
                         {
-                            let (_, v) = item.map_err(failed("delete acked"))?;
+                            let (k, v) = item.map_err(failed("delete acked"))?;
                             st.records = st.records.saturating_sub(1);
-                            st.bytes = st.bytes.saturating_sub(json_len(v.value()));
+                            st.bytes = st.bytes.saturating_sub(json_len(k.value(), v.value()));
                             n += 1;
                         }
                     }
@@ -1350,7 +1415,7 @@ fn write_batch(
                         let moved = records.remove(seq).map_err(failed("quarantine"))?.map(|v| {
                             let stored = v.value().to_vec();
                             st.records = st.records.saturating_sub(1);
-                            st.bytes = st.bytes.saturating_sub(json_len(&stored));
+                            st.bytes = st.bytes.saturating_sub(json_len(seq, &stored));
                             stored
                         });
                         if let Some(stored) = moved {
@@ -1407,13 +1472,13 @@ fn drop_oldest_readings(
     // so a file full of states is walked once, not on every commit.
     let mut exhausted = true;
     for item in records
-        .extract_from_if(st.scan_from.., |_, v| v.first() == Some(&TAG_READING))
+        .extract_from_if(st.scan_from.., |_, v| is_reading(v))
         .map_err(failed("drop readings"))?
     {
         let (k, v) = item.map_err(failed("drop readings"))?;
         let seq = k.value();
         st.records = st.records.saturating_sub(1);
-        st.bytes = st.bytes.saturating_sub(json_len(v.value()));
+        st.bytes = st.bytes.saturating_sub(json_len(seq, v.value()));
         count += 1;
         first.get_or_insert(seq);
         last = seq;
@@ -1437,12 +1502,12 @@ fn drop_oldest_readings(
         .map_err(|x| CommitError::EncodeDropReport(Arc::new(x)))?;
         let seq = st.next_seq;
         st.next_seq += 1;
-        let stored = number(TAG_KEEP, seq, &unnumbered);
+        let stored = pack(false, &unnumbered);
         records
             .insert(seq, stored.as_slice())
             .map_err(failed("insert drop report"))?;
         st.records += 1;
-        st.bytes += json_len(&stored);
+        st.bytes += json_len(seq, &stored);
         st.dropped_total += count;
         tracing::warn!(
             count,
@@ -1460,40 +1525,209 @@ mod tests {
     use tend_profiles::{DeviceState, Value};
     use tend_wire::WireReading;
 
-    #[test]
-    fn stored_bytes_are_the_wire_encoding() {
-        let at: Timestamp = "2026-11-28T02:15:02Z".parse().unwrap();
-        for body in [
+    fn sample_bodies() -> [RecordBody; 2] {
+        [
             RecordBody::State {
                 from: DeviceState::Up,
                 to: DeviceState::Down,
             },
             RecordBody::Readings {
-                readings: vec![WireReading {
-                    name: "p".into(),
-                    value: Value::Num(1.5),
-                    unit: None,
-                }],
+                readings: (0..16)
+                    .map(|i| WireReading {
+                        name: format!("reading_{i}"),
+                        value: Value::Num(f64::from(i) * 1.5),
+                        unit: Some("cmH2O".into()),
+                    })
+                    .collect(),
             },
-        ] {
+        ]
+    }
+
+    #[test]
+    fn stored_records_unpack_to_the_wire_encoding_and_count_its_size() {
+        let at: Timestamp = "2026-11-28T02:15:02Z".parse().unwrap();
+        for body in sample_bodies() {
             let un = serde_json::to_vec(&Unnumbered {
                 at,
                 device: "d\"1",
                 body: &body,
             })
             .unwrap();
-            let stored = number(TAG_KEEP, 12345, &un);
-            let rec = Record {
-                seq: 12345,
-                at,
-                device: "d\"1".into(),
-                body,
-            };
-            assert_eq!(&stored[1..], tend_wire::encode(&rec).unwrap().as_slice());
-            assert_eq!(decode_stored(&stored), Some(rec));
+            for seq in [0, 1, 9, 10, 99, 100, 12345, u64::MAX] {
+                let rec = Record {
+                    seq,
+                    at,
+                    device: "d\"1".into(),
+                    body: body.clone(),
+                };
+                let wire = tend_wire::encode(&rec).unwrap();
+                assert_eq!(numbered(seq, &un), wire);
+                // What this build writes: packed, seq spliced back in on reading.
+                let packed = pack(body.is_droppable(), &un);
+                assert_eq!(is_reading(&packed), body.is_droppable());
+                assert_eq!(json_len(seq, &packed), wire.len() as u64, "seq {seq}");
+                assert_eq!(decode_stored(seq, &packed), Some(rec.clone()));
+                // What format 1 files hold: the JSON as is.
+                let tag = if body.is_droppable() {
+                    TAG_READING
+                } else {
+                    TAG_KEEP
+                };
+                let plain = [&[tag], wire.as_slice()].concat();
+                assert_eq!(is_reading(&plain), body.is_droppable());
+                assert_eq!(json_len(seq, &plain), wire.len() as u64);
+                assert_eq!(decode_stored(seq, &plain), Some(rec));
+            }
         }
-        assert_eq!(decode_stored(b""), None);
-        assert_eq!(decode_stored(b"X{}"), None);
+    }
+
+    #[test]
+    fn damaged_stored_records_decode_to_nothing_without_panicking() {
+        let at: Timestamp = "2026-11-28T02:15:02Z".parse().unwrap();
+        let body = &sample_bodies()[1];
+        let un = serde_json::to_vec(&Unnumbered {
+            at,
+            device: "d1",
+            body,
+        })
+        .unwrap();
+        let packed = pack(true, &un);
+        assert!(
+            packed.len() * 2 < un.len(),
+            "{} packs to {}",
+            un.len(),
+            packed.len()
+        );
+        let mut cases: Vec<Vec<u8>> = vec![
+            Vec::new(),
+            b"X{}".to_vec(),
+            b"K{not json".to_vec(),
+            b"r".to_vec(),
+            b"r\x01\x00".to_vec(),
+        ];
+        // Every truncation, and a length that claims 4 GiB or a byte too few or too many.
+        cases.extend((1..packed.len()).map(|n| packed[..n].to_vec()));
+        for claim in [u32::MAX, un.len() as u32 - 1, un.len() as u32 + 1] {
+            let mut p = packed.clone();
+            p[1..5].copy_from_slice(&claim.to_le_bytes());
+            cases.push(p);
+        }
+        // Flipped bytes in the packed body: never a panic; what decodes is refused by
+        // `pending` unless it is a whole record with the right seq.
+        for i in 5..packed.len() {
+            let mut p = packed.clone();
+            p[i] ^= 0x5a;
+            let _ = decode_stored(7, &p);
+            let _ = json_len(7, &p);
+        }
+        for c in &cases {
+            assert_eq!(decode_stored(7, c), None, "{c:?}");
+            let _ = json_len(7, c);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_format_1_file_is_read_and_becomes_format_2_and_an_unknown_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.redb");
+        let at: Timestamp = "2026-11-28T02:15:02Z".parse().unwrap();
+        let [state, readings] = sample_bodies();
+        Outbox::open(OutboxConfig::new(&path))
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+        let old = |seq: u64, body: &RecordBody| Record {
+            seq,
+            at,
+            device: "d1".into(),
+            body: body.clone(),
+        };
+        let set_format = |format: u64| {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(K_FORMAT, format)
+                .unwrap();
+            txn.commit().unwrap();
+        };
+        {
+            // What a format 1 build left: plain JSON under K and R, counters in meta.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut bytes = 0;
+            {
+                let mut records = txn.open_table(RECORDS).unwrap();
+                for (seq, body, tag) in [(1, &state, TAG_KEEP), (2, &readings, TAG_READING)] {
+                    let wire = tend_wire::encode(&old(seq, body)).unwrap();
+                    bytes += wire.len() as u64;
+                    let stored = [&[tag], wire.as_slice()].concat();
+                    records.insert(seq, stored.as_slice()).unwrap();
+                }
+                let mut meta = txn.open_table(META).unwrap();
+                for (k, v) in [
+                    (K_FORMAT, 1),
+                    (K_NEXT_SEQ, 3),
+                    (K_RECORDS, 2),
+                    (K_BYTES, bytes),
+                ] {
+                    meta.insert(k, v).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let ob = Outbox::open(OutboxConfig::new(&path)).await.unwrap();
+        let seq = ob.append("d1", at, readings.clone()).await.unwrap();
+        assert_eq!(seq, 3);
+        let got = ob.pending(None, 10, 1 << 20).unwrap();
+        assert_eq!(
+            got,
+            vec![old(1, &state), old(2, &readings), old(3, &readings)]
+        );
+        let wire: u64 = got
+            .iter()
+            .map(|r| tend_wire::encode(r).unwrap().len() as u64)
+            .sum();
+        assert_eq!(ob.stats().bytes, wire);
+        assert_eq!(ob.ack(&[SeqRange { first: 1, last: 2 }]).await.unwrap(), 2);
+        assert_eq!(
+            ob.stats().bytes,
+            wire - (wire - tend_wire::encode(&got[2]).unwrap().len() as u64)
+        );
+        ob.close().await.unwrap();
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_read().unwrap();
+            let format = txn
+                .open_table(META)
+                .unwrap()
+                .get(K_FORMAT)
+                .unwrap()
+                .unwrap()
+                .value();
+            assert_eq!(format, FORMAT);
+        }
+        set_format(3);
+        match Outbox::open(OutboxConfig::new(&path)).await {
+            Err(e @ OutboxError::Format { found: 3, .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("outbox.redb") && text.contains("format 3"),
+                    "{text}"
+                );
+            }
+            other => panic!("a format 3 file must be refused, got {other:?}"),
+        }
+        // Refused, not touched: the record is still there for a build that reads it.
+        set_format(FORMAT);
+        let ob = Outbox::open(OutboxConfig::new(&path)).await.unwrap();
+        assert_eq!(
+            ob.pending(None, 10, 1 << 20).unwrap(),
+            vec![old(3, &readings)]
+        );
+        ob.close().await.unwrap();
     }
 
     #[tokio::test]
