@@ -12,7 +12,8 @@
 //!   the 50 ventilators as units 1–50 behind one endpoint (a serial-to-Ethernet gateway
 //!   in front of an RS-485 bus, the layout hospitals have most), and `bus`, the 50 as
 //!   units of one RS-485 bus the agent (and the peer) read as Modbus RTU on a pty.
-//! - `outbox`: durable records/s of the agent's outbox, 64 closed-loop appenders.
+//! - `outbox`: durable records/s of the agent's outbox, closed-loop appenders (64, where
+//!   the commit's latency bounds the rate, and 1,024, enough to keep its writer busy).
 //! - `drain`: a 180,000-record backlog in the agent's outbox, the gateway down, the
 //!   agent's memory while it holds it; the gateway starts; time until it has stored
 //!   every record; loss and duplicates.
@@ -123,6 +124,12 @@ struct Args {
     /// Seconds of appending per outbox run.
     #[arg(long, default_value = "3s", value_parser = duration)]
     outbox_seconds: Duration,
+    /// Appender tasks of the outbox runs, comma-separated: one measurement per count.
+    /// Each awaits its record's commit before the next, so the rate is at most appenders
+    /// ÷ commit time: 64 shows what the commit's latency allows, 1,024 what the writer
+    /// does when records queue up (an outage's recorder, many devices at once).
+    #[arg(long, default_value = "64,1024", value_delimiter = ',')]
+    outbox_appenders: Vec<usize>,
     /// Records published per ingest run.
     #[arg(long, default_value_t = 200_000)]
     ingest_records: u64,
@@ -539,54 +546,71 @@ fn av500_readings(i: u64) -> RecordBody {
 async fn outbox(a: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()> {
     let dir = work.join("outbox");
     std::fs::create_dir_all(&dir)?;
-    let appenders = 64;
-    for run in 0..a.runs {
-        // What the disk costs: the outbox's throughput with a fixed number of appenders
-        // is about appenders ÷ commit time, and a commit is about one fsync.
-        let fsync_ms = fsync_probe(&dir)?;
-        report.fsync_ms.push(fsync_ms);
-        let path = dir.join(format!("run{run}.redb"));
-        let ob = Outbox::open(OutboxConfig::new(&path)).await?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        let cpu0 = procs::sample(std::process::id());
-        let start = Instant::now();
-        for t in 0..appenders {
-            let (ob, stop, done) = (ob.clone(), stop.clone(), done.clone());
-            tasks.push(tokio::spawn(async move {
-                let device = device_id(t % 50);
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    ob.append(&device, Timestamp::now(), av500_readings(i))
-                        .await?;
-                    done.fetch_add(1, Ordering::Relaxed);
-                    i += 1;
-                }
-                Ok::<_, tend_agent::outbox::OutboxError>(())
-            }));
+    for &appenders in &a.outbox_appenders {
+        let mut load = crate::report::OutboxLoad {
+            appenders,
+            ..Default::default()
+        };
+        for run in 0..a.runs {
+            // What the disk costs: with a fixed number of appenders the throughput is at
+            // most appenders ÷ commit time, and a commit is at least one fsync.
+            let fsync_ms = fsync_probe(&dir)?;
+            report.fsync_ms.push(fsync_ms);
+            let (rate, cpu_us) = outbox_run(a, &dir, appenders, run).await?;
+            log(format!(
+                "outbox, {appenders} appenders, run {}: {rate:.0} durable records/s (4 KiB write + fdatasync: median {fsync_ms:.2} ms; {cpu_us:.1} µs of CPU a record)",
+                run + 1
+            ));
+            load.rates.push(rate);
+            load.cpu_us.push(cpu_us);
         }
-        tokio::time::sleep(a.outbox_seconds).await;
-        stop.store(true, Ordering::Relaxed);
-        for t in tasks {
-            t.await??;
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let n = done.load(Ordering::Relaxed);
-        let cpu_us =
-            (procs::sample(std::process::id()).ticks - cpu0.ticks) as f64 / procs::clk_tck() * 1e6
-                / n.max(1) as f64;
-        ob.close().await?;
-        std::fs::remove_file(&path)?;
-        let rate = n as f64 / secs;
-        log(format!(
-            "outbox run {}: {n} durable records in {secs:.2} s = {rate:.0}/s (4 KiB write + fdatasync: median {fsync_ms:.2} ms; {cpu_us:.1} µs of CPU a record)",
-            run + 1
-        ));
-        report.outbox.push(rate);
-        report.outbox_cpu_us.push(cpu_us);
+        report.outbox.push(load);
     }
     Ok(())
+}
+
+/// One run: `appenders` tasks append AV-500 poll records for `outbox_seconds`, each
+/// awaiting its record's commit before the next. Durable records/s and CPU µs per record.
+async fn outbox_run(
+    a: &Args,
+    dir: &Path,
+    appenders: usize,
+    run: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let path = dir.join(format!("run{run}.redb"));
+    let ob = Outbox::open(OutboxConfig::new(&path)).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let cpu0 = procs::sample(std::process::id());
+    let start = Instant::now();
+    for t in 0..appenders {
+        let (ob, stop, done) = (ob.clone(), stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let device = device_id(t % 50);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                ob.append(&device, Timestamp::now(), av500_readings(i))
+                    .await?;
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            Ok::<_, tend_agent::outbox::OutboxError>(())
+        }));
+    }
+    tokio::time::sleep(a.outbox_seconds).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = done.load(Ordering::Relaxed);
+    let cpu_us = (procs::sample(std::process::id()).ticks - cpu0.ticks) as f64 / procs::clk_tck()
+        * 1e6
+        / n.max(1) as f64;
+    ob.close().await?;
+    std::fs::remove_file(&path)?;
+    Ok((n as f64 / secs, cpu_us))
 }
 
 // ---------------------------------------------------------------------------------------

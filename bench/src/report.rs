@@ -20,6 +20,16 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     s[rank.min(s.len()) - 1]
 }
 
+/// The outbox runs with one number of appenders.
+#[derive(Debug, Default)]
+pub struct OutboxLoad {
+    pub appenders: usize,
+    /// Durable records/s per run.
+    pub rates: Vec<f64>,
+    /// CPU µs (all threads) per durable record, per run.
+    pub cpu_us: Vec<f64>,
+}
+
 pub struct Report {
     command: String,
     machine: String,
@@ -28,11 +38,10 @@ pub struct Report {
     pub tend_usage: Vec<(String, Usage, f64)>,
     /// Layout, usage, messages in the window, messages/s, datapoints/s.
     pub peer_usage: Vec<(String, Usage, u64, f64, f64)>,
-    pub outbox: Vec<f64>,
+    /// One per appender count.
+    pub outbox: Vec<OutboxLoad>,
     /// Median 4 KiB write + fdatasync before each outbox run, ms.
     pub fsync_ms: Vec<f64>,
-    /// CPU µs (all threads) per durable record.
-    pub outbox_cpu_us: Vec<f64>,
     /// Drain seconds, seconds to the first record stored, lost, received twice.
     pub drain: Vec<(f64, f64, u64, u64)>,
     /// The agent holding the backlog in the outage: VmRSS, MiB; VmHWM through the drain.
@@ -108,7 +117,6 @@ impl Report {
             peer_usage: Vec::new(),
             outbox: Vec::new(),
             fsync_ms: Vec::new(),
-            outbox_cpu_us: Vec::new(),
             drain: Vec::new(),
             outage_mib: Vec::new(),
             dist_sizes: Vec::new(),
@@ -261,26 +269,36 @@ impl Report {
                 );
             }
         }
-        if !self.outbox.is_empty() {
+        // The target is the outbox's throughput: the most appenders measured, so that the
+        // commit's latency is not what bounds it.
+        let most = self.outbox.iter().map(|l| l.appenders).max();
+        for load in &self.outbox {
+            let rate = median(&load.rates);
+            let (target, ok) = if Some(load.appenders) == most {
+                ("≥ 100,000", verdict(rate >= 100_000.0))
+            } else {
+                ("(at most appenders ÷ commit time)", "")
+            };
             let _ = writeln!(
                 o,
-                "| outbox durable records/s (64 appenders) | {:.0} | {} | ≥ 100,000 | {} |",
-                median(&self.outbox),
-                runs(&self.outbox, 0),
-                verdict(median(&self.outbox) >= 100_000.0)
+                "| outbox durable records/s, {} appenders | {rate:.0} | {} | {target} | {ok} |",
+                load.appenders,
+                runs(&load.rates, 0),
             );
+            let _ = writeln!(
+                o,
+                "| … CPU per durable record (all threads), µs; the CPU ceiling on one core | {:.1}; {:.0} records/s | {} | | |",
+                median(&load.cpu_us),
+                1e6 / median(&load.cpu_us),
+                runs(&load.cpu_us, 1)
+            );
+        }
+        if !self.outbox.is_empty() {
             let _ = writeln!(
                 o,
                 "| … the disk meanwhile: 4 KiB write + fdatasync, ms | {:.2} | {} | | |",
                 median(&self.fsync_ms),
                 runs(&self.fsync_ms, 2)
-            );
-            let _ = writeln!(
-                o,
-                "| … CPU per durable record (all threads), µs; the CPU ceiling on one core | {:.1}; {:.0} records/s | {} | | |",
-                median(&self.outbox_cpu_us),
-                1e6 / median(&self.outbox_cpu_us),
-                runs(&self.outbox_cpu_us, 1)
             );
         }
         if !self.drain.is_empty() {
