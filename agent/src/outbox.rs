@@ -1140,14 +1140,31 @@ impl Writer {
         // their answer; `expect` is how many such callers the last commit answered.
         let mut expect = 1;
         while let Ok(first) = rx.recv() {
-            let batch = self.gather(&rx, first, expect);
+            let mut gathering = Gathering::new(&self, expect);
+            gathering.admit(&first);
+            let mut st = self.state.clone();
+            let mut batch = Vec::new();
+            let result = match self.db.as_ref() {
+                Some(db) => write_batch(
+                    db,
+                    first,
+                    || gathering.next(&rx),
+                    &mut batch,
+                    &mut st,
+                    self.max_bytes,
+                ),
+                None => {
+                    batch.push(first);
+                    Err(CommitError::WriterClosed)
+                }
+            };
             expect = batch
                 .iter()
                 .filter(|op| op.wait() == Wait::Prompt)
                 .count()
                 .max(1);
             let closing = batch.iter().any(|op| matches!(op, Op::Close { .. }));
-            self.commit(batch);
+            self.settle(batch, result, st);
             if closing || self.db.is_none() {
                 break;
             }
@@ -1156,71 +1173,8 @@ impl Writer {
         // callers see the reply channel close and get `Closed`.
     }
 
-    /// The ops of one commit, `first` and what follows it. Ops that may linger wait for
-    /// company: the commit starts at the earliest of their arrival plus their linger
-    /// (`linger` for readings, `ack_linger` for deferred acks). Once an op that may not wait is
-    /// in, the commit window applies, and it closes early in two cases: (1) as many
-    /// callers wait as the last commit answered (`expect`): once they are all in,
-    /// waiting longer only adds latency; (2) nothing new arrived for a tenth of the
-    /// window: nobody else is coming. Ops that arrive while a commit runs queue up and
-    /// all go into the next one, so batches grow with load on their own.
-    fn gather(&self, rx: &std_mpsc::Receiver<Op>, first: Op, expect: usize) -> Vec<Op> {
-        let quiet = (self.window / 10).max(Duration::from_micros(20));
-        let mut prompt = 0;
-        let mut deadline = Instant::now() + self.ack_linger;
-        self.admit(&first, &mut prompt, &mut deadline);
-        let mut n = op_records(&first);
-        let mut closing = matches!(first, Op::Close { .. });
-        let mut batch = vec![first];
-        while !closing && n < MAX_BATCH_RECORDS {
-            let op = match rx.try_recv() {
-                Ok(op) => op,
-                Err(std_mpsc::TryRecvError::Disconnected) => break,
-                Err(std_mpsc::TryRecvError::Empty) => {
-                    let now = Instant::now();
-                    if now >= deadline || (prompt > 0 && prompt >= expect) {
-                        break;
-                    }
-                    let wait = if prompt > 0 {
-                        quiet.min(deadline - now)
-                    } else {
-                        deadline - now
-                    };
-                    match rx.recv_timeout(wait) {
-                        Ok(op) => op,
-                        Err(std_mpsc::RecvTimeoutError::Timeout) if prompt == 0 => continue,
-                        Err(_) => break,
-                    }
-                }
-            };
-            self.admit(&op, &mut prompt, &mut deadline);
-            n += op_records(&op);
-            closing = matches!(op, Op::Close { .. });
-            batch.push(op);
-        }
-        batch
-    }
-
-    /// Counts `op` in: the commit must start by its linger, and a prompt op brings the
-    /// deadline within the commit window.
-    fn admit(&self, op: &Op, prompt: &mut usize, deadline: &mut Instant) {
-        let wait = match op.wait() {
-            Wait::Prompt => {
-                *prompt += 1;
-                self.window
-            }
-            Wait::Linger => self.linger,
-            Wait::AckLinger => self.ack_linger,
-        };
-        *deadline = (*deadline).min(Instant::now() + wait);
-    }
-
-    fn commit(&mut self, batch: Vec<Op>) {
-        let mut st = self.state.clone();
-        let result = match self.db.as_ref() {
-            Some(db) => write_batch(db, &batch, &mut st, self.max_bytes),
-            None => Err(CommitError::WriterClosed),
-        };
+    /// Answers the callers of a batch once its commit returned (or failed).
+    fn settle(&mut self, batch: Vec<Op>, result: Result<Vec<Outcome>, CommitError>, st: State) {
         // Committed or not, deferred acks are no longer waiting: after a failed commit
         // their records are visible again and go to the gateway once more. The waiting
         // set and the counters change under one lock, so `stats` never counts a deletion
@@ -1289,6 +1243,89 @@ impl Writer {
     }
 }
 
+/// The ops of one commit after its first. Ops that may linger wait for company: the
+/// commit starts at the earliest of their arrival plus their linger (`linger` for
+/// readings, `ack_linger` for deferred acks). Once an op that may not wait is in, the
+/// commit window applies, and it closes early in two cases: (1) as many callers wait as
+/// the last commit answered (`expect`): once they are all in, waiting longer only adds
+/// latency; (2) nothing new arrived for a tenth of the window: nobody else is coming. Ops
+/// that arrive while a commit runs queue up and all go into the next one, so batches
+/// grow with load on their own. Each op goes into the transaction as it arrives, so the
+/// writer's inserts overlap the callers' encoding of what comes next.
+struct Gathering {
+    window: Duration,
+    linger: Duration,
+    ack_linger: Duration,
+    quiet: Duration,
+    expect: usize,
+    prompt: usize,
+    deadline: Instant,
+    records: usize,
+    closing: bool,
+}
+
+impl Gathering {
+    fn new(w: &Writer, expect: usize) -> Self {
+        Gathering {
+            window: w.window,
+            linger: w.linger,
+            ack_linger: w.ack_linger,
+            quiet: (w.window / 10).max(Duration::from_micros(20)),
+            expect,
+            prompt: 0,
+            deadline: Instant::now() + w.ack_linger,
+            records: 0,
+            closing: false,
+        }
+    }
+
+    /// Counts `op` in: the commit must start by its linger, and a prompt op brings the
+    /// deadline within the commit window.
+    fn admit(&mut self, op: &Op) {
+        let wait = match op.wait() {
+            Wait::Prompt => {
+                self.prompt += 1;
+                self.window
+            }
+            Wait::Linger => self.linger,
+            Wait::AckLinger => self.ack_linger,
+        };
+        self.deadline = self.deadline.min(Instant::now() + wait);
+        self.records += op_records(op);
+        self.closing |= matches!(op, Op::Close { .. });
+    }
+
+    /// The next op of this commit, or `None` when the commit should start.
+    fn next(&mut self, rx: &std_mpsc::Receiver<Op>) -> Option<Op> {
+        if self.closing || self.records >= MAX_BATCH_RECORDS {
+            return None;
+        }
+        let op = loop {
+            match rx.try_recv() {
+                Ok(op) => break op,
+                Err(std_mpsc::TryRecvError::Disconnected) => return None,
+                Err(std_mpsc::TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            if now >= self.deadline || (self.prompt > 0 && self.prompt >= self.expect) {
+                return None;
+            }
+            let wait = if self.prompt > 0 {
+                self.quiet.min(self.deadline - now)
+            } else {
+                self.deadline - now
+            };
+            match rx.recv_timeout(wait) {
+                Ok(op) => break op,
+                Err(std_mpsc::RecvTimeoutError::Timeout) if self.prompt == 0 => continue,
+                Err(_) => return None,
+            }
+        };
+        self.admit(&op);
+        Some(op)
+    }
+}
+
 /// Takes the deferred acks of `batch` out of the waiting set, one entry per range.
 fn forget_unsaved(unsaved: &mut Vec<UnsavedAck>, batch: &[Op]) {
     for op in batch {
@@ -1351,88 +1388,116 @@ fn json_len(seq: u64, stored: &[u8]) -> u64 {
     }
 }
 
-/// One transaction for the whole batch; one failure is reported to every caller in it.
+/// The tables a commit writes records to.
+struct Tables<'t> {
+    records: redb::Table<'t, u64, &'static [u8]>,
+    quarantine: redb::Table<'t, u64, &'static [u8]>,
+    states: redb::Table<'t, &'static str, &'static [u8]>,
+}
+
+/// One op inside the transaction.
+fn apply(t: &mut Tables<'_>, op: &Op, st: &mut State) -> Result<Outcome, CommitError> {
+    Ok(match op {
+        Op::Append {
+            items,
+            states: kept,
+            observed,
+            ..
+        } => {
+            for (k, v) in kept {
+                t.states
+                    .insert(k.as_str(), v.as_slice())
+                    .map_err(failed("store state"))?;
+            }
+            st.observed_until = st.observed_until.max(*observed);
+            let mut seqs = Vec::with_capacity(items.len());
+            for (_, stored) in items {
+                let seq = st.next_seq;
+                st.next_seq += 1;
+                t.records
+                    .insert(seq, stored.as_slice())
+                    .map_err(failed("insert record"))?;
+                st.records += 1;
+                st.bytes += json_len(seq, stored);
+                seqs.push(seq);
+            }
+            Outcome::Seqs(seqs)
+        }
+        Op::Ack { ranges, .. } => {
+            let mut n = 0;
+            for r in ranges {
+                for item in t
+                    .records
+                    .extract_from_if(r.first..=r.last, |_, _| true)
+                    .map_err(failed("delete acked"))?
+                {
+                    let (k, v) = item.map_err(failed("delete acked"))?;
+                    st.records = st.records.saturating_sub(1);
+                    st.bytes = st.bytes.saturating_sub(json_len(k.value(), v.value()));
+                    n += 1;
+                }
+            }
+            Outcome::Acked(n)
+        }
+        Op::Quarantine { seqs } => {
+            for &seq in seqs {
+                let moved = t
+                    .records
+                    .remove(seq)
+                    .map_err(failed("quarantine"))?
+                    .map(|v| {
+                        let stored = v.value().to_vec();
+                        st.records = st.records.saturating_sub(1);
+                        st.bytes = st.bytes.saturating_sub(json_len(seq, &stored));
+                        stored
+                    });
+                if let Some(stored) = moved {
+                    t.quarantine
+                        .insert(seq, stored.as_slice())
+                        .map_err(failed("quarantine"))?;
+                    st.undecodable_total += 1;
+                }
+            }
+            Outcome::None
+        }
+        Op::Close { .. } => Outcome::None,
+    })
+}
+
+/// One transaction for `first` and the ops `more` hands over until it says `None`, each
+/// applied as it comes; every op taken is pushed to `batch` before it is applied, so its
+/// caller gets the outcome, and one failure is reported to every caller in it.
 fn write_batch(
     db: &Database,
-    batch: &[Op],
+    first: Op,
+    mut more: impl FnMut() -> Option<Op>,
+    batch: &mut Vec<Op>,
     st: &mut State,
     max_bytes: u64,
 ) -> Result<Vec<Outcome>, CommitError> {
+    batch.push(first);
     let mut txn = db.begin_write().map_err(failed("begin write"))?;
     txn.set_durability(Durability::Immediate);
-    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut outcomes = Vec::new();
     {
-        let mut records = txn.open_table(RECORDS).map_err(failed("open records"))?;
-        let mut quarantine = txn
-            .open_table(QUARANTINE)
-            .map_err(failed("open quarantine"))?;
+        let mut tables = Tables {
+            records: txn.open_table(RECORDS).map_err(failed("open records"))?,
+            quarantine: txn
+                .open_table(QUARANTINE)
+                .map_err(failed("open quarantine"))?,
+            states: txn.open_table(STATE).map_err(failed("open state"))?,
+        };
         let mut meta = txn.open_table(META).map_err(failed("open meta"))?;
-        let mut states = txn.open_table(STATE).map_err(failed("open state"))?;
-        for op in batch {
-            outcomes.push(match op {
-                Op::Append {
-                    items,
-                    states: kept,
-                    observed,
-                    ..
-                } => {
-                    for (k, v) in kept {
-                        states
-                            .insert(k.as_str(), v.as_slice())
-                            .map_err(failed("store state"))?;
-                    }
-                    st.observed_until = st.observed_until.max(*observed);
-                    let mut seqs = Vec::with_capacity(items.len());
-                    for (_, stored) in items {
-                        let seq = st.next_seq;
-                        st.next_seq += 1;
-                        records
-                            .insert(seq, stored.as_slice())
-                            .map_err(failed("insert record"))?;
-                        st.records += 1;
-                        st.bytes += json_len(seq, stored);
-                        seqs.push(seq);
-                    }
-                    Outcome::Seqs(seqs)
-                }
-                Op::Ack { ranges, .. } => {
-                    let mut n = 0;
-                    for r in ranges {
-                        for item in records
-                            .extract_from_if(r.first..=r.last, |_, _| true)
-                            .map_err(failed("delete acked"))?
-                        {
-                            let (k, v) = item.map_err(failed("delete acked"))?;
-                            st.records = st.records.saturating_sub(1);
-                            st.bytes = st.bytes.saturating_sub(json_len(k.value(), v.value()));
-                            n += 1;
-                        }
-                    }
-                    Outcome::Acked(n)
-                }
-                Op::Quarantine { seqs } => {
-                    for &seq in seqs {
-                        let moved = records.remove(seq).map_err(failed("quarantine"))?.map(|v| {
-                            let stored = v.value().to_vec();
-                            st.records = st.records.saturating_sub(1);
-                            st.bytes = st.bytes.saturating_sub(json_len(seq, &stored));
-                            stored
-                        });
-                        if let Some(stored) = moved {
-                            quarantine
-                                .insert(seq, stored.as_slice())
-                                .map_err(failed("quarantine"))?;
-                            st.undecodable_total += 1;
-                        }
-                    }
-                    Outcome::None
-                }
-                Op::Close { .. } => Outcome::None,
-            });
+        while let Some(op) = batch.last() {
+            outcomes.push(apply(&mut tables, op, st)?);
+            match more() {
+                Some(op) => batch.push(op),
+                None => break,
+            }
         }
-
+        let records = &mut tables.records;
         if st.bytes > max_bytes {
-            drop_oldest_readings(&mut records, st, max_bytes)?;
+            drop_oldest_readings(records, st, max_bytes)?;
         }
         st.over_cap = st.bytes > max_bytes;
         st.oldest_seq = records
