@@ -648,7 +648,11 @@ async fn drain(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyho
             }
             let st = ob.stats();
             ob.close().await?;
-            let file = std::fs::metadata(data.join("outbox.redb"))?.len();
+            // The blocks the file holds, not its length: redb grows the file ahead of use
+            // (to 270 MB for this backlog whatever the records' size), and the rest is a hole.
+            let file = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(
+                data.join("outbox.redb"),
+            )?) * 512;
             report.outbox_size = Some((
                 st.bytes as f64 / a.backlog as f64,
                 file as f64 / a.backlog as f64,
