@@ -2,7 +2,7 @@
 //! which sequence numbers are then stored, so the gateway acks exactly those.
 //!
 //! A record is known by (agent, outbox incarnation, seq), and its content by a SHA-256
-//! digest of its canonical bytes. A record already stored (the agent replays after a
+//! digest of its decoded fields ([`crate::digest`]). A record already stored (the agent replays after a
 //! reconnect, or resends when an ack was lost) is acknowledged again but applied once. An
 //! agent whose outbox was lost starts a new incarnation at seq 1, and nothing it sends is
 //! taken for a duplicate. The same key with other content is a *conflict*: not applied,
@@ -20,7 +20,7 @@
 use crate::clock::AgentClock;
 use crate::fleet::Fleet;
 use crate::store::{
-    encode, to_json, AgentRecord, Conflict, DeadlineRecord, DeviceLive, Forwarding, LifeEvent,
+    to_json, AgentRecord, Conflict, DeadlineRecord, DeviceLive, Forwarding, LifeEvent,
     LiveIdentity, LiveReading, StoreError, TicketEventRecord, TicketRecord,
 };
 use crate::ticket::{
@@ -59,17 +59,23 @@ pub const MAX_OPEN_EPISODES: usize = 64;
 /// Which outbox: (agent, incarnation).
 pub type OutboxKey<'a> = (&'a str, &'a str);
 
-/// SHA-256 of a record's canonical bytes ([`tend_wire::encode`] of the decoded record):
-/// what tells a resend from other content under the same key.
-pub type Digest = [u8; 32];
+pub use crate::digest::Digest;
 
-/// The digest of a record's content.
+/// The digest of a record's content ([`crate::digest::digest`]).
 pub fn digest(r: &Record) -> Result<Digest, StoreError> {
-    let bytes = encode("record", r)?;
-    let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    Ok(out)
+    crate::digest::digest(r).map_err(|source| StoreError::Encode {
+        what: "record digest",
+        source,
+    })
+}
+
+/// The digest stores kept before [`digest`]'s form ([`crate::digest::legacy`]): what a
+/// record stored by an older build is compared with when the new digest differs.
+fn legacy_digest(r: &Record) -> Result<Digest, StoreError> {
+    crate::digest::legacy(r).map_err(|source| StoreError::Encode {
+        what: "record digest",
+        source,
+    })
 }
 
 /// What one batch did.
@@ -318,8 +324,13 @@ impl<'a> Planner<'a, '_> {
             let d = digest(r)?;
             match self.seen.get(&key) {
                 Some(known) if *known == d => applied.duplicates += 1,
+                // Stored by a build that digested the JSON: the other form is only worked
+                // out for a key seen before with another digest, which is rare.
+                Some(known) if *known == legacy_digest(r)? => applied.duplicates += 1,
                 Some(_) => {
-                    if self.conflicts.insert((key, d)) {
+                    if self.conflicts.contains(&(key, legacy_digest(r)?)) {
+                        applied.duplicates += 1;
+                    } else if self.conflicts.insert((key, d)) {
                         self.changes.conflicts.push((key, d));
                         self.conflict(agent, incarnation, r.seq);
                         applied.conflicts.push(r.seq);
@@ -947,6 +958,48 @@ accepted = "2025-03-01"
         // One device, written once with what the whole group made of it.
         assert_eq!(p.changes.devices.len(), 1);
         assert_eq!(p.changes.devices["vent"].agent, "a1");
+    }
+
+    /// A store written by a build that digested the records' JSON: a resend of what it
+    /// stored is a duplicate, other content under a stored key a conflict, and a resend
+    /// of a conflict it kept is not counted again.
+    #[test]
+    fn digests_a_previous_build_stored_still_tell_resends_from_conflicts() {
+        let other = state(2, 5, DeviceState::Up, DeviceState::Down);
+        let stored = Stored {
+            seen: [
+                (("a1", "i1", 1), legacy_digest(&readings(1)).unwrap()),
+                (("a1", "i1", 2), legacy_digest(&readings(2)).unwrap()),
+                (("a1", "i1", 3), legacy_digest(&readings(3)).unwrap()),
+            ]
+            .into_iter()
+            .collect(),
+            ..Stored::default()
+        };
+        let mut conflicting = other.clone();
+        conflicting.seq = 3;
+        let group = [batch_in(
+            "a1",
+            "i1",
+            vec![readings(1), other.clone(), conflicting.clone()],
+        )];
+        let stored_conflict = Stored {
+            conflicts: [(("a1", "i1", 3), legacy_digest(&conflicting).unwrap())]
+                .into_iter()
+                .collect(),
+            ..stored
+        };
+        let p = plan(&group, stored_conflict, &cx(), at(0)).unwrap();
+        let a = &p.applied[0];
+        // seq 1: the same record; seq 2: other content (a new conflict); seq 3: the
+        // conflict the old build kept, sent again.
+        assert_eq!((a.new_records, a.duplicates), (0, 2));
+        assert_eq!(a.conflicts, vec![2]);
+        assert_eq!(p.changes.conflicts.len(), 1);
+        assert_ne!(
+            digest(&readings(1)).unwrap(),
+            legacy_digest(&readings(1)).unwrap()
+        );
     }
 
     /// A lost outbox: the agent starts again at seq 1 in a new incarnation, and nothing

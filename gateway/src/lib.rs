@@ -19,6 +19,7 @@ pub mod clock;
 pub mod command_line;
 pub mod config;
 pub mod diag;
+pub mod digest;
 pub mod enrol;
 pub mod fleet;
 pub mod forwarder;
