@@ -1,4 +1,4 @@
-//! Outbox throughput (DESIGN §5: at least 50,000 durable records/s).
+//! Outbox throughput (DESIGN §5: at least 100,000 durable records/s; `tend-bench --only outbox` measures it with AV-500 records).
 //!
 //!     cargo run --release -p tend-agent --example outbox_bench -- [--appenders 64]
 //!         [--seconds 3] [--runs 5] [--window-us 2000] [--dir DIR]
@@ -8,7 +8,7 @@
 //! records in a closed loop, each `append` awaited (durable) before the next. Prints
 //! durable records/s per run and the median. Then the same load against a 16 MiB cap
 //! (readings dropped while appending; file size printed), then draining a 180,000-record
-//! backlog (DESIGN §5: one hour of gateway outage must drain in under 30 s) with
+//! backlog (DESIGN §5: one hour of gateway outage must drain in under 15 s) with
 //! `pending` pages of 1,000 and one `ack` per page.
 
 use jiff::Timestamp;
