@@ -273,8 +273,9 @@ pub enum CommitError {
 /// What the writer is asked to do.
 enum Op {
     Append {
-        /// (droppable, the record as stored but for its seq: tag and packed JSON)
-        items: Vec<(bool, Vec<u8>)>,
+        /// Each record as stored but for its seq: tag and packed JSON (the tag says
+        /// whether the size cap may drop it).
+        items: Vec<Vec<u8>>,
         /// Written with the records, in the same commit: (key, value) in the state table.
         states: Vec<(String, Vec<u8>)>,
         /// The newest agent time of the records, or of an observation that made none.
@@ -316,7 +317,7 @@ impl Op {
                 linger,
                 ..
             } => {
-                if *linger && states.is_empty() && items.iter().all(|(droppable, _)| *droppable) {
+                if *linger && states.is_empty() && items.iter().all(|stored| is_reading(stored)) {
                     Wait::Linger
                 } else {
                     Wait::Prompt
@@ -372,10 +373,10 @@ impl Future for Commit {
     }
 }
 
-/// Records encoded for the writer: (droppable, the record's JSON without its seq), and
-/// the newest of their times.
+/// Records encoded for the writer (each as stored but for its seq: tag and packed JSON),
+/// and the newest of their times.
 struct Encoded {
-    records: Vec<(bool, Vec<u8>)>,
+    records: Vec<Vec<u8>>,
     observed: Option<Timestamp>,
 }
 
@@ -529,7 +530,7 @@ impl Outbox {
     ) -> Result<Encoded, OutboxError> {
         let records = items
             .iter()
-            .map(|(device, at, body)| Ok((body.is_droppable(), self.encode(device, *at, body)?)))
+            .map(|(device, at, body)| self.encode(device, *at, body))
             .collect::<Result<Vec<_>, OutboxError>>()?;
         let observed = items.iter().map(|(_, at, _)| *at).max();
         Ok(Encoded { records, observed })
@@ -872,9 +873,16 @@ fn pack(droppable: bool, unnumbered: &[u8]) -> Vec<u8> {
     } else {
         TAG_KEEP_PACKED
     };
-    let mut stored =
-        Vec::with_capacity(5 + lz4_flex::block::get_maximum_output_size(unnumbered.len()));
-    stored.push(tag);
+    // Tag, length and block written into one buffer: no second allocation and copy.
+    let mut stored = vec![0u8; 5 + lz4_flex::block::get_maximum_output_size(unnumbered.len())];
+    stored[0] = tag;
+    stored[1..5].copy_from_slice(&(unnumbered.len() as u32).to_le_bytes());
+    if let Ok(n) = lz4_flex::block::compress_into(unnumbered, &mut stored[5..]) {
+        stored.truncate(5 + n);
+        return stored;
+    }
+    // Not expected (the buffer has the block's worst-case size): the allocating form.
+    let mut stored = vec![tag];
     stored.extend_from_slice(&lz4_flex::block::compress_prepend_size(unnumbered));
     stored
 }
@@ -1365,7 +1373,8 @@ fn numbered(seq: u64, unnumbered: &[u8]) -> Vec<u8> {
 
 /// What [`numbered`] adds to a record's JSON: `"seq":`, the digits and a comma.
 fn seq_len(seq: u64) -> u64 {
-    7 + u64::from(seq.checked_ilog10().unwrap_or(0)) + 1
+    let digits = u64::from(seq.checked_ilog10().unwrap_or(0)) + 1;
+    b"\"seq\":".len() as u64 + digits + 1
 }
 
 /// A time as meta keeps it: nanoseconds since the Unix epoch (`None` before 1970 or after
@@ -1411,7 +1420,7 @@ fn apply(t: &mut Tables<'_>, op: &Op, st: &mut State) -> Result<Outcome, CommitE
             }
             st.observed_until = st.observed_until.max(*observed);
             let mut seqs = Vec::with_capacity(items.len());
-            for (_, stored) in items {
+            for stored in items {
                 let seq = st.next_seq;
                 st.next_seq += 1;
                 t.records
