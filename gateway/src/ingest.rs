@@ -324,11 +324,11 @@ impl<'a> Planner<'a, '_> {
             let d = digest(r)?;
             match self.seen.get(&key) {
                 Some(known) if *known == d => applied.duplicates += 1,
-                // Stored by a build that digested the JSON: the other form is only worked
-                // out for a key seen before with another digest, which is rare.
-                Some(known) if *known == legacy_digest(r)? => applied.duplicates += 1,
-                Some(_) => {
-                    if self.conflicts.contains(&(key, legacy_digest(r)?)) {
+                Some(known) => {
+                    // Stored by a build that digested the JSON: the other form is only
+                    // worked out for a key seen before with another digest, which is rare.
+                    let old = legacy_digest(r)?;
+                    if *known == old || self.conflicts.contains(&(key, old)) {
                         applied.duplicates += 1;
                     } else if self.conflicts.insert((key, d)) {
                         self.changes.conflicts.push((key, d));
