@@ -583,3 +583,48 @@ async fn units_of_one_rtu_bus_each_answer_for_themselves() {
     assert_eq!(bus.stats(3).timeouts, 0);
     assert_eq!(bus.stats(2).timeouts, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_counters_are_read_once_a_minute_and_afresh_after_a_failure() {
+    let sim = Av500Sim::spawn_tcp(Av500Config::v5(), any_port())
+        .await
+        .unwrap();
+    let set = ProfileSet::builtin().unwrap();
+    let mut bus = ModbusBus::new(Endpoint::Tcp(sim.addr().unwrap().to_string()));
+    let (_, profile) = bus.identify(1, &set, AV, None).await.unwrap();
+    let pm_days = |s: &tend_profiles::Snapshot| s.values["pm_days"].as_f64().unwrap();
+    let before = sim.state().days_since_pm as f64;
+    let requests = |bus: &ModbusBus| bus.stats(1).requests;
+
+    // First poll: the input registers and the counters (holding 11-12).
+    let r0 = requests(&bus);
+    let s = bus.poll(1, &profile, None).await.unwrap();
+    assert_eq!(requests(&bus) - r0, 2);
+    assert_eq!(pm_days(&s), before);
+
+    // Within the minute only the input registers are read; the counters' last answer
+    // stands in the snapshot (a day counter that changed is seen at the next minute).
+    sim.update(|s| {
+        s.days_since_pm += 7;
+        s.error_code = 1021;
+    });
+    for _ in 0..3 {
+        let r = requests(&bus);
+        let s = bus.poll(1, &profile, None).await.unwrap();
+        assert_eq!(requests(&bus) - r, 1);
+        assert_eq!(pm_days(&s), before);
+        assert_eq!(s.values["error_code"].as_f64(), Some(1021.0));
+    }
+
+    // A failed poll forgets everything: the next one reads the counters again.
+    sim.set_silent(true);
+    let failed = bus
+        .poll(1, &profile, Some(Duration::from_millis(100)))
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    sim.set_silent(false);
+    let r = requests(&bus);
+    let s = bus.poll(1, &profile, None).await.unwrap();
+    assert_eq!(requests(&bus) - r, 2);
+    assert_eq!(pm_days(&s), before + 7.0);
+}

@@ -3,7 +3,7 @@
 //! decoding, which is how patient data stays at the bedside — and a snapshot plus the
 //! time into readings, signals (faults, maintenance, consumables) and a device state.
 
-use crate::modbus::{self, ReadRequest, RegisterImage, Table, WordOrder};
+use crate::modbus::{self, ReadRequest, RegisterImage, ScheduledRead, Table, WordOrder};
 use crate::model::{DeviceState, FaultClass, SignalKind, Value};
 use crate::schema::{
     BitDef, ConditionDef, FirmwareFormat, PointDef, PointType, ProfileDoc, RuleDef, RuleKind,
@@ -14,6 +14,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A checked profile, ready to decode. Built by [`crate::load`].
 #[derive(Debug, Clone)]
@@ -185,27 +186,79 @@ impl Profile {
 
     // ---------- Modbus ----------
 
-    /// Coalesces spans within this device's request limit and mapped ranges.
+    /// Coalesces spans within this device's request limit and mapped ranges. A gap is
+    /// bridged only where the device maps registers and none of them is PHI
+    /// (`device.phi`): a read never covers a register the profile may not read.
     fn plan(&self, spans: &[(Table, u16, u16)]) -> Vec<ReadRequest> {
+        let phi: Vec<(Table, u16, u16)> = self
+            .doc
+            .device
+            .phi
+            .iter()
+            .filter_map(|s| match crate::phi::PhiEntry::parse(s)? {
+                crate::phi::PhiEntry::Registers { table, from, to } => Some((table, from, to)),
+                _ => None,
+            })
+            .collect();
         modbus::plan_reads(
             spans,
             self.doc.transport.max_registers.unwrap_or(125),
-            &self.doc.transport.mapped,
+            &modbus::carve(&self.doc.transport.mapped, &phi),
         )
     }
 
-    /// The fewest reads covering every listed point within the device's request limit.
-    pub fn read_plan(&self) -> Vec<ReadRequest> {
-        let spans: Vec<(Table, u16, u16)> = self
-            .doc
+    /// The registers of the points read at the given `read_every` (`None`: every poll).
+    fn spans(&self, every: Option<Duration>) -> Vec<(Table, u16, u16)> {
+        self.doc
             .points
             .iter()
+            .filter(|p| p.read_every.map(|d| d.0) == every)
             .filter_map(|p| {
                 let rt = p.ty.reg_type()?;
                 Some((p.table?, p.address?, rt.width(p.registers.unwrap_or(1))))
             })
+            .collect()
+    }
+
+    /// The fewest reads covering every listed point within the device's request limit.
+    pub fn read_plan(&self) -> Vec<ReadRequest> {
+        self.scan_plan().into_iter().map(|s| s.read).collect()
+    }
+
+    /// The reads of a poll and how often each is made: the points read at every poll
+    /// coalesced together, then those of each `read_every`, coalesced among themselves
+    /// (a slow point riding on a fast read would be read at every poll). A slow point a
+    /// fast read already covers needs no read of its own.
+    pub fn scan_plan(&self) -> Vec<ScheduledRead> {
+        let mut out: Vec<ScheduledRead> = self
+            .plan(&self.spans(None))
+            .into_iter()
+            .map(|read| ScheduledRead { read, every: None })
             .collect();
-        self.plan(&spans)
+        let slow: std::collections::BTreeSet<Duration> = self
+            .doc
+            .points
+            .iter()
+            .filter_map(|p| p.read_every.map(|d| d.0))
+            .collect();
+        for every in slow {
+            let spans: Vec<_> = self
+                .spans(Some(every))
+                .into_iter()
+                .filter(|&(t, a, w)| {
+                    !out.iter().any(|s| {
+                        s.read.table == t
+                            && s.read.start <= a
+                            && a as u32 + w as u32 <= s.read.end()
+                    })
+                })
+                .collect();
+            out.extend(self.plan(&spans).into_iter().map(|read| ScheduledRead {
+                read,
+                every: Some(every),
+            }));
+        }
+        out
     }
 
     /// The reads that identify the device (firmware and serial number).

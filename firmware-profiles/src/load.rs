@@ -11,6 +11,7 @@ use crate::schema::{
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A profile (or config) that cannot be used, and where it says so.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -163,6 +164,7 @@ fn validate(cx: &Ctx, d: &ProfileDoc) -> Result<u32, ProfileError> {
         check_rule(cx, &KeyPath::root().key("rule").index(i), r, &names)?;
     }
     check_availability(cx, d, &names)?;
+    check_read_every(cx, d)?;
     check_diagnostics(cx, d)?;
     check_read_only(cx, d, major)?;
     Ok(major)
@@ -311,6 +313,62 @@ fn check_points<'d>(cx: &Ctx, d: &'d ProfileDoc) -> Result<BTreeSet<&'d str>, Pr
         }
     }
     Ok(names)
+}
+
+/// `read_every` of a point: Modbus only, between 1 s and a day, and never on a point whose
+/// value must be current: what a fault rule reads (a fault would wait for the next
+/// read), fault evidence, and what availability is decided on.
+fn check_read_every(cx: &Ctx, d: &ProfileDoc) -> Result<(), ProfileError> {
+    let root = KeyPath::root();
+    for (i, p) in d.points.iter().enumerate() {
+        let Some(every) = p.read_every else {
+            continue;
+        };
+        let at = root.key("point").index(i).key("read_every");
+        cx.require(
+            d.transport.kind == TransportKind::Modbus,
+            &at,
+            "only a Modbus point can be read less often than its device is polled",
+        )?;
+        cx.require(
+            (Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&every.0),
+            &at,
+            format!("{every} is not between 1s and 1d"),
+        )?;
+        let name = p.name.as_str();
+        let fault_rule = d.rules.iter().find(|r| {
+            r.signal == SignalKind::Fault
+                && (r.point == name || r.at_least_point.as_deref() == Some(name))
+        });
+        if let Some(r) = fault_rule {
+            return Err(cx.err(
+                &at,
+                format!(
+                    "`{name}` is read by fault rule {}: a fault must not wait for a slower read",
+                    r.code
+                        .as_deref()
+                        .or(r.code_prefix.as_deref())
+                        .unwrap_or("(unnamed)")
+                ),
+            ));
+        }
+        cx.require(
+            !d.device.evidence.iter().any(|e| e == name),
+            &at,
+            format!("`{name}` is fault evidence (device.evidence), which must be current"),
+        )?;
+        let conds = d
+            .availability
+            .down_when
+            .iter()
+            .chain(&d.availability.maintenance_when);
+        cx.require(
+            !conds.into_iter().any(|c| c.point.as_deref() == Some(name)),
+            &at,
+            format!("`{name}` decides availability ([availability]), which must be current"),
+        )?;
+    }
+    Ok(())
 }
 
 /// `[availability]`: every condition well formed and naming a known point.

@@ -5,6 +5,7 @@
 use crate::model::Value;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -174,6 +175,96 @@ pub fn plan_reads(
     out
 }
 
+/// `mapped` with the register ranges in `holes` (a device's PHI) cut out, so a read
+/// planned inside what remains never bridges a gap across them.
+pub fn carve(mapped: &[MappedRange], holes: &[(Table, u16, u16)]) -> Vec<MappedRange> {
+    let mut out: Vec<MappedRange> = mapped.to_vec();
+    for &(table, from, to) in holes {
+        out = out
+            .into_iter()
+            .flat_map(|m| {
+                if m.table != table || to < m.from || m.to < from {
+                    return vec![m];
+                }
+                let mut parts = Vec::new();
+                if m.from < from {
+                    parts.push(MappedRange { to: from - 1, ..m });
+                }
+                if to < m.to {
+                    parts.push(MappedRange { from: to + 1, ..m });
+                }
+                parts
+            })
+            .collect();
+    }
+    out
+}
+
+/// One read of a poll plan and how often it is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledRead {
+    pub read: ReadRequest,
+    /// `None`: at every poll. Otherwise at most this often (`read_every` of its points).
+    pub every: Option<Duration>,
+}
+
+/// The reads of one unit across polls: which are due, and the registers answered so far.
+/// A read with `every` is made at the first poll and then once that long has passed; in
+/// between, its last answer stands in the image. Any failed poll forgets every answer, so
+/// after a fault, a reconnect or a swapped device nothing old is decoded as new.
+/// Pure: the caller says what time it is.
+#[derive(Debug, Clone)]
+pub struct Scan {
+    plan: Vec<ScheduledRead>,
+    /// When each read of `plan` was last answered in this run of good polls.
+    answered: Vec<Option<Instant>>,
+    image: RegisterImage,
+}
+
+impl Scan {
+    pub fn new(plan: Vec<ScheduledRead>) -> Self {
+        let answered = vec![None; plan.len()];
+        Self {
+            plan,
+            answered,
+            image: RegisterImage::new(),
+        }
+    }
+
+    /// The reads due at `now`, by their index in the plan.
+    pub fn due(&self, now: Instant) -> Vec<(usize, ReadRequest)> {
+        self.plan
+            .iter()
+            .zip(&self.answered)
+            .enumerate()
+            .filter(|(_, (s, last))| match (s.every, last) {
+                (None, _) | (_, None) => true,
+                (Some(every), Some(at)) => now.saturating_duration_since(*at) >= every,
+            })
+            .map(|(i, (s, _))| (i, s.read))
+            .collect()
+    }
+
+    /// Read `i` of the plan was answered with `words` at `now`.
+    pub fn answer(&mut self, i: usize, words: &[u16], now: Instant) {
+        if let (Some(s), Some(at)) = (self.plan.get(i), self.answered.get_mut(i)) {
+            self.image.insert(s.read.table, s.read.start, words);
+            *at = Some(now);
+        }
+    }
+
+    /// A poll failed: every read is due again and no earlier answer is kept.
+    pub fn forget(&mut self) {
+        self.answered.iter_mut().for_each(|a| *a = None);
+        self.image = RegisterImage::new();
+    }
+
+    /// Every register answered since the last failure.
+    pub fn image(&self) -> &RegisterImage {
+        &self.image
+    }
+}
+
 /// Registers read in one poll, by table and address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RegisterImage {
@@ -241,6 +332,90 @@ pub fn crc16_modbus(bytes: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn range(table: Table, from: u16, to: u16) -> MappedRange {
+        MappedRange { table, from, to }
+    }
+
+    #[test]
+    fn carving_phi_out_of_mapped_ranges() {
+        let mapped = [range(Table::Input, 0, 19), range(Table::Holding, 0, 12)];
+        // Inside, at either edge, over a whole range, in the other table, outside.
+        type Holes<'a> = &'a [(Table, u16, u16)];
+        let cases: &[(Holes, &[MappedRange])] = &[
+            (&[], &mapped),
+            (
+                &[(Table::Input, 13, 14)],
+                &[
+                    range(Table::Input, 0, 12),
+                    range(Table::Input, 15, 19),
+                    range(Table::Holding, 0, 12),
+                ],
+            ),
+            (
+                &[(Table::Input, 0, 0), (Table::Input, 19, 25)],
+                &[range(Table::Input, 1, 18), range(Table::Holding, 0, 12)],
+            ),
+            (&[(Table::Holding, 0, 65535)], &[range(Table::Input, 0, 19)]),
+            (&[(Table::Input, 20, 30)], &mapped),
+        ];
+        for (holes, want) in cases {
+            assert_eq!(carve(&mapped, holes), *want, "{holes:?}");
+        }
+        // A plan over the carved ranges does not bridge the hole; without it, it does.
+        let spans = [(Table::Input, 12, 1), (Table::Input, 14, 1)];
+        let carved = carve(&mapped, &[(Table::Input, 13, 13)]);
+        assert_eq!(plan_reads(&spans, 32, &carved).len(), 2);
+        assert_eq!(plan_reads(&spans, 32, &mapped).len(), 1);
+    }
+
+    #[test]
+    fn a_scan_reads_slow_registers_once_per_interval_and_forgets_on_failure() {
+        let fast = ReadRequest {
+            table: Table::Input,
+            start: 0,
+            count: 2,
+        };
+        let slow = ReadRequest {
+            table: Table::Holding,
+            start: 11,
+            count: 2,
+        };
+        let mut scan = Scan::new(vec![
+            ScheduledRead {
+                read: fast,
+                every: None,
+            },
+            ScheduledRead {
+                read: slow,
+                every: Some(Duration::from_secs(60)),
+            },
+        ]);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(scan.due(at(0)), vec![(0, fast), (1, slow)]);
+        scan.answer(0, &[1, 2], at(0));
+        scan.answer(1, &[30, 180], at(0));
+        // Between reads the slow answer stands; at 60 s it is due again.
+        for s in [1, 2, 59] {
+            assert_eq!(scan.due(at(s)), vec![(0, fast)], "at {s} s");
+            scan.answer(0, &[s as u16, 2], at(s));
+        }
+        assert_eq!(scan.image().get(Table::Input, 0, 2), Some(vec![59, 2]));
+        assert_eq!(scan.image().get(Table::Holding, 11, 2), Some(vec![30, 180]));
+        assert_eq!(scan.due(at(60)), vec![(0, fast), (1, slow)]);
+        scan.answer(1, &[31, 180], at(60));
+        assert_eq!(scan.image().get(Table::Holding, 11, 2), Some(vec![31, 180]));
+        assert_eq!(scan.due(at(61)), vec![(0, fast)]);
+        // A failed poll: nothing of before is decoded, everything is read again.
+        scan.forget();
+        assert_eq!(scan.image().get(Table::Holding, 11, 2), None);
+        assert_eq!(scan.image().get(Table::Input, 0, 2), None);
+        assert_eq!(scan.due(at(62)), vec![(0, fast), (1, slow)]);
+        // An index outside the plan changes nothing.
+        scan.answer(7, &[1], at(62));
+        assert_eq!(scan.image(), &RegisterImage::new());
+    }
 
     #[test]
     fn av500_u32_word_orders() {

@@ -218,6 +218,10 @@ pub struct PointDef {
     pub registers: Option<u16>,
     pub word_order: Option<WordOrder>,
     pub scale: Option<f64>,
+    /// Read at most this often instead of at every poll (a counter of days, an interval
+    /// setting); its last value stands in between. Modbus points only, and never a point
+    /// that fault rules, fault evidence or availability read.
+    pub read_every: Option<Dur>,
     // serial
     pub request: Option<String>,
     pub key: Option<String>,

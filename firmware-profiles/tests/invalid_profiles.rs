@@ -481,3 +481,69 @@ fn serial_requests_are_the_manuals_read_only_requests() {
         "not a read-only request",
     );
 }
+
+#[test]
+fn read_every_is_for_modbus_points_nothing_current_depends_on() {
+    let av = builtin("av-500-5");
+    let mains = "name = \"mains\"\ntype = \"u16\"\ntable = \"input\"\naddress = 12\n";
+    let slow_mains = format!("{mains}read_every = \"2m\"\n");
+    // A serial device answers one request for all its fields: nothing to read less often.
+    refused_at(
+        builtin("lip-300-3"),
+        "key = \"MODE\"\n",
+        "key = \"MODE\"\nread_every = \"1m\"\n",
+        "point[0].read_every",
+        "read_every = \"1m\"",
+        "only a Modbus point",
+    );
+    refused_at(
+        av,
+        mains,
+        &format!("{mains}read_every = \"500ms\"\n"),
+        "point[12].read_every",
+        "read_every = \"500ms\"",
+        "500ms is not between 1s and 1d",
+    );
+    refused_at(
+        av,
+        mains,
+        &format!("{mains}read_every = \"2d\"\n"),
+        "point[12].read_every",
+        "read_every = \"2d\"",
+        "2d is not between 1s and 1d",
+    );
+    // A fault must never wait for a slower read: the point a fault rule reads, directly.
+    refused_at(
+        av,
+        "name = \"error_code\"\n",
+        "name = \"error_code\"\nread_every = \"10s\"\n",
+        "point[5].read_every",
+        "read_every = \"10s\"",
+        "read by fault rule",
+    );
+    // Evidence and availability must be current too.
+    let with_evidence = av.replacen("\"error_code\"]", "\"error_code\", \"mains\"]", 1);
+    refused_at(
+        &with_evidence,
+        mains,
+        &slow_mains,
+        "point[12].read_every",
+        "read_every = \"2m\"",
+        "fault evidence",
+    );
+    let with_availability = av.replacen(
+        "maintenance_when = [{ point = \"state\", equals = 3 }]",
+        "maintenance_when = [{ point = \"mains\", equals = 3 }]",
+        1,
+    );
+    refused_at(
+        &with_availability,
+        mains,
+        &slow_mains,
+        "point[12].read_every",
+        "read_every = \"2m\"",
+        "decides availability",
+    );
+    // A reading nothing else needs may be read once a minute.
+    parse_profile("test.toml", &av.replacen(mains, &slow_mains, 1)).expect("a slow reading");
+}

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tend_profiles::modbus::{exception_name, ReadRequest, RegisterImage, Table};
+use tend_profiles::modbus::{exception_name, ReadRequest, RegisterImage, Scan, Table};
 use tend_profiles::schema::Parity;
 use tend_profiles::{Identity, Profile, ProfileSet, Snapshot};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -187,6 +187,32 @@ pub struct ModbusBus {
     connect_timeout: Duration,
     last_reply: Option<Instant>,
     stats: BTreeMap<u8, Stats>,
+    /// Per unit: its poll plan and the registers answered so far (points read less often
+    /// than every poll keep their last answer here).
+    scans: BTreeMap<u8, UnitScan>,
+}
+
+/// A unit's [`Scan`], for the profile it was planned from.
+struct UnitScan {
+    /// `device.id` and `device.firmware` of that profile: another profile (the unit was
+    /// identified again as another firmware) plans anew.
+    profile: (String, String),
+    scan: Scan,
+}
+
+impl UnitScan {
+    fn new(profile: &Profile) -> Self {
+        let d = &profile.doc.device;
+        Self {
+            profile: (d.id.clone(), d.firmware.clone()),
+            scan: Scan::new(profile.scan_plan()),
+        }
+    }
+
+    fn is_for(&self, profile: &Profile) -> bool {
+        let d = &profile.doc.device;
+        self.profile.0 == d.id && self.profile.1 == d.firmware
+    }
 }
 
 impl std::fmt::Debug for ModbusBus {
@@ -209,6 +235,7 @@ impl ModbusBus {
             connect_timeout: Duration::from_secs(3),
             last_reply: None,
             stats: BTreeMap::new(),
+            scans: BTreeMap::new(),
         }
     }
 
@@ -418,7 +445,9 @@ impl ModbusBus {
         Ok((identity, profile))
     }
 
-    /// Reads the profile's points from `unit` (the coalesced read plan).
+    /// Reads the profile's points from `unit`: the reads of the coalesced plan that are
+    /// due (every one, but for points with `read_every` read recently, whose last answer
+    /// stands). A failed read fails the poll and forgets every earlier answer.
     pub async fn poll(
         &mut self,
         unit: u8,
@@ -429,8 +458,24 @@ impl ModbusBus {
         if let Some(t) = timeout {
             policy.timeout = t;
         }
-        let image = self.read_image(unit, &profile.read_plan(), &policy).await?;
-        Ok(profile.decode_registers(&image))
+        let mut us = match self.scans.remove(&unit) {
+            Some(us) if us.is_for(profile) => us,
+            _ => UnitScan::new(profile),
+        };
+        let now = Instant::now();
+        for (i, r) in us.scan.due(now) {
+            match self.read(unit, r, &policy).await {
+                Ok(words) => us.scan.answer(i, &words, now),
+                Err(e) => {
+                    us.scan.forget();
+                    self.scans.insert(unit, us);
+                    return Err(e);
+                }
+            }
+        }
+        let snapshot = profile.decode_registers(us.scan.image());
+        self.scans.insert(unit, us);
+        Ok(snapshot)
     }
 
     /// Identifies `unit` and reads it once.
