@@ -95,6 +95,11 @@ struct Args {
     /// Skip the peer.
     #[arg(long)]
     no_peer: bool,
+    /// The resources phase's agent reads every point at every poll, as the peer does (an
+    /// AV-500 profile without `read_every`, from a `profiles_dir`): by default the shipped
+    /// profile reads the maintenance counters once a minute.
+    #[arg(long)]
+    every_poll: bool,
     /// Where tend-agent and tend-gateway are.
     #[arg(long, default_value = "target/release")]
     bin: PathBuf,
@@ -446,6 +451,9 @@ async fn resources(
         tend::enrol_agent(&a.bin, &plan, &dir.join("agent"))?;
         let gw = Gateway::start(&a.bin, &plan).await?;
         let cfg = tend::agent_config(&dir.join("agent"), &gw.broker, &addrs, "60s")?;
+        if a.every_poll {
+            tend::read_every_point_every_poll(&cfg)?;
+        }
         let mut agent = tend::start_agent(a.agent_folder(), &cfg, a.agent_wrap.as_deref())?;
         tokio::time::sleep(a.warmup).await;
         let r0 = gw.metric("tend_gateway_records_total").await?;

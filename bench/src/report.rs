@@ -130,7 +130,11 @@ impl Report {
                 "{} run(s); resource window {:?} after {:?} warm-up; {} devices, layouts {}; backlog {}; {} faults per run every {:?}; ingest up to {} records (10,000 batches) per batch size {} from {} agents, {} batches in flight for 1,000-record batches, one per agent for smaller ones",
                 a.runs, a.window, a.warmup, a.devices, a.layouts, a.backlog, a.episodes, a.fault_spacing,
                 a.ingest_records, a.ingest_batches, a.ingest_agents, a.ingest_window
-            ),
+            ) + if a.every_poll {
+                "; the agent reads every AV-500 point at every poll (--every-poll)"
+            } else {
+                "; the agent's AV-500 profile reads its maintenance counters once a minute (the peer: every poll)"
+            },
         }
     }
 

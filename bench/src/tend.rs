@@ -4,6 +4,7 @@
 //! `[[device]]` per simulator.
 
 use crate::procs_util::{self, Proc};
+use anyhow::Context as _;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -268,6 +269,37 @@ pub fn agent_config(
     let path = dir.join("agent.toml");
     std::fs::write(&path, s)?;
     Ok(path)
+}
+
+/// Makes the agent of `config` read every AV-500 point at every poll: the built-in 5.x
+/// profile without its `read_every` lines, in a `profiles_dir` beside the config, which
+/// replaces the built-in one.
+pub fn read_every_point_every_poll(config: &Path) -> anyhow::Result<()> {
+    let dir = config
+        .parent()
+        .context("the agent config has no folder")?
+        .join("profiles");
+    std::fs::create_dir_all(&dir)?;
+    let (_, src) = tend_profiles::load::BUILTIN
+        .iter()
+        .find(|(name, _)| name.contains("av-500-5"))
+        .context("no built-in AV-500 5.x profile")?;
+    let plain: String = src
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("read_every"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    anyhow::ensure!(
+        plain.len() < src.len(),
+        "the AV-500 5.x profile has no read_every"
+    );
+    std::fs::write(dir.join("av-500-5.x.toml"), plain)?;
+    let cfg = std::fs::read_to_string(config)?;
+    std::fs::write(
+        config,
+        format!("profiles_dir = \"{}\"\n{cfg}", dir.display()),
+    )?;
+    Ok(())
 }
 
 /// Starts `tend-agent run`; `wrap` is a command put in front of it (a profiler such as
