@@ -627,4 +627,14 @@ async fn maintenance_counters_are_read_once_a_minute_and_afresh_after_a_failure(
     let s = bus.poll(1, &profile, None).await.unwrap();
     assert_eq!(requests(&bus) - r, 2);
     assert_eq!(pm_days(&s), before + 7.0);
+
+    // So does identifying the unit again (another device may answer at its address).
+    let s = bus.poll(1, &profile, None).await.unwrap();
+    assert_eq!(pm_days(&s), before + 7.0);
+    sim.update(|s| s.days_since_pm = 0);
+    let (_, profile) = bus.identify(1, &set, AV, None).await.unwrap();
+    let r = requests(&bus);
+    let s = bus.poll(1, &profile, None).await.unwrap();
+    assert_eq!(requests(&bus) - r, 2);
+    assert_eq!(pm_days(&s), 0.0);
 }

@@ -209,14 +209,34 @@ impl Profile {
 
     /// The registers of the points read at the given `read_every` (`None`: every poll).
     fn spans(&self, every: Option<Duration>) -> Vec<(Table, u16, u16)> {
+        let regs = |p: &PointDef| {
+            let rt = p.ty.reg_type()?;
+            Some((p.table?, p.address?, rt.width(p.registers.unwrap_or(1))))
+        };
+        let overlap = |(t, a, w): (Table, u16, u16), (u, b, v): (Table, u16, u16)| {
+            t == u && (a as u32) < b as u32 + v as u32 && (b as u32) < a as u32 + w as u32
+        };
+        // A slow point sharing a register with a point read at another interval is read at
+        // every poll: its words would otherwise come from reads made at different times.
+        let interval = |p: &PointDef| {
+            let every = p.read_every.map(|d| d.0);
+            let shared = every.is_some()
+                && regs(p).is_some_and(|r| {
+                    self.doc.points.iter().any(|q| {
+                        q.read_every != p.read_every && regs(q).is_some_and(|s| overlap(r, s))
+                    })
+                });
+            if shared {
+                None
+            } else {
+                every
+            }
+        };
         self.doc
             .points
             .iter()
-            .filter(|p| p.read_every.map(|d| d.0) == every)
-            .filter_map(|p| {
-                let rt = p.ty.reg_type()?;
-                Some((p.table?, p.address?, rt.width(p.registers.unwrap_or(1))))
-            })
+            .filter(|p| interval(p) == every)
+            .filter_map(regs)
             .collect()
     }
 
@@ -277,7 +297,10 @@ impl Profile {
         {
             spans.push((t, a, n));
         }
-        self.plan(&spans)
+        // Never across a gap: these reads are made before the firmware, and so the
+        // profile and its PHI, is known. Every profile of a family names the same identity
+        // registers and checks them against its own PHI.
+        modbus::plan_reads(&spans, self.doc.transport.max_registers.unwrap_or(125), &[])
     }
 
     pub fn identify_registers(&self, image: &RegisterImage) -> Result<Identity, DecodeError> {

@@ -362,13 +362,32 @@ fn check_read_every(cx: &Ctx, d: &ProfileDoc) -> Result<(), ProfileError> {
             .down_when
             .iter()
             .chain(&d.availability.maintenance_when);
-        cx.require(
-            !conds.into_iter().any(|c| c.point.as_deref() == Some(name)),
-            &at,
-            format!("`{name}` decides availability ([availability]), which must be current"),
-        )?;
+        for c in conds {
+            let by_signal = c.signal.as_deref().is_some_and(|s| {
+                d.rules.iter().any(|r| {
+                    (r.point == name || r.at_least_point.as_deref() == Some(name))
+                        && may_raise(r, s)
+                })
+            });
+            cx.require(
+                c.point.as_deref() != Some(name) && !by_signal,
+                &at,
+                format!("`{name}` decides availability ([availability]), which must be current"),
+            )?;
+        }
     }
     Ok(())
+}
+
+/// Whether rule `r` may raise the signal code `s` (erring towards yes: a code table
+/// without a prefix raises the device's own codes, any of them).
+fn may_raise(r: &RuleDef, s: &str) -> bool {
+    let prefix = r.code_prefix.as_deref().unwrap_or(&r.point);
+    r.code.as_deref() == Some(s)
+        || s.strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('.'))
+        || (r.kind == RuleKind::Codes && r.code_prefix.is_none())
+        || r.codes.iter().any(|c| c.code == s)
 }
 
 /// `[availability]`: every condition well formed and naming a known point.

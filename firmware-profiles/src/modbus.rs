@@ -210,8 +210,9 @@ pub struct ScheduledRead {
 
 /// The reads of one unit across polls: which are due, and the registers answered so far.
 /// A read with `every` is made at the first poll and then once that long has passed; in
-/// between, its last answer stands in the image. Any failed poll forgets every answer, so
-/// after a fault, a reconnect or a swapped device nothing old is decoded as new.
+/// between, its last answer stands in the image. The owner forgets every answer when a
+/// poll fails and when the unit is identified again (a swapped device), so nothing of
+/// another device or from before a silence is decoded as new.
 /// Pure: the caller says what time it is.
 #[derive(Debug, Clone)]
 pub struct Scan {

@@ -544,6 +544,16 @@ fn read_every_is_for_modbus_points_nothing_current_depends_on() {
         "read_every = \"2m\"",
         "decides availability",
     );
+    // Nor through a signal condition: PM_DUE is raised from pm_days and pm_interval.
+    let pm_decides = av.replacen(
+        "maintenance_when = [{ point = \"state\", equals = 3 }]",
+        "maintenance_when = [{ point = \"state\", equals = 3 }, { signal = \"PM_DUE\" }]",
+        1,
+    );
+    assert_ne!(pm_decides, av);
+    let e = refuse(&pm_decides);
+    assert_eq!(e.key, "point[0].read_every", "{e}");
+    assert!(e.message.contains("`pm_days` decides availability"), "{e}");
     // A reading nothing else needs may be read once a minute.
     parse_profile("test.toml", &av.replacen(mains, &slow_mains, 1)).expect("a slow reading");
 }

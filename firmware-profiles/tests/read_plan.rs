@@ -95,3 +95,48 @@ fn no_planned_read_bridges_a_phi_register() {
     .unwrap();
     assert_eq!(input(&phi), [(0, 12), (13, 3)]);
 }
+
+#[test]
+fn a_slow_point_sharing_registers_with_a_fast_one_is_read_at_every_poll() {
+    // A u32 at input 15-16 read once a minute shares input 15 with turbine_speed, read at
+    // every poll: its two words must come from one read, so it is read at every poll.
+    let src = builtin("av-500-5").replacen(
+        "\n[[rule]]",
+        "\n[[point]]\nname = \"wide\"\ntype = \"u32\"\ntable = \"input\"\naddress = 15\nread_every = \"1m\"\n\n[[rule]]",
+        1,
+    );
+    let p = parse_profile("av.toml", &src).unwrap();
+    let plan = p.scan_plan();
+    let input: Vec<&ScheduledRead> = plan
+        .iter()
+        .filter(|s| s.read.table == Table::Input)
+        .collect();
+    assert_eq!(input.len(), 1, "{plan:?}");
+    assert_eq!(input[0].every, None);
+    assert!(input[0].read.end() >= 17, "{plan:?}");
+}
+
+#[test]
+fn identification_reads_never_bridge_a_gap() {
+    // Before the firmware is known, so is the profile and its PHI: the identity registers
+    // are read as they are, joined only where they touch.
+    let av = parse_profile("av.toml", builtin("av-500-5")).unwrap();
+    let whole = ReadRequest {
+        table: Table::Holding,
+        start: 0,
+        count: 11,
+    };
+    assert_eq!(av.identify_reads(), [whole]);
+    let src = without(builtin("av-500-5"), |b| b.starts_with("golden]]")).replacen(
+        "serial_address = 3\nserial_registers = 8",
+        "serial_address = 5\nserial_registers = 8",
+        1,
+    );
+    let gap = parse_profile("av.toml", &src).unwrap();
+    let reads: Vec<(u16, u16)> = gap
+        .identify_reads()
+        .iter()
+        .map(|r| (r.start, r.count))
+        .collect();
+    assert_eq!(reads, [(0, 3), (5, 8)]);
+}

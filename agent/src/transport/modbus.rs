@@ -430,6 +430,8 @@ impl ModbusBus {
         model: &str,
         timeout: Option<Duration>,
     ) -> Result<(Identity, Arc<Profile>), TransportError> {
+        // What was read of this unit before belongs to the device that was there then.
+        self.scans.remove(&unit);
         let first = family_first(set.family(model)?, model)?;
         let mut policy = UnitPolicy::from_profile(&first);
         if let Some(t) = timeout {
