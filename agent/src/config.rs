@@ -55,6 +55,9 @@ pub struct UplinkSection {
     /// The password is read from a file so it never sits in the config or a command line.
     pub password_file: Option<PathBuf>,
     pub keep_alive: Option<Dur>,
+    /// The longest new readings wait to share a batch (0 to 10 s, default 1 s); states
+    /// and fault episodes never wait.
+    pub linger: Option<Dur>,
 }
 
 impl UplinkSection {
@@ -237,6 +240,17 @@ impl Located<'_> {
 }
 
 fn check_uplink(cx: &Located, uplink: &UplinkSection) -> Result<(), ProfileError> {
+    if let Some(l) = uplink.linger {
+        if l.0 > crate::uplink::MAX_LINGER {
+            return Err(cx.err(
+                &KeyPath::root().key("uplink").key("linger"),
+                format!(
+                    "{l} is longer than the {} allowed",
+                    Dur(crate::uplink::MAX_LINGER)
+                ),
+            ));
+        }
+    }
     let up = KeyPath::root().key("uplink");
     let broker =
         BrokerUrl::parse(&uplink.broker).map_err(|e| cx.err(&up.key("broker"), e.to_string()))?;
@@ -513,6 +527,11 @@ serial = "VM12-00A4471"
         let good = good(&dir);
         let cases: &[(&str, &str, &str)] = &[
             ("unit = 1", "unit = 1\nspeed = 3", "speed"),
+            (
+                "broker = \"mqtt://127.0.0.1:1883\"\n\n[[device]]",
+                "broker = \"mqtt://127.0.0.1:1883\"\nlinger = \"11s\"\n\n[[device]]",
+                "uplink.linger",
+            ),
             (
                 "agent_id = \"agent-icu-a\"",
                 "agent_id = \"agent/icu\"",

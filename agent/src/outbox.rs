@@ -63,6 +63,7 @@ use serde::Serialize;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -396,6 +397,9 @@ struct Inner {
     tx: Mutex<Option<std_mpsc::Sender<Op>>>,
     stats: Arc<Mutex<OutboxStats>>,
     unsaved: Unsaved,
+    /// Set by the writer when a commit held a record that is not a reading (a state, a
+    /// fault episode, an identity); taken by [`Outbox::take_urgent`].
+    urgent: Arc<AtomicBool>,
 }
 
 /// Handle to the outbox; clones share one file and one writer.
@@ -458,6 +462,7 @@ impl Outbox {
         let stats = Arc::new(Mutex::new(state.stats()));
         let (tx, rx) = std_mpsc::channel();
         let unsaved = Unsaved::default();
+        let urgent = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             path: path.clone(),
             db: Some(db.clone()),
@@ -468,6 +473,7 @@ impl Outbox {
             state,
             stats: stats.clone(),
             unsaved: unsaved.clone(),
+            urgent: urgent.clone(),
         };
         rt.spawn_blocking(move || writer.run(rx));
         Ok(Outbox {
@@ -478,8 +484,16 @@ impl Outbox {
                 tx: Mutex::new(Some(tx)),
                 stats,
                 unsaved,
+                urgent,
             }),
         })
+    }
+
+    /// Whether a commit since the last call held a record that is not a reading (a state,
+    /// a fault episode, an identity, a drop report): the uplink sends those at once, and
+    /// lets readings wait for company.
+    pub fn take_urgent(&self) -> bool {
+        self.inner.urgent.swap(false, Ordering::AcqRel)
     }
 
     /// The file this outbox lives in.
@@ -1133,6 +1147,7 @@ struct Writer {
     state: State,
     stats: Arc<Mutex<OutboxStats>>,
     unsaved: Unsaved,
+    urgent: Arc<AtomicBool>,
 }
 
 /// What one op produced inside the transaction, sent once the commit returned.
@@ -1198,6 +1213,14 @@ impl Writer {
                 self.state = st;
                 *lock(&self.stats) = self.state.stats();
                 drop(unsaved);
+                // Before the replies: the caller pokes the uplink once its append returns.
+                let keeps = |op: &Op| match op {
+                    Op::Append { items, .. } => items.iter().any(|i| !is_reading(i)),
+                    _ => false,
+                };
+                if batch.iter().any(keeps) {
+                    self.urgent.store(true, Ordering::Release);
+                }
                 let closing = batch.iter().any(|op| matches!(op, Op::Close { .. }));
                 if closing {
                     self.db = None;

@@ -541,6 +541,9 @@ pub fn uplink_config(
     if let Some(k) = c.uplink.keep_alive {
         u.keep_alive = k.0;
     }
+    if let Some(l) = c.uplink.linger {
+        u.linger = l.0;
+    }
     u
 }
 

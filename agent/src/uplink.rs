@@ -89,6 +89,11 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// How often the outbox is looked at even without a poke of `notify`: a safety net for a
 /// poke that went to another waiter of a shared `Notify`.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// [`UplinkConfig::linger`] by default: readings reach the gateway within about a second
+/// of their commit, which is how often a device is polled anyway.
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(1);
+/// The largest `[uplink] linger` the config takes.
+pub const MAX_LINGER: Duration = Duration::from_secs(10);
 /// Bytes of a malformed payload that may appear in a log.
 const LOG_PREFIX: usize = 32;
 /// Room for the MQTT header and topic around a payload of [`MAX_MESSAGE`].
@@ -130,6 +135,12 @@ pub struct UplinkConfig {
     /// When the oldest batch in flight has had no ack for this long, everything not
     /// acknowledged is sent again from the oldest.
     pub ack_timeout: Duration,
+    /// The longest newly committed readings wait for company before they are sent: one
+    /// batch a second instead of one per outbox commit (a link polling its units in turn
+    /// commits ten times a second), so a tenth of the batches, acks and deletions. Records
+    /// that are not readings (states, fault episodes) go at once and take the waiting
+    /// readings along; a backlog is sent as fast as acks come. Zero: everything at once.
+    pub linger: Duration,
     /// How long a diagnostic handler may take before the answer is "timed out".
     pub diag_timeout: Duration,
 }
@@ -161,6 +172,7 @@ impl UplinkConfig {
             reconnect_max: Duration::from_secs(15),
             ack_timeout: Duration::from_secs(30),
             diag_timeout: Duration::from_secs(15),
+            linger: DEFAULT_LINGER,
         }
     }
 }
@@ -199,6 +211,12 @@ pub trait RecordSource: Send + Sync + 'static {
     fn oldest(&self) -> Option<u64> {
         None
     }
+
+    /// Whether a record that must not wait for the linger (a state, a fault episode) was
+    /// committed since the last call. A source that cannot tell says yes: nothing waits.
+    fn urgent(&self) -> bool {
+        true
+    }
     /// Deletes exactly these seqs (ranges may name seqs already gone); returns how many
     /// were deleted.
     fn ack(&self, ranges: &[SeqRange]) -> impl Future<Output = Result<u64, Self::Error>> + Send;
@@ -225,6 +243,9 @@ impl RecordSource for Outbox {
     }
     fn oldest(&self) -> Option<u64> {
         self.stats().oldest_seq
+    }
+    fn urgent(&self) -> bool {
+        self.take_urgent()
     }
 }
 
@@ -387,6 +408,7 @@ struct Limits {
     max_bytes: usize,
     max_in_flight: usize,
     ack_timeout: Duration,
+    linger: Duration,
 }
 
 impl Limits {
@@ -398,6 +420,7 @@ impl Limits {
             max_bytes: cfg.batch_max_bytes.clamp(1, MAX_MESSAGE / 2),
             max_in_flight: cfg.max_in_flight_batches.max(1),
             ack_timeout: cfg.ack_timeout.max(Duration::from_millis(100)),
+            linger: cfg.linger.min(MAX_LINGER),
         }
     }
 }
@@ -597,6 +620,8 @@ impl<S: RecordSource> Runner<S> {
         };
         let mut idle = tokio::time::interval(IDLE_CHECK);
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Readings committed and waiting for company until then (see `linger`).
+        let mut hold: Option<Instant> = None;
         loop {
             if let Err(e) = self.fill(client, &mut sending).await? {
                 return Ok(Stop::Lost(closed_reason(events, e)));
@@ -618,8 +643,20 @@ impl<S: RecordSource> Runner<S> {
                     Some(Err(e)) => return Ok(Stop::Lost(e.to_string())),
                     None => return Ok(Stop::Lost("the MQTT event loop stopped".into())),
                 },
-                _ = self.notify.notified() => sending.more = true,
-                _ = idle.tick() => sending.more = true,
+                _ = self.notify.notified() => {
+                    if self.limits.linger.is_zero() || self.source.urgent() {
+                        sending.more = true;
+                        hold = None;
+                    } else if hold.is_none() {
+                        hold = Some(Instant::now() + self.limits.linger);
+                    }
+                }
+                _ = sleep_until_opt(hold) => {
+                    hold = None;
+                    sending.more = true;
+                }
+                // The safety net for a lost poke; a hold already waits for one.
+                _ = idle.tick(), if hold.is_none() => sending.more = true,
                 _ = sleep_until_opt(ack_deadline) => {
                     tracing::info!(
                         in_flight = sending.in_flight.len(),

@@ -1024,6 +1024,81 @@ async fn the_real_outbox_drains_on_acks() {
     outbox.close().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_wait_for_the_linger_and_a_record_that_may_not_wait_takes_them_along() {
+    use tend_agent::outbox::{Outbox, OutboxConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(OutboxConfig::new(dir.path().join("outbox.redb")))
+        .await
+        .unwrap();
+    let b = broker();
+    let gw = Gateway::start(b.addr(), "gw-linger", true).await;
+    let mut cfg = test_config("agent-linger", b.url());
+    cfg.linger = Duration::from_secs(10);
+    let up = Running::start(cfg, outbox.clone(), no_diag());
+    wait_until("connected", || up.status.snapshot().connected).await;
+    let reading = |i: u32| {
+        vec![(
+            "icu7-vent".to_string(),
+            Timestamp::now(),
+            RecordBody::Readings {
+                readings: vec![WireReading {
+                    name: "battery".into(),
+                    value: tend_profiles::Value::Num(f64::from(i)),
+                    unit: None,
+                }],
+            },
+        )]
+    };
+    // Three commits of readings, each poked as the recorder does: none is sent yet.
+    let mut seqs = BTreeSet::new();
+    for i in 0..3 {
+        seqs.extend(outbox.append_soon(reading(i)).unwrap().await.unwrap());
+        up.notify.notify_one();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        gw.seen(|s| s.batches.is_empty()),
+        "readings went before the linger"
+    );
+    // A record that is not a reading goes at once and takes them along, in one batch.
+    let keep = outbox
+        .append(
+            "icu7-vent",
+            Timestamp::now(),
+            RecordBody::Dropped {
+                count: 0,
+                first_seq: 0,
+                last_seq: 0,
+            },
+        )
+        .await
+        .unwrap();
+    seqs.insert(keep);
+    up.notify.notify_one();
+    wait_until("the batch arrives", || gw.seen(|s| !s.batches.is_empty())).await;
+    let first: BTreeSet<u64> = gw.seen(|s| s.batches[0].iter().copied().collect());
+    assert_eq!(first, seqs);
+    // Once that batch is acked (an ack makes the uplink look at the outbox again, and
+    // what waits then goes along), a lone reading waits for its linger to end.
+    wait_until("the ack", || up.status.snapshot().acks_received == 1).await;
+    let last = outbox.append_soon(reading(3)).unwrap().await.unwrap();
+    up.notify.notify_one();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        gw.seen(|s| s.batches.len()),
+        1,
+        "the lone reading went before the linger"
+    );
+    wait_until("the lone reading arrives", || {
+        gw.seen(|s| s.all_seqs().contains(&last[0]))
+    })
+    .await;
+    assert_eq!(gw.seen(|s| s.batches.len()), 2);
+    up.stop().await.unwrap();
+    outbox.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_bad_configuration_is_an_error_before_connecting() {
     let cfg = UplinkConfig::new("agent-x", "s", "http://127.0.0.1:1", key_of("agent-x"));
