@@ -412,7 +412,18 @@ async fn forged_acks_while_the_gateway_is_away_delete_nothing() {
     // The gateway comes back: every record arrives, from seq 1, without a hole.
     let store: Store = Arc::default();
     let gw = fake_gateway(broker.port(), store.clone(), Arc::default(), key.clone());
-    wait_for(&store, "the backlog", WAIT, |s| s.len() as u64 >= records).await;
+    // The batches sent while nobody listened are sent again once their ack is overdue
+    // (`ack_timeout`); newer ones may arrive first, so wait for seq 1 and no hole.
+    wait_for(
+        &store,
+        "the backlog, from seq 1 without a hole",
+        WAIT,
+        |s| {
+            let last = s.keys().next_back().copied().unwrap_or(0);
+            s.len() as u64 >= records && s.contains_key(&1) && s.len() as u64 == last
+        },
+    )
+    .await;
     stop(agent).await;
     gw.abort();
     let seqs: Vec<u64> = lock(&store).keys().copied().collect();
