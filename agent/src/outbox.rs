@@ -312,13 +312,8 @@ enum Wait {
 impl Op {
     fn wait(&self) -> Wait {
         match self {
-            Op::Append {
-                items,
-                states,
-                linger,
-                ..
-            } => {
-                if *linger && states.is_empty() && items.iter().all(|stored| is_reading(stored)) {
+            Op::Append { states, linger, .. } => {
+                if *linger && states.is_empty() && !self.keeps_a_record() {
                     Wait::Linger
                 } else {
                     Wait::Prompt
@@ -326,6 +321,16 @@ impl Op {
             }
             Op::Ack { reply: None, .. } | Op::Quarantine { .. } => Wait::AckLinger,
             Op::Ack { reply: Some(_), .. } | Op::Close { .. } => Wait::Prompt,
+        }
+    }
+
+    /// Whether the op appends a record that is not a reading (a state, a fault episode,
+    /// an identity, a drop report): such a record neither waits for the linger nor lets
+    /// the uplink wait.
+    fn keeps_a_record(&self) -> bool {
+        match self {
+            Op::Append { items, .. } => items.iter().any(|stored| !is_reading(stored)),
+            _ => false,
         }
     }
 }
@@ -1214,11 +1219,7 @@ impl Writer {
                 *lock(&self.stats) = self.state.stats();
                 drop(unsaved);
                 // Before the replies: the caller pokes the uplink once its append returns.
-                let keeps = |op: &Op| match op {
-                    Op::Append { items, .. } => items.iter().any(|i| !is_reading(i)),
-                    _ => false,
-                };
-                if batch.iter().any(keeps) {
+                if batch.iter().any(Op::keeps_a_record) {
                     self.urgent.store(true, Ordering::Release);
                 }
                 let closing = batch.iter().any(|op| matches!(op, Op::Close { .. }));

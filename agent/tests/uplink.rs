@@ -970,6 +970,34 @@ async fn without_a_username_the_agent_logs_in_as_itself_with_its_key() {
     up.stop().await.unwrap();
 }
 
+/// A reading record of device `icu7-vent`: battery at `i`.
+fn battery_reading(i: u32) -> (String, Timestamp, RecordBody) {
+    (
+        "icu7-vent".to_string(),
+        Timestamp::now(),
+        RecordBody::Readings {
+            readings: vec![WireReading {
+                name: "battery".into(),
+                value: tend_profiles::Value::Num(f64::from(i)),
+                unit: None,
+            }],
+        },
+    )
+}
+
+/// Appends a record that is not a reading (an empty drop report); returns its seq.
+async fn append_drop_report(outbox: &tend_agent::outbox::Outbox) -> u64 {
+    let empty = RecordBody::Dropped {
+        count: 0,
+        first_seq: 0,
+        last_seq: 0,
+    };
+    outbox
+        .append("icu7-vent", Timestamp::now(), empty)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_outbox_drains_on_acks() {
     use tend_agent::outbox::{Outbox, OutboxConfig};
@@ -980,21 +1008,7 @@ async fn the_real_outbox_drains_on_acks() {
     let b = broker();
     let gw = Gateway::start(b.addr(), "gw-outbox", true).await;
     let agent = "agent-outbox";
-    let items: Vec<_> = (0..2000)
-        .map(|i| {
-            (
-                "icu7-vent".to_string(),
-                Timestamp::now(),
-                RecordBody::Readings {
-                    readings: vec![WireReading {
-                        name: "battery".into(),
-                        value: tend_profiles::Value::Num(f64::from(i)),
-                        unit: None,
-                    }],
-                },
-            )
-        })
-        .collect();
+    let items: Vec<_> = (0..2000).map(battery_reading).collect();
     let seqs = outbox.append_many(items).await.unwrap();
     let mut cfg = test_config(agent, b.url());
     cfg.batch_max_records = 300;
@@ -1005,18 +1019,7 @@ async fn the_real_outbox_drains_on_acks() {
     assert_eq!(gw.seen(|s| s.all_seqs()), want);
 
     // Appends while running go out after the poke.
-    let more = outbox
-        .append(
-            "icu7-vent",
-            Timestamp::now(),
-            RecordBody::Dropped {
-                count: 0,
-                first_seq: 0,
-                last_seq: 0,
-            },
-        )
-        .await
-        .unwrap();
+    let more = append_drop_report(&outbox).await;
     up.notify.notify_one();
     wait_until("the new record is acked", || outbox.stats().records == 0).await;
     assert!(gw.seen(|s| s.all_seqs().contains(&more)));
@@ -1037,23 +1040,11 @@ async fn readings_wait_for_the_linger_and_a_record_that_may_not_wait_takes_them_
     cfg.linger = Duration::from_secs(10);
     let up = Running::start(cfg, outbox.clone(), no_diag());
     wait_until("connected", || up.status.snapshot().connected).await;
-    let reading = |i: u32| {
-        vec![(
-            "icu7-vent".to_string(),
-            Timestamp::now(),
-            RecordBody::Readings {
-                readings: vec![WireReading {
-                    name: "battery".into(),
-                    value: tend_profiles::Value::Num(f64::from(i)),
-                    unit: None,
-                }],
-            },
-        )]
-    };
     // Three commits of readings, each poked as the recorder does: none is sent yet.
     let mut seqs = BTreeSet::new();
     for i in 0..3 {
-        seqs.extend(outbox.append_soon(reading(i)).unwrap().await.unwrap());
+        let commit = outbox.append_soon(vec![battery_reading(i)]).unwrap();
+        seqs.extend(commit.await.unwrap());
         up.notify.notify_one();
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1062,19 +1053,7 @@ async fn readings_wait_for_the_linger_and_a_record_that_may_not_wait_takes_them_
         "readings went before the linger"
     );
     // A record that is not a reading goes at once and takes them along, in one batch.
-    let keep = outbox
-        .append(
-            "icu7-vent",
-            Timestamp::now(),
-            RecordBody::Dropped {
-                count: 0,
-                first_seq: 0,
-                last_seq: 0,
-            },
-        )
-        .await
-        .unwrap();
-    seqs.insert(keep);
+    seqs.insert(append_drop_report(&outbox).await);
     up.notify.notify_one();
     wait_until("the batch arrives", || gw.seen(|s| !s.batches.is_empty())).await;
     let first: BTreeSet<u64> = gw.seen(|s| s.batches[0].iter().copied().collect());
@@ -1082,7 +1061,11 @@ async fn readings_wait_for_the_linger_and_a_record_that_may_not_wait_takes_them_
     // Once that batch is acked (an ack makes the uplink look at the outbox again, and
     // what waits then goes along), a lone reading waits for its linger to end.
     wait_until("the ack", || up.status.snapshot().acks_received == 1).await;
-    let last = outbox.append_soon(reading(3)).unwrap().await.unwrap();
+    let last = outbox
+        .append_soon(vec![battery_reading(3)])
+        .unwrap()
+        .await
+        .unwrap();
     up.notify.notify_one();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(

@@ -209,10 +209,6 @@ impl Profile {
 
     /// The registers of the points read at the given `read_every` (`None`: every poll).
     fn spans(&self, every: Option<Duration>) -> Vec<(Table, u16, u16)> {
-        let regs = |p: &PointDef| {
-            let rt = p.ty.reg_type()?;
-            Some((p.table?, p.address?, rt.width(p.registers.unwrap_or(1))))
-        };
         let overlap = |(t, a, w): (Table, u16, u16), (u, b, v): (Table, u16, u16)| {
             t == u && (a as u32) < b as u32 + v as u32 && (b as u32) < a as u32 + w as u32
         };
@@ -221,9 +217,10 @@ impl Profile {
         let interval = |p: &PointDef| {
             let every = p.read_every.map(|d| d.0);
             let shared = every.is_some()
-                && regs(p).is_some_and(|r| {
+                && p.register_span().is_some_and(|r| {
                     self.doc.points.iter().any(|q| {
-                        q.read_every != p.read_every && regs(q).is_some_and(|s| overlap(r, s))
+                        q.read_every != p.read_every
+                            && q.register_span().is_some_and(|s| overlap(r, s))
                     })
                 });
             if shared {
@@ -236,7 +233,7 @@ impl Profile {
             .points
             .iter()
             .filter(|p| interval(p) == every)
-            .filter_map(regs)
+            .filter_map(PointDef::register_span)
             .collect()
     }
 

@@ -160,8 +160,7 @@ fn points_read<'d>(d: &'d ProfileDoc, out: &mut Vec<(KeyPath, FieldRead<'d>)>) {
                 out.push((pp.key(name), FieldRead::Pointer(ptr)));
             }
         }
-        if let (Some(table), Some(addr), Some(rt)) = (p.table, p.address, p.ty.reg_type()) {
-            let width = rt.width(p.registers.unwrap_or(1));
+        if let Some((table, addr, width)) = p.register_span() {
             out.push((pp.key("address"), registers(table, addr, width)));
         }
     }

@@ -237,6 +237,19 @@ pub struct PointDef {
     pub map: BTreeMap<String, String>,
 }
 
+impl PointDef {
+    /// The Modbus registers the point reads: table, first address and count (`None` for a
+    /// point of another transport, or one missing its table or address).
+    pub fn register_span(&self) -> Option<(Table, u16, u16)> {
+        let rt = self.ty.reg_type()?;
+        Some((
+            self.table?,
+            self.address?,
+            rt.width(self.registers.unwrap_or(1)),
+        ))
+    }
+}
+
 fn yes() -> bool {
     true
 }
