@@ -457,18 +457,24 @@ async fn resources(
         let mut agent = tend::start_agent(a.agent_folder(), &cfg, a.agent_wrap.as_deref())?;
         tokio::time::sleep(a.warmup).await;
         let r0 = gw.metric("tend_gateway_records_total").await?;
+        let wake = procs::WakeCost::start(a.window);
         let u = procs::measure(agent.pid(), a.window, tck).await;
         let r1 = gw.metric("tend_gateway_records_total").await?;
+        let wake_us = wake.finish().await;
         anyhow::ensure!(agent.alive(), "the agent died:\n{}", agent.tail());
         agent.stop(Duration::from_secs(10)).await;
         gw.stop().await;
         clean(&dir);
         let rate = (r1 - r0) as f64 / a.window.as_secs_f64();
         log(format!(
-            "  tend-agent: {:.2} % of a core, VmRSS mean {:.1} MiB, max {:.1} MiB, VmHWM {:.1} MiB; gateway stored {rate:.1} records/s",
-            u.cpu_pct, u.rss_mean_mib, u.rss_max_mib, u.hwm_mib
+            "  tend-agent: {:.2} % of a core, VmRSS mean {:.1} MiB, max {:.1} MiB, VmHWM {:.1} MiB; gateway stored {rate:.1} records/s; {:.0} wake-ups/s at {} µs each on this machine",
+            u.cpu_pct, u.rss_mean_mib, u.rss_max_mib, u.hwm_mib, u.wakeups_per_s,
+            wake_us.map_or("?".into(), |w| format!("{w:.0}"))
         ));
         report.tend_usage.push((layout.to_string(), u, rate));
+        if let Some(w) = wake_us {
+            report.wake_cost.push((layout.to_string(), w));
+        }
 
         if let Some((venv, _, port, counts, _)) = &peer_setup {
             log(format!(
@@ -749,18 +755,6 @@ async fn drain(a: &Args, sims: &Sims, work: &Path, report: &mut Report) -> anyho
     Ok(())
 }
 
-/// CPU seconds this thread has used (utime + stime of /proc/thread-self/stat).
-fn thread_cpu() -> f64 {
-    let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    let rest = s.rfind(')').map(|i| &s[i + 1..]).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f
-        .get(11..13)
-        .map(|x| x.iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum())
-        .unwrap_or(0);
-    ticks as f64 / procs::clk_tck()
-}
-
 /// The agent whose `up` or `ack` topic this is.
 fn agent_of(topic: &str) -> Option<&str> {
     use tend_wire::topic::Parsed;
@@ -778,7 +772,7 @@ fn breakdown(
     devices: usize,
     group: usize,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let c0 = thread_cpu();
+    let c0 = procs::thread_cpu();
     let decoded: Vec<UpBatch> = payloads
         .iter()
         .map(|(key, agent, p)| -> anyhow::Result<UpBatch> {
@@ -787,7 +781,7 @@ fn breakdown(
             Ok(UpBatch::decode(body)?)
         })
         .collect::<Result<_, _>>()?;
-    let decode_cpu = thread_cpu() - c0;
+    let decode_cpu = procs::thread_cpu() - c0;
     let store = RedbStore::open(dir)?;
     let cx = tend_gateway::ingest::IngestContext {
         gateway: "gw-bench".into(),
@@ -796,11 +790,11 @@ fn breakdown(
         tz: jiff::tz::TimeZone::get("Asia/Shanghai")?,
         clock_tolerance: tend_gateway::clock::DEFAULT_TOLERANCE,
     };
-    let (c0, t0) = (thread_cpu(), Instant::now());
+    let (c0, t0) = (procs::thread_cpu(), Instant::now());
     for g in decoded.chunks(group) {
         store.apply_many(g, &cx, Timestamp::now())?;
     }
-    let (apply_cpu, apply_wall) = (thread_cpu() - c0, t0.elapsed().as_secs_f64());
+    let (apply_cpu, apply_wall) = (procs::thread_cpu() - c0, t0.elapsed().as_secs_f64());
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
     Ok((decode_cpu.max(1e-3), apply_cpu.max(1e-3), apply_wall))

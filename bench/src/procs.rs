@@ -1,5 +1,7 @@
 //! What a process (and its children) costs, read from /proc: CPU as utime + stime ticks
-//! (`/proc/<pid>/stat`), memory as VmRSS and VmHWM (`/proc/<pid>/status`).
+//! (`/proc/<pid>/stat`), memory as VmRSS and VmHWM (`/proc/<pid>/status`), wake-ups as
+//! its threads' voluntary context switches (`/proc/<pid>/task/*/status`); and what one
+//! wake-up costs on this machine ([`WakeCost`]).
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,23 @@ fn status_kib(pid: u32, key: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// Voluntary context switches of every live thread of `pid`: each is a sleep (on a timer,
+/// a socket, a lock, a disk write) the thread was woken from.
+fn wakeups(pid: u32) -> u64 {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    rd.flatten().filter_map(|t| task_wakeups(&t.path())).sum()
+}
+
+/// One thread's voluntary context switches, from its /proc task folder.
+fn task_wakeups(task: &std::path::Path) -> Option<u64> {
+    let s = std::fs::read_to_string(task.join("status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// `root` and every process below it.
 pub fn tree(root: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
@@ -67,6 +86,7 @@ pub struct Sample {
     pub ticks: u64,
     pub rss_kib: u64,
     pub hwm_kib: u64,
+    pub wakeups: u64,
     pub processes: usize,
 }
 
@@ -81,6 +101,7 @@ pub fn sample(root: u32) -> Sample {
         s.ticks += stat(p).map(|x| x.1).unwrap_or(0);
         s.rss_kib += status_kib(p, "VmRSS:").unwrap_or(0);
         s.hwm_kib += status_kib(p, "VmHWM:").unwrap_or(0);
+        s.wakeups += wakeups(p);
     }
     s
 }
@@ -96,6 +117,8 @@ pub struct Usage {
     pub rss_max_mib: f64,
     /// VmHWM (peak resident since start) at the end of the window, MiB.
     pub hwm_mib: f64,
+    /// Times a thread of the tree was woken from a sleep, per second of the window.
+    pub wakeups_per_s: f64,
     pub processes: usize,
 }
 
@@ -122,8 +145,63 @@ pub async fn measure(root: u32, window: Duration, tck: f64) -> Usage {
         rss_mean_mib: rss.iter().sum::<f64>() / rss.len().max(1) as f64 / mib,
         rss_max_mib: rss.iter().cloned().fold(0.0, f64::max) / mib,
         hwm_mib: last.hwm_kib as f64 / mib,
+        wakeups_per_s: last.wakeups.saturating_sub(first.wakeups) as f64 / secs.max(1e-9),
         processes: last.processes,
     }
+}
+
+/// What one sleep and wake-up costs on this machine, measured while something else is
+/// measured: a thread with a tokio runtime of its own sleeps `PERIOD` at a time (a timer
+/// in epoll, as the agent's polls are) for the window, and its CPU time (utime + stime
+/// of /proc/thread-self/stat) is divided by its wake-ups. On a virtual machine a wake-up
+/// is far dearer than on bare metal (the timer and the idle CPU go through the
+/// hypervisor), and this puts the price next to the agent's count of them.
+pub struct WakeCost {
+    thread: std::thread::JoinHandle<Option<f64>>,
+}
+
+impl WakeCost {
+    const PERIOD: Duration = Duration::from_millis(10);
+
+    pub fn start(window: Duration) -> WakeCost {
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .ok()?;
+            let (c0, t0) = (thread_cpu(), Instant::now());
+            let mut n = 0u64;
+            rt.block_on(async {
+                while t0.elapsed() < window {
+                    tokio::time::sleep(Self::PERIOD).await;
+                    n += 1;
+                }
+            });
+            let cpu = thread_cpu() - c0;
+            (n > 0 && cpu >= 0.0).then(|| cpu / n as f64 * 1e6)
+        });
+        WakeCost { thread }
+    }
+
+    /// CPU µs per wake-up (`None` if /proc could not say).
+    pub async fn finish(self) -> Option<f64> {
+        tokio::task::spawn_blocking(move || self.thread.join().ok().flatten())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// CPU seconds the calling thread has used (utime + stime of /proc/thread-self/stat).
+pub fn thread_cpu() -> f64 {
+    let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    let rest = s.rfind(')').map(|i| &s[i + 1..]).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f
+        .get(11..13)
+        .map(|x| x.iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum())
+        .unwrap_or(0);
+    ticks as f64 / clk_tck()
 }
 
 #[cfg(test)]
@@ -137,5 +215,36 @@ mod tests {
         assert!(s.rss_kib > 0 && s.hwm_kib >= s.rss_kib, "{s:?}");
         assert!(tree(me).contains(&me));
         assert!(clk_tck() > 0.0);
+    }
+
+    #[test]
+    fn counts_the_wake_ups_of_a_sleeping_thread() {
+        let me = std::process::id();
+        let (before, after, all) = std::thread::spawn(move || {
+            let own = std::path::Path::new("/proc/thread-self");
+            let before = task_wakeups(own).unwrap();
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let after = task_wakeups(own).unwrap();
+            (before, after, sample(me).wakeups)
+        })
+        .join()
+        .unwrap();
+        assert!(after >= before + 20, "{before} → {after}");
+        // The process's count holds this thread's while it lives.
+        assert!(all >= after, "{all} < {after}");
+    }
+
+    #[test]
+    fn a_wake_up_is_priced_below_a_millisecond() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let us = rt
+            .block_on(WakeCost::start(Duration::from_millis(300)).finish())
+            .expect("a cost");
+        assert!((0.0..1000.0).contains(&us), "{us} µs");
     }
 }

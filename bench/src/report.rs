@@ -36,6 +36,9 @@ pub struct Report {
     load_before: String,
     /// Layout, usage, records/s the gateway stored.
     pub tend_usage: Vec<(String, Usage, f64)>,
+    /// Layout, this machine's CPU µs per wake-up, measured beside the agent's window
+    /// ([`crate::procs::WakeCost`]).
+    pub wake_cost: Vec<(String, f64)>,
     /// Layout, usage, messages in the window, messages/s, datapoints/s.
     pub peer_usage: Vec<(String, Usage, u64, f64, f64)>,
     /// One per appender count.
@@ -114,6 +117,7 @@ impl Report {
             machine: machine(),
             load_before: loadavg(),
             tend_usage: Vec::new(),
+            wake_cost: Vec::new(),
             peer_usage: Vec::new(),
             outbox: Vec::new(),
             fsync_ms: Vec::new(),
@@ -172,6 +176,30 @@ impl Report {
             median(&rate),
             runs(&rate, 1)
         );
+        let wakes: Vec<f64> = tend.iter().map(|u| u.1.wakeups_per_s).collect();
+        let _ = writeln!(
+            o,
+            "| {layout}: tend-agent wake-ups (its threads' voluntary context switches), /s | {:.0} | {} | | |",
+            median(&wakes),
+            runs(&wakes, 0)
+        );
+        let cost: Vec<f64> = self
+            .wake_cost
+            .iter()
+            .filter(|w| w.0 == layout)
+            .map(|w| w.1)
+            .collect();
+        if !cost.is_empty() {
+            // What the wake-ups alone cost at this machine's price: the part of the CPU
+            // figure a leaner program cannot remove without waking less often.
+            let _ = writeln!(
+                o,
+                "| {layout}: … this machine's CPU per wake-up (a thread sleeping 10 ms at a time, same window), µs; the agent's wake-ups at that price, % of one core | {:.0}; {:.2} | {} | | |",
+                median(&cost),
+                median(&wakes) * median(&cost) / 1e4,
+                runs(&cost, 0)
+            );
+        }
         if peer.is_empty() {
             return;
         }
