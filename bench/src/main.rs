@@ -5,8 +5,9 @@
 //!
 //! Phases (`--only` picks some):
 //! - `resources`: `tend-agent run` against 50 simulated AV-500 ventilators on Modbus TCP,
-//!   polled every second, sending to `tend-gateway run`; the agent's CPU and memory over
-//!   the window from /proc. Then the peer against the same simulators, measured the same
+//!   polled every second, sending to `tend-gateway run`; the agent's CPU, memory and
+//!   wake-ups over the window from /proc, and beside them what one wake-up costs on this
+//!   machine ([`procs::WakeCost`]). Then the peer against the same simulators, measured the same
 //!   way (its whole process tree), its MQTT messages counted. Once per layout
 //!   (`--layouts`): `endpoints`, one Modbus TCP endpoint per ventilator, and `one-link`,
 //!   the 50 ventilators as units 1–50 behind one endpoint (a serial-to-Ethernet gateway

@@ -117,7 +117,8 @@ pub struct Usage {
     pub rss_max_mib: f64,
     /// VmHWM (peak resident since start) at the end of the window, MiB.
     pub hwm_mib: f64,
-    /// Times a thread of the tree was woken from a sleep, per second of the window.
+    /// Times a thread of the tree was woken from a sleep, per second of the window: a
+    /// lower bound, as a thread that ends within the window takes its count with it.
     pub wakeups_per_s: f64,
     pub processes: usize,
 }
