@@ -202,7 +202,7 @@ impl Profile {
             .collect();
         modbus::plan_reads(
             spans,
-            self.doc.transport.max_registers.unwrap_or(125),
+            self.doc.transport.request_limit(),
             &modbus::carve(&self.doc.transport.mapped, &phi),
         )
     }
@@ -297,7 +297,7 @@ impl Profile {
         // Never across a gap: these reads are made before the firmware, and so the
         // profile and its PHI, is known. Every profile of a family names the same identity
         // registers and checks them against its own PHI.
-        modbus::plan_reads(&spans, self.doc.transport.max_registers.unwrap_or(125), &[])
+        modbus::plan_reads(&spans, self.doc.transport.request_limit(), &[])
     }
 
     pub fn identify_registers(&self, image: &RegisterImage) -> Result<Identity, DecodeError> {

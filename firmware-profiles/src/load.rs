@@ -7,6 +7,7 @@ use crate::locate::{line_of, line_of_path, KeyPath};
 use crate::model::SignalKind;
 use crate::schema::{
     ConditionDef, PointDef, PointType, ProfileDoc, RuleDef, RuleKind, TransportDef, TransportKind,
+    MODBUS_MAX_REGISTERS,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -239,7 +240,7 @@ fn check_transport(cx: &Ctx, t: &TransportDef) -> Result<(), ProfileError> {
             )?;
             if let Some(m) = t.max_registers {
                 cx.require(
-                    (1..=125).contains(&m),
+                    (1..=MODBUS_MAX_REGISTERS).contains(&m),
                     &tp.key("max_registers"),
                     "Modbus allows 1 to 125 registers per read",
                 )?;
@@ -437,8 +438,7 @@ fn check_diagnostics(cx: &Ctx, d: &ProfileDoc) -> Result<(), ProfileError> {
             TransportKind::Modbus => (
                 g.table.is_some()
                     && g.start.is_some()
-                    && g.count
-                        .is_some_and(|c| c >= 1 && c <= t.max_registers.unwrap_or(125)),
+                    && g.count.is_some_and(|c| c >= 1 && c <= t.request_limit()),
                 "count",
             ),
         };

@@ -250,6 +250,17 @@ impl PointDef {
     }
 }
 
+/// The most registers one Modbus read may ask for: a reply carries at most 250 data bytes.
+pub const MODBUS_MAX_REGISTERS: u16 = 125;
+
+impl TransportDef {
+    /// The registers one Modbus request of this device may ask for: its `max_registers`, or
+    /// the protocol's limit.
+    pub fn request_limit(&self) -> u16 {
+        self.max_registers.unwrap_or(MODBUS_MAX_REGISTERS)
+    }
+}
+
 fn yes() -> bool {
     true
 }

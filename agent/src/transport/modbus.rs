@@ -510,7 +510,7 @@ impl ModbusBus {
                 "diagnostic `{name}` is not a register dump"
             )));
         };
-        let max = profile.doc.transport.max_registers.unwrap_or(125).max(1);
+        let max = profile.doc.transport.request_limit().max(1);
         let policy = UnitPolicy::from_profile(profile);
         let mut out = Vec::with_capacity(count as usize);
         let mut at = start;
