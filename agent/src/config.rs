@@ -240,10 +240,11 @@ impl Located<'_> {
 }
 
 fn check_uplink(cx: &Located, uplink: &UplinkSection) -> Result<(), ProfileError> {
+    let up = KeyPath::root().key("uplink");
     if let Some(l) = uplink.linger {
         if l.0 > crate::uplink::MAX_LINGER {
             return Err(cx.err(
-                &KeyPath::root().key("uplink").key("linger"),
+                &up.key("linger"),
                 format!(
                     "{l} is longer than the {} allowed",
                     Dur(crate::uplink::MAX_LINGER)
@@ -251,7 +252,6 @@ fn check_uplink(cx: &Located, uplink: &UplinkSection) -> Result<(), ProfileError
             ));
         }
     }
-    let up = KeyPath::root().key("uplink");
     let broker =
         BrokerUrl::parse(&uplink.broker).map_err(|e| cx.err(&up.key("broker"), e.to_string()))?;
     uplink

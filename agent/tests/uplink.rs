@@ -985,6 +985,16 @@ fn battery_reading(i: u32) -> (String, Timestamp, RecordBody) {
     )
 }
 
+/// The agent's real outbox in a fresh folder (kept as long as the folder).
+async fn real_outbox() -> (tempfile::TempDir, tend_agent::outbox::Outbox) {
+    use tend_agent::outbox::{Outbox, OutboxConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(OutboxConfig::new(dir.path().join("outbox.redb")))
+        .await
+        .unwrap();
+    (dir, outbox)
+}
+
 /// Appends a record that is not a reading (an empty drop report); returns its seq.
 async fn append_drop_report(outbox: &tend_agent::outbox::Outbox) -> u64 {
     let empty = RecordBody::Dropped {
@@ -1000,11 +1010,7 @@ async fn append_drop_report(outbox: &tend_agent::outbox::Outbox) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_outbox_drains_on_acks() {
-    use tend_agent::outbox::{Outbox, OutboxConfig};
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(OutboxConfig::new(dir.path().join("outbox.redb")))
-        .await
-        .unwrap();
+    let (_dir, outbox) = real_outbox().await;
     let b = broker();
     let gw = Gateway::start(b.addr(), "gw-outbox", true).await;
     let agent = "agent-outbox";
@@ -1029,11 +1035,7 @@ async fn the_real_outbox_drains_on_acks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_wait_for_the_linger_and_a_record_that_may_not_wait_takes_them_along() {
-    use tend_agent::outbox::{Outbox, OutboxConfig};
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(OutboxConfig::new(dir.path().join("outbox.redb")))
-        .await
-        .unwrap();
+    let (_dir, outbox) = real_outbox().await;
     let b = broker();
     let gw = Gateway::start(b.addr(), "gw-linger", true).await;
     let mut cfg = test_config("agent-linger", b.url());
@@ -1290,12 +1292,8 @@ async fn the_password_is_sent_from_its_file_and_never_logged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "a measurement; run by hand in release"]
 async fn backlog_drain_measurement() {
-    use tend_agent::outbox::{Outbox, OutboxConfig};
     const N: usize = 180_000;
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(OutboxConfig::new(dir.path().join("outbox.redb")))
-        .await
-        .unwrap();
+    let (_dir, outbox) = real_outbox().await;
     for chunk in 0..N / 10_000 {
         let items: Vec<_> = (0..10_000)
             .map(|i| {
