@@ -20,17 +20,29 @@ pub fn clk_tck() -> f64 {
 /// the time of children already reaped, so summing them over a process tree counts every
 /// thread and every child once.
 fn stat(pid: u32) -> Option<(u32, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: the fields start after the last ')'.
-    let rest = &s[s.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
+    let f = stat_fields(&format!("/proc/{pid}/stat"))?;
     let ppid = f.get(1)?.parse().ok()?;
-    let ticks = f
-        .get(11..15)?
-        .iter()
-        .map(|x| x.parse::<u64>().unwrap_or(0))
-        .sum();
-    Some((ppid, ticks))
+    Some((ppid, ticks(&f, 11..15)?))
+}
+
+/// The fields of a `stat` file after the command name (which may hold spaces and
+/// parentheses, so they start after the last ')'): 0 is the state, 1 the ppid, 11 and 12
+/// utime and stime, 13 and 14 cutime and cstime.
+fn stat_fields(path: &str) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// The sum of the clock-tick fields `range` of [`stat_fields`].
+fn ticks(fields: &[String], range: std::ops::Range<usize>) -> Option<u64> {
+    Some(
+        fields
+            .get(range)?
+            .iter()
+            .map(|x| x.parse::<u64>().unwrap_or(0))
+            .sum(),
+    )
 }
 
 fn status_kib(pid: u32, key: &str) -> Option<u64> {
@@ -195,14 +207,8 @@ impl WakeCost {
 
 /// CPU seconds the calling thread has used (utime + stime of /proc/thread-self/stat).
 pub fn thread_cpu() -> f64 {
-    let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    let rest = s.rfind(')').map(|i| &s[i + 1..]).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f
-        .get(11..13)
-        .map(|x| x.iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum())
-        .unwrap_or(0);
-    ticks as f64 / clk_tck()
+    let used = stat_fields("/proc/thread-self/stat").and_then(|f| ticks(&f, 11..13));
+    used.unwrap_or(0) as f64 / clk_tck()
 }
 
 #[cfg(test)]
